@@ -1,0 +1,12 @@
+"""stillroom: distil and fuse teacher language models into a student, whatever tokenizers they use.
+
+Data flows one way through small modules:
+tokenizer tables (``tokens``) -> alignment (``align``, ``vocab``) -> teacher signals (``cache``)
+-> fusion (``fusion``) -> losses (``losses``) -> trainer (``trainer``).
+"""
+
+__version__ = "0.1.0"
+
+from stillroom.targets import SparseTarget  # noqa: E402
+
+__all__ = ["SparseTarget", "__version__"]

@@ -1,0 +1,54 @@
+"""The one data contract shared by alignment, cache, fusion and losses: a sparse (top-k) target.
+
+A teacher distribution over the *student's* vocabulary, one row per student position:
+
+- ``ids``      ``[..., k]`` int64 token ids (padding entries: id 0 with log-prob ``-inf``);
+- ``logprobs`` ``[..., k]`` float log-probabilities of those ids (``-inf`` = no mass);
+- ``tail``     ``[...]``    probability mass outside ``ids`` (``1 - sum(exp(logprobs))``, clamped at 0);
+- ``valid``    ``[...]``    bool, ``False`` where no target could be transferred (masked out of the loss).
+
+Ids within a row are unique (duplicates are summed before a target is built). ``valid=False`` rows carry
+arbitrary (but finite-or-``-inf``) values and must be ignored by consumers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SparseTarget:
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor
+    valid: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.ids.shape != self.logprobs.shape:
+            raise ValueError(
+                f"SparseTarget: ids {tuple(self.ids.shape)} and logprobs {tuple(self.logprobs.shape)} differ"
+            )
+        if self.tail.shape != self.ids.shape[:-1] or self.valid.shape != self.ids.shape[:-1]:
+            raise ValueError(
+                f"SparseTarget: tail {tuple(self.tail.shape)} and valid {tuple(self.valid.shape)} must have "
+                f"the leading shape of ids {tuple(self.ids.shape[:-1])}"
+            )
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    def to(self, device: torch.device | str) -> SparseTarget:
+        return SparseTarget(self.ids.to(device), self.logprobs.to(device), self.tail.to(device), self.valid.to(device))
+
+    @staticmethod
+    def from_probs(ids: torch.Tensor, probs: torch.Tensor, valid: torch.Tensor | None = None) -> SparseTarget:
+        """Build from probabilities (zeros become ``-inf`` log-probs); the tail is what they leave out."""
+        probs = probs.clamp_min(0)
+        tail = (1.0 - probs.sum(-1)).clamp_min(0)
+        logprobs = torch.where(probs > 0, probs.clamp_min(1e-45).log(), torch.full_like(probs, float("-inf")))
+        if valid is None:
+            valid = torch.ones(ids.shape[:-1], dtype=torch.bool, device=ids.device)
+        return SparseTarget(ids.long(), logprobs, tail, valid)

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny local models (built once per test run) and the real data in ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from stillroom.testing import SHARED_TOKENIZERS, build_fixture_models, shared_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """name -> folder: ``gpt2-bpe`` (student), ``gpt2-bpe-teacher`` (same tokenizer), ``llama-spm``."""
+    return build_fixture_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """``../shared`` (real tokenizers + corpus); skips, saying why, only when it is absent."""
+    path = shared_dir()
+    if path is None:
+        pytest.skip("../shared is absent (real tokenizers and corpus); set STILLROOM_SHARED to point at it")
+    return path
+
+
+_TOKENIZER_CACHE: dict[str, object] = {}
+
+
+def load_shared_tokenizer(name: str):
+    """AutoTokenizer for ``../shared/tokenizers/NAME``, cached for the test run; skips when absent."""
+    path = shared_dir()
+    if path is None:
+        pytest.skip("../shared is absent (real tokenizers and corpus); set STILLROOM_SHARED to point at it")
+    if name not in _TOKENIZER_CACHE:
+        from transformers import AutoTokenizer
+
+        _TOKENIZER_CACHE[name] = AutoTokenizer.from_pretrained(path / "tokenizers" / name)
+    return _TOKENIZER_CACHE[name]
+
+
+@pytest.fixture(scope="session")
+def shared_tokenizer():
+    """Call with a name from ``SHARED_TOKENIZERS``."""
+    return load_shared_tokenizer
+
+
+__all__ = ["SHARED_TOKENIZERS", "load_shared_tokenizer"]
