@@ -1,0 +1,79 @@
+"""Sparse (top-k) teacher targets as k + 1 buckets: the k support ids and one tail bucket.
+
+A ``SparseTarget`` row says: the teacher puts ``exp(logprobs[j])`` on token ``ids[j]`` and ``tail`` on
+everything else, without saying how the tail is spread. Every divergence is therefore computed between the
+*coarse-grained* distributions over k + 1 buckets:
+
+- teacher: ``p_j = exp(logprobs[j])`` for the live support entries (finite log-prob), ``p_tail = tail``;
+- student: ``q_j = softmax(s)[ids[j]]`` and ``q_tail = Σ_{i ∉ support} softmax(s)_i`` (computed as a
+  logsumexp over the complement, so it stays exact even when the support holds almost all the mass).
+
+Padding entries (log-prob ``-inf``) are not buckets: their student mass stays in the student's tail bucket.
+For f-divergences (KL, JSD, TVD) coarse-graining can only lower the value (data-processing inequality); with
+k = V and ``tail = 0`` it equals the dense divergence exactly. Per divergence, mass outside the support:
+
+- forward KL / soft CE: the tail contributes ``tail · (log tail − log q_tail)`` (soft CE: ``−tail·log q_tail``),
+  so the student is pushed to keep exactly ``tail`` outside the support; with ``tail = 0`` the student's
+  outside mass is only penalised through the support terms (standard top-k KD).
+- reverse KL (and JSD with β = 1): ``q_tail · (log q_tail − log max(tail, TAIL_FLOOR))``; the floor (1e-6)
+  keeps the value finite for top-k targets that claim ``tail = 0`` while strongly penalising student mass
+  outside the support.
+- JSD (0 < β < 1), skew KLs, TVD: the tail bucket is an ordinary bucket (mixtures keep everything finite).
+- A tail bucket that is empty on the student side (the support covers the whole vocabulary) is dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stillroom.targets import SparseTarget
+
+TAIL_FLOOR = 1e-6
+
+
+def check_sparse(target: SparseTarget, n_rows: int, vocab: int, leading: tuple[int, ...]) -> None:
+    """Shape, id range and value checks with messages that name the field."""
+    if tuple(target.ids.shape[:-1]) != tuple(leading):
+        raise ValueError(f"SparseTarget rows {tuple(target.ids.shape[:-1])} do not match the student's "
+                         f"leading shape {tuple(leading)}; targets need one row per student position")
+    if target.ids.numel() and (int(target.ids.min()) < 0 or int(target.ids.max()) >= vocab):
+        raise ValueError(f"SparseTarget.ids must lie in [0, {vocab}) (the student vocabulary); got "
+                         f"[{int(target.ids.min())}, {int(target.ids.max())}] — map teacher ids to student ids first")
+    if torch.isnan(target.logprobs).any() or (target.logprobs == float("inf")).any():
+        raise ValueError("SparseTarget.logprobs contain NaN or +inf; use -inf for entries without mass")
+    if not torch.isfinite(target.tail).all() or (target.tail < 0).any():
+        raise ValueError("SparseTarget.tail must be finite and >= 0 (the probability mass outside ids)")
+
+
+def support_mask(ids: torch.Tensor, live: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """Bool ``[n, V]``: True where a row's live support holds that token (padding entries excluded)."""
+    counts = torch.zeros(ids.shape[0], vocab, dtype=dtype, device=ids.device)
+    counts.scatter_add_(-1, ids, live.to(dtype))
+    return counts > 0
+
+
+def buckets(s: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,
+            reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probs over k + 1 buckets.
+
+    ``s [n, V]`` scaled student logits, ``lse [n, 1]`` their logsumexp. Returns ``logq, logp, live`` (each
+    ``[n, k+1]``, non-live entries set to 0 so no NaN can leak through autograd) and ``s_tail`` (``s`` with
+    the support set to −inf, for the tail bucket's gradient).
+    """
+    live_s = torch.isfinite(logprobs)
+    s_tail = s.masked_fill(support_mask(ids, live_s, s.shape[-1], s.dtype), float("-inf"))
+    lse_tail = torch.logsumexp(s_tail, -1, keepdim=True)
+    logq = torch.cat([s.gather(-1, ids) - lse, lse_tail - lse], -1)
+    t = tail.to(logprobs.dtype).unsqueeze(-1)
+    log_tail = t.clamp_min(TAIL_FLOOR).log() if reverse else t.log()
+    logp = torch.cat([logprobs, log_tail], -1).to(s.dtype)
+    live = torch.cat([live_s, torch.isfinite(lse_tail)], -1)
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    return torch.where(live, logq, zero), torch.where(live, logp, zero), live, s_tail
+
+
+def target_rows(target: SparseTarget) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten a SparseTarget to ``[n, k]`` ids/logprobs and ``[n]`` tail/valid."""
+    k = target.ids.shape[-1]
+    return (target.ids.reshape(-1, k).long(), target.logprobs.reshape(-1, k), target.tail.reshape(-1),
+            target.valid.reshape(-1).bool())
