@@ -9,4 +9,13 @@ __version__ = "0.1.0"
 
 from stillroom.targets import SparseTarget  # noqa: E402
 
-__all__ = ["SparseTarget", "__version__"]
+__all__ = ["SparseTarget", "__version__", "generate"]
+
+
+def __getattr__(name: str):
+    # Heavier entry points load on first use, so ``import stillroom`` stays cheap.
+    if name == "generate":
+        from stillroom.healing import generate
+
+        return generate
+    raise AttributeError(f"module 'stillroom' has no attribute {name!r}")
