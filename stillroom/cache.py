@@ -1,0 +1,775 @@
+"""Teacher signals: run a teacher once (online) or read what it said from a compact offline cache.
+
+A teacher signal, per example, is a :class:`TeacherOutput` over the *teacher's* tokenization of the text:
+for every position i the top-k next-token ids and log-probs at temperature tau,
+
+    topk_logprobs[i] = log softmax(z_i / tau)[topk_ids[i]],    tail[i] = 1 - sum(exp(topk_logprobs[i])),
+
+and the teacher's cross-entropy on its own gold next token at tau = 1, ``gold_ce[i] = -log p(x_{i+1} | x_<=i)``
+(``nan`` at the last position, which predicts nothing). Row i predicts token i+1 (standard causal shift).
+
+Two implementations give the same result: :class:`OnlineTeacher` (a Hugging Face causal LM run under
+``no_grad`` in eval mode, batched) and :class:`CachedTeacher` (reads a cache written by :func:`write_cache`).
+:func:`student_targets` moves a teacher output onto a student's positions and vocabulary.
+
+**Long texts.** A text longer than the teacher's context (``max_length``, default the model's
+``max_position_embeddings`` / ``n_positions``) is cut into windows of ``max_length`` tokens that overlap by
+``overlap`` tokens (default ``max_length // 8``): window w > 0 re-reads the ``overlap`` tokens before its
+first position as context and only its new positions are kept. Every position is scored exactly once and
+sees at least ``overlap`` tokens of context (the whole prefix when the text fits). Only the first window
+starts with the tokenizer's special tokens (e.g. BOS).
+
+**Cache layout** (``CACHE_DIR``): ``plan.json`` (what is being built: teacher/tokenizer hashes, k,
+temperature, encoding, data fingerprint, shard count), ``shard-NNNNN-of-MMMMM.parquet`` (examples
+``[N*shard_size, (N+1)*shard_size)`` of the data, in data order; one row per example, keyed by example id,
+never by step), one ``.json`` sidecar per finished shard (rows, tokens, sha256, measured error), and
+``manifest.json`` (plan + every shard's entry + totals) once all shards exist. Each file is written to a
+temporary name, fsynced and renamed, so a shard is never half-visible; a shard counts as done only when its
+sidecar exists, so rerunning the same command after a crash redoes only unfinished shards. Under
+torchrun/accelerate (``RANK``/``WORLD_SIZE``) rank r writes shards ``N % WORLD_SIZE == r``; whichever rank
+finishes last merges the sidecars into the manifest.
+
+**Encoding** (per example row; V = teacher vocabulary, b = ceil(log2 V)):
+
+- ``input_ids`` and ``topk_ids``: bit-packed, b bits each;
+- top-k log-probs: sorted descending, stored as m-bit codes of the gap to the row's top-1,
+  ``c_j = round((l_1 - l_j) / step)`` with ``step = 16 / 2**m`` nats (gaps beyond ~16 nats, a probability
+  ratio below 1e-7, clip). m = clamp(24 - b, 6, 8), so an entry (id + code) takes <= 3 bytes.
+  Decoding needs no top-1 value: the kept mass is known from the tail, so
+  ``l_1 = log(1 - tail) - log sum_j exp(-c_j * step)`` and ``l_j = l_1 - c_j * step``;
+- ``tail``: 16-bit code of logit(tail) on a uniform grid over [-20, 20] (relative error ~6e-4 on both the
+  tail and the kept mass);
+- ``gold_ce``: float16.
+
+The writer measures, against the exact values it had before encoding, the mean KL(exact ‖ decoded) over the
+k + 1 bins (top-k plus tail) per token and the largest log-prob error; both go into the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from stillroom.data_io import data_fingerprint, load_texts, text_sha
+from stillroom.targets import SparseTarget
+
+FORMAT = "stillroom-cache/1"
+TAIL_LOGIT_RANGE = 20.0
+_TAIL_LEVELS = 65535
+
+
+class CacheMismatchError(ValueError):
+    """The cache on disk was built with another teacher, tokenizer, k, temperature or data."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The signal
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class TeacherOutput:
+    """One example as the teacher sees it (teacher tokenization, T positions, row i predicts token i+1)."""
+
+    example_id: str
+    input_ids: torch.Tensor  # int64 [T]
+    topk_ids: torch.Tensor  # int64 [T, k], sorted by descending log-prob
+    topk_logprobs: torch.Tensor  # float32 [T, k], at the teacher temperature
+    tail: torch.Tensor  # float32 [T], probability mass outside the top-k
+    gold_ce: torch.Tensor  # float32 [T], CE of the gold next token at tau=1; nan at the last position
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def target(self) -> SparseTarget:
+        """The teacher's own-vocabulary SparseTarget (last row invalid)."""
+        valid = torch.ones(len(self), dtype=torch.bool)
+        if len(self):
+            valid[-1] = False
+        return SparseTarget(self.topk_ids, self.topk_logprobs, self.tail, valid)
+
+
+class TeacherSignal(Protocol):
+    """What the trainer needs from a teacher, online or cached."""
+
+    top_k: int
+    temperature: float
+    teacher_hash: str
+    tokenizer_hash: str
+
+    def signal(self, texts: Sequence[str] | None, example_ids: Sequence[str] | None = None) -> list[TeacherOutput]:
+        ...
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hashes
+# ------------------------------------------------------------------------------------------------------------
+def tokenizer_hash(tokenizer) -> str:
+    """Content hash of a tokenizer: ``TokenTable.hash`` when stillroom.tokens is available, else sha256 of its
+    serialised ``tokenizer.json`` (which includes added tokens)."""
+    try:
+        from stillroom.tokens import TokenTable
+    except ImportError:
+        TokenTable = None
+    if TokenTable is not None:
+        return TokenTable.from_tokenizer(tokenizer).hash
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"tokenizer {type(tokenizer).__name__} has no fast backend; use a fast tokenizer")
+    return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
+
+
+def teacher_hash(model_or_dir) -> str:
+    """Fingerprint of a teacher's weights.
+
+    For a model folder: sha256 of ``config.json`` and of every ``*.safetensors`` file (whole file up to
+    64 MiB; larger files contribute their size, their safetensors header and three 1 MiB samples, so hashing
+    a 70B teacher takes seconds, not minutes). A model object loaded from such a folder hashes as the folder;
+    otherwise its config and parameter bytes are hashed.
+    """
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        return _dir_hash(Path(model_or_dir))
+    src = getattr(model_or_dir, "name_or_path", "") or ""
+    if src and Path(src).is_dir() and list(Path(src).glob("*.safetensors")):
+        return _dir_hash(Path(src))
+    h = hashlib.sha256(model_or_dir.config.to_json_string(use_diff=False).encode())
+    for name, t in model_or_dir.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _dir_hash(path: Path) -> str:
+    files = sorted(path.glob("*.safetensors"))
+    if not (path / "config.json").exists() or not files:
+        raise FileNotFoundError(f"teacher folder {path} needs config.json and *.safetensors weights")
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in files:
+        size = f.stat().st_size
+        h.update(f.name.encode() + size.to_bytes(8, "little"))
+        with f.open("rb") as fh:
+            if size <= 64 << 20:
+                h.update(fh.read())
+                continue
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 100 << 20)))
+            for pos in (0, size // 2, size - (1 << 20)):
+                fh.seek(pos)
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Encoding
+# ------------------------------------------------------------------------------------------------------------
+def id_bits(vocab_size: int) -> int:
+    """Bits per token id: ceil(log2 V)."""
+    return max(1, math.ceil(math.log2(max(2, vocab_size))))
+
+
+def default_logprob_bits(vocab_size: int) -> int:
+    """m = clamp(24 - b, 6, 8): an id plus its log-prob code fits in 3 bytes."""
+    return int(min(8, max(6, 24 - id_bits(vocab_size))))
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Pack non-negative integers into ``bits`` bits each (little-endian bit order)."""
+    v = np.ascontiguousarray(values).reshape(-1).astype(np.uint64)
+    if v.size and int(v.max()) >= (1 << bits):
+        raise ValueError(f"value {int(v.max())} does not fit in {bits} bits")
+    if bits in (8, 16, 32):
+        return v.astype({8: "<u1", 16: "<u2", 32: "<u4"}[bits]).tobytes()
+    shifts = np.arange(bits, dtype=np.uint64)
+    out = []
+    for s in range(0, v.size, 1 << 16):  # chunks of a multiple of 8 values end on a byte boundary
+        bitmat = ((v[s:s + (1 << 16), None] >> shifts) & np.uint64(1)).astype(np.uint8)
+        out.append(np.packbits(bitmat.reshape(-1), bitorder="little").tobytes())
+    return b"".join(out)
+
+
+def unpack_bits(buf: bytes, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`; returns int64 ``[count]``."""
+    if bits in (8, 16, 32):
+        return np.frombuffer(buf, dtype={8: "<u1", 16: "<u2", 32: "<u4"}[bits], count=count).astype(np.int64)
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    flat = np.unpackbits(raw, count=count * bits, bitorder="little").reshape(count, bits).astype(np.int64)
+    return flat @ (np.int64(1) << np.arange(bits, dtype=np.int64))
+
+
+def logprob_step(bits: int) -> float:
+    return 16.0 / (1 << bits)
+
+
+def encode_logprobs(logprobs: np.ndarray, bits: int) -> np.ndarray:
+    """[T, k] sorted-descending log-probs -> integer codes of the gap to the top-1 (see module docstring)."""
+    gap = logprobs[:, :1].astype(np.float64) - logprobs.astype(np.float64)
+    return np.clip(np.rint(gap / logprob_step(bits)), 0, (1 << bits) - 1).astype(np.int64)
+
+
+def decode_logprobs(codes: np.ndarray, tail: np.ndarray, bits: int) -> np.ndarray:
+    """Codes [T, k] + tail [T] -> log-probs [T, k] whose mass is exactly ``1 - tail``."""
+    gap = codes.astype(np.float64) * logprob_step(bits)
+    lse = np.log(np.exp(-gap).sum(-1))
+    top = np.log1p(-np.minimum(tail.astype(np.float64), 1 - 1e-12)) - lse
+    return (top[:, None] - gap).astype(np.float32)
+
+
+def encode_tail(tail: np.ndarray) -> np.ndarray:
+    t = np.clip(tail.astype(np.float64), 1e-30, 1 - 1e-16)
+    logit = np.clip(np.log(t) - np.log1p(-t), -TAIL_LOGIT_RANGE, TAIL_LOGIT_RANGE)
+    return np.rint((logit + TAIL_LOGIT_RANGE) / (2 * TAIL_LOGIT_RANGE) * _TAIL_LEVELS).astype(np.int64)
+
+
+def decode_tail(codes: np.ndarray) -> np.ndarray:
+    logit = codes.astype(np.float64) / _TAIL_LEVELS * (2 * TAIL_LOGIT_RANGE) - TAIL_LOGIT_RANGE
+    return (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+
+
+def topk_kl(exact_lp: np.ndarray, exact_tail: np.ndarray, dec_lp: np.ndarray, dec_tail: np.ndarray) -> np.ndarray:
+    """Per-token KL(p ‖ q) over the k + 1 bins (top-k entries plus the tail), in nats; [T]."""
+    p = np.concatenate([np.exp(exact_lp.astype(np.float64)), exact_tail.astype(np.float64)[:, None]], -1)
+    q = np.concatenate([np.exp(dec_lp.astype(np.float64)), dec_tail.astype(np.float64)[:, None]], -1)
+    p = p / p.sum(-1, keepdims=True)
+    q = np.maximum(q / q.sum(-1, keepdims=True), 1e-300)
+    terms = np.where(p > 0, p * (np.log(np.maximum(p, 1e-300)) - np.log(q)), 0.0)
+    return terms.sum(-1)
+
+
+@dataclass
+class Encoding:
+    """How a cache stores one example (all fields derive from V and k)."""
+
+    vocab_size: int
+    top_k: int
+    id_bits: int
+    logprob_bits: int
+
+    @classmethod
+    def for_vocab(cls, vocab_size: int, top_k: int, logprob_bits: int | None = None) -> Encoding:
+        return cls(vocab_size, top_k, id_bits(vocab_size), logprob_bits or default_logprob_bits(vocab_size))
+
+    def encode(self, out: TeacherOutput) -> dict:
+        lp = out.topk_logprobs.numpy()
+        tail = out.tail.numpy()
+        return {
+            "id": out.example_id,
+            "n_tokens": len(out),
+            "input_ids": pack_bits(out.input_ids.numpy(), self.id_bits),
+            "topk_ids": pack_bits(out.topk_ids.numpy(), self.id_bits),
+            "topk_codes": pack_bits(encode_logprobs(lp, self.logprob_bits), self.logprob_bits),
+            "tail": pack_bits(encode_tail(tail), 16),
+            "gold_ce": out.gold_ce.numpy().astype("<f2").tobytes(),
+        }
+
+    def decode(self, row: dict) -> TeacherOutput:
+        t, k = int(row["n_tokens"]), self.top_k
+        tail = decode_tail(unpack_bits(row["tail"], 16, t))
+        codes = unpack_bits(row["topk_codes"], self.logprob_bits, t * k).reshape(t, k)
+        return TeacherOutput(
+            example_id=row["id"],
+            input_ids=torch.from_numpy(unpack_bits(row["input_ids"], self.id_bits, t)),
+            topk_ids=torch.from_numpy(unpack_bits(row["topk_ids"], self.id_bits, t * k).reshape(t, k)),
+            topk_logprobs=torch.from_numpy(decode_logprobs(codes, tail, self.logprob_bits)),
+            tail=torch.from_numpy(tail),
+            gold_ce=torch.from_numpy(np.frombuffer(row["gold_ce"], dtype="<f2").astype(np.float32)),
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Online teacher
+# ------------------------------------------------------------------------------------------------------------
+def _windows(n: int, max_length: int, overlap: int) -> list[tuple[int, int, int]]:
+    """(input start, input end, first kept position) for a text of n tokens; see the module docstring."""
+    out, s = [], 0
+    while s < n:
+        a = s - overlap if s > 0 else 0
+        e = min(n, a + max_length)
+        out.append((a, e, s))
+        s = e
+    return out
+
+
+class OnlineTeacher:
+    """A Hugging Face causal LM as a teacher signal.
+
+    ``model``: a model folder (loaded with ``AutoModelForCausalLM``, safetensors only, no remote code) or a
+    loaded model. ``tokenizer`` defaults to the folder's. ``batch_tokens`` bounds padded tokens per forward.
+    """
+
+    def __init__(self, model, tokenizer=None, top_k: int = 16, temperature: float = 1.0,
+                 max_length: int | None = None, overlap: int | None = None, batch_tokens: int = 4096,
+                 device: str | torch.device | None = None, dtype: str = "auto"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if isinstance(model, (str, os.PathLike)):
+            self.source = str(model)
+            if not Path(model).is_dir():
+                raise FileNotFoundError(f"teacher {model} is not a model folder")
+            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            torch_dtype = _pick_dtype(dtype, device)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
+            self.teacher_hash = _dir_hash(Path(model))
+            model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, use_safetensors=True,
+                                                         trust_remote_code=False).to(device)
+        else:
+            self.source = getattr(model, "name_or_path", "") or type(model).__name__
+            if tokenizer is None:
+                raise ValueError("OnlineTeacher: pass tokenizer= with a loaded model")
+            self.teacher_hash = teacher_hash(model)
+            if device is not None:
+                model = model.to(device)
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.tokenizer = tokenizer
+        self.tokenizer_hash = tokenizer_hash(tokenizer)
+        self.vocab_size = int(model.config.vocab_size)
+        if len(tokenizer) > self.vocab_size:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the teacher's vocab_size is "
+                             f"{self.vocab_size}; they do not belong together")
+        if not 1 <= top_k <= self.vocab_size:
+            raise ValueError(f"top_k must be in [1, {self.vocab_size}], got {top_k}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        self.max_length = int(max_length or ctx or 2048)
+        if ctx and self.max_length > ctx:
+            raise ValueError(f"max_length {self.max_length} exceeds the teacher's context {ctx}")
+        self.overlap = int(self.max_length // 8 if overlap is None else overlap)
+        if not 0 <= self.overlap < self.max_length:
+            raise ValueError(f"overlap must be in [0, max_length), got {self.overlap}")
+        self.top_k, self.temperature, self.batch_tokens = int(top_k), float(temperature), int(batch_tokens)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"text {i} is empty; drop it before asking the teacher")
+        return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+
+    def signal(self, texts: Sequence[str], example_ids: Sequence[str] | None = None) -> list[TeacherOutput]:
+        """Run the teacher on ``texts``; one :class:`TeacherOutput` per text, in order."""
+        ids = [str(i) for i in range(len(texts))] if example_ids is None else [str(i) for i in example_ids]
+        if len(ids) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(ids)} example ids")
+        return self.run_ids(self.tokenize(texts), ids)
+
+    @torch.no_grad()
+    def run_ids(self, token_ids: Sequence[Sequence[int]], example_ids: Sequence[str]) -> list[TeacherOutput]:
+        """Score already-tokenized examples (teacher tokenization)."""
+        k, tau = self.top_k, self.temperature
+        arrs = [torch.as_tensor(list(t), dtype=torch.long) for t in token_ids]
+        res = [(torch.empty(len(a), k, dtype=torch.long), torch.empty(len(a), k), torch.empty(len(a)),
+                torch.full((len(a),), float("nan"))) for a in arrs]
+        wins = [(ex, a, e, s) for ex, arr in enumerate(arrs) for (a, e, s) in _windows(len(arr), self.max_length,
+                                                                                         self.overlap)]
+        wins.sort(key=lambda w: (-(w[2] - w[1]), w[0], w[1]))  # longest first: less padding, stable order
+        i = 0
+        while i < len(wins):
+            width = wins[i][2] - wins[i][1]
+            n = max(1, self.batch_tokens // width)
+            batch, i = wins[i:i + n], i + n
+            x = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, (ex, a, e, _) in enumerate(batch):
+                x[r, :e - a] = arrs[ex][a:e]
+                mask[r, :e - a] = 1
+            gold = torch.zeros_like(x)  # the next token at each position (0 where there is none)
+            for r, (ex, a, e, _) in enumerate(batch):
+                nxt = arrs[ex][a + 1:e + 1]
+                gold[r, :len(nxt)] = nxt
+            z = self.model(input_ids=x.to(self.device), attention_mask=mask.to(self.device)).logits.float()
+            top = torch.topk(z, k, dim=-1)  # the same ids at any tau > 0
+            lse1 = torch.logsumexp(z, -1)
+            lse_tau = lse1 if tau == 1.0 else torch.logsumexp(z / tau, -1)
+            lp = (top.values / tau - lse_tau[..., None]).cpu()
+            tail = (1.0 - lp.double().exp().sum(-1)).clamp_min(0).float()
+            ce = (lse1 - z.gather(-1, gold.to(z.device)[..., None])[..., 0]).cpu()
+            top_ids = top.indices.cpu()
+            del z, top
+            for r, (ex, a, e, s) in enumerate(batch):  # keep positions s..e-1 of each window
+                ids_out, lp_out, tail_out, ce_out = res[ex]
+                ids_out[s:e] = top_ids[r, s - a:e - a]
+                lp_out[s:e] = lp[r, s - a:e - a]
+                tail_out[s:e] = tail[r, s - a:e - a]
+                m = min(e, len(arrs[ex]) - 1)  # positions s..m-1 have a gold next token
+                ce_out[s:m] = ce[r, s - a:m - a]
+        return [TeacherOutput(eid, arr, *r) for eid, arr, r in zip(example_ids, arrs, res, strict=True)]
+
+
+def _pick_dtype(dtype: str, device: torch.device):
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Writer
+# ------------------------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename, fsync the folder: the file appears whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _shard_name(i: int, n: int) -> str:
+    return f"shard-{i:05d}-of-{n:05d}.parquet"
+
+
+_PLAN_KEYS = ("format", "teacher_hash", "tokenizer_hash", "top_k", "temperature", "max_length", "overlap",
+              "vocab_size", "id_bits", "logprob_bits", "data_fingerprint", "n_examples", "shard_size", "n_shards")
+
+
+def _check_plan(have: dict, want: dict, where: Path) -> None:
+    diffs = [f"{k}: cache has {have.get(k)!r}, this run has {want.get(k)!r}" for k in _PLAN_KEYS
+             if have.get(k) != want.get(k)]
+    if diffs:
+        raise CacheMismatchError(f"{where} was built with different settings ({'; '.join(diffs)}). "
+                                 f"Use another --out folder, or delete {where} to rebuild it.")
+
+
+@dataclass
+class CacheSummary:
+    """What a :func:`write_cache` call did (this rank) and the cache totals once complete."""
+
+    out: Path
+    shards_written: int
+    shards_skipped: int
+    rows: int
+    tokens: int
+    seconds: float
+    complete: bool
+    manifest: dict | None = field(default=None, repr=False)
+
+
+def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_size: int = 1000,
+                text_field: str = "text", logprob_bits: int | None = None, rank: int | None = None,
+                world_size: int | None = None, progress: bool = True, console=None) -> CacheSummary:
+    """Run ``teacher`` over DATA (a path for :func:`~stillroom.data_io.load_texts` or ``[(id, text)]``) and
+    write the cache into ``out``; resumes an interrupted run of the same command (see module docstring)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = load_texts(data, text_field) if isinstance(data, (str, os.PathLike)) else list(data)
+    if not rows:
+        raise ValueError("no examples to cache")
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    enc = Encoding.for_vocab(teacher.vocab_size, teacher.top_k, logprob_bits)
+    n_shards = math.ceil(len(rows) / shard_size)
+    plan = {"format": FORMAT, "teacher": teacher.source, "teacher_hash": teacher.teacher_hash,
+            "tokenizer_hash": teacher.tokenizer_hash, "top_k": teacher.top_k, "temperature": teacher.temperature,
+            "max_length": teacher.max_length, "overlap": teacher.overlap, "vocab_size": enc.vocab_size,
+            "id_bits": enc.id_bits, "logprob_bits": enc.logprob_bits, "logprob_step": logprob_step(enc.logprob_bits),
+            "data_fingerprint": data_fingerprint(rows), "n_examples": len(rows), "shard_size": shard_size,
+            "n_shards": n_shards}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = out / "plan.json"
+    if not plan_path.exists():
+        _atomic_write(plan_path, json.dumps(plan, indent=1).encode())
+    _check_plan(json.loads(plan_path.read_text()), plan, out)
+
+    mine = [i for i in range(n_shards) if i % world_size == rank]
+    todo = [i for i in mine if not (out / (_shard_name(i, n_shards) + ".json")).exists()]
+    for i in mine:  # leftovers of a killed run
+        for tmp in out.glob(f".{_shard_name(i, n_shards)}*.tmp.*"):
+            tmp.unlink(missing_ok=True)
+    todo_chars = sum(len(t) for i in todo for _, t in rows[i * shard_size:(i + 1) * shard_size])
+    schema = pa.schema([("id", pa.string()), ("text_sha", pa.string()), ("n_tokens", pa.int32()),
+                        ("input_ids", pa.binary()), ("topk_ids", pa.binary()), ("topk_codes", pa.binary()),
+                        ("tail", pa.binary()), ("gold_ce", pa.binary())])
+    t0, n_rows, n_tok = time.perf_counter(), 0, 0
+    bar = _progress(progress and rank == 0, console)
+    with bar:
+        task = bar.add_task(f"teacher pass (rank {rank}/{world_size})", total=max(1, todo_chars), tps="")
+        for i in todo:
+            chunk = rows[i * shard_size:(i + 1) * shard_size]
+            recs, kls, max_err, tokens = [], [], 0.0, 0
+            for j in range(0, len(chunk), 64):  # tokenise and score in groups; the bar moves per group
+                part = chunk[j:j + 64]
+                outs = teacher.signal([t for _, t in part], [e for e, _ in part])
+                for (_, text), o in zip(part, outs, strict=True):
+                    rec = enc.encode(o)
+                    rec["text_sha"] = text_sha(text)
+                    dec = enc.decode(rec)
+                    kls.append(topk_kl(o.topk_logprobs.numpy(), o.tail.numpy(), dec.topk_logprobs.numpy(),
+                                       dec.tail.numpy()))
+                    in_range = o.topk_logprobs >= o.topk_logprobs[:, :1] - 15.0  # gaps past the grid clip
+                    err = (dec.topk_logprobs - o.topk_logprobs).abs()[in_range]
+                    max_err = max(max_err, float(err.max()) if err.numel() else 0.0)
+                    tokens += len(o)
+                    recs.append(rec)
+                n_tok += sum(len(o) for o in outs)
+                elapsed = time.perf_counter() - t0
+                bar.update(task, advance=sum(len(t) for _, t in part), tps=f"{n_tok / max(elapsed, 1e-9):,.0f} tok/s")
+            table = pa.Table.from_pylist(recs, schema=schema)
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression="zstd", row_group_size=256)
+            blob = sink.getvalue().to_pybytes()
+            name = _shard_name(i, n_shards)
+            _atomic_write(out / name, blob)
+            kl = np.concatenate(kls) if kls else np.zeros(0)
+            side = {"name": name, "rows": len(recs), "tokens": tokens, "bytes": len(blob),
+                    "sha256": hashlib.sha256(blob).hexdigest(), "kl_sum": float(kl.sum()),
+                    "kl_max": float(kl.max()) if kl.size else 0.0, "max_abs_logprob_err": max_err}
+            _atomic_write(out / (name + ".json"), json.dumps(side, indent=1).encode())
+            n_rows += len(recs)
+    manifest = _maybe_merge(out, plan)
+    summary = CacheSummary(out, len(todo), len(mine) - len(todo), n_rows, n_tok, time.perf_counter() - t0,
+                           manifest is not None, manifest)
+    return summary
+
+
+def _progress(enabled: bool, console):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                    TextColumn("{task.fields[tps]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
+
+
+def _maybe_merge(out: Path, plan: dict) -> dict | None:
+    """Write manifest.json when every shard's sidecar exists (idempotent; any rank may do it)."""
+    n = plan["n_shards"]
+    sides = []
+    for i in range(n):
+        p = out / (_shard_name(i, n) + ".json")
+        if not p.exists():
+            return None
+        sides.append(json.loads(p.read_text()))
+    tokens = sum(s["tokens"] for s in sides)
+    nbytes = sum(s["bytes"] for s in sides)
+    totals = {"rows": sum(s["rows"] for s in sides), "tokens": tokens, "bytes": nbytes,
+              "bytes_per_token": nbytes / max(tokens, 1),
+              "bytes_per_entry": nbytes / max(tokens * plan["top_k"], 1),
+              "kl_mean": sum(s["kl_sum"] for s in sides) / max(tokens, 1),
+              "kl_max": max(s["kl_max"] for s in sides),
+              "max_abs_logprob_err": max(s["max_abs_logprob_err"] for s in sides)}
+    manifest = dict(plan, shards=[{k: s[k] for k in ("name", "rows", "tokens", "bytes", "sha256")} for s in sides],
+                    totals=totals)
+    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Verify
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class VerifyReport:
+    ok: bool
+    checked: int
+    missing: list[str]
+    corrupt: list[str]
+    problems: list[str]
+
+
+def verify_cache(cache_dir: str | os.PathLike) -> VerifyReport:
+    """Check every shard named by the manifest (or plan, for an unfinished cache): present, sha256, row count."""
+    import pyarrow.parquet as pq
+
+    d = Path(cache_dir)
+    if (d / "manifest.json").exists():
+        manifest = json.loads((d / "manifest.json").read_text())
+        shards, problems = manifest["shards"], []
+    elif (d / "plan.json").exists():
+        plan = json.loads((d / "plan.json").read_text())
+        n = plan["n_shards"]
+        shards, problems = [], ["no manifest.json: the cache is unfinished; rerun the same cache command"]
+        for i in range(n):
+            side = d / (_shard_name(i, n) + ".json")
+            shards.append(json.loads(side.read_text()) if side.exists() else {"name": _shard_name(i, n)})
+    else:
+        raise FileNotFoundError(f"{d} is not a stillroom cache (no manifest.json or plan.json)")
+    missing, corrupt = [], []
+    for s in shards:
+        p = d / s["name"]
+        if not p.exists() or "sha256" not in s:
+            missing.append(s["name"])
+            continue
+        blob = p.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != s["sha256"]:
+            corrupt.append(s["name"])
+            problems.append(f"{s['name']}: sha256 mismatch ({len(blob)} bytes on disk, {s['bytes']} expected)")
+            continue
+        rows = pq.ParquetFile(p).metadata.num_rows
+        if rows != s["rows"]:
+            corrupt.append(s["name"])
+            problems.append(f"{s['name']}: {rows} rows, manifest says {s['rows']}")
+    problems += [f"{m}: missing" for m in missing]
+    return VerifyReport(not problems, len(shards), missing, corrupt, problems)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reader
+# ------------------------------------------------------------------------------------------------------------
+class CachedTeacher:
+    """Teacher signals served from a finished cache, by example id.
+
+    ``teacher`` (a model folder or an :class:`OnlineTeacher`), ``top_k`` and ``temperature``, when given, are
+    checked against the manifest and a :class:`CacheMismatchError` names any difference.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, *, teacher=None, top_k: int | None = None,
+                 temperature: float | None = None, max_open_shards: int = 4):
+        import pyarrow.parquet as pq
+
+        self.dir = Path(cache_dir)
+        mpath = self.dir / "manifest.json"
+        if not mpath.exists():
+            hint = "it is unfinished: rerun the same cache command" if (self.dir / "plan.json").exists() \
+                else "no cache there"
+            raise FileNotFoundError(f"{mpath} not found ({hint})")
+        self.manifest = m = json.loads(mpath.read_text())
+        if m.get("format") != FORMAT:
+            raise CacheMismatchError(f"{self.dir}: format {m.get('format')!r}, this stillroom reads {FORMAT!r}")
+        self.top_k, self.temperature = int(m["top_k"]), float(m["temperature"])
+        self.teacher_hash, self.tokenizer_hash = m["teacher_hash"], m["tokenizer_hash"]
+        self.vocab_size = int(m["vocab_size"])
+        want = {}
+        if teacher is not None:
+            if isinstance(teacher, OnlineTeacher):
+                want.update(teacher_hash=teacher.teacher_hash, tokenizer_hash=teacher.tokenizer_hash)
+            else:
+                from transformers import AutoTokenizer
+
+                want.update(teacher_hash=_dir_hash(Path(teacher)),
+                            tokenizer_hash=tokenizer_hash(AutoTokenizer.from_pretrained(teacher)))
+        if top_k is not None:
+            want["top_k"] = int(top_k)
+        if temperature is not None:
+            want["temperature"] = float(temperature)
+        diffs = [f"{k}: cache has {m[k]!r}, config asks for {v!r}" for k, v in want.items() if m[k] != v]
+        if diffs:
+            raise CacheMismatchError(f"cache {self.dir} was built for another teacher setup ({'; '.join(diffs)}); "
+                                     f"rebuild it with `stillroom cache` for this teacher")
+        self.encoding = Encoding(self.vocab_size, self.top_k, int(m["id_bits"]), int(m["logprob_bits"]))
+        self._index: dict[str, tuple[int, int, str]] = {}
+        for si, s in enumerate(m["shards"]):
+            p = self.dir / s["name"]
+            if not p.exists():
+                raise FileNotFoundError(f"cache shard {p} is missing; run `stillroom cache --verify {self.dir}`")
+            t = pq.read_table(p, columns=["id", "text_sha"])
+            for r, (eid, sha) in enumerate(zip(t.column("id").to_pylist(), t.column("text_sha").to_pylist(), strict=True)):
+                self._index[eid] = (si, r, sha)
+        self._open: OrderedDict[int, object] = OrderedDict()
+        self._max_open = max_open_shards
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, example_id: str) -> bool:
+        return str(example_id) in self._index
+
+    def ids(self) -> list[str]:
+        return list(self._index)
+
+    def _shard(self, si: int):
+        import pyarrow.parquet as pq
+
+        if si in self._open:
+            self._open.move_to_end(si)
+            return self._open[si]
+        table = pq.read_table(self.dir / self.manifest["shards"][si]["name"])
+        self._open[si] = table
+        while len(self._open) > self._max_open:
+            self._open.popitem(last=False)
+        return table
+
+    def signal(self, texts: Sequence[str] | None, example_ids: Sequence[str] | None = None) -> list[TeacherOutput]:
+        """The cached outputs for ``example_ids``; ``texts``, when given, must be the texts that were cached."""
+        if example_ids is None:
+            raise ValueError("CachedTeacher.signal needs example_ids (the cache is keyed by example id)")
+        if texts is not None and len(texts) != len(example_ids):
+            raise ValueError(f"{len(texts)} texts but {len(example_ids)} example ids")
+        outs = []
+        for j, eid in enumerate(example_ids):
+            eid = str(eid)
+            if eid not in self._index:
+                raise KeyError(f"example id {eid!r} is not in cache {self.dir}")
+            si, r, sha = self._index[eid]
+            if texts is not None and text_sha(texts[j]) != sha:
+                raise CacheMismatchError(f"example {eid!r}: its text differs from the text cached in {self.dir}")
+            table = self._shard(si)
+            row = {c: table.column(c)[r].as_py() for c in ("id", "n_tokens", "input_ids", "topk_ids",
+                                                             "topk_codes", "tail", "gold_ce")}
+            outs.append(self.encoding.decode(row))
+        return outs
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Student targets
+# ------------------------------------------------------------------------------------------------------------
+def student_targets(out: TeacherOutput, student_ids, student_table=None, teacher_table=None, vocab_map=None,
+                    *, fallback: str = "onehot") -> tuple[SparseTarget, torch.Tensor]:
+    """Teacher output -> (SparseTarget over the student's positions and vocabulary, teacher CE per position).
+
+    Same tokenizer (``vocab_map`` is None, or both tables have one hash and the ids agree): the teacher's rows
+    are the student's rows. Otherwise the texts are aligned at byte level (``stillroom.align.align``) and the
+    top-k projected (``stillroom.align.project`` through ``vocab_map``). The teacher CE of an aligned group
+    (the teacher tokens covering the same bytes as some student tokens) is spread evenly over the student rows
+    that predict that group's tokens, so a sequence's summed CE is the teacher's over the same bytes; rows
+    with no covering group, and the last row, get ``nan``.
+    """
+    sid = torch.as_tensor(np.asarray(student_ids), dtype=torch.long).reshape(-1)
+    same = vocab_map is None or (student_table is not None and teacher_table is not None
+                                 and student_table.hash == teacher_table.hash
+                                 and torch.equal(sid, out.input_ids))
+    if same:
+        if not torch.equal(sid, out.input_ids):
+            raise ValueError("student ids differ from the teacher's tokenization of the same text; for a "
+                             "teacher with another tokenizer pass student_table, teacher_table and vocab_map")
+        ce = out.gold_ce.clone()
+        if len(ce):
+            ce[-1] = float("nan")
+        return out.target(), ce
+    from stillroom.align import align, project
+
+    alignment = align(out.input_ids.numpy(), sid.numpy(), teacher_table, student_table)
+    target = project(out.topk_ids, out.topk_logprobs, alignment, vocab_map, sid, fallback=fallback,
+                     teacher_tail=out.tail)
+    return target, _group_ce(out.gold_ce, np.asarray(alignment.groups), len(sid))
+
+
+def _group_ce(gold_ce: torch.Tensor, groups: np.ndarray, n_student: int) -> torch.Tensor:
+    """Spread each aligned group's teacher CE over the student rows predicting the group's tokens."""
+    ce = torch.full((n_student,), float("nan"))
+    g = gold_ce.double()
+    for ts, te, ss, se in groups.tolist():
+        rows = range(max(ss - 1, 0), se - 1)  # row j predicts student token j+1
+        terms = g[max(ts - 1, 0):te - 1]  # teacher row i predicts teacher token i+1
+        if len(rows) == 0 or len(terms) == 0:
+            continue
+        total = float(terms.sum())
+        if math.isfinite(total):
+            ce[list(rows)] = total / len(rows)
+    return ce.float()
+
+
+__all__ = ["CacheMismatchError", "CacheSummary", "CachedTeacher", "Encoding", "OnlineTeacher", "TeacherOutput",
+           "TeacherSignal", "VerifyReport", "student_targets", "teacher_hash", "tokenizer_hash", "topk_kl",
+           "verify_cache", "write_cache"]
