@@ -62,6 +62,66 @@ def demo(out: Optional[Path] = typer.Option(None, help="Output folder (default: 
     console.print(table)
 
 
+# --- cache ------------------------------------------------------------------------------------------------
+@app.command()
+def cache(
+    teacher: Optional[Path] = typer.Option(None, help="Teacher model folder (safetensors + tokenizer)."),
+    data: Optional[Path] = typer.Option(None, help="Text file (one example per line), folder of .txt, "
+                                                   "JSONL with a text field, or a datasets folder."),
+    out: Optional[Path] = typer.Option(None, help="Cache folder to write (rerun the same command to resume)."),
+    top_k: int = typer.Option(16, "--top-k", help="Teacher entries kept per position."),
+    temperature: float = typer.Option(1.0, help="Teacher softmax temperature for the stored log-probs."),
+    max_length: Optional[int] = typer.Option(None, help="Window length in tokens (default: the teacher's "
+                                                        "context); longer texts are cut into overlapping windows."),
+    overlap: Optional[int] = typer.Option(None, help="Context tokens re-read by each later window "
+                                                     "(default max-length/8)."),
+    text_field: str = typer.Option("text", help="JSONL / datasets field holding the text."),
+    shard_size: int = typer.Option(1000, help="Examples per shard (the unit of resumption)."),
+    batch_tokens: int = typer.Option(4096, help="Padded tokens per teacher forward."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if present)."),
+    dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+    verify: Optional[Path] = typer.Option(None, "--verify", help="Check CACHE_DIR's shards and exit."),
+) -> None:
+    """Run a teacher once over DATA and store its top-k signal compactly (sharded, resumable, verifiable)."""
+    import os
+
+    from stillroom.cache import OnlineTeacher, verify_cache, write_cache
+
+    if verify is not None:
+        report = verify_cache(verify)
+        for p in report.problems:
+            console.print(f"[red]{p}[/red]")
+        if not report.ok:
+            console.print(f"[red]cache {verify}: {len(report.missing)} missing, {len(report.corrupt)} corrupt "
+                          f"of {report.checked} shards[/red]")
+            raise typer.Exit(1)
+        console.print(f"cache {verify}: all {report.checked} shards present and intact")
+        return
+    missing = [n for n, v in (("--teacher", teacher), ("--data", data), ("--out", out)) if v is None]
+    if missing:
+        raise typer.BadParameter(f"{', '.join(missing)} required (or use --verify CACHE_DIR)")
+    if device is None and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+    t = OnlineTeacher(teacher, top_k=top_k, temperature=temperature, max_length=max_length, overlap=overlap,
+                      batch_tokens=batch_tokens, device=device, dtype=dtype)
+    s = write_cache(t, data, out, shard_size=shard_size, text_field=text_field, progress=progress,
+                    console=console)
+    console.print(f"rank {os.environ.get('RANK', 0)}: {s.shards_written} shards written, {s.shards_skipped} "
+                  f"already done; {s.rows} rows, {s.tokens:,} tokens in {s.seconds:.1f} s")
+    if s.manifest is not None:
+        tot = s.manifest["totals"]
+        console.print(f"cache {out} complete: {tot['rows']} rows, {tot['tokens']:,} tokens, {tot['bytes']:,} bytes "
+                      f"({tot['bytes_per_token']:.1f} B/token, {tot['bytes_per_entry']:.2f} B/entry at "
+                      f"k={s.manifest['top_k']}); quantisation KL {tot['kl_mean']:.2e} nats/token "
+                      f"(max {tot['kl_max']:.2e}), max |Δ log-prob| {tot['max_abs_logprob_err']:.3f}")
+    else:
+        console.print("other ranks' shards are still running; the last rank to finish writes manifest.json")
+
+
 def main() -> None:
     app()
 
