@@ -88,54 +88,77 @@ def row_divergence(logq: torch.Tensor, logp: torch.Tensor, kind: str, beta: floa
     return terms.sum(-1)
 
 
+def _psum(p: torch.Tensor, d: torch.Tensor, safe: bool) -> torch.Tensor:
+    """Row sums of ``p·d`` computed in place in ``d`` (0·(±inf) = 0 when ``safe``)."""
+    d.mul_(p)
+    if safe:
+        d = torch.where(p > 0, d, torch.zeros((), dtype=d.dtype, device=d.device))
+    return d.sum(-1)
+
+
 @torch.no_grad()
 def row_divergence_grad(logq: torch.Tensor, logp: torch.Tensor, kind: str, beta: float = 0.5,
-                        alpha: float = 0.1, live: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row divergence ``[n]`` and ``g = ∂ℓ/∂log q`` ``[n, B]`` in closed form.
+                        alpha: float = 0.1, live: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                             torch.Tensor]:
+    """Per-row divergence ``[n]``, ``g = ∂ℓ/∂log q`` ``[n, B]`` and ``q = exp(log q)``, in closed form.
 
-    For a loss ℓ(q) of the bucket probabilities, ``∂ℓ/∂log q_b = q_b · ∂ℓ/∂q_b``:
+    Memory-lean for the chunked loss: ``logq`` and ``logp`` are CONSUMED (overwritten); at most two extra
+    ``[n, B]`` buffers live at once. For a loss ℓ(q) of the bucket probabilities ``∂ℓ/∂log q_b = q_b·∂ℓ/∂q_b``:
     forward KL / soft CE: ``g = −p``;  reverse KL: ``g = q (log q − log p + 1)``;
     JSD: ``g = (1−β) q (log q − log m)``;  skew forward KL: ``g = −(1−α) p q / m``;
     skew reverse KL: ``g = q (log q − log m + 1 − α q / m)``;  TVD: ``g = ½ q sign(q − p)``.
+    ``live`` (sparse buckets) marks real buckets; non-live ones must hold ``logq = logp = 0`` (as
+    ``stillroom.losses.sparse.buckets`` sets them), which makes every loss term 0, and get ``g = 0`` here.
+    Dense rows (``live=None``) have finite ``logp``; sparse ones may hold ``logp = −inf`` (no teacher mass).
     """
     kind = _canonical(kind, beta)
-    zero = torch.zeros((), dtype=logq.dtype, device=logq.device)
-    q = logq.exp()
+    safe = live is not None
     if kind in ("forward_kl", "soft_ce"):
         p = logp.exp()
-        d = logp - logq if kind == "forward_kl" else logq.neg()
-        loss = torch.where(p > 0, d.mul_(p), zero)
+        d = logp.sub_(logq) if kind == "forward_kl" else logq.neg()
+        loss = _psum(p, d, safe)
+        del d
         g = p.neg_()
+        q = logq.exp_()
     elif kind == "reverse_kl":
-        d = logq - logp
-        loss = d * q
+        q = logq.exp()
+        d = logq.sub_(logp)  # log q − log p  (logq consumed)
+        del logp
+        loss = (d * q).sum(-1)
         g = d.add_(1.0).mul_(q)
     elif kind == "jsd":
-        logm = _mix(logp, beta, logq)
+        logm = logp + math.log(beta)
+        logm = torch.logaddexp(logm, logq + math.log1p(-beta), out=logm)
         p = logp.exp()
-        loss = torch.where(p > 0, (logp - logm).mul_(p), zero).mul_(beta)
-        del p
-        d = logq.sub(logm)
+        loss = _psum(p, logp.sub_(logm), safe).mul_(beta)
+        del p, logp
+        q = logq.exp()
+        g = logq.sub_(logm).mul_(q).mul_(1 - beta)  # (1−β)·q·(log q − log m): the second term and g
         del logm
-        g = d.mul_(q).mul_(1 - beta)
-        loss.add_(g)  # (1-β)·q·(log q − log m) is both the second term and g
+        loss.add_(g.sum(-1))
     elif kind == "skew_forward_kl":
         logm = _mix(logp, alpha, logq)
         p = logp.exp()
-        loss = torch.where(p > 0, (logp - logm).mul_(p), zero)
-        g = (logq - logm).exp_().mul_(p).mul_(-(1 - alpha))
-        del p, logm
+        loss = _psum(p, logp.sub_(logm), safe)
+        del logp
+        g = logm.neg_().add_(logq).exp_().mul_(p).mul_(-(1 - alpha))  # −(1−α)·p·q/m
+        del p
+        q = logq.exp_()
     elif kind == "skew_reverse_kl":
         logm = _mix(logq, alpha, logp)
-        d = logq - logm
-        loss = d * q
-        g = (logq - logm).exp_().mul_(-alpha).add_(d).add_(1.0).mul_(q)
-        del d, logm
+        del logp
+        q = logq.exp()
+        d = logq.sub_(logm)  # log q − log m
+        del logm
+        loss = (d * q).sum(-1)
+        r = d.exp().mul_(-alpha)  # −α·q/m
+        g = d.add_(r).add_(1.0).mul_(q)
+        del r
     else:  # tvd
-        diff = q - logp.exp()
-        loss = diff.abs().mul_(0.5)
+        q = logq.exp_()
+        diff = logp.exp_().neg_().add_(q)  # q − p
+        loss = diff.abs().sum(-1).mul_(0.5)
         g = diff.sign_().mul_(q).mul_(0.5)
     if live is not None:
-        loss = torch.where(live, loss, zero)
-        g = torch.where(live, g, zero)
-    return loss.sum(-1), g
+        g = torch.where(live, g, torch.zeros((), dtype=g.dtype, device=g.device))
+    return loss, g, q

@@ -213,10 +213,10 @@ class _FusedLinearEMO(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        from stillroom.losses.fused_linear import _scaled
+
         grad_h, grad_w = ctx.saved_tensors
-        grad_h = None if grad_h is None else (grad_h * grad_out).to(ctx.dtypes[0])
-        grad_w = None if grad_w is None else (grad_w * grad_out).to(ctx.dtypes[1])
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+        return _scaled(grad_h, grad_out, ctx.dtypes[0]), _scaled(grad_w, grad_out, ctx.dtypes[1]), None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_emo_loss(hidden: torch.Tensor, weight: torch.Tensor, cost_embedding: torch.Tensor | None = None,

@@ -50,7 +50,7 @@ class _Config:
 
 
 def _chunk_distill(z: torch.Tensor, cfg: _Config, teacher: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row D and ∂D/∂z for one chunk. ``z`` is consumed (overwritten)."""
+    """Per-row D and ∂D/∂z for one chunk. ``z`` (and a dense teacher's logits) are consumed (overwritten)."""
     T = cfg.temperature
     s = z.div_(T) if T != 1.0 else z
     lse = torch.logsumexp(s, -1, keepdim=True)
@@ -58,16 +58,15 @@ def _chunk_distill(z: torch.Tensor, cfg: _Config, teacher: tuple) -> tuple[torch
         (zt,) = teacher
         logp = zt.div_(T) if T != 1.0 else zt
         logp = logp.sub_(torch.logsumexp(logp, -1, keepdim=True))
-        logq = s.sub_(lse)
-        loss, g = row_divergence_grad(logq, logp, cfg.kind, cfg.beta, cfg.alpha)
+        loss, g, q = row_divergence_grad(s.sub_(lse), logp, cfg.kind, cfg.beta, cfg.alpha)
         del logp
-        q = logq.exp_()  # logq no longer needed
-        gs = g.sub_(q.mul_(g.sum(-1, keepdim=True)))
+        gs = g.sub_(q.mul_(g.sum(-1, keepdim=True)))  # ∂ℓ/∂s = g − q·Σg
+        del q
     else:
         ids, logprobs, tail = teacher
         reverse = cfg.kind == "reverse_kl" or (cfg.kind == "jsd" and cfg.beta == 1.0)
         bq, bp, live, s_tail = buckets(s, lse, ids, logprobs, tail, reverse)
-        loss, g = row_divergence_grad(bq, bp, cfg.kind, cfg.beta, cfg.alpha, live)
+        loss, g, _ = row_divergence_grad(bq, bp, cfg.kind, cfg.beta, cfg.alpha, live)
         g_support, g_tail = g[:, :-1], g[:, -1:]
         lse_tail = torch.logsumexp(s_tail, -1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)
         # ∂ℓ/∂s = scatter(g_support) + g_tail · softmax over the complement − q · Σ g
@@ -75,6 +74,15 @@ def _chunk_distill(z: torch.Tensor, cfg: _Config, teacher: tuple) -> tuple[torch
         q = s.sub_(lse).exp_()
         gs = r.sub_(q.mul_(g.sum(-1, keepdim=True))).scatter_add_(-1, ids, g_support)
     return loss, gs.div_(T)
+
+
+def _scaled(grad: torch.Tensor | None, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``grad · grad_out`` without a copy when grad_out is 1 (a V×H copy would double the peak)."""
+    if grad is None:
+        return None
+    if not bool(grad_out == 1):
+        grad = grad * grad_out
+    return grad.to(dtype)
 
 
 class _FusedLinearDistill(torch.autograd.Function):
@@ -147,11 +155,8 @@ class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        if grad_h is not None:
-            grad_h = (grad_h * grad_out).to(ctx.dtypes[0])
-        if grad_w is not None:
-            grad_w = (grad_w * grad_out).to(ctx.dtypes[1])
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+        return (_scaled(grad_h, grad_out, ctx.dtypes[0]), _scaled(grad_w, grad_out, ctx.dtypes[1]),
+                None, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, *, target: SparseTarget | None = None,
