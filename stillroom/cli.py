@@ -122,6 +122,101 @@ def cache(
         console.print("other ranks' shards are still running; the last rank to finish writes manifest.json")
 
 
+# --- train ------------------------------------------------------------------------------------------------
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/ and docs/training.md)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.max_steps=20 "
+                                                               "teachers.0.path=/models/t fusion.method=avg_ce"),
+    export_blocks: Optional[Path] = typer.Option(None, "--export-blocks", help="Write the training blocks "
+                                                 "(id, text) as JSONL for `stillroom cache --data` and exit."),
+    check: bool = typer.Option(False, "--check", help="Validate the recipe (and tokenizers/caches) and exit."),
+) -> None:
+    """Distil / fuse teachers into a student as the recipe says (torchrun/accelerate launch for DDP)."""
+    from stillroom.recipe import RecipeError, load_recipe
+    from stillroom.trainer import check_recipe, export_training_blocks
+    from stillroom.trainer import train as run_train
+
+    try:
+        r = load_recipe(recipe, list(overrides or []))
+        check_recipe(r)
+    except (RecipeError, ValueError, FileNotFoundError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    if check:
+        console.print(f"recipe {recipe} is valid")
+        return
+    if export_blocks is not None:
+        n = export_training_blocks(r, export_blocks)
+        console.print(f"wrote {n} blocks to {export_blocks}")
+        return
+    result = run_train(r)
+    shown = {k: v for k, v in result.metrics.items() if k in ("train_loss", "eval_loss", "eval_bpb", "train_runtime")}
+    console.print(f"student saved to {result.output_dir}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+
+
+# --- generate ---------------------------------------------------------------------------------------------
+@app.command()
+def generate(
+    model: Path = typer.Option(..., "--model", help="Folder with a causal LM and its tokenizer (save_pretrained)."),
+    prompt: str = typer.Option(..., "--prompt", help="Text to continue (kept exactly, whitespace included)."),
+    heal: bool = typer.Option(True, "--heal/--no-heal", help="Back off the prompt's last token(s) and regenerate "
+                              "them under a hard constraint (token healing)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Tokens to generate after the prompt."),
+    sample: bool = typer.Option(False, "--sample/--greedy", help="Sample instead of greedy decoding."),
+) -> None:
+    """Continue a prompt with a local model, with token healing on by default; prints prompt + continuation."""
+    if not (model / "config.json").is_file():
+        console.print(f"[red]--model {model}: no config.json there; pass a folder written by save_pretrained[/red]")
+        raise typer.Exit(2)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from stillroom.healing import generate as heal_generate
+
+    hf_logging.disable_progress_bar()
+
+    tok = AutoTokenizer.from_pretrained(model)
+    lm = AutoModelForCausalLM.from_pretrained(model).eval()
+    text = heal_generate(lm, tok, [prompt], heal=heal, max_new_tokens=max_new_tokens, do_sample=sample)[0]
+    print(text)
+
+
+# --- eval -------------------------------------------------------------------------------------------------
+@app.command("eval")
+def eval_(
+    model: list[Path] = typer.Option(..., "--model", help="Model folder(s) to evaluate (repeat to compare)."),
+    data: Path = typer.Option(..., "--data", help="Text file (one example per line), folder of .txt (one "
+                                                  "example per file), JSONL with a text field, or a datasets folder."),
+    teacher: Optional[list[Path]] = typer.Option(None, "--teacher", help="Teacher folder(s): also report top-1 "
+                                                 "agreement and KL(teacher||student) on 1-to-1 aligned positions."),
+    context: Optional[int] = typer.Option(None, help="Window length in tokens (default: the model's maximum)."),
+    stride: Optional[int] = typer.Option(None, help="Tokens between window starts (default: context/2)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of reports instead of a table."),
+) -> None:
+    """Bits per byte (comparable across tokenizers), token perplexity, and agreement with teachers."""
+    import json
+
+    from stillroom.evaluate import evaluate_paths, report_table
+
+    for p in [*model, *(teacher or [])]:
+        if not (p / "config.json").is_file():
+            console.print(f"[red]{p}: no config.json there; pass a folder written by save_pretrained[/red]")
+            raise typer.Exit(2)
+    try:
+        reports = evaluate_paths(model, data, teachers=teacher or [], context=context, stride=stride,
+                                 batch_size=batch_size, device=device, progress=not as_json)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        console.print(report_table(reports))
+
+
 def main() -> None:
     app()
 
