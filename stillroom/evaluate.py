@@ -1,0 +1,417 @@
+"""Evaluate causal language models so that models with *different tokenizers* are comparable.
+
+Headline metric, **bits per byte** (tokenizer-independent)::
+
+    bpb = sum_t -log2 p(x_t | x_<t) / len(text.encode("utf-8"))
+
+summed over every token of every text and divided by every byte of every text. Also reported: per-token
+perplexity ``exp(total NLL in nats / tokens)`` (only comparable between models that share a tokenizer).
+
+How each text is scored:
+
+- It is tokenized without special tokens, so the tokens cover exactly the text's bytes.
+- The first token is scored too: when the tokenizer has a BOS token the model reads BOS first and every text
+  token is predicted from it. Without a BOS token the first token is charged ``log2(V)`` bits (a uniform guess
+  over the vocabulary of ``V`` tokens) and the rest are predicted by the model; every byte is still counted.
+- Texts longer than the context are scored with a sliding window (no truncation): windows of ``context``
+  positions start every ``stride`` positions; each token is scored exactly once, in the first window that
+  reaches it, so after the first window every token sees at least ``context - stride`` positions of context.
+
+Given a teacher, the student is also compared with it on the positions where the two tokenizations agree
+1-to-1 (one student token and one teacher token covering the same bytes, found with ``stillroom.align``): at such
+a position both models predict the same piece of text from the same preceding text. The teacher's
+distribution is moved onto the student vocabulary with a ``stillroom.vocab.VocabMap`` (probabilities of teacher
+tokens that map to the same student token are summed; identity when the tokenizers are the same) and we report
+
+    top-1 agreement = mean[argmax p_T' == argmax p_S]
+    KL(T || S)      = mean sum_v p_T'(v) (log p_T'(v) - log p_S(v))      (nats per aligned position)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+# --- results ------------------------------------------------------------------------------------------------
+@dataclass
+class TeacherMetrics:
+    """Agreement of the student with one teacher on 1-to-1 aligned positions."""
+
+    teacher: str
+    aligned: int  # scored positions where one student token and one teacher token cover the same bytes
+    positions: int  # all scored student positions (aligned / positions = coverage)
+    top1_agreement: float
+    kl_nats: float  # mean KL(teacher' || student) per aligned position, teacher' = teacher moved to student vocab
+
+
+@dataclass
+class EvalReport:
+    """What :func:`evaluate` measured for one model on one set of texts."""
+
+    model: str
+    bits_per_byte: float
+    token_perplexity: float
+    nll_bits: float  # total over all texts
+    tokens: int
+    bytes: int
+    texts: int
+    context: int
+    stride: int
+    first_token: str  # "bos" (conditioned on BOS) or "uniform" (charged log2(V) bits)
+    teachers: list[TeacherMetrics] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` from a Hugging Face folder (safetensors, no remote code), float32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"model folder {path} has no config.json (expected a Hugging Face model folder "
+                                "saved with save_pretrained)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    return model.to(device).eval(), tokenizer
+
+
+def load_eval_texts(data: str | os.PathLike) -> list[str]:
+    """The texts of DATA (text file, folder of .txt, JSONL with ``text``, datasets folder) via ``stillroom.data_io``."""
+    from stillroom.data_io import load_texts
+
+    return [text for _, text in load_texts(data)]
+
+
+# --- scoring ------------------------------------------------------------------------------------------------
+def model_context(model, default: int = 1024) -> int:
+    """The longest input the model accepts (``n_positions`` / ``max_position_embeddings``), else ``default``."""
+    cfg = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return default
+
+
+def window_spans(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows over a sequence of ``n`` positions whose position 0 is given (never predicted).
+
+    Returns ``(start, end, first)``: feed positions ``[start, end)`` and score positions ``[first, end)``.
+    Every position ``1..n-1`` is scored exactly once.
+    """
+    if context < 2:
+        raise ValueError(f"context must be >= 2 (got {context})")
+    if not 1 <= stride <= context - 1:
+        raise ValueError(f"stride must be in [1, context - 1] = [1, {context - 1}] (got {stride})")
+    spans = []
+    start, done = 0, 1
+    while done < n:
+        end = min(start + context, n)
+        if end > done:
+            spans.append((start, end, done))
+            done = end
+        start += stride
+    return spans
+
+
+def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=input_ids)
+    logits = out.logits if hasattr(out, "logits") else out
+    return logits.float()
+
+
+def score_windows(model, seq: torch.Tensor, *, context: int, stride: int, batch_size: int = 8,
+                  device: str | torch.device = "cpu") -> Iterator[tuple[int, torch.Tensor]]:
+    """Log-probabilities predicting positions ``1..len(seq)-1`` of ``seq``, window by window, in order.
+
+    Yields ``(first, logprobs)``: ``logprobs[r]`` is the distribution over the vocabulary (log-softmax of the
+    logits) predicting ``seq[first + r]``.
+    """
+    spans = window_spans(len(seq), context, stride)
+    for b in range(0, len(spans), batch_size):
+        group = spans[b:b + batch_size]
+        width = max(e - s for s, e, _ in group)
+        # Right padding: a causal model's outputs at real positions do not depend on later (padded) ones.
+        batch = torch.zeros(len(group), width, dtype=torch.long)
+        for r, (s, e, _) in enumerate(group):
+            batch[r, :e - s] = seq[s:e]
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(_logits(model, batch.to(device)), dim=-1).cpu()
+        for r, (s, e, first) in enumerate(group):
+            # logits at window offset o predict position s + o + 1
+            yield first, logprobs[r, first - s - 1:e - s - 1]
+
+
+def _start_id(tokenizer) -> int | None:
+    return getattr(tokenizer, "bos_token_id", None)
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _sequence(tokenizer, text: str) -> tuple[torch.Tensor, int]:
+    """``(seq, offset)``: the ids fed to the model and where text token 0 sits in it (1 after BOS, else 0)."""
+    ids = _text_ids(tokenizer, text)
+    bos = _start_id(tokenizer)
+    if bos is not None:
+        return torch.tensor([bos] + ids, dtype=torch.long), 1
+    return torch.tensor(ids, dtype=torch.long), 0
+
+
+# --- teacher comparison -------------------------------------------------------------------------------------
+@dataclass
+class _TeacherState:
+    name: str
+    model: object
+    tokenizer: object
+    mapping: torch.Tensor | None  # teacher id -> student id; None when the tokenizers are the same
+    aligned: int = 0
+    agree: int = 0
+    kl: float = 0.0
+
+
+def aligned_pairs(student_ids: Sequence[int], teacher_ids: Sequence[int], student_table, teacher_table) -> np.ndarray:
+    """``[P, 2]`` (student index, teacher index) of 1-to-1 exactly aligned tokens, in order."""
+    from stillroom.align import align
+
+    al = align(np.asarray(student_ids, dtype=np.int64), np.asarray(teacher_ids, dtype=np.int64),
+               student_table, teacher_table, mode="exact")
+    g = np.asarray(al.groups)
+    keep = np.asarray(al.exact, dtype=bool) & (g[:, 1] - g[:, 0] == 1) & (g[:, 3] - g[:, 2] == 1)
+    return np.stack([g[keep, 0], g[keep, 2]], axis=1).astype(np.int64)
+
+
+def _same_tokenizer(a, b) -> bool:
+    if a is b:
+        return True
+    from stillroom.tokens import TokenTable
+
+    return TokenTable.from_tokenizer(a).hash == TokenTable.from_tokenizer(b).hash
+
+
+def _teacher_state(name: str, model, tokenizer, student_tokenizer) -> _TeacherState:
+    if _same_tokenizer(tokenizer, student_tokenizer):
+        return _TeacherState(name, model, tokenizer, None)
+    from stillroom.tokens import TokenTable
+    from stillroom.vocab import VocabMap
+
+    vmap = VocabMap.cached(TokenTable.from_tokenizer(tokenizer), TokenTable.from_tokenizer(student_tokenizer))
+    return _TeacherState(name, model, tokenizer, torch.as_tensor(np.asarray(vmap.mapping), dtype=torch.long))
+
+
+def _to_student_vocab(teacher_logprobs: torch.Tensor, mapping: torch.Tensor | None, v_student: int) -> torch.Tensor:
+    """Teacher log-probs ``[N, V_t]`` -> log-probs over the student vocabulary ``[N, v_student]``.
+
+    p_T'(v) = sum over teacher ids u with mapping[u] == v of p_T(u); teacher logits beyond the mapping (padded
+    embedding rows) are dropped and the rest renormalised.
+    """
+    if mapping is None:
+        out = teacher_logprobs[:, :v_student]
+    else:
+        probs = teacher_logprobs[:, :len(mapping)].exp()
+        out = torch.zeros(len(probs), v_student, dtype=probs.dtype)
+        out.index_add_(1, mapping[:probs.shape[1]], probs)
+        out = out.log()
+    return out - torch.logsumexp(out, dim=-1, keepdim=True)
+
+
+class _Rows:
+    """Pulls window log-probs from a generator on demand and hands out the rows of chosen positions."""
+
+    def __init__(self, windows: Iterator[tuple[int, torch.Tensor]], offset: int, on_window=None):
+        self.windows, self.offset, self.on_window = windows, offset, on_window
+        self.rows: dict[int, torch.Tensor] = {}
+        self.reached = 0  # text tokens < reached have been scored
+
+    def pull(self, wanted: set[int]) -> bool:
+        try:
+            first, logprobs = next(self.windows)
+        except StopIteration:
+            return False
+        if self.on_window is not None:
+            self.on_window(first, logprobs)
+        k0 = first - self.offset  # text token index of row 0
+        for r in range(logprobs.shape[0]):
+            if k0 + r in wanted:
+                self.rows[k0 + r] = logprobs[r]
+        self.reached = k0 + logprobs.shape[0]
+        return True
+
+    def get(self, k: int, wanted: set[int]) -> torch.Tensor | None:
+        while k not in self.rows and self.reached <= k:
+            if not self.pull(wanted):
+                break
+        return self.rows.pop(k, None)
+
+    def drain(self) -> None:
+        while self.pull(set()):
+            pass
+
+
+# --- the evaluation -----------------------------------------------------------------------------------------
+def evaluate(model, tokenizer, texts: Sequence[str], *, name: str = "model", teachers: Sequence = (),
+             context: int | None = None, stride: int | None = None, batch_size: int = 8,
+             device: str | torch.device = "cpu", progress: bool = False) -> EvalReport:
+    """Bits per byte, token perplexity and (per teacher) top-1 agreement and KL of ``model`` on ``texts``.
+
+    ``teachers``: ``(name, model, tokenizer)`` triples. ``context`` defaults to the model's maximum length,
+    ``stride`` to half of it. Models are used as given (put them in eval mode and on ``device`` first).
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, not one string (wrap it: [text])")
+    if not texts:
+        raise ValueError("texts is empty: nothing to evaluate")
+    context = context or model_context(model)
+    stride = stride or max(1, context // 2)
+    first_token = "bos" if _start_id(tokenizer) is not None else "uniform"
+    states = [_teacher_state(n, m, t, tokenizer) for n, m, t in teachers]
+    total_nats, n_tokens, n_bytes = 0.0, 0, 0
+    positions = 0
+
+    bar = None
+    if progress:
+        from rich.progress import Progress
+
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task(f"eval {name}", total=len(texts))
+    try:
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"texts must hold strings; got {type(text).__name__}")
+            n_bytes += len(text.encode("utf-8"))
+            seq, offset = _sequence(tokenizer, text)
+            n_text = len(seq) - offset
+            if n_text == 0:
+                continue
+            n_tokens += n_text
+            positions += n_text - (1 - offset)
+            if offset == 0:  # no BOS: the first token is a uniform guess over the vocabulary
+                total_nats += math.log(len(tokenizer))
+
+            def add_nll(first: int, logprobs: torch.Tensor, seq=seq) -> None:
+                nonlocal total_nats
+                targets = seq[first:first + logprobs.shape[0]]
+                total_nats -= logprobs.gather(1, targets[:, None]).sum().item()
+
+            def windows(seq=seq):
+                return score_windows(model, seq, context=context, stride=stride, batch_size=batch_size,
+                                     device=device)
+
+            # The first pass over the student's windows also sums the NLL; each further teacher re-runs the
+            # student (keeping only about one window of rows in memory at a time).
+            student = _Rows(windows(), offset, on_window=add_nll)
+            for idx, st in enumerate(states):
+                rows = student if idx == 0 else _Rows(windows(), offset)
+                _compare(st, rows, tokenizer, text, seq[offset:].tolist(), offset, context, stride, batch_size,
+                         device)
+            student.drain()
+            if bar is not None:
+                bar.advance(task)
+    finally:
+        if bar is not None:
+            bar.stop()
+    nll_bits = total_nats * LOG2E
+    return EvalReport(
+        model=name,
+        bits_per_byte=nll_bits / max(1, n_bytes),
+        token_perplexity=math.exp(total_nats / max(1, n_tokens)),
+        nll_bits=nll_bits,
+        tokens=n_tokens,
+        bytes=n_bytes,
+        texts=len(texts),
+        context=context,
+        stride=stride,
+        first_token=first_token,
+        teachers=[TeacherMetrics(st.name, st.aligned, positions, st.agree / max(1, st.aligned),
+                                 st.kl / max(1, st.aligned)) for st in states],
+    )
+
+
+def _compare(st: _TeacherState, student: _Rows, student_tokenizer, text: str, student_ids: list[int], s_offset: int,
+             context: int, stride: int, batch_size: int, device) -> None:
+    """Accumulate top-1 agreement and KL of one teacher against the student over one text.
+
+    The student's windows are consumed lazily (and only once, shared with the NLL accumulation); the rows kept in
+    memory at any time are about one window's worth per model.
+    """
+    t_seq, t_offset = _sequence(st.tokenizer, text)
+    teacher_ids = t_seq[t_offset:].tolist()
+    if st.mapping is None:
+        pairs = np.stack([np.arange(len(student_ids))] * 2, axis=1)
+    else:
+        from stillroom.tokens import TokenTable
+
+        pairs = aligned_pairs(student_ids, teacher_ids, TokenTable.from_tokenizer(student_tokenizer),
+                              TokenTable.from_tokenizer(st.tokenizer))
+    # Only positions both models predict (a text's first token has no prediction without BOS).
+    pairs = pairs[(pairs[:, 0] >= 1 - s_offset) & (pairs[:, 1] >= 1 - t_offset)]
+    if len(pairs) == 0:
+        return
+    t_ctx = model_context(st.model)
+    teacher = _Rows(score_windows(st.model, t_seq, context=min(context, t_ctx), stride=min(stride, t_ctx - 1),
+                                  batch_size=batch_size, device=device), t_offset)
+    s_wanted, t_wanted = set(pairs[:, 0].tolist()), set(pairs[:, 1].tolist())
+    for j, i in pairs.tolist():
+        s_row, t_row = student.get(j, s_wanted), teacher.get(i, t_wanted)
+        if s_row is None or t_row is None:
+            raise RuntimeError(f"internal: no scores for aligned pair (student {j}, teacher {i})")
+        s_lp = s_row[None]
+        t_lp = _to_student_vocab(t_row[None], st.mapping, s_lp.shape[1])
+        s_lp = s_lp[:, :t_lp.shape[1]]
+        st.aligned += 1
+        st.agree += int(t_lp.argmax(-1).item() == s_row.argmax(-1).item())
+        p = t_lp.exp()
+        st.kl += torch.where(p > 0, p * (t_lp - s_lp), torch.zeros_like(p)).sum().item()
+
+
+def evaluate_paths(models: Sequence[str | os.PathLike], data: str | os.PathLike, *,
+                   teachers: Sequence[str | os.PathLike] = (), context: int | None = None,
+                   stride: int | None = None, batch_size: int = 8, device: str = "cpu",
+                   progress: bool = True) -> list[EvalReport]:
+    """Load each model folder and evaluate it on DATA (see :func:`load_eval_texts`), against each teacher."""
+    texts = load_eval_texts(data)
+    loaded_teachers = [(Path(t).name, *load_model(t, device)) for t in teachers]
+    reports = []
+    for path in models:
+        model, tokenizer = load_model(path, device)
+        reports.append(evaluate(model, tokenizer, texts, name=Path(path).name, teachers=loaded_teachers,
+                                context=context, stride=stride, batch_size=batch_size, device=device,
+                                progress=progress))
+    return reports
+
+
+def report_table(reports: Sequence[EvalReport]):
+    """A Rich table: one row per model; agreement and KL columns per teacher."""
+    from rich.table import Table
+
+    table = Table(title="evaluation (bits per byte: lower is better, comparable across tokenizers)")
+    for col in ("model", "bits/byte", "token ppl", "tokens", "bytes"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    teacher_names = list(dict.fromkeys(t.teacher for r in reports for t in r.teachers))
+    for t in teacher_names:
+        table.add_column(f"top-1 agree\n{t}", justify="right")
+        table.add_column(f"KL(T||S) nats\n{t}", justify="right")
+        table.add_column(f"aligned\n{t}", justify="right")
+    for r in reports:
+        row = [r.model, f"{r.bits_per_byte:.4f}", f"{r.token_perplexity:.2f}", f"{r.tokens:,}", f"{r.bytes:,}"]
+        by_name = {t.teacher: t for t in r.teachers}
+        for t in teacher_names:
+            m = by_name.get(t)
+            row += ["-"] * 3 if m is None else [f"{m.top1_agreement:.3f}", f"{m.kl_nats:.4f}",
+                                                 f"{m.aligned / max(1, m.positions):.1%}"]
+        table.add_row(*row)
+    return table

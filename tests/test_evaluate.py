@@ -1,0 +1,222 @@
+"""stillroom.evaluate: bits per byte against hand computations and naive references."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from stillroom.evaluate import evaluate, window_spans
+
+
+class CharTokenizer:
+    """One token per character of a fixed alphabet; id 0 is BOS (or no BOS at all)."""
+
+    def __init__(self, alphabet: str, bos: bool = True):
+        self.alphabet = alphabet
+        self.bos_token_id = 0 if bos else None
+        self.base = 1 if bos else 0
+
+    def __len__(self) -> int:
+        return len(self.alphabet) + self.base
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        assert add_special_tokens is False
+        return {"input_ids": [self.alphabet.index(c) + self.base for c in text]}
+
+
+class Bigram(torch.nn.Module):
+    """logits[t] = log_table[input_ids[t]]: the prediction depends on the current token only."""
+
+    def __init__(self, log_table: torch.Tensor):
+        super().__init__()
+        self.log_table = log_table
+
+    def forward(self, input_ids):
+        return SimpleNamespace(logits=self.log_table[input_ids])
+
+
+class Uniform(torch.nn.Module):
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, input_ids):
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
+
+
+def hand_bigram() -> Bigram:
+    # ids: 0 BOS, 1 'a', 2 'b'. Rows: the distribution after that token.
+    p = torch.tensor([
+        [0.0, 1 / 2, 1 / 2],  # after BOS: a 1/2 (1 bit)
+        [0.0, 3 / 4, 1 / 4],  # after a:   b 1/4 (2 bits)
+        [0.0, 7 / 8, 1 / 8],  # after b:   a 7/8, b 1/8 (3 bits)
+    ])
+    return Bigram(p.log())
+
+
+def test_window_spans_score_every_position_once():
+    for n in range(1, 40):
+        for context in (2, 3, 5, 8, 64):
+            for stride in range(1, context):
+                spans = window_spans(n, context, stride)
+                scored = [p for _, e, first in spans for p in range(first, e)]
+                assert scored == list(range(1, n))
+                assert all(e - s <= context and s < first for s, e, first in spans)
+
+
+def test_bits_per_byte_hand_computed():
+    # "abb": -log2 p(a|BOS) - log2 p(b|a) - log2 p(b|b) = 1 + 2 + 3 = 6 bits over 3 bytes.
+    r = evaluate(hand_bigram(), CharTokenizer("ab"), ["abb"])
+    assert r.nll_bits == pytest.approx(6.0, rel=1e-6)
+    assert r.bits_per_byte == pytest.approx(2.0, rel=1e-6)
+    assert r.tokens == 3 and r.bytes == 3 and r.first_token == "bos"
+    assert r.token_perplexity == pytest.approx(2 ** 2.0, rel=1e-6)  # 6 bits / 3 tokens = 2 bits per token
+
+
+def test_multibyte_text_counts_utf8_bytes():
+    # "éé" is 2 tokens but 4 UTF-8 bytes; after BOS: é 1/2 (1 bit); after é: é 1/4 (2 bits).
+    p = torch.tensor([[0.0, 1 / 2, 1 / 2], [0.0, 1 / 4, 3 / 4], [0.0, 1 / 2, 1 / 2]])
+    r = evaluate(Bigram(p.log()), CharTokenizer("éx"), ["éé"])
+    assert r.bytes == 4
+    assert r.bits_per_byte == pytest.approx(3 / 4, rel=1e-6)
+
+
+def test_same_bits_per_byte_whatever_the_windows():
+    torch.manual_seed(0)
+    model = Bigram(torch.log_softmax(torch.randn(4, 4) * 2, -1))
+    tok = CharTokenizer("abc")
+    gen = torch.Generator().manual_seed(1)
+    texts = ["".join("abc"[i] for i in torch.randint(0, 3, (n,), generator=gen)) for n in (1, 7, 50, 120)]
+    # Naive reference: every token predicted from the token before it (BOS for the first).
+    bits = 0.0
+    for t in texts:
+        ids = [0] + tok(t, add_special_tokens=False)["input_ids"]
+        bits -= sum(model.log_table[a, b].item() for a, b in zip(ids[:-1], ids[1:], strict=True)) / math.log(2)
+    expected = bits / sum(len(t) for t in texts)
+    for context, stride, batch in [(1024, 512, 8), (2, 1, 1), (5, 2, 3), (16, 15, 2), (64, 7, 100)]:
+        r = evaluate(model, tok, texts, context=context, stride=stride, batch_size=batch)
+        assert r.bits_per_byte == pytest.approx(expected, rel=1e-5), (context, stride, batch)
+        assert r.tokens == sum(len(t) for t in texts)
+
+
+def test_uniform_model_is_log2_vocab_per_token(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
+    texts = ["To be, or not to be, that is the question.", "Hark!\nWho goes there? — a knight, sirrah."]
+    r = evaluate(Uniform(len(tok)), tok, texts, context=8, stride=3)
+    n_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    n_bytes = sum(len(t.encode()) for t in texts)
+    assert r.tokens == n_tokens and r.bytes == n_bytes
+    assert r.bits_per_byte == pytest.approx(math.log2(len(tok)) * n_tokens / n_bytes, rel=1e-6)
+
+
+def test_without_bos_first_token_is_a_uniform_guess():
+    model = hand_bigram()
+    tok = CharTokenizer("ab", bos=True)
+    nobos = CharTokenizer("ab", bos=False)  # ids: a 0, b 1; same bigram rows shifted
+    p = torch.tensor([[3 / 4, 1 / 4], [7 / 8, 1 / 8]])
+    r = evaluate(Bigram(p.log()), nobos, ["abb"])
+    # first token: log2(2) = 1 bit (uniform over 2), then 2 + 3 bits, as with BOS above.
+    assert r.first_token == "uniform"
+    assert r.nll_bits == pytest.approx(6.0, rel=1e-6)
+    assert evaluate(model, tok, ["abb"]).nll_bits == pytest.approx(r.nll_bits, rel=1e-6)
+
+
+def test_real_model_matches_one_full_forward(tiny_models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tiny_models["gpt2-bpe"]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    text = "Now is the winter of our discontent made glorious summer by this sun of York."
+    ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits.float(), -1)[0, :-1]
+    nats = -lp.gather(1, ids[0, 1:, None]).sum().item()
+    r = evaluate(model, tok, [text])
+    assert r.bits_per_byte == pytest.approx(nats / math.log(2) / len(text.encode()), rel=1e-5)
+    # A shorter context changes the conditioning but still scores every token once.
+    short = evaluate(model, tok, [text], context=6, stride=2)
+    assert short.tokens == r.tokens and math.isfinite(short.bits_per_byte)
+
+
+def naive_teacher_metrics(student_lp: torch.Tensor, teacher_lp: torch.Tensor) -> tuple[float, float]:
+    """Rows are aligned already; KL(T||S) per row, averaged, and the top-1 match rate."""
+    kl = torch.nn.functional.kl_div(student_lp, teacher_lp, log_target=True, reduction="none").sum(-1)
+    agree = (student_lp.argmax(-1) == teacher_lp.argmax(-1)).double()
+    return agree.mean().item(), kl.mean().item()
+
+
+def test_teacher_metrics_same_tokenizer_windowed():
+    torch.manual_seed(0)
+    tok = CharTokenizer("abcd")
+    student = Bigram(torch.log_softmax(torch.randn(5, 5), -1))
+    teacher = Bigram(torch.log_softmax(torch.randn(5, 5) * 3, -1))
+    gen = torch.Generator().manual_seed(3)
+    texts = ["".join("abcd"[i] for i in torch.randint(0, 4, (n,), generator=gen)) for n in (3, 40, 101)]
+    s_rows, t_rows = [], []
+    for t in texts:
+        prev = [0] + tok(t, add_special_tokens=False)["input_ids"][:-1]
+        s_rows.append(student.log_table[prev])
+        t_rows.append(teacher.log_table[prev])
+    agree, kl = naive_teacher_metrics(torch.cat(s_rows), torch.cat(t_rows))
+    for context, stride in [(1024, 512), (4, 3), (7, 2)]:
+        r = evaluate(student, tok, texts, teachers=[("t", teacher, tok), ("t2", teacher, tok)],
+                     context=context, stride=stride, batch_size=2)
+        for m in r.teachers:
+            assert m.aligned == m.positions == sum(len(t) for t in texts)
+            assert m.top1_agreement == pytest.approx(agree, abs=1e-9)
+            assert m.kl_nats == pytest.approx(kl, rel=1e-5)
+
+
+def test_teacher_metrics_same_tokenizer_real_models(tiny_models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2-bpe"]).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2-bpe-teacher"]).eval()
+    texts = ["O Romeo, Romeo! wherefore art thou Romeo?", "Friends, Romans, countrymen, lend me your ears;"]
+    s_rows, t_rows = [], []
+    for t in texts:
+        ids = torch.tensor([[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            s_rows.append(torch.log_softmax(student(ids).logits, -1)[0, :-1])
+            t_rows.append(torch.log_softmax(teacher(ids).logits, -1)[0, :-1])
+    agree, kl = naive_teacher_metrics(torch.cat(s_rows), torch.cat(t_rows))
+    r = evaluate(student, tok, texts, teachers=[("teacher", teacher, tok)])
+    (m,) = r.teachers
+    assert m.aligned == m.positions == r.tokens
+    assert m.top1_agreement == pytest.approx(agree, abs=1e-9)
+    assert m.kl_nats == pytest.approx(kl, rel=1e-4)
+
+
+def test_cli_eval_json(tiny_models, tmp_path):
+    from typer.testing import CliRunner
+
+    from stillroom.cli import app
+
+    data = tmp_path / "texts"
+    data.mkdir()
+    (data / "a.txt").write_text("Is this a dagger which I see before me?")
+    (data / "b.txt").write_text("Out, damned spot! out, I say!")
+    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_models["gpt2-bpe"]), "--data", str(data),
+                                   "--teacher", str(tiny_models["gpt2-bpe-teacher"]), "--json"])
+    assert res.exit_code == 0, res.output
+    (report,) = json.loads(res.stdout)
+    assert report["bytes"] == len(b"Is this a dagger which I see before me?") + len(b"Out, damned spot! out, I say!")
+    assert report["texts"] == 2 and report["first_token"] == "bos"
+    assert report["teachers"][0]["teacher"] == "gpt2-bpe-teacher"
+    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_models["gpt2-bpe"]), "--data", str(data)])
+    assert res.exit_code == 0 and "bits/byte" in res.output
+
+
+def test_bad_input_is_named():
+    with pytest.raises(TypeError, match="list of strings"):
+        evaluate(hand_bigram(), CharTokenizer("ab"), "ab")
+    with pytest.raises(ValueError, match="stride"):
+        evaluate(hand_bigram(), CharTokenizer("ab"), ["ab"], context=4, stride=4)
