@@ -434,6 +434,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def _shard_done(out: Path, name: str) -> bool:
+    """A shard is done when its sidecar exists and the file matches the sidecar's sha256 (a corrupt or
+    missing shard is rebuilt by rerunning the command)."""
+    side, path = out / (name + ".json"), out / name
+    if not side.exists():
+        return False
+    if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == json.loads(side.read_text())["sha256"]:
+        return True
+    side.unlink()
+    return False
+
+
 def _shard_name(i: int, n: int) -> str:
     return f"shard-{i:05d}-of-{n:05d}.parquet"
 
@@ -495,7 +507,7 @@ def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_s
     _check_plan(json.loads(plan_path.read_text()), plan, out)
 
     mine = [i for i in range(n_shards) if i % world_size == rank]
-    todo = [i for i in mine if not (out / (_shard_name(i, n_shards) + ".json")).exists()]
+    todo = [i for i in mine if not _shard_done(out, _shard_name(i, n_shards))]
     for i in mine:  # leftovers of a killed run
         for tmp in out.glob(f".{_shard_name(i, n_shards)}*.tmp.*"):
             tmp.unlink(missing_ok=True)
@@ -534,7 +546,8 @@ def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_s
             name = _shard_name(i, n_shards)
             _atomic_write(out / name, blob)
             kl = np.concatenate(kls) if kls else np.zeros(0)
-            side = {"name": name, "rows": len(recs), "tokens": tokens, "bytes": len(blob),
+            entry_bytes = sum(len(r["topk_ids"]) + len(r["topk_codes"]) for r in recs)
+            side = {"name": name, "rows": len(recs), "tokens": tokens, "bytes": len(blob), "entry_bytes": entry_bytes,
                     "sha256": hashlib.sha256(blob).hexdigest(), "kl_sum": float(kl.sum()),
                     "kl_max": float(kl.max()) if kl.size else 0.0, "max_abs_logprob_err": max_err}
             _atomic_write(out / (name + ".json"), json.dumps(side, indent=1).encode())
@@ -567,6 +580,7 @@ def _maybe_merge(out: Path, plan: dict) -> dict | None:
     totals = {"rows": sum(s["rows"] for s in sides), "tokens": tokens, "bytes": nbytes,
               "bytes_per_token": nbytes / max(tokens, 1),
               "bytes_per_entry": nbytes / max(tokens * plan["top_k"], 1),
+              "payload_bytes_per_entry": sum(s["entry_bytes"] for s in sides) / max(tokens * plan["top_k"], 1),
               "kl_mean": sum(s["kl_sum"] for s in sides) / max(tokens, 1),
               "kl_max": max(s["kl_max"] for s in sides),
               "max_abs_logprob_err": max(s["max_abs_logprob_err"] for s in sides)}
@@ -673,7 +687,11 @@ class CachedTeacher:
             p = self.dir / s["name"]
             if not p.exists():
                 raise FileNotFoundError(f"cache shard {p} is missing; run `stillroom cache --verify {self.dir}`")
-            t = pq.read_table(p, columns=["id", "text_sha"])
+            try:
+                t = pq.read_table(p, columns=["id", "text_sha"])
+            except Exception as e:
+                raise ValueError(f"cache shard {p} is unreadable ({e}); run `stillroom cache --verify "
+                                 f"{self.dir}` and rerun the cache command to rebuild it") from None
             for r, (eid, sha) in enumerate(zip(t.column("id").to_pylist(), t.column("text_sha").to_pylist(), strict=True)):
                 self._index[eid] = (si, r, sha)
         self._open: OrderedDict[int, object] = OrderedDict()
