@@ -1,0 +1,228 @@
+"""Training recipes: a YAML file validated by pydantic before anything heavy loads.
+
+A bad key or value fails with a message naming the key (``loss.kind``) and the allowed values. Paths are
+resolved relative to the recipe file; ``pkg:default/...`` names a path inside the installed package's
+``stillroom/data`` (the embedded default). ``key=value`` overrides use dotted keys and YAML values:
+``train.max_steps=20``, ``teachers.0.path=/models/t``, ``fusion.method=avg_ce``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PACKAGE_DATA = Path(__file__).parent / "data"
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "soft_ce")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherSpec(_Strict):
+    path: str = Field(description="Hugging Face model folder of the teacher (model + tokenizer)")
+    cache: str | None = Field(None, description="offline cache folder (stillroom cache) instead of running it")
+    name: str | None = None
+
+
+class DataSpec(_Strict):
+    train: str = Field(description="DATA: text file, folder of .txt, .jsonl with 'text', or datasets folder")
+    eval: str | None = None
+    text_field: str = "text"
+    seq_len: int = Field(128, ge=4, le=65536)
+    add_bos: bool = True
+    max_blocks: int | None = Field(None, ge=1)
+
+
+class LossSpec(_Strict):
+    kind: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "soft_ce",
+                  "emo"] = "forward_kl"
+    ce_weight: float = Field(0.9, ge=0.0, le=1.0, description="λ in λ·CE + (1−λ)·D")
+    temperature: float = Field(1.0, gt=0.0)
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    alpha: float = Field(0.1, ge=0.0, le=1.0)
+    chunk_size: int | None = Field(None, ge=1, description="rows per loss chunk (default: automatic)")
+    emo_mode: Literal[1, 2] | None = Field(1, description="EMO only: 1 or 2 (EMO + MLE as in the paper), null = EMO alone")
+    emo_cost: Literal["fixed", "adaptive"] = Field("fixed", description="EMO only: cost embedding")
+
+
+class FusionSpec(_Strict):
+    method: Literal["min_ce", "avg_ce", "mean"] = "min_ce"
+    level: Literal["sequence", "token"] = "sequence"
+    top_k: int = Field(10, ge=1, description="teacher top-k kept per position")
+    weight_temperature: float = Field(1.0, gt=0.0)
+    projection: Literal["onehot", "bytes", "none"] = Field(
+        "onehot", description="fallback for inexact alignments; 'none' = teachers must share the student tokenizer")
+
+
+class TrainSpec(_Strict):
+    output_dir: str = "runs/train"
+    max_steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = Field(1.0, ge=0.0, description="0 disables clipping")
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "sgd", "adafactor"] = "adamw_torch"
+    seed: int = 0
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: at the end only)")
+    save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (default: none)")
+    save_total_limit: int | None = Field(2, ge=1)
+    resume: bool | str = Field(False, description="true = latest checkpoint in output_dir, or a checkpoint path")
+    report_to: list[str] = Field(default_factory=list, description="e.g. ['tensorboard'] or ['wandb']")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    progress: bool = True
+    plot: bool = True
+
+
+class Recipe(_Strict):
+    """A full training recipe. See recipes/*.yaml and docs/training.md."""
+
+    name: str = "stillroom-train"
+    student: str = Field(description="student folder: a Hugging Face model (model + tokenizer), or only a "
+                                     "tokenizer when student_config is given")
+    student_config: dict | None = Field(None, description="build the student from scratch with this config "
+                                        "(e.g. {model_type: gpt2, n_layer: 2, n_embd: 128, n_head: 4}); "
+                                        "vocabulary and special ids come from the student tokenizer")
+    from_scratch: bool = Field(False, description="re-initialise the student's weights from its config.json")
+    teachers: list[TeacherSpec] = Field(default_factory=list)
+    data: DataSpec
+    loss: LossSpec = Field(default_factory=LossSpec)
+    fusion: FusionSpec = Field(default_factory=FusionSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        p = Path(self.student)
+        if self.student_config is None:
+            _check_model_dir(self.student, "student")
+        elif not p.is_dir() or not ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
+            raise ValueError(f"student: {self.student} holds no tokenizer (tokenizer.json); with student_config "
+                             "the student folder must at least hold the student's tokenizer")
+        if self.student_config is not None and "model_type" not in self.student_config:
+            raise ValueError("student_config: needs model_type (e.g. gpt2, llama) and that model's config keys")
+        for i, t in enumerate(self.teachers):
+            _check_model_dir(t.path, f"teachers.{i}.path")
+            if t.cache is not None and not Path(t.cache).is_dir():
+                raise ValueError(f"teachers.{i}.cache: {t.cache} is not a folder (build it with `stillroom cache`)")
+        if not Path(self.data.train).exists():
+            raise ValueError(f"data.train: {self.data.train} does not exist")
+        if self.data.eval is not None and not Path(self.data.eval).exists():
+            raise ValueError(f"data.eval: {self.data.eval} does not exist")
+        if self.loss.kind == "emo":
+            if self.teachers:
+                raise ValueError("loss.kind: 'emo' trains without teachers; remove `teachers` or pick a "
+                                 f"divergence ({', '.join(DIVERGENCES)})")
+        elif not self.teachers and self.loss.ce_weight != 1.0:
+            raise ValueError("loss.ce_weight: with no teachers it must be 1.0 (plain CE); add teachers or set "
+                             "loss.ce_weight=1.0")
+        return self
+
+
+def _check_model_dir(path: str, key: str) -> None:
+    p = Path(path)
+    if not p.is_dir() or not (p / "config.json").exists():
+        raise ValueError(f"{key}: {path} is not a Hugging Face model folder (no config.json); "
+                         "point it at a folder saved with save_pretrained")
+
+
+def _resolve(value: str | None, base: Path) -> str | None:
+    if value is None:
+        return None
+    if value.startswith("pkg:"):
+        return str(PACKAGE_DATA / value[4:])
+    p = Path(os.path.expanduser(value))
+    return str(p if p.is_absolute() else (base / p))
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message names every bad key."""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (YAML-parsed values; list items by index) to a raw recipe dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like key=value (e.g. train.max_steps=20)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for j, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit():
+                    raise RecipeError(f"override {item!r}: {'.'.join(parts[:j])} is a list; use an index")
+                while len(node) <= int(part):
+                    node.append({})
+                node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: {'.'.join(parts[:j])} is not a mapping")
+            if part not in node or node[part] is None:
+                node[part] = [] if parts[j + 1].isdigit() else {}
+            node = node[part]
+        last = parts[-1]
+        parsed = yaml.safe_load(value) if value != "" else None
+        if isinstance(node, list):
+            idx = int(last)
+            while len(node) <= idx:
+                node.append({})
+            node[idx] = parsed
+        else:
+            node[last] = parsed
+    return raw
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"got {e.get('input')!r}; {msg.lower()}"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, resolve paths and validate a recipe (YAML path or dict). Loads no model."""
+    if isinstance(source, dict):
+        raw, base, name = dict(source), Path.cwd(), "<dict>"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"recipe {path} does not exist")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise RecipeError(f"recipe {path}: the top level must be a mapping of keys")
+        base, name = path.resolve().parent, str(path)
+    import copy
+
+    raw = apply_overrides(copy.deepcopy(raw), list(overrides))
+    # Resolve paths before validation (so existence checks see real paths).
+    if isinstance(raw.get("student"), str):
+        raw["student"] = _resolve(raw["student"], base)
+    for t in raw.get("teachers") or []:
+        if isinstance(t, dict):
+            for k in ("path", "cache"):
+                if isinstance(t.get(k), str):
+                    t[k] = _resolve(t[k], base)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for k in ("train", "eval"):
+            if isinstance(data.get(k), str):
+                data[k] = _resolve(data[k], base)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_format_error(e, name)) from None

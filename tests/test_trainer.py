@@ -1,0 +1,336 @@
+"""DistillTrainer, recipes and `stillroom train`, on the tiny fixture models (few steps, short sequences)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stillroom.recipe import RecipeError, load_recipe
+from stillroom.testing import corpus_texts
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+SEQ = 48
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("train-data")
+    (d / "train.txt").write_text(corpus_texts("train")[0][:12000], encoding="utf-8")
+    (d / "val.txt").write_text(corpus_texts("validation")[0][:1500], encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="module")
+def nodrop_student(tiny_models, tmp_path_factory) -> Path:
+    """The fixture student with dropout off, so runs with different micro-batching are comparable."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("nodrop")
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2-bpe"])
+    model.config.update({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"]).save_pretrained(out)
+    return out
+
+
+def _base(tiny_models, data_dir, out, teachers=("gpt2-bpe-teacher",), **extra) -> dict:
+    raw = {
+        "student": str(tiny_models["gpt2-bpe"]),
+        "teachers": [{"path": str(tiny_models[t])} for t in teachers],
+        "data": {"train": str(data_dir / "train.txt"), "seq_len": SEQ},
+        "train": {"output_dir": str(out), "max_steps": 3, "batch_size": 4, "logging_steps": 1,
+                  "progress": False, "plot": False, "lr": 1e-3, "lr_scheduler": "constant"},
+    }
+    for k, v in extra.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
+    return raw
+
+
+def _losses(history) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+def test_blocks_are_raw_text_spans_that_retokenize_to_the_student_ids(tiny_models):
+    from transformers import AutoTokenizer
+
+    from stillroom.trainer import make_blocks
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
+    text = corpus_texts("train")[1][:5000]
+    blocks = make_blocks([("doc", text)], tok, SEQ)
+    assert len(blocks) > 5
+    pos = 0
+    for i, b in enumerate(blocks):
+        assert b.example_id == f"doc#{i}"
+        assert 2 <= len(b.input_ids) <= SEQ
+        assert b.input_ids[0] == tok.bos_token_id
+        assert b.input_ids[1:] == tok(b.text, add_special_tokens=False)["input_ids"]
+        at = text.index(b.text, pos)  # blocks are in order and only whitespace lies between them
+        assert text[pos:at].strip() == ""
+        pos = at + len(b.text)
+    assert text[pos:].strip() == ""
+    # Nearly full: a block ends at the last whitespace before the token budget runs out.
+    assert sum(len(b.input_ids) for b in blocks[:-1]) / (len(blocks) - 1) >= 0.85 * SEQ
+
+
+# --- recipes ------------------------------------------------------------------------------------------------
+
+
+def test_bad_recipes_fail_fast_naming_the_key(tiny_models, data_dir, tmp_path):
+    ok = _base(tiny_models, data_dir, tmp_path / "o")
+    with pytest.raises(RecipeError, match=r"trian: unknown key"):
+        load_recipe({**ok, "trian": {}})
+    with pytest.raises(RecipeError, match=r"fusion.method: got 'max'.*'min_ce', 'avg_ce' or 'mean'"):
+        load_recipe(ok, ["fusion.method=max"])
+    with pytest.raises(RecipeError, match=r"teachers.0.path: .*nope.* not a Hugging Face model folder"):
+        load_recipe(ok, [f"teachers.0.path={tmp_path / 'nope'}"])
+    with pytest.raises(RecipeError, match=r"train.max_steps"):
+        load_recipe(ok, ["train.max_steps=0"])
+    with pytest.raises(RecipeError, match=r"data.train: .* does not exist"):
+        load_recipe(ok, ["data.train=/no/such/file.txt"])
+    with pytest.raises(RecipeError, match=r"override 'oops' must look like key=value"):
+        load_recipe(ok, ["oops"])
+
+
+def test_tokenizer_mismatch_without_projection_fails_before_models_load(tiny_models, data_dir, tmp_path):
+    from stillroom.trainer import check_recipe
+
+    r = load_recipe(_base(tiny_models, data_dir, tmp_path, teachers=("llama-spm",)), ["fusion.projection=none"])
+    with pytest.raises(ValueError, match=r"teachers.0.path: .*different tokenizer.*fusion.projection"):
+        check_recipe(r)
+    # Same tokenizer with projection disabled is fine.
+    check_recipe(load_recipe(_base(tiny_models, data_dir, tmp_path), ["fusion.projection=none"]))
+
+
+def test_cache_built_for_another_teacher_is_rejected(tiny_models, data_dir, tmp_path):
+    from stillroom.cache import OnlineTeacher, write_cache
+    from stillroom.trainer import check_recipe
+
+    cache = tmp_path / "cache"
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "a", "text": "To be or not to be."}) + "\n")
+    write_cache(OnlineTeacher(str(tiny_models["gpt2-bpe"]), top_k=4), tmp_path / "d.jsonl", cache, progress=False)
+    raw = _base(tiny_models, data_dir, tmp_path / "o")
+    raw["teachers"][0]["cache"] = str(cache)  # the cache is the student's, not this teacher's
+    with pytest.raises(ValueError, match=r"teachers.0.cache: .*another teacher"):
+        check_recipe(load_recipe(raw))
+
+
+@pytest.mark.parametrize("name", ["kd-same-tokenizer", "kd-cross-tokenizer", "fusellm-two-teachers",
+                                  "emo-finetune"])
+def test_shipped_recipes_validate_and_run_a_few_steps(name, tiny_models, data_dir, tmp_path):
+    from stillroom.trainer import train
+
+    r = load_recipe(RECIPES / f"{name}.yaml")  # as shipped: points at the embedded default
+    assert r.name == name
+    teachers = {"kd-same-tokenizer": ["gpt2-bpe-teacher"], "kd-cross-tokenizer": ["llama-spm"],
+                "fusellm-two-teachers": ["gpt2-bpe-teacher", "llama-spm"], "emo-finetune": []}[name]
+    over = [f"student={tiny_models['gpt2-bpe']}", "student_config=null", f"data.train={data_dir / 'train.txt'}",
+            f"data.eval={data_dir / 'val.txt'}", f"data.seq_len={SEQ}", "data.max_blocks=8",
+            f"train.output_dir={tmp_path / 'out'}", "train.max_steps=2", "train.batch_size=2",
+            "train.eval_steps=2", "train.save_steps=null", "train.progress=false", "train.logging_steps=1"]
+    over += [f"teachers.{i}.path={tiny_models[t]}" for i, t in enumerate(teachers)]
+    result = train(RECIPES / f"{name}.yaml", over)
+    out = Path(result.output_dir)
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    card = (out / "README.md").read_text()
+    assert name in card and "eval_bpb" in card
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in x for x in lines) and any("eval_bpb" in x for x in lines)
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert all(math.isfinite(x["loss"]) for x in lines if "loss" in x)
+
+
+# --- the loss -----------------------------------------------------------------------------------------------
+
+
+def _trainer(tiny_models, data_dir, out, teachers=("gpt2-bpe-teacher",), overrides=()):
+    """A DistillTrainer built by train()'s own pieces, without training."""
+    from transformers import AutoTokenizer
+
+    from stillroom import trainer as T
+
+    r = load_recipe(_base(tiny_models, data_dir, out, teachers), list(overrides))
+    toks = T.check_recipe(r)
+    tok = AutoTokenizer.from_pretrained(r.student)
+    blocks = T.make_blocks([("x", (data_dir / "train.txt").read_text())], tok, SEQ)
+    student = T.load_student(r, tok)
+    ls = r.loss
+    return T.DistillTrainer(
+        model=student, args=T.training_arguments(r, False), train_dataset=T.BlockDataset(blocks),
+        data_collator=T.BlockCollator(tok, SEQ), teachers=T.build_teachers(r, toks),
+        loss=T.LossConfig(ls.kind, ls.ce_weight, ls.temperature, ls.beta, ls.alpha),
+        fusion=T.FusionConfig(r.fusion.method, r.fusion.level)), blocks
+
+
+def test_one_same_tokenizer_teacher_with_min_ce_is_plain_kd(tiny_models, data_dir, tmp_path):
+    """Fused loss == hand-written KD: dense student logits, teacher top-10 renormalised-free, CE + KL."""
+    from transformers import AutoModelForCausalLM
+
+    trainer, blocks = _trainer(tiny_models, data_dir, tmp_path)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    batch["input_ids"][2, 30:] = trainer.data_collator.pad_id  # a padded row
+    batch["attention_mask"][2, 30:] = 0
+    batch["labels"][2, 30:] = -100
+    model = trainer.model.train()
+    for m in model.modules():  # deterministic forwards (the fixture GPT-2 has dropout 0.1)
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    got = trainer.compute_loss(model, batch)
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2-bpe-teacher"]).eval()
+    with torch.no_grad():
+        t_logp = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
+    s_logp = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
+    lam, total, n = 0.9, 0.0, 0
+    for b in range(3):
+        for j in range(SEQ - 1):
+            y = int(batch["labels"][b, j + 1])
+            if y == -100:
+                continue
+            ce = -s_logp[b, j, y]
+            top = t_logp[b, j].topk(10)
+            p = top.values.exp()
+            tail = 1 - p.sum()
+            q = s_logp[b, j].exp()
+            q_top = q[top.indices]
+            kl = (p * (top.values - q_top.log())).sum() + tail * (tail.log() - (1 - q_top.sum()).log())
+            total = total + lam * ce + (1 - lam) * kl
+            n += 1
+    torch.testing.assert_close(got, total / n, atol=1e-4, rtol=1e-4)
+
+
+def test_loss_decreases_on_a_repeated_batch(tiny_models, data_dir, tmp_path):
+    trainer, _ = _trainer(tiny_models, data_dir, tmp_path)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model = trainer.model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = trainer.compute_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_grad_accumulation_1x4_equals_4x1(tiny_models, nodrop_student, data_dir, tmp_path):
+    """One SGD step from 4 blocks of unequal lengths: batch 4 × accum 1 and batch 1 × accum 4 agree."""
+    from stillroom.trainer import train
+
+    common = ["train.max_steps=1", "train.optimizer=sgd", "train.max_grad_norm=0", "train.lr=0.5",
+              "data.max_blocks=4", "train.seed=3", "loss.ce_weight=0.5"]
+    data = tmp_path / "uneven.txt"  # lines of very different lengths -> blocks with different token counts
+    data.write_text("\n".join(t[:n] for t, n in zip(corpus_texts("train")[:4], (900, 120, 60, 400),
+                                                    strict=True)), encoding="utf-8")
+    raw = _base(tiny_models, data_dir, tmp_path / "a")
+    raw["student"] = str(nodrop_student)
+    raw["data"]["train"] = str(data)
+    a = train(load_recipe(raw, common + ["train.batch_size=4", "train.grad_accum=1"]))
+    raw["train"]["output_dir"] = str(tmp_path / "b")
+    b = train(load_recipe(raw, common + ["train.batch_size=1", "train.grad_accum=4"]))
+    pa, pb = _params(a.model), _params(b.model)
+    from transformers import AutoModelForCausalLM
+
+    p0 = _params(AutoModelForCausalLM.from_pretrained(tiny_models["gpt2-bpe"]))
+    moved = max((pa[k] - p0[k]).abs().max().item() for k in pa)
+    assert moved > 1e-3  # the step did something
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=2e-6, rtol=1e-4)
+
+
+def test_resume_matches_uninterrupted_run(tiny_models, nodrop_student, data_dir, tmp_path):
+    from stillroom.trainer import train
+
+    raw = _base(tiny_models, data_dir, tmp_path / "full")
+    raw["student"] = str(nodrop_student)
+    full = train(load_recipe(raw, ["train.max_steps=6", "train.save_steps=3", "train.lr_scheduler=cosine"]))
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "part" / "checkpoint-3")
+    raw["train"]["output_dir"] = str(tmp_path / "part")
+    resumed = train(load_recipe(raw, ["train.max_steps=6", "train.save_steps=3", "train.lr_scheduler=cosine",
+                                      "train.resume=true"]))
+    lf, lr = _losses(full.history), _losses(resumed.history)
+    assert sorted(lr) == list(range(1, 7))
+    for step in (4, 5, 6):
+        assert lr[step] == pytest.approx(lf[step], rel=1e-5, abs=1e-6)
+    pf, pr = _params(full.model), _params(resumed.model)
+    for k in pf:
+        torch.testing.assert_close(pf[k], pr[k], atol=1e-6, rtol=1e-5)
+
+
+# --- CLI and DDP --------------------------------------------------------------------------------------------
+
+
+def test_cli_train_check_and_bad_override(tiny_models, data_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from stillroom.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_base(tiny_models, data_dir, tmp_path / "o")))
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(recipe), "--check"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["train", str(recipe), "loss.kind=kl"])
+    assert res.exit_code == 2 and "loss.kind" in res.output and "forward_kl" in res.output
+    res = runner.invoke(app, ["train", str(recipe), "train.max_steps=2"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o" / "model.safetensors").exists()
+    blocks = tmp_path / "blocks.jsonl"
+    res = runner.invoke(app, ["train", str(recipe), "--export-blocks", str(blocks)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in blocks.read_text().splitlines()]
+    assert rows[0]["id"].endswith("#0") and rows[0]["text"]
+
+
+DDP_SCRIPT = """
+import hashlib, os, sys
+import torch
+from stillroom.trainer import train
+r = train(sys.argv[1], sys.argv[2:])
+h = hashlib.sha256()
+for k, v in sorted(r.model.state_dict().items()):
+    h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+out = os.path.join(os.path.dirname(sys.argv[1]), f"rank{os.environ['RANK']}.sha")
+open(out, "w").write(h.hexdigest())
+"""
+
+
+def test_two_process_ddp_on_cpu_ends_with_identical_weights(tiny_models, data_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_base(tiny_models, data_dir, tmp_path / "o")))
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(recipe), "train.max_steps=3", "train.batch_size=2"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    h0, h1 = (tmp_path / "rank0.sha").read_text(), (tmp_path / "rank1.sha").read_text()
+    assert h0 == h1
+    from transformers import AutoModelForCausalLM
+
+    p0 = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2-bpe"]).state_dict()
+    h = hashlib.sha256()
+    for k, v in sorted(p0.items()):
+        h.update(k.encode())
+        h.update(v.detach().contiguous().numpy().tobytes())
+    assert h.hexdigest() != h0  # trained
