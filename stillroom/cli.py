@@ -217,6 +217,68 @@ def eval_(
         console.print(report_table(reports))
 
 
+# --- vocab-map --------------------------------------------------------------------------------------------
+def _vocab_tokenizer(name: str):
+    """A tokenizer folder, or a name under ../shared/tokenizers, loaded offline as a fast tokenizer."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from stillroom.testing import shared_dir
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(name)
+    if not path.is_dir():
+        shared = shared_dir()
+        if shared is not None and (shared / "tokenizers" / name).is_dir():
+            path = shared / "tokenizers" / name
+        else:
+            raise typer.BadParameter(f"{name!r} is neither a tokenizer folder nor a name in ../shared/tokenizers")
+    return AutoTokenizer.from_pretrained(path)
+
+
+@app.command("vocab-map")
+def vocab_map(
+    source: str = typer.Option(..., help="Source tokenizer: a folder with tokenizer.json, or a name in ../shared/tokenizers."),
+    target: str = typer.Option(..., help="Target tokenizer (same forms)."),
+    out: Path = typer.Option(..., help="Output file (.safetensors), keyed by both tokenizers' hashes."),
+    json_out: bool = typer.Option(False, "--json", help="Print the coverage summary as JSON instead of a table."),
+) -> None:
+    """Map every source token to the target token with the same bytes, else the minimum byte edit distance."""
+    import json
+    import time
+
+    from rich.table import Table
+
+    from stillroom.tokens import TokenTable
+    from stillroom.vocab import VocabMap
+
+    src_table = TokenTable.from_tokenizer(_vocab_tokenizer(source))
+    tgt_table = TokenTable.from_tokenizer(_vocab_tokenizer(target))
+    start = time.perf_counter()
+    vmap = VocabMap.build(src_table, tgt_table, progress=not json_out)
+    seconds = time.perf_counter() - start
+    vmap.save(out)
+    stats = dict(vmap.stats(), seconds=round(seconds, 2), out=str(out))
+    if json_out:
+        print(json.dumps(stats))
+        return
+    table = Table(title=f"vocabulary map {source} -> {target}")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("source / target vocabulary", f"{stats['source_vocab']:,} / {stats['target_vocab']:,}")
+    table.add_row("ordinary source tokens", f"{stats['ordinary']:,}")
+    table.add_row("exact byte match", f"{stats['exact']:,} ({stats['exact_pct']:.1f}%)")
+    table.add_row("distance 1 / 2 / 3+", f"{stats['distance_1']:,} / {stats['distance_2']:,} / {stats['distance_3_plus']:,}")
+    table.add_row("mean distance (all / inexact)", f"{stats['mean_distance']:.3f} / {stats['mean_distance_inexact']:.3f}")
+    table.add_row("max distance", str(stats["max_distance"]))
+    table.add_row("special tokens mapped", f"{stats['special_mapped']} of {stats['special']}")
+    table.add_row("unmapped (valid=False)", f"{stats['unmapped']:,}")
+    table.add_row("build time", f"{seconds:.1f} s")
+    console.print(table)
+    console.print(f"saved {out}")
+
+
 def main() -> None:
     app()
 
