@@ -1,0 +1,327 @@
+"""Token healing: quality (does the continuation of a prompt cut mid-word come out right?) and speed.
+
+    flock /tmp/stillroom-heavy.lock python -m bench.healing                  # everything
+    python -m bench.healing --only speed --speed-prompts 10                  # a subset
+
+Quality. A small GPT-2 is trained on the shipped corpus' train split with a byte-level BPE of 8,192 tokens
+(``--train-seconds``, cached under ``runs/bench-healing/`` so reruns skip it). Held-out text (the test
+split) is cut at random character positions; each prompt is the 300 characters before the cut. Greedy
+continuations are scored by
+
+- next-word match: the generated text reproduces the true text through the end of the next word (the rest
+  of the cut word, or the next word when the cut falls between words);
+- log-likelihood (nats) of the true next 32 characters: unhealed, the prompt's ids then the continuation's
+  own tokenization; healed, the canonical tokenization of the backed-off bytes + continuation after the kept
+  ids, with the steps that reproduce the backed-off bytes renormalised over the allowed tokens, as
+  generation does. (transformers' healing is a soft logit bias and defines no likelihood: match rate only.)
+
+for: unhealed, stillroom healing, and transformers' ``generate(token_healing=True)``.
+
+Speed. Per-prompt overhead = median over prompts of (time of healed generation - time of plain generation),
+8 new tokens, batch 1, a tiny GPT-2 with the tokenizer's vocabulary (so the model is cheap and the healing
+machinery dominates), for the gpt2, llama3 and qwen2.5 vocabularies; peer: transformers' token healing
+(which rebuilds a prefix trie of the vocabulary on every call). Also: the one-time index build per tokenizer,
+and the healing machinery alone (``prepare`` + the logits processor's calls). torch runs on one thread for the
+timings (the benchmark machine is shared; multi-threaded small ops there are noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from bench.common import machine, print_table, summary  # noqa: E402
+
+RUN_DIR = Path("runs/bench-healing")
+WORD = re.compile(r"\s*(\w+|[^\w\s]+)")
+
+
+# ------------------------------------------------------------------------------------------------ model
+def trained_model(train_seconds: float, vocab_size: int = 8192):
+    """A GPT-2 trained for ``train_seconds`` on the train split (cached on disk by its settings)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from stillroom.testing import corpus_texts, save_pair, train_byte_bpe
+
+    folder = RUN_DIR / f"gpt2-v{vocab_size}-t{int(train_seconds)}"
+    if (folder / "model.safetensors").exists():
+        return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder), folder
+    texts = corpus_texts("train")
+    chunks = [t[i:i + 4000] for t in texts for i in range(0, len(t), 4000)]
+    tok = train_byte_bpe(chunks, vocab_size=vocab_size)
+    ids = torch.tensor([i for t in texts for i in tok(t)["input_ids"] + [tok.eos_token_id]])
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_layer=4, n_embd=192, n_head=4, n_positions=256,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = GPT2LMHeadModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
+    ctx, bs, step, t0 = 128, 16, 0, time.perf_counter()
+    while time.perf_counter() - t0 < train_seconds:
+        starts = torch.randint(0, len(ids) - ctx - 1, (bs,))
+        x = torch.stack([ids[s:s + ctx] for s in starts])
+        lr = 2e-3 * min(1.0, (step + 1) / 100) * max(0.1, 1 - (time.perf_counter() - t0) / train_seconds)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 200 == 0:
+            print(f"  train step {step}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(f"  trained {step} steps of {bs}x{ctx} tokens in {train_seconds:.0f}s; last loss {loss.item():.3f}")
+    model.eval()
+    save_pair(model, tok, folder)
+    return model, tok, folder
+
+
+# ------------------------------------------------------------------------------------------------ quality
+def _next_word_end(text: str, cut: int) -> int | None:
+    m = WORD.match(text, cut)
+    return m.end() if m else None
+
+
+def _matches(full: str, truth: str) -> bool:
+    """``full`` reproduces ``truth`` and the word ends where it ends in the true text."""
+    if not full.startswith(truth):
+        return False
+    nxt = full[len(truth):len(truth) + 1]
+    return not (nxt and truth[-1:].isalnum() and (nxt.isalnum() or nxt == "_"))
+
+
+def _logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+def healed_loglik(model, tok, prompt: str, cont: str) -> float | None:
+    from stillroom.healing import prepare
+
+    batch = prepare(tok, prompt)
+    kept = batch.input_ids[0].tolist()
+    full = tok(prompt + cont, add_special_tokens=False)["input_ids"]
+    if batch.backed_off[0] == 0:
+        return unhealed_loglik(model, tok, prompt, cont)
+    if full[:len(kept)] != kept:
+        return None  # the canonical tokenization of prompt + continuation changes before the backed-off tail
+    tail = full[len(kept):]
+    lp = _logprobs(model, kept + tail)
+    r, used, total = batch.removed[0], 0, 0.0
+    for j, t in enumerate(tail):
+        row = lp[len(kept) - 1 + j]
+        if used < len(r):
+            allowed = batch.index.allowed(r[used:])
+            total += (row[t] - torch.logsumexp(row[allowed], 0)).item()
+            used += len(batch.index.token_bytes[t])
+        else:
+            total += row[t].item()
+    return total
+
+
+def unhealed_loglik(model, tok, prompt: str, cont: str) -> float:
+    p = tok(prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+    c = tok(cont, add_special_tokens=False)["input_ids"]
+    lp = _logprobs(model, p + c)
+    return sum(lp[len(p) - 1 + j, t].item() for j, t in enumerate(c))
+
+
+def tf_heal_generate(model, tok, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """transformers' ``generate(token_healing=True)``, done in its two steps.
+
+    ``generate`` builds the attention mask before ``heal_tokens`` strips and re-tokenizes the prompt, so any
+    prompt whose length changes (one ending in whitespace) crashes with a shape mismatch in 5.23; calling
+    ``heal_tokens`` first, as ``generate`` does internally, avoids that and costs the same.
+    """
+    healed = model.heal_tokens(ids, tokenizer=tok)
+    return model.generate(healed, attention_mask=torch.ones_like(healed), max_new_tokens=new, do_sample=False,
+                          pad_token_id=tok.pad_token_id, eos_token_id=None)
+
+
+def quality(model, tok, n_prompts: int, seed: int = 0) -> dict:
+    from stillroom.healing import generate, prepare
+    from stillroom.testing import corpus_texts
+
+    text = corpus_texts("test")[0]
+    rng = random.Random(seed)
+    cuts = []
+    while len(cuts) < n_prompts:
+        c = rng.randrange(400, len(text) - 100)
+        end = _next_word_end(text, c)
+        if end is not None and end - c <= 40:
+            cuts.append((c, end))
+    prompts = [text[c - 300:c] for c, _ in cuts]
+    truths = [text[c - 300:end] for c, end in cuts]
+    # which cuts fall inside a token of the prompt + continuation's own tokenization
+    mid_token = []
+    for c, _ in cuts:
+        enc = tok(text[c - 300:c + 40], add_special_tokens=False, return_offsets_mapping=True)
+        mid_token.append(any(s < 300 < e for s, e in enc["offset_mapping"]))
+    new = 8
+    res = {}
+    for name, heal in (("unhealed", False), ("stillroom", True)):
+        outs = []
+        for i in range(0, len(prompts), 16):
+            outs += generate(model, tok, prompts[i:i + 16], heal=heal, max_new_tokens=new)
+        res[name] = [_matches(o, t) for o, t in zip(outs, truths, strict=True)]
+    tf = []
+    tok.pad_token = tok.pad_token or tok.eos_token
+    for p, t in zip(prompts, truths, strict=True):
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = tf_heal_generate(model, tok, ids, new)
+        tf.append(_matches(tok.decode(out[0], skip_special_tokens=True), t))
+    res["transformers"] = tf
+    ll_plain, ll_heal = [], []
+    healed_flags = prepare(tok, prompts).backed_off
+    for (c, _), p in zip(cuts, prompts, strict=True):
+        cont = text[c:c + 32]
+        h = healed_loglik(model, tok, p, cont)
+        if h is None:
+            continue
+        ll_heal.append(h)
+        ll_plain.append(unhealed_loglik(model, tok, p, cont))
+    mid = [i for i, m in enumerate(mid_token) if m]
+    return {
+        "n": len(prompts), "n_mid_token": len(mid), "n_healed": sum(k > 0 for k in healed_flags),
+        "match": {k: statistics.mean(v) for k, v in res.items()},
+        "match_mid": {k: statistics.mean([v[i] for i in mid]) if mid else float("nan") for k, v in res.items()},
+        "ll": {"unhealed": statistics.mean(ll_plain), "stillroom": statistics.mean(ll_heal), "n": len(ll_heal)},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ speed
+def _timed(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def speed(name: str, n_prompts: int, repeats: int, tf_repeats: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from stillroom import healing
+    from stillroom.testing import corpus_texts, shared_dir, tiny_gpt2
+
+    shared = shared_dir()
+    if shared is None:
+        raise SystemExit("../shared is absent: the speed benchmark needs ../shared/tokenizers (gpt2, llama3, qwen2.5)")
+    tok = AutoTokenizer.from_pretrained(shared / "tokenizers" / name)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    t = time.perf_counter()
+    healing.index_for(tok)
+    build = time.perf_counter() - t
+    model = tiny_gpt2(len(tok), n_layer=2, n_embd=64, n_head=4, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    text = corpus_texts("test")[0]
+    rng = random.Random(1)
+    prompts = []
+    for _ in range(n_prompts):
+        c = rng.randrange(400, len(text))
+        prompts.append(text[c - 200:c])
+    new = 8
+
+    def plain(p):
+        return healing.generate(model, tok, p, heal=False, max_new_tokens=new, eos_token_id=None)
+
+    def healed(p):
+        return healing.generate(model, tok, p, heal=True, max_new_tokens=new, eos_token_id=None)
+
+    def tf_plain(ids):
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=new, pad_token_id=tok.pad_token_id, eos_token_id=None)
+
+    def tf_healed(ids):
+        with torch.no_grad():
+            return tf_heal_generate(model, tok, ids, new)
+
+    ours, theirs, machinery, base, healed_n = [], [], [], [], 0
+    proc_time = [0.0]
+    original_call = healing.TokenHealingLogitsProcessor.__call__
+
+    def timed_call(self, input_ids, scores):
+        t0 = time.perf_counter()
+        out = original_call(self, input_ids, scores)
+        proc_time[0] += time.perf_counter() - t0
+        return out
+
+    for p in prompts:
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        base.append(_timed(lambda p=p: plain(p), repeats))
+        ours.append(_timed(lambda p=p: healed(p), repeats) - base[-1])
+        theirs.append(_timed(lambda ids=ids: tf_healed(ids), tf_repeats) - _timed(lambda ids=ids: tf_plain(ids),
+                                                                                   tf_repeats))
+        # the machinery alone: prepare + the processor's calls during one healed generation
+        healing.TokenHealingLogitsProcessor.__call__ = timed_call
+        proc_time[0] = 0.0
+        t0 = time.perf_counter()
+        batch = healing.prepare(tok, p)
+        prep = time.perf_counter() - t0
+        healed(p)
+        healing.TokenHealingLogitsProcessor.__call__ = original_call
+        machinery.append(prep + proc_time[0])
+        healed_n += batch.backed_off[0] > 0
+    o, t = statistics.median(ours), statistics.median(theirs)
+    return {"vocab": len(tok), "build_s": build, "plain_ms": statistics.median(base) * 1e3, "ours_ms": o * 1e3, "tf_ms": t * 1e3,
+            "machinery_ms": statistics.median(machinery) * 1e3, "ratio": t / max(o, 1e-6),
+            "ratio_machinery": t / statistics.median(machinery), "healed": healed_n, "n": len(prompts)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", choices=["speed", "quality"], default=None)
+    ap.add_argument("--train-seconds", type=float, default=300)
+    ap.add_argument("--prompts", type=int, default=300, help="quality: cut points")
+    ap.add_argument("--speed-prompts", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tf-repeats", type=int, default=2)
+    ap.add_argument("--tokenizers", default="gpt2,llama3,qwen2.5")
+    args = ap.parse_args()
+    print(f"machine: {machine()}")
+    lines = []
+    if args.only in (None, "quality"):
+        model, tok, folder = trained_model(args.train_seconds)
+        torch.set_num_threads(1)
+        q = quality(model, tok, args.prompts)
+        rows = [[k, q["match"][k], q["match_mid"][k]] for k in ("unhealed", "stillroom", "transformers")]
+        print_table(f"next-word match, {q['n']} random cuts of held-out text ({q['n_mid_token']} inside a token; "
+                    f"stillroom healed {q['n_healed']}), model {folder}", ["method", "all cuts", "cuts inside a token"],
+                    rows)
+        print_table(f"log-likelihood of the true next 32 characters (nats, mean over {q['ll']['n']})",
+                    ["method", "mean log-likelihood"],
+                    [["unhealed", q["ll"]["unhealed"]], ["stillroom", q["ll"]["stillroom"]]])
+        lines.append(f"next-word match unhealed {q['match']['unhealed']:.1%} / stillroom {q['match']['stillroom']:.1%} "
+                     f"/ transformers {q['match']['transformers']:.1%} (inside-token cuts: "
+                     f"{q['match_mid']['unhealed']:.1%} / {q['match_mid']['stillroom']:.1%} / "
+                     f"{q['match_mid']['transformers']:.1%}); LL {q['ll']['unhealed']:.2f} -> {q['ll']['stillroom']:.2f}")
+    if args.only in (None, "speed"):
+        torch.set_num_threads(1)
+        rows = []
+        for name in args.tokenizers.split(","):
+            s = speed(name, args.speed_prompts, args.repeats, args.tf_repeats)
+            rows.append([name, s["vocab"], s["build_s"], s["plain_ms"], s["machinery_ms"], s["ours_ms"], s["tf_ms"], s["ratio"],
+                         s["ratio_machinery"], f"{s['healed']}/{s['n']}"])
+            lines.append(f"{name} overhead {s['ours_ms']:.2f} ms vs transformers {s['tf_ms']:.0f} ms "
+                         f"({s['ratio']:.0f}x)")
+        print_table("per-prompt healing overhead (median; 8 new tokens, batch 1, tiny GPT-2 with that vocabulary)",
+                    ["tokenizer", "vocab", "build s", "plain ms", "mach. ms", "ours ms", "hf ms", "ratio", "ratio m.",
+                     "healed"], rows)
+    summary("; ".join(lines))
+
+
+if __name__ == "__main__":
+    main()
