@@ -106,11 +106,12 @@ def _logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 def healed_loglik(model, tok, prompt: str, cont: str) -> float | None:
+    """None when the canonical tokenization of prompt + continuation changes before the backed-off tail."""
     from stillroom.healing import prepare
 
     batch = prepare(tok, prompt)
     kept = batch.input_ids[0].tolist()
-    full = tok(prompt + cont, add_special_tokens=False)["input_ids"]
+    full = tok(prompt + cont)["input_ids"]
     if batch.backed_off[0] == 0:
         return unhealed_loglik(model, tok, prompt, cont)
     if full[:len(kept)] != kept:
@@ -129,9 +130,14 @@ def healed_loglik(model, tok, prompt: str, cont: str) -> float | None:
     return total
 
 
-def unhealed_loglik(model, tok, prompt: str, cont: str) -> float:
-    p = tok(prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+def unhealed_loglik(model, tok, prompt: str, cont: str) -> float | None:
+    """None when the continuation's own tokens do not spell it exactly (SentencePiece adds a leading space)."""
+    from stillroom.healing import index_for
+
+    p = tok(prompt)["input_ids"] or [tok.eos_token_id]
     c = tok(cont, add_special_tokens=False)["input_ids"]
+    if b"".join(index_for(tok).token_bytes[t] for t in c) != cont.encode("utf-8"):
+        return None
     lp = _logprobs(model, p + c)
     return sum(lp[len(p) - 1 + j, t].item() for j, t in enumerate(c))
 
@@ -174,29 +180,34 @@ def quality(model, tok, n_prompts: int, seed: int = 0) -> dict:
         for i in range(0, len(prompts), 16):
             outs += generate(model, tok, prompts[i:i + 16], heal=heal, max_new_tokens=new)
         res[name] = [_matches(o, t) for o, t in zip(outs, truths, strict=True)]
-    tf = []
+    tf, tf_errors = [], 0
     tok.pad_token = tok.pad_token or tok.eos_token
     for p, t in zip(prompts, truths, strict=True):
         ids = tok(p, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            out = tf_heal_generate(model, tok, ids, new)
-        tf.append(_matches(tok.decode(out[0], skip_special_tokens=True), t))
+        try:
+            with torch.no_grad():
+                out = tf_heal_generate(model, tok, ids, new)
+            tf.append(_matches(tok.decode(out[0], skip_special_tokens=True), t))
+        except Exception:  # noqa: BLE001 - a crash of the peer counts as a miss, and is reported
+            tf.append(False)
+            tf_errors += 1
     res["transformers"] = tf
     ll_plain, ll_heal = [], []
     healed_flags = prepare(tok, prompts).backed_off
     for (c, _), p in zip(cuts, prompts, strict=True):
         cont = text[c:c + 32]
-        h = healed_loglik(model, tok, p, cont)
-        if h is None:
+        h, u = healed_loglik(model, tok, p, cont), unhealed_loglik(model, tok, p, cont)
+        if h is None or u is None:
             continue
         ll_heal.append(h)
-        ll_plain.append(unhealed_loglik(model, tok, p, cont))
+        ll_plain.append(u)
     mid = [i for i, m in enumerate(mid_token) if m]
     return {
-        "n": len(prompts), "n_mid_token": len(mid), "n_healed": sum(k > 0 for k in healed_flags),
+        "n": len(prompts), "n_mid_token": len(mid), "tf_errors": tf_errors, "n_healed": sum(k > 0 for k in healed_flags),
         "match": {k: statistics.mean(v) for k, v in res.items()},
         "match_mid": {k: statistics.mean([v[i] for i in mid]) if mid else float("nan") for k, v in res.items()},
-        "ll": {"unhealed": statistics.mean(ll_plain), "stillroom": statistics.mean(ll_heal), "n": len(ll_heal)},
+        "ll": {"unhealed": statistics.mean(ll_plain) if ll_plain else float("nan"),
+               "stillroom": statistics.mean(ll_heal) if ll_heal else float("nan"), "n": len(ll_heal)},
     }
 
 
@@ -284,6 +295,8 @@ def speed(name: str, n_prompts: int, repeats: int, tf_repeats: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=["speed", "quality"], default=None)
+    ap.add_argument("--models", default="train", help="quality: comma-separated model folders, or 'train' for a "
+                    "GPT-2 trained here (e.g. train,stillroom/data/default/teacher-spm)")
     ap.add_argument("--train-seconds", type=float, default=300)
     ap.add_argument("--prompts", type=int, default=300, help="quality: cut points")
     ap.add_argument("--speed-prompts", type=int, default=20)
@@ -294,20 +307,34 @@ def main() -> None:
     print(f"machine: {machine()}")
     lines = []
     if args.only in (None, "quality"):
-        model, tok, folder = trained_model(args.train_seconds)
-        torch.set_num_threads(1)
-        q = quality(model, tok, args.prompts)
-        rows = [[k, q["match"][k], q["match_mid"][k]] for k in ("unhealed", "stillroom", "transformers")]
-        print_table(f"next-word match, {q['n']} random cuts of held-out text ({q['n_mid_token']} inside a token; "
-                    f"stillroom healed {q['n_healed']}), model {folder}", ["method", "all cuts", "cuts inside a token"],
-                    rows)
-        print_table(f"log-likelihood of the true next 32 characters (nats, mean over {q['ll']['n']})",
-                    ["method", "mean log-likelihood"],
-                    [["unhealed", q["ll"]["unhealed"]], ["stillroom", q["ll"]["stillroom"]]])
-        lines.append(f"next-word match unhealed {q['match']['unhealed']:.1%} / stillroom {q['match']['stillroom']:.1%} "
-                     f"/ transformers {q['match']['transformers']:.1%} (inside-token cuts: "
-                     f"{q['match_mid']['unhealed']:.1%} / {q['match_mid']['stillroom']:.1%} / "
-                     f"{q['match_mid']['transformers']:.1%}); LL {q['ll']['unhealed']:.2f} -> {q['ll']['stillroom']:.2f}")
+        for spec in args.models.split(","):
+            if spec == "train":
+                model, tok, folder = trained_model(args.train_seconds)
+            else:
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                folder = Path(spec)
+                model, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+                card = folder / "training.json"
+                if card.exists():
+                    import json
+
+                    print(f"{folder}: trained {json.loads(card.read_text()).get('steps')} steps (training.json)")
+            torch.set_num_threads(1)
+            q = quality(model, tok, args.prompts)
+            rows = [[k, q["match"][k], q["match_mid"][k]] for k in ("unhealed", "stillroom", "transformers")]
+            print_table(f"next-word match, {q['n']} random cuts of held-out text ({q['n_mid_token']} inside a token; "
+                        f"stillroom healed {q['n_healed']}; transformers failed on {q['tf_errors']}), model {folder}",
+                        ["method", "all cuts", "cuts inside a token"], rows)
+            print_table(f"log-likelihood of the true next 32 characters (nats, mean over {q['ll']['n']})",
+                        ["method", "mean log-likelihood"],
+                        [["unhealed", q["ll"]["unhealed"]], ["stillroom", q["ll"]["stillroom"]]])
+            lines.append(f"{folder.name}: next-word match unhealed {q['match']['unhealed']:.1%} / stillroom "
+                         f"{q['match']['stillroom']:.1%} / transformers {q['match']['transformers']:.1%} (inside-token "
+                         f"cuts: {q['match_mid']['unhealed']:.1%} / {q['match_mid']['stillroom']:.1%} / "
+                         f"{q['match_mid']['transformers']:.1%}); LL {q['ll']['unhealed']:.2f} -> "
+                         f"{q['ll']['stillroom']:.2f}")
+            torch.set_num_threads(os.cpu_count() or 1)
     if args.only in (None, "speed"):
         torch.set_num_threads(1)
         rows = []
