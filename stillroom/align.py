@@ -1,0 +1,480 @@
+"""Align two tokenizations of the same text, from token ids alone.
+
+An :class:`Alignment` is a list of *groups* ``(src_start, src_end, tgt_start, tgt_end)`` that partition both
+token sequences in order: group ``g`` says that source tokens ``src_start:src_end`` spell the same text as
+target tokens ``tgt_start:tgt_end``. ``exact[g]`` says their bytes are identical.
+
+Two modes:
+
+- ``"exact"`` (default): build both byte streams from the :class:`~stillroom.tokens.TokenTable` s and cut
+  where both cumulative byte offsets coincide (``np.intersect1d``, O(n + m), no Python loop over tokens).
+  Where the streams differ (normalisers that lowercase / strip accents / NFC, unknown-token replacement,
+  dropped whitespace), a byte-level Levenshtein alignment (rapidfuzz opcodes, C speed) maps one stream onto
+  the other; cuts are kept only where they map onto each other inside equal runs, and every group touched
+  by a difference is marked inexact. Special tokens (BOS/EOS/CLS/SEP...) get their own groups, paired 1-to-1
+  when both sides have one at the same place. Unknown tokens (``<unk>``/``[UNK]``) stand for missing bytes
+  and join the group that follows them.
+- ``"dtw"``: FuseLLM's dynamic-programming alignment over token *strings* (arXiv 2401.10491), reproduced
+  exactly (same recurrence, cost and tie order) for users who want FuseLLM's behaviour, but computed with
+  a C pairwise edit-distance matrix and a vectorised row recurrence instead of a Python double loop.
+
+:func:`project` then moves a teacher's top-k distributions onto student positions (see its docstring).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stillroom.tokens import TokenTable
+
+_BIG = 1 << 30  # "infinity" for the int32 DTW matrix (exact integer arithmetic: ties stay ties)
+
+
+@dataclass(eq=False)
+class Alignment:
+    """Groups ``[G, 4]`` int64 ``(src_start, src_end, tgt_start, tgt_end)`` partitioning both sequences in order."""
+
+    groups: np.ndarray
+    exact: np.ndarray  # bool [G]: the group's source and target bytes are identical
+    src_ids: np.ndarray
+    tgt_ids: np.ndarray
+    src_table: TokenTable = field(repr=False)
+    tgt_table: TokenTable = field(repr=False)
+    mode: str = "exact"
+
+    @property
+    def src_len(self) -> int:
+        return int(self.src_ids.shape[0])
+
+    @property
+    def tgt_len(self) -> int:
+        return int(self.tgt_ids.shape[0])
+
+    def __len__(self) -> int:
+        return int(self.groups.shape[0])
+
+    @property
+    def one_to_one(self) -> np.ndarray:
+        """bool [G]: groups with exactly one token on each side."""
+        g = self.groups
+        return ((g[:, 1] - g[:, 0]) == 1) & ((g[:, 3] - g[:, 2]) == 1)
+
+    @property
+    def exact_fraction(self) -> float:
+        """Share of target tokens in exact groups (1.0 for two lossless tokenizations of the same text)."""
+        if self.tgt_len == 0:
+            return 1.0
+        g = self.groups
+        return float(((g[:, 3] - g[:, 2]) * self.exact).sum() / self.tgt_len)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: groups with ids, token strings, text of each side and exactness."""
+        out = []
+        for (s0, s1, t0, t1), ex in zip(self.groups.tolist(), self.exact.tolist(), strict=True):
+            out.append({
+                "src": [s0, s1], "tgt": [t0, t1], "exact": bool(ex),
+                "src_ids": self.src_ids[s0:s1].tolist(), "tgt_ids": self.tgt_ids[t0:t1].tolist(),
+                "src_tokens": [self.src_table.token_strings[i] for i in self.src_ids[s0:s1]],
+                "tgt_tokens": [self.tgt_table.token_strings[i] for i in self.tgt_ids[t0:t1]],
+                "src_text": _group_text(self.src_table, self.src_ids, s0, s1),
+                "tgt_text": _group_text(self.tgt_table, self.tgt_ids, t0, t1),
+            })
+        return {"mode": self.mode, "src_len": self.src_len, "tgt_len": self.tgt_len,
+                "exact_fraction": self.exact_fraction, "groups": out}
+
+
+def _group_text(table: TokenTable, ids: np.ndarray, start: int, end: int) -> str:
+    return b"".join(table.token_bytes[i] for i in ids[start:end]).decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exact mode
+# ---------------------------------------------------------------------------------------------------------
+def _byte_cuts(a: np.ndarray, a_off: np.ndarray, b: np.ndarray, b_off: np.ndarray):
+    """Common cut points ``(p, q)`` of two byte streams (strictly increasing, first (0,0), last the ends)
+    and, per segment between cuts, whether its bytes are untouched by any difference."""
+    la, lb = a.shape[0], b.shape[0]
+    if la == lb and np.array_equal(a, b):  # the common case: same text, lossless tokenizers
+        mark = np.zeros(la + 1, dtype=np.uint8)  # offsets are sorted: a bitmap beats np.intersect1d's hashing
+        mark[a_off] = 1
+        mark[b_off] |= 2
+        common = np.flatnonzero(mark == 3)
+        return common, common, np.ones(max(common.shape[0] - 1, 0), dtype=bool)
+    if la == 0 or lb == 0:
+        p = np.array([0, la] if la or lb else [0], dtype=np.int64)
+        q = np.array([0, lb] if la or lb else [0], dtype=np.int64)
+        return p, q, np.zeros(p.shape[0] - 1, dtype=bool)
+
+    from rapidfuzz.distance import Levenshtein
+
+    ops = np.array([(o[1], o[2], o[3], o[4]) for o in Levenshtein.opcodes(
+        a.tobytes().decode("latin-1"), b.tobytes().decode("latin-1")).as_list() if o[0] == "equal"],
+        dtype=np.int64).reshape(-1, 4)
+    ea1, ea2, eb1, _ = ops.T
+    diff_a = np.ones(la, dtype=np.int64)  # 1 where a byte is not inside an equal run
+    diff_b = np.ones(lb, dtype=np.int64)
+    for x1, x2, y1, y2 in ops.tolist():  # one entry per equal run (few), not per byte
+        diff_a[x1:x2] = 0
+        diff_b[y1:y2] = 0
+    # candidate cuts: every source boundary that sits inside (or at an edge of) an equal run, mapped across;
+    # at a junction of two runs both mappings are candidates
+    pa = np.unique(a_off)
+    cand_p, cand_q = [], []
+    if ops.shape[0]:
+        k = np.searchsorted(ea1, pa, side="right") - 1
+        ok = (k >= 0) & (pa <= ea2[np.maximum(k, 0)])
+        cand_p.append(pa[ok])
+        cand_q.append(eb1[k[ok]] + pa[ok] - ea1[k[ok]])
+        k = np.searchsorted(ea2, pa, side="left")
+        ok = (k < ea2.shape[0]) & (ea1[np.minimum(k, ea1.shape[0] - 1)] <= pa)
+        cand_p.append(pa[ok])
+        cand_q.append(eb1[k[ok]] + pa[ok] - ea1[k[ok]])
+    p = np.concatenate(cand_p) if cand_p else np.zeros(0, dtype=np.int64)
+    q = np.concatenate(cand_q) if cand_q else np.zeros(0, dtype=np.int64)
+    keep = np.isin(q, b_off) & (p > 0) & (q > 0) & (p < la) & (q < lb)
+    p, q = p[keep], q[keep]
+    order = np.lexsort((q, p))
+    p = np.concatenate([[0], p[order], [la]]).astype(np.int64)
+    q = np.concatenate([[0], q[order], [lb]]).astype(np.int64)
+    while True:  # keep a strictly increasing chain (drops the rare duplicate at run junctions)
+        bad = np.zeros(p.shape[0], dtype=bool)
+        bad[1:-1] = (np.diff(p)[:-1] <= 0) | (np.diff(q)[:-1] <= 0)
+        if not bad.any():
+            break
+        p, q = p[~bad], q[~bad]
+    if p.shape[0] > 2 and (p[-1] <= p[-2] or q[-1] <= q[-2]):
+        p, q = np.delete(p, -2), np.delete(q, -2)
+    cs_a = np.concatenate([[0], np.cumsum(diff_a)])
+    cs_b = np.concatenate([[0], np.cumsum(diff_b)])
+    clean = ((cs_a[p[1:]] - cs_a[p[:-1]]) == 0) & ((cs_b[q[1:]] - cs_b[q[:-1]]) == 0) & (np.diff(p) == np.diff(q))
+    return p, q, clean
+
+
+def _side(ids: np.ndarray, table: TokenTable):
+    """Byte stream over the non-special tokens, their offsets, and the index map back to ``ids``."""
+    stream, offsets = table.pieces(ids)
+    special = table.is_special[ids]
+    if table.unk_id is not None:
+        special &= ids != table.unk_id  # unknown tokens are text (of unknown bytes), not markers
+    ns = np.flatnonzero(~special)
+    off = np.concatenate([offsets[ns], offsets[-1:]]) if ns.size else np.zeros(1, dtype=np.int64)
+    return stream, off, ns
+
+
+def _align_exact(src: np.ndarray, tgt: np.ndarray, st: TokenTable, tt: TokenTable):
+    a, a_off, ns_a = _side(src, st)
+    b, b_off, ns_b = _side(tgt, tt)
+    p, q, clean = _byte_cuts(a, a_off, b, b_off)
+    # byte cuts -> cuts in non-special token indices (zero-length tokens join the following group)
+    ci = np.searchsorted(a_off, p, side="left")
+    cj = np.searchsorted(b_off, q, side="left")
+    na, nb = ns_a.shape[0], ns_b.shape[0]
+    if ci[-1] != na or cj[-1] != nb:
+        if ci.shape[0] == 1:
+            ci, cj = np.append(ci, na), np.append(cj, nb)
+            clean = np.append(clean, True)
+        else:
+            ci[-1], cj[-1] = na, nb
+    # -> cuts in full indices; specials sitting exactly at a cut get their own groups there
+    hi_a = np.append(ns_a, src.shape[0])[ci]  # first non-special token after the cut (or the end)
+    lo_a = np.where(ci > 0, np.append(0, ns_a + 1)[ci], 0)  # just after the last non-special before it
+    hi_b = np.append(ns_b, tgt.shape[0])[cj]
+    lo_b = np.where(cj > 0, np.append(0, ns_b + 1)[cj], 0)
+    dup_a = np.concatenate([[False], ci[1:] == ci[:-1]])  # a side with no text: its specials sit at cut 0
+    dup_b = np.concatenate([[False], cj[1:] == cj[:-1]])
+    lo_a = np.where(dup_a, hi_a, lo_a)
+    lo_b = np.where(dup_b, hi_b, lo_b)
+    regular = np.stack([hi_a[:-1], lo_a[1:], hi_b[:-1], lo_b[1:]], axis=1)
+    has_special = np.flatnonzero((hi_a > lo_a) | (hi_b > lo_b))
+    if has_special.size == 0:
+        groups, exact = regular, clean
+    else:
+        parts, flags, prev = [], [], 0
+        for k in has_special.tolist():
+            parts.append(regular[prev:k])
+            flags.append(clean[prev:k])
+            prev = k
+            sa, sb = range(lo_a[k], hi_a[k]), range(lo_b[k], hi_b[k])
+            n_pair = min(len(sa), len(sb))
+            rows = [(sa[x], sa[x] + 1, sb[x], sb[x] + 1) for x in range(n_pair)]  # paired specials
+            rows += [(x, x + 1, hi_b[k], hi_b[k]) for x in sa[n_pair:]]  # source-only specials
+            rows += [(hi_a[k], hi_a[k], x, x + 1) for x in sb[n_pair:]]  # target-only specials
+            parts.append(np.array(rows, dtype=np.int64).reshape(-1, 4))
+            flags.append(np.array([x < n_pair for x in range(len(rows))], dtype=bool))
+        parts.append(regular[prev:])
+        flags.append(clean[prev:])
+        groups, exact = np.concatenate(parts).astype(np.int64), np.concatenate(flags)
+    return groups, exact
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dtw mode (FuseLLM)
+# ---------------------------------------------------------------------------------------------------------
+def fusellm_strings(table: TokenTable, ids: np.ndarray) -> list[str]:
+    """FuseLLM's token strings: the raw vocabulary pieces with the ``Ġ`` / ``▁`` markers removed."""
+    return [table.token_strings[i].replace("Ġ", "").replace("▁", "") for i in ids.tolist()]
+
+
+def dtw_path(a: list[str], b: list[str]) -> list[tuple[int, int]]:
+    """FuseLLM's DTW path over two string sequences, identical to its Python double loop.
+
+    ``D[i][j] = cost(a_i, b_j) + min(D[i-1][j-1], D[i-1][j], D[i][j-1])`` with cost = Levenshtein distance,
+    backtracking from the last cell and preferring, on ties, the diagonal, then a step in ``a``, then in ``b``.
+
+    Speed: the cost matrix comes from one C call (``rapidfuzz.process.cdist``); each row of the recurrence is
+    vectorised exactly: with ``m[j] = min(D[i-1][j-1], D[i-1][j])`` and ``C`` the prefix sums of the row's
+    costs, ``D[i][j] = C[j] + min_{k<=j}(m[k] - C[k-1])`` — a cumulative minimum (integers, so no ties move).
+    """
+    from rapidfuzz import process
+    from rapidfuzz.distance import Levenshtein
+
+    n, m = len(a), len(b)
+    if n == 0 or m == 0:
+        return []
+    # pairwise costs over the distinct strings only (a text repeats its tokens), then gathered
+    ua, ia = np.unique(np.array(a, dtype=object), return_inverse=True)
+    ub, ib = np.unique(np.array(b, dtype=object), return_inverse=True)
+    cost = process.cdist(list(ua), list(ub), scorer=Levenshtein.distance, dtype=np.int32, workers=1)[ia][:, ib]
+    if int(cost.max(initial=0)) * (n + m) >= _BIG:
+        raise ValueError("dtw_path: sequences too long for the int32 DP matrix; split the text")
+    D = np.empty((n + 1, m + 1), dtype=np.int32)
+    D[0, :] = _BIG
+    D[:, 0] = _BIG
+    D[0, 0] = 0
+    mk = np.empty(m, dtype=np.int32)
+    c = np.empty(m, dtype=np.int32)
+    for i in range(1, n + 1):
+        prev = D[i - 1]
+        row = cost[i - 1]
+        np.cumsum(row, out=c)  # C[j]
+        np.minimum(prev[:-1], prev[1:], out=mk)  # min(D[i-1][j-1], D[i-1][j]) for j = 1..m
+        mk -= c
+        mk += row  # m[k] - C[k-1]
+        np.minimum.accumulate(mk, out=mk)
+        np.add(mk, c, out=D[i, 1:])
+    # backtrack on D[1:, 1:] exactly as FuseLLM does (argmin over [diag, up, left], first wins)
+    M = D[1:, 1:]
+    i, j = n - 1, m - 1
+    path = []
+    while i > 0 or j > 0:
+        path.append((i, j))
+        diag = M[i - 1, j - 1] if i > 0 and j > 0 else _BIG
+        up = M[i - 1, j] if i > 0 else _BIG
+        left = M[i, j - 1] if j > 0 else _BIG
+        if diag <= up and diag <= left:
+            i, j = i - 1, j - 1
+        elif up <= left:
+            i -= 1
+        else:
+            j -= 1
+    path.append((0, 0))
+    path.reverse()
+    return path
+
+
+def path_to_groups(path: list[tuple[int, int]], n: int, m: int) -> np.ndarray:
+    """A monotone DTW path -> groups: each diagonal step starts a new group; vertical/horizontal steps
+    extend the current one (so one token matched to several lands in one many-to-one group)."""
+    if n == 0 or m == 0:
+        return np.array([[0, n, 0, m]], dtype=np.int64) if n or m else np.zeros((0, 4), dtype=np.int64)
+    pts = np.array(path, dtype=np.int64)
+    step = np.diff(pts, axis=0)
+    new = np.flatnonzero((step[:, 0] == 1) & (step[:, 1] == 1)) + 1  # path indices that start a group
+    starts = np.concatenate([[0], new])
+    ends = np.concatenate([new, [pts.shape[0]]]) - 1
+    return np.stack([pts[starts, 0], pts[ends, 0] + 1, pts[starts, 1], pts[ends, 1] + 1], axis=1)
+
+
+def _bytes_equal(groups: np.ndarray, src, tgt, st: TokenTable, tt: TokenTable) -> np.ndarray:
+    a, a_off = st.pieces(src)
+    b, b_off = tt.pieces(tgt)
+    ab, bb = a.tobytes(), b.tobytes()
+    return np.array([ab[a_off[s0]:a_off[s1]] == bb[b_off[t0]:b_off[t1]] for s0, s1, t0, t1 in groups.tolist()],
+                    dtype=bool)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def align(src_ids, tgt_ids, src_table: TokenTable, tgt_table: TokenTable, *, mode: str = "exact",
+          text: str | None = None) -> Alignment:
+    """Align two tokenizations of one text; see the module docstring.
+
+    ``text`` (optional) is checked against both decoded byte streams: ids that cannot be a tokenization of
+    it (less than half of the bytes in common) raise a ValueError rather than giving a silently wrong answer.
+    Without it, different texts still align (never a crash) and show up as inexact groups and a low
+    :attr:`Alignment.exact_fraction`.
+    """
+    if mode not in ("exact", "dtw"):
+        raise ValueError(f"align: mode must be 'exact' or 'dtw', got {mode!r}")
+    src = src_table.check_ids(src_ids, "src_ids")
+    tgt = tgt_table.check_ids(tgt_ids, "tgt_ids")
+    if text is not None:
+        _check_text(text, src, src_table, "src_ids")
+        _check_text(text, tgt, tgt_table, "tgt_ids")
+    if src_table.hash == tgt_table.hash and np.array_equal(src, tgt):  # a tokenization with itself: identity
+        idx = np.arange(src.shape[0], dtype=np.int64)
+        groups = np.stack([idx, idx + 1, idx, idx + 1], axis=1)
+        exact = np.ones(src.shape[0], dtype=bool)
+    elif mode == "exact":
+        groups, exact = _align_exact(src, tgt, src_table, tgt_table)
+        groups = np.asarray(groups, dtype=np.int64).reshape(-1, 4)
+        if src_table.unk_id is not None or tgt_table.unk_id is not None:  # unknown bytes are never exact
+            unk_a = np.concatenate([[0], np.cumsum(src == (src_table.unk_id if src_table.unk_id is not None else -1))])
+            unk_b = np.concatenate([[0], np.cumsum(tgt == (tgt_table.unk_id if tgt_table.unk_id is not None else -1))])
+            exact = exact & (unk_a[groups[:, 1]] == unk_a[groups[:, 0]]) & (unk_b[groups[:, 3]] == unk_b[groups[:, 2]])
+    elif mode == "dtw":
+        path = dtw_path(fusellm_strings(src_table, src), fusellm_strings(tgt_table, tgt))
+        groups = path_to_groups(path, src.shape[0], tgt.shape[0])
+        exact = _bytes_equal(groups, src, tgt, src_table, tgt_table)
+    return Alignment(groups=groups, exact=np.asarray(exact, dtype=bool), src_ids=src, tgt_ids=tgt,
+                     src_table=src_table, tgt_table=tgt_table, mode=mode)
+
+
+def _check_text(text: str, ids: np.ndarray, table: TokenTable, what: str) -> None:
+    from rapidfuzz.distance import Indel
+
+    got = table.decode_bytes(ids)
+    want = text.encode("utf-8")
+    if got == want:
+        return
+    sim = Indel.normalized_similarity(got.decode("latin-1"), want.decode("latin-1"))
+    if sim < 0.5:
+        raise ValueError(
+            f"align: {what} decode to {got[:60]!r}... which does not match the given text {want[:60]!r}... "
+            f"(byte similarity {sim:.2f}); tokenize this exact text with the {table.name or 'matching'} tokenizer"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# projection of teacher distributions onto student positions
+# ---------------------------------------------------------------------------------------------------------
+def _numpy(x, dtype=None) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().float().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    return arr.astype(dtype, copy=False) if dtype is not None else arr
+
+
+def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab_map, student_ids, *,
+            fallback: str = "onehot", teacher_tail=None):
+    """Move a teacher's top-k next-token distributions onto the student's positions and vocabulary.
+
+    ``alignment`` is ``align(teacher_ids, student_ids, teacher_table, student_table)`` (teacher = source).
+    Causal shift: teacher row ``i`` predicts teacher token ``i+1``; output row ``j`` is the target of the
+    student logits that predict student token ``j+1``. So for a group starting at teacher token ``i0`` and
+    student token ``j0`` (same text before both), student row ``j0-1`` gets teacher row ``i0-1``:
+
+    - 1-to-1 group: ``p_s(v) = sum_{c: map(c) = v} p_t(c)`` over the teacher's top-k ``c`` (duplicates summed,
+      ``map`` = ``vocab_map.mapping``, source -> target; ids mapped to ``-1`` move their mass to the tail);
+    - otherwise ``fallback`` decides, as it does for student rows inside a multi-token student group (no
+      teacher position has that context) and rows whose group has no teacher row (``i0 == 0``):
+      ``"onehot"``  — FuseLLM: probability 1 on the *next* gold student token ``student_ids[j+1]``;
+      ``"bytes"``   — at a group start, the teacher row ``i0-1`` is still used: a candidate whose bytes agree
+      with the gold student token (one is a prefix of the other) gives its mass to that token, others go
+      through ``vocab_map``; inside a group, one-hot as above;
+      ``"none"``    — the row is marked ``valid=False``.
+
+    The tail is the teacher's (``teacher_tail``, or ``1 - sum p_t`` over its top-k) plus any unmappable mass,
+    so ``sum(kept) + tail == 1``. The last row (nothing to predict) is always ``valid=False``.
+    Returns a :class:`~stillroom.targets.SparseTarget` with leading dim ``len(student_ids)`` and the
+    teacher's ``k`` (one-hot rows are padded: id 0, log-prob ``-inf``).
+    """
+    import torch
+
+    from stillroom.targets import SparseTarget
+
+    if fallback not in ("onehot", "bytes", "none"):
+        raise ValueError(f"project: fallback must be 'onehot', 'bytes' or 'none', got {fallback!r}")
+    t_ids = _numpy(teacher_topk_ids).astype(np.int64)
+    t_lp = _numpy(teacher_topk_logprobs, np.float64)
+    if t_ids.ndim != 2 or t_ids.shape != t_lp.shape:
+        raise ValueError(f"project: teacher_topk_ids {t_ids.shape} and teacher_topk_logprobs {t_lp.shape} must be "
+                         "the same [T_teacher, k] shape")
+    s_ids = alignment.tgt_table.check_ids(student_ids, "student_ids")
+    T_t, k = t_ids.shape
+    T_s = s_ids.shape[0]
+    if T_t != alignment.src_len:
+        raise ValueError(f"project: teacher_topk_ids has {T_t} rows but the alignment's source (teacher) has "
+                         f"{alignment.src_len} tokens; align(teacher_ids, student_ids, ...) with the same ids")
+    if T_s != alignment.tgt_len or not np.array_equal(s_ids, alignment.tgt_ids):
+        raise ValueError("project: student_ids differ from the alignment's target ids; align the same sequence")
+    mapping = _numpy(getattr(vocab_map, "mapping", vocab_map)).astype(np.int64)
+    V_s = alignment.tgt_table.vocab_size
+    if mapping.ndim != 1 or mapping.shape[0] < alignment.src_table.vocab_size:
+        raise ValueError(f"project: vocab_map.mapping must be int [V_teacher={alignment.src_table.vocab_size}], "
+                         f"got shape {mapping.shape}; build it with VocabMap.build(teacher_table, student_table)")
+    if mapping.size and mapping.max() >= V_s:
+        raise ValueError(f"project: vocab_map maps to id {int(mapping.max())} >= student vocabulary size {V_s}; "
+                         "was it built for this student tokenizer?")
+    if T_t and (t_ids.min() < 0 or t_ids.max() >= mapping.shape[0]):
+        raise ValueError("project: teacher_topk_ids has ids outside the teacher vocabulary")
+    probs_t = np.exp(t_lp)
+    tail_t = (_numpy(teacher_tail, np.float64).reshape(T_t) if teacher_tail is not None
+              else np.clip(1.0 - probs_t.sum(1), 0.0, None))
+
+    # which teacher row (or none) feeds each student row
+    src_row = np.full(T_s, -1, dtype=np.int64)  # teacher row for a distribution transfer
+    use_bytes = np.zeros(T_s, dtype=bool)
+    g = alignment.groups
+    starts = g[(g[:, 3] > g[:, 2]) & (g[:, 2] >= 1)]  # groups with student tokens, not at position 0
+    one = ((starts[:, 1] - starts[:, 0]) == 1) & ((starts[:, 3] - starts[:, 2]) == 1) & (starts[:, 0] >= 1)
+    src_row[starts[one, 2] - 1] = starts[one, 0] - 1
+    if fallback == "bytes":
+        multi = ~one & (starts[:, 1] > starts[:, 0]) & (starts[:, 0] >= 1)
+        src_row[starts[multi, 2] - 1] = starts[multi, 0] - 1
+        use_bytes[starts[multi, 2] - 1] = True
+    valid = np.ones(T_s, dtype=bool)
+    if T_s:
+        valid[-1] = False
+        src_row[-1] = -1
+    transfer = src_row >= 0
+    onehot = valid & ~transfer
+    if fallback == "none":
+        valid &= transfer
+        onehot[:] = False
+
+    out_ids = np.zeros((T_s, k), dtype=np.int64)
+    out_p = np.zeros((T_s, k), dtype=np.float64)
+    out_tail = np.ones(T_s, dtype=np.float64)
+    rows = np.flatnonzero(transfer)
+    if rows.size and k:
+        cand = t_ids[src_row[rows]]  # [R, k] teacher ids
+        p = probs_t[src_row[rows]]
+        sid = mapping[cand]
+        if use_bytes[rows].any():
+            st, tt = alignment.src_table, alignment.tgt_table
+            s_stream, s_off = tt.pieces(s_ids)
+            s_bytes = s_stream.tobytes()
+            for r in np.flatnonzero(use_bytes[rows]).tolist():
+                j = rows[r] + 1  # the gold student token this row predicts
+                gold = s_bytes[s_off[j]:s_off[j + 1]]
+                if not gold:
+                    continue
+                for c in range(k):
+                    cb = st.token_bytes[cand[r, c]]
+                    if cb and (cb.startswith(gold) or gold.startswith(cb)):
+                        sid[r, c] = s_ids[j]
+        lost = np.where(sid < 0, p, 0.0).sum(1)
+        ok = sid >= 0
+        # sum duplicates per row: unique (row, id) keys
+        r_idx = np.broadcast_to(np.arange(rows.size)[:, None], sid.shape)[ok]
+        key = r_idx * V_s + sid[ok]
+        uniq, inv = np.unique(key, return_inverse=True)
+        mass = np.bincount(inv.ravel(), weights=p[ok], minlength=uniq.size)
+        u_row = uniq // V_s
+        first = np.searchsorted(u_row, u_row, side="left")
+        slot = np.arange(uniq.size) - first
+        out_ids[rows[u_row], slot] = uniq % V_s
+        out_p[rows[u_row], slot] = mass
+        out_tail[rows] = tail_t[src_row[rows]] + lost
+    oh = np.flatnonzero(onehot)
+    if oh.size and k:
+        out_ids[oh, 0] = s_ids[oh + 1]
+        out_p[oh, 0] = 1.0
+        out_tail[oh] = 0.0
+    out_tail = np.clip(out_tail, 0.0, None)
+    with np.errstate(divide="ignore"):
+        logp = np.where(out_p > 0, np.log(np.where(out_p > 0, out_p, 1.0)), -np.inf)
+    return SparseTarget(ids=torch.from_numpy(out_ids), logprobs=torch.from_numpy(logp.astype(np.float32)),
+                        tail=torch.from_numpy(out_tail.astype(np.float32)), valid=torch.from_numpy(valid))
