@@ -153,8 +153,8 @@ def index_for(tokenizer) -> PrefixIndex:
         hit = _BY_OBJECT.get(tokenizer)
     except TypeError:
         hit = None
-    if hit is not None:
-        return hit
+    if hit is not None and hit[0] == len(tokenizer):  # tokens added since: rebuild
+        return hit[1]
     from stillroom.tokens import TokenTable
 
     table = TokenTable.from_tokenizer(tokenizer)
@@ -166,7 +166,7 @@ def index_for(tokenizer) -> PrefixIndex:
             data = [flat[starts[i]:starts[i + 1]] for i in range(table.vocab_size)]
         index = _BY_HASH[table.hash] = PrefixIndex(data, table.is_special)
     try:
-        _BY_OBJECT[tokenizer] = index
+        _BY_OBJECT[tokenizer] = (len(tokenizer), index)
     except TypeError:
         pass
     return index

@@ -332,3 +332,16 @@ def test_random_cut_points_reproduce_the_prompt(name, shared_tokenizer):
                              max_new_tokens=limits[b], pad_token_id=pad, eos_token_id=None)
         assert one.decode(out)[0] == greedy[b]
     assert index_for(tok) is index_for(tok)  # built once per tokenizer
+
+
+def test_index_rebuilt_when_tokens_are_added():
+    tok = byte_bpe()
+    model = unigram_model(tok, {_g(" the"): 6.0})
+    before = index_for(tok)
+    tok.add_tokens([" wonder"])  # a new ordinary token extending " wo"
+    after = index_for(tok)
+    assert after is not before and after.vocab_size == len(tok)
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        model.lm_head.weight[len(tok) - 1, 0] = 7.0
+    assert generate(model, tok, "Hello wo", max_new_tokens=1) == ["Hello wonder wonder"]
