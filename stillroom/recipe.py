@@ -53,8 +53,11 @@ class LossSpec(_Strict):
 class FusionSpec(_Strict):
     method: Literal["min_ce", "avg_ce", "mean"] = "min_ce"
     level: Literal["sequence", "token"] = "sequence"
-    top_k: int = Field(10, ge=1, description="teacher top-k kept per position")
+    top_k: int | None = Field(10, ge=1, description="teacher top-k kept per position; null = the dense "
+                              "distribution (one teacher sharing the student's tokenizer only)")
     weight_temperature: float = Field(1.0, gt=0.0)
+    include_student: bool = Field(False, description="FuseLLM: the student's own initial distribution (a frozen "
+                                  "copy of its starting weights) is one more fusion candidate")
     projection: Literal["onehot", "bytes", "none"] = Field(
         "onehot", description="fallback for inexact alignments; 'none' = teachers must share the student tokenizer")
 
@@ -120,7 +123,7 @@ class Recipe(_Strict):
             if self.teachers:
                 raise ValueError("loss.kind: 'emo' trains without teachers; remove `teachers` or pick a "
                                  f"divergence ({', '.join(DIVERGENCES)})")
-        elif not self.teachers and self.loss.ce_weight != 1.0:
+        elif not self.teachers and not self.fusion.include_student and self.loss.ce_weight != 1.0:
             raise ValueError("loss.ce_weight: with no teachers it must be 1.0 (plain CE); add teachers or set "
                              "loss.ce_weight=1.0")
         return self

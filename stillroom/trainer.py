@@ -145,11 +145,11 @@ class Teacher(Protocol):
     def targets(self, batch: dict[str, Any]) -> tuple[SparseTarget, torch.Tensor]: ...
 
 
-def topk_target(logits: torch.Tensor, labels: torch.Tensor, top_k: int, temperature: float = 1.0
+def topk_target(logits: torch.Tensor, labels: torch.Tensor, top_k: int | None, temperature: float = 1.0
                 ) -> tuple[SparseTarget, torch.Tensor]:
-    """Top-k target and gold CE from dense logits ``[B, T, V]`` of a model on the student's own tokens."""
+    """Top-k target (``None``: all V) and gold CE from dense logits ``[B, T, V]`` on the student's own tokens."""
     logp = torch.log_softmax(logits.float() / temperature, -1)
-    top = logp.topk(min(top_k, logp.shape[-1]), -1)
+    top = logp.topk(min(top_k or logp.shape[-1], logp.shape[-1]), -1)
     tail = (1 - top.values.exp().sum(-1)).clamp_min(0)
     nxt = torch.full_like(labels, -100)
     nxt[:, :-1] = labels[:, 1:]
@@ -160,9 +160,13 @@ def topk_target(logits: torch.Tensor, labels: torch.Tensor, top_k: int, temperat
 
 
 class SameTokenizerTeacher:
-    """A teacher that shares the student's tokenizer: run it on the student's ids directly (no alignment)."""
+    """A teacher that shares the student's tokenizer: run it on the student's ids directly (no alignment).
 
-    def __init__(self, model, top_k: int = 10, temperature: float = 1.0, name: str = "teacher"):
+    ``top_k=None`` with a single teacher: the full (dense) teacher distribution, computed chunk by chunk from
+    the teacher's hidden states inside the fused-linear loss (teacher logits are never materialised either).
+    """
+
+    def __init__(self, model, top_k: int | None = 10, temperature: float = 1.0, name: str = "teacher"):
         self.model = model.eval().requires_grad_(False)
         self.top_k, self.temperature, self.name = top_k, temperature, name
 
@@ -339,6 +343,15 @@ class DistillTrainer(Trainer):
             cost = self.emo_cost if c.emo_cost == "fixed" else None
             return losses.fused_linear_emo_loss(h, weight, cost, labels=y, mode=c.emo_mode,
                                                 chunk_size=c.chunk_size, reduction="sum")
+        t0 = self.teachers[0]
+        if len(self.teachers) == 1 and isinstance(t0, SameTokenizerTeacher) and t0.top_k is None:
+            with torch.no_grad():
+                th = _last_hidden(t0.model, inputs)[:, :-1]
+            tw = self.accelerator.unwrap_model(t0.model).get_output_embeddings().weight
+            return losses.fused_linear_distill_loss(
+                h, weight, teacher_hidden=th.reshape(h.shape[0], -1), teacher_weight=tw, labels=y,
+                ce_weight=c.ce_weight, kind=c.kind, temperature=c.temperature, beta=c.beta, alpha=c.alpha,
+                chunk_size=c.chunk_size, reduction="sum")
         fused = self.fused_target(inputs)
         T = fused.ids.shape[1]
         tgt = SparseTarget(fused.ids[:, : T - 1].reshape(h.shape[0], -1),
@@ -504,6 +517,10 @@ def check_recipe(recipe) -> dict:
             raise ValueError(f"teachers.{i}.path: {spec.path} uses a different tokenizer from the student and "
                              "fusion.projection is 'none'; set fusion.projection to 'onehot' or 'bytes' "
                              "to project it onto the student vocabulary")
+        if recipe.fusion.top_k is None and (len(recipe.teachers) != 1 or spec.cache is not None
+                                            or recipe.fusion.include_student or not same_tokenizer(student_tok, tok)):
+            raise ValueError("fusion.top_k: null (the dense teacher distribution) needs exactly one online "
+                             "teacher with the student's tokenizer; set fusion.top_k to a number (e.g. 10)")
         if spec.cache is not None:
             _check_cache(spec.cache, spec.path, recipe.loss.temperature, f"teachers.{i}.cache")
     return {"student": student_tok, "teachers": teacher_toks}
@@ -640,6 +657,11 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
     set_seed(recipe.train.seed)
     student = load_student(recipe, tok)
     teachers = build_teachers(recipe, toks)
+    if recipe.fusion.include_student:  # FuseLLM lets the target model's own distribution compete too
+        import copy
+
+        teachers.append(SameTokenizerTeacher(copy.deepcopy(student), recipe.fusion.top_k, recipe.loss.temperature,
+                                             "student@init"))
     out = Path(recipe.train.output_dir)
     cbs = [MetricsJsonlCallback(out / "metrics.jsonl")] + (callbacks or [])
     if recipe.train.progress:
