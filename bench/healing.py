@@ -3,26 +3,38 @@
     flock /tmp/stillroom-heavy.lock python -m bench.healing                  # everything
     python -m bench.healing --only speed --speed-prompts 10                  # a subset
 
-Quality. A small GPT-2 is trained on the shipped corpus' train split with a byte-level BPE of 8,192 tokens
-(``--train-seconds``, cached under ``runs/bench-healing/`` so reruns skip it). Held-out text (the test
+Quality. Models: ``train`` (default) is a small GPT-2 trained here on the shipped corpus' train split with
+a byte-level BPE of 8,192 tokens (``--train-seconds``, cached under ``runs/bench-healing/``); ``--models``
+also takes model folders, e.g. the shipped teachers in ``stillroom/data/default/``. Held-out text (the test
 split) is cut at random character positions; each prompt is the 300 characters before the cut. Greedy
-continuations are scored by
+continuations (8 new tokens) are scored by
 
 - next-word match: the generated text reproduces the true text through the end of the next word (the rest
-  of the cut word, or the next word when the cut falls between words);
+  of the cut word, or the next word when the cut falls between words), over all cuts and over the cuts that
+  fall inside a token of the text's own tokenization;
 - log-likelihood (nats) of the true next 32 characters: unhealed, the prompt's ids then the continuation's
   own tokenization; healed, the canonical tokenization of the backed-off bytes + continuation after the kept
   ids, with the steps that reproduce the backed-off bytes renormalised over the allowed tokens, as
-  generation does. (transformers' healing is a soft logit bias and defines no likelihood: match rate only.)
+  generation does. (transformers' healing is a soft logit bias and defines no likelihood: match rate only.
+  SentencePiece tokenizers give the continuation alone a virtual leading space, so no unhealed likelihood.)
 
-for: unhealed, stillroom healing, and transformers' ``generate(token_healing=True)``.
+for: unhealed, stillroom healing, and transformers' token healing (``heal_tokens`` then ``generate``: what
+``generate(token_healing=True)`` does, minus its crash on prompts whose re-tokenization changes length; a
+crash of the peer on a prompt counts as a miss and is reported).
 
-Speed. Per-prompt overhead = median over prompts of (time of healed generation - time of plain generation),
-8 new tokens, batch 1, a tiny GPT-2 with the tokenizer's vocabulary (so the model is cheap and the healing
-machinery dominates), for the gpt2, llama3 and qwen2.5 vocabularies; peer: transformers' token healing
-(which rebuilds a prefix trie of the vocabulary on every call). Also: the one-time index build per tokenizer,
-and the healing machinery alone (``prepare`` + the logits processor's calls). torch runs on one thread for the
-timings (the benchmark machine is shared; multi-threaded small ops there are noise).
+Speed. Per-prompt overhead, median over random cuts of held-out text (200-character prompts), 8 new tokens,
+batch 1, a tiny GPT-2 with the tokenizer's vocabulary (so the model is cheap and healing's cost shows), for
+the gpt2, llama3 and qwen2.5 vocabularies:
+
+- machinery: ``prepare`` + the logits processor's calls, timed alone;
+- same steps: (prepare + healed ``model.generate``) - (the same unhealed), both 8 decoding steps;
+- +k steps: ``stillroom.generate(heal=True) - stillroom.generate(heal=False)``, where healing also decodes
+  the k backed-off tokens again (as transformers' healing also spends a decoding step);
+- hf: transformers' healing - plain ``model.generate`` (it rebuilds a prefix trie of the vocabulary on
+  every call, re-tokenizes, and runs a one-token ``generate``).
+
+Also the one-time index build per tokenizer (TokenTable + sorted byte strings). torch runs on one thread
+for the timings (the benchmark machine is shared; multi-threaded small ops there are noise).
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from bench.common import machine, print_table, summary  # noqa: E402
+from bench.common import console, machine, print_table, summary  # noqa: E402
 
 RUN_DIR = Path("runs/bench-healing")
 WORD = re.compile(r"\s*(\w+|[^\w\s]+)")
@@ -260,7 +272,15 @@ def speed(name: str, n_prompts: int, repeats: int, tf_repeats: int) -> dict:
         with torch.no_grad():
             return tf_heal_generate(model, tok, ids, new)
 
-    ours, theirs, machinery, base, healed_n = [], [], [], [], 0
+    def same_steps(p, heal):  # prepare + model.generate with the same number of decoding steps either way
+        batch = healing.prepare(tok, p, heal=heal)
+        with torch.no_grad():
+            out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=new,
+                                 logits_processor=[batch.processor] if batch.processor else None,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=None)
+        return batch.decode(out)
+
+    same, extra, theirs, machinery, base, healed_n = [], [], [], [], [], 0
     proc_time = [0.0]
     original_call = healing.TokenHealingLogitsProcessor.__call__
 
@@ -273,7 +293,8 @@ def speed(name: str, n_prompts: int, repeats: int, tf_repeats: int) -> dict:
     for p in prompts:
         ids = tok(p, return_tensors="pt")["input_ids"]
         base.append(_timed(lambda p=p: plain(p), repeats))
-        ours.append(_timed(lambda p=p: healed(p), repeats) - base[-1])
+        extra.append(_timed(lambda p=p: healed(p), repeats) - base[-1])
+        same.append(_timed(lambda p=p: same_steps(p, True), repeats) - _timed(lambda p=p: same_steps(p, False), repeats))
         theirs.append(_timed(lambda ids=ids: tf_healed(ids), tf_repeats) - _timed(lambda ids=ids: tf_plain(ids),
                                                                                    tf_repeats))
         # the machinery alone: prepare + the processor's calls during one healed generation
@@ -286,10 +307,10 @@ def speed(name: str, n_prompts: int, repeats: int, tf_repeats: int) -> dict:
         healing.TokenHealingLogitsProcessor.__call__ = original_call
         machinery.append(prep + proc_time[0])
         healed_n += batch.backed_off[0] > 0
-    o, t = statistics.median(ours), statistics.median(theirs)
-    return {"vocab": len(tok), "build_s": build, "plain_ms": statistics.median(base) * 1e3, "ours_ms": o * 1e3, "tf_ms": t * 1e3,
-            "machinery_ms": statistics.median(machinery) * 1e3, "ratio": t / max(o, 1e-6),
-            "ratio_machinery": t / statistics.median(machinery), "healed": healed_n, "n": len(prompts)}
+    med = {k: statistics.median(v) * 1e3 for k, v in
+           {"same": same, "extra": extra, "tf": theirs, "machinery": machinery, "plain": base}.items()}
+    return {"vocab": len(tok), "build_s": build, **med, "ratio_same": med["tf"] / max(med["same"], 1e-3),
+            "ratio_extra": med["tf"] / max(med["extra"], 1e-3), "healed": healed_n, "n": len(prompts)}
 
 
 def main() -> None:
@@ -304,6 +325,7 @@ def main() -> None:
     ap.add_argument("--tf-repeats", type=int, default=2)
     ap.add_argument("--tokenizers", default="gpt2,llama3,qwen2.5")
     args = ap.parse_args()
+    console.width = max(console.width, 150)  # wide tables; this process only
     print(f"machine: {machine()}")
     lines = []
     if args.only in (None, "quality"):
@@ -340,13 +362,13 @@ def main() -> None:
         rows = []
         for name in args.tokenizers.split(","):
             s = speed(name, args.speed_prompts, args.repeats, args.tf_repeats)
-            rows.append([name, s["vocab"], s["build_s"], s["plain_ms"], s["machinery_ms"], s["ours_ms"], s["tf_ms"], s["ratio"],
-                         s["ratio_machinery"], f"{s['healed']}/{s['n']}"])
-            lines.append(f"{name} overhead {s['ours_ms']:.2f} ms vs transformers {s['tf_ms']:.0f} ms "
-                         f"({s['ratio']:.0f}x)")
-        print_table("per-prompt healing overhead (median; 8 new tokens, batch 1, tiny GPT-2 with that vocabulary)",
-                    ["tokenizer", "vocab", "build s", "plain ms", "mach. ms", "ours ms", "hf ms", "ratio", "ratio m.",
-                     "healed"], rows)
+            rows.append([name, s["vocab"], s["build_s"], s["plain"], s["machinery"], s["same"], s["extra"], s["tf"],
+                         s["ratio_same"], s["ratio_extra"], f"{s['healed']}/{s['n']}"])
+            lines.append(f"{name}: overhead {s['same']:.2f} ms (same steps; {s['extra']:.2f} ms with the extra "
+                         f"step) vs transformers {s['tf']:.0f} ms ({s['ratio_same']:.0f}x / {s['ratio_extra']:.0f}x)")
+        print_table("per-prompt healing overhead, ms (median; 8 new tokens, batch 1, tiny GPT-2 with that vocabulary)",
+                    ["tokenizer", "vocab", "build s", "plain", "machinery", "same steps", "+k steps", "hf",
+                     "ratio", "ratio +k", "healed"], rows)
     summary("; ".join(lines))
 
 
