@@ -72,21 +72,20 @@ class Alignment:
     def to_dict(self) -> dict:
         """JSON-ready: groups with ids, token strings, text of each side and exactness."""
         out = []
+        a, a_off = self.src_table.pieces(self.src_ids)
+        b, b_off = self.tgt_table.pieces(self.tgt_ids)
+        a, b = a.tobytes(), b.tobytes()
         for (s0, s1, t0, t1), ex in zip(self.groups.tolist(), self.exact.tolist(), strict=True):
             out.append({
                 "src": [s0, s1], "tgt": [t0, t1], "exact": bool(ex),
                 "src_ids": self.src_ids[s0:s1].tolist(), "tgt_ids": self.tgt_ids[t0:t1].tolist(),
                 "src_tokens": [self.src_table.token_strings[i] for i in self.src_ids[s0:s1]],
                 "tgt_tokens": [self.tgt_table.token_strings[i] for i in self.tgt_ids[t0:t1]],
-                "src_text": _group_text(self.src_table, self.src_ids, s0, s1),
-                "tgt_text": _group_text(self.tgt_table, self.tgt_ids, t0, t1),
+                "src_text": a[a_off[s0]:a_off[s1]].decode("utf-8", errors="replace"),
+                "tgt_text": b[b_off[t0]:b_off[t1]].decode("utf-8", errors="replace"),
             })
         return {"mode": self.mode, "src_len": self.src_len, "tgt_len": self.tgt_len,
                 "exact_fraction": self.exact_fraction, "groups": out}
-
-
-def _group_text(table: TokenTable, ids: np.ndarray, start: int, end: int) -> str:
-    return b"".join(table.token_bytes[i] for i in ids[start:end]).decode("utf-8", errors="replace")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -347,3 +347,46 @@ def test_bad_input(shared_tokenizer):
         project(torch.zeros(len(a), 2, dtype=torch.long), torch.zeros(len(a), 2), al, vm, b, fallback="x")
     assert len(align([], [], G, M)) == 0
     check_partition(align([], b, G, M), 0, len(b))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_align_json_and_table(tiny_models, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from stillroom.cli import app
+
+    runner = CliRunner()
+    src, tgt = str(tiny_models["gpt2-bpe"]), str(tiny_models["llama-spm"])
+    text = "To be, or not to be:\nthat is the question 1850."
+    res = runner.invoke(app, ["align", "--source", src, "--target", tgt, "--text", text, "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    groups = out["groups"]
+    assert groups[0]["tgt_tokens"] == ["<s>"] and not groups[0]["exact"]  # BOS alone
+    assert all(g["exact"] for g in groups[1:])
+    assert "".join(g["src_text"] for g in groups) == text == "".join(g["tgt_text"] for g in groups)
+    assert [x for g in groups for x in g["tgt_ids"]] == out["tgt_ids"]
+    file = tmp_path / "t.txt"
+    file.write_text(text, encoding="utf-8")
+    res = runner.invoke(app, ["align", "--source", src, "--target", tgt, "--file", str(file)])
+    assert res.exit_code == 0, res.output
+    assert "gpt2-bpe" in res.output and "✓" in res.output and "'.'" in res.output
+    res = runner.invoke(app, ["align", "--source", src, "--target", tgt, "--text", text, "--mode", "dtw", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["mode"] == "dtw"
+
+
+def test_cli_align_bad_input(tiny_models, tmp_path):
+    from typer.testing import CliRunner
+
+    from stillroom.cli import app
+
+    runner = CliRunner()
+    src = str(tiny_models["gpt2-bpe"])
+    res = runner.invoke(app, ["align", "--source", src, "--target", src])
+    assert res.exit_code != 0 and "--text or --file" in res.output
+    res = runner.invoke(app, ["align", "--source", str(tmp_path / "nope"), "--target", src, "--text", "x"])
+    assert res.exit_code != 0 and "tokenizer folder" in res.output
+    res = runner.invoke(app, ["align", "--source", src, "--target", src, "--text", "x", "--mode", "fast"])
+    assert res.exit_code != 0 and "--mode" in res.output
