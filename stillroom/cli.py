@@ -279,6 +279,61 @@ def vocab_map(
     console.print(f"saved {out}")
 
 
+# --- align ------------------------------------------------------------------------------------------------
+@app.command("align")
+def align_cmd(
+    source: str = typer.Option(..., help="Source tokenizer: a folder with tokenizer.json, or a name in ../shared/tokenizers."),
+    target: str = typer.Option(..., help="Target tokenizer (same forms)."),
+    text: Optional[str] = typer.Option(None, help="The text to tokenize with both and align."),
+    file: Optional[Path] = typer.Option(None, help="Read the text from this UTF-8 file instead."),
+    mode: str = typer.Option("exact", help="'exact' (byte offsets) or 'dtw' (FuseLLM's token-string DTW)."),
+    special: bool = typer.Option(True, "--special/--no-special", help="Let the tokenizers add BOS/EOS/CLS..."),
+    json_out: bool = typer.Option(False, "--json", help="Print groups, ids, token strings and exactness as JSON."),
+) -> None:
+    """Tokenize one text with two tokenizers and show which tokens spell the same bytes."""
+    import json
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from stillroom.align import align
+    from stillroom.tokens import TokenTable
+
+    if (text is None) == (file is None):
+        raise typer.BadParameter("give exactly one of --text or --file")
+    if file is not None:
+        if not file.is_file():
+            raise typer.BadParameter(f"--file {file} does not exist")
+        text = file.read_text(encoding="utf-8")
+    if mode not in ("exact", "dtw"):
+        raise typer.BadParameter(f"--mode must be 'exact' or 'dtw', got {mode!r}")
+    src_tok, tgt_tok = _vocab_tokenizer(source), _vocab_tokenizer(target)
+    src_table, tgt_table = TokenTable.from_tokenizer(src_tok), TokenTable.from_tokenizer(tgt_tok)
+    src_ids = src_tok(text, add_special_tokens=special).input_ids
+    tgt_ids = tgt_tok(text, add_special_tokens=special).input_ids
+    al = align(src_ids, tgt_ids, src_table, tgt_table, mode=mode, text=text)
+    result = al.to_dict()
+    if json_out:
+        result.update(source=source, target=target, src_ids=list(src_ids), tgt_ids=list(tgt_ids))
+        print(json.dumps(result, ensure_ascii=False))
+        return
+    src_name, tgt_name = Path(source).name, Path(target).name
+    table = Table(title=f"{src_name} ⇄ {tgt_name}: {len(src_ids)} / {len(tgt_ids)} tokens, {len(al)} groups, "
+                        f"{result['exact_fraction']:.1%} of target tokens in exact groups ({mode})")
+    for col in ("#", src_name, tgt_name, "text", "exact"):
+        table.add_column(col)
+
+    def show(tab: TokenTable, ids: list[int]) -> str:  # each token's own bytes, "|"-separated, spaces visible
+        return escape("|".join(tab.token_bytes[i].decode("utf-8", "backslashreplace").replace(" ", "␣")
+                               .replace("\n", "\\n") or tab.token_strings[i] for i in ids))
+
+    for k, g in enumerate(result["groups"]):
+        style = None if g["exact"] else "yellow"
+        table.add_row(str(k), show(src_table, g["src_ids"]), show(tgt_table, g["tgt_ids"]),
+                      escape(repr(g["tgt_text"] or g["src_text"])), "✓" if g["exact"] else "✗", style=style)
+    console.print(table)
+
+
 def main() -> None:
     app()
 
