@@ -147,7 +147,8 @@ def test_real_model_matches_one_full_forward(tiny_models):
 
 def naive_teacher_metrics(student_lp: torch.Tensor, teacher_lp: torch.Tensor) -> tuple[float, float]:
     """Rows are aligned already; KL(T||S) per row, averaged, and the top-1 match rate."""
-    kl = torch.nn.functional.kl_div(student_lp, teacher_lp, log_target=True, reduction="none").sum(-1)
+    p = teacher_lp.exp()
+    kl = (p * (teacher_lp - student_lp)).nan_to_num(0.0).sum(-1)  # 0 * (-inf) terms count as 0
     agree = (student_lp.argmax(-1) == teacher_lp.argmax(-1)).double()
     return agree.mean().item(), kl.mean().item()
 
@@ -220,3 +221,46 @@ def test_bad_input_is_named():
         evaluate(hand_bigram(), CharTokenizer("ab"), "ab")
     with pytest.raises(ValueError, match="stride"):
         evaluate(hand_bigram(), CharTokenizer("ab"), ["ab"], context=4, stride=4)
+
+
+def test_teacher_metrics_cross_tokenizer_naive(tiny_models):
+    """Student byte-level BPE vs teacher ▁ BPE: pairs from the tokenizers' own character offsets, a dense
+    push-forward of the teacher distribution through the vocabulary map, KL and argmax computed directly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stillroom.tokens import TokenTable
+    from stillroom.vocab import VocabMap
+
+    s_tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
+    t_tok = AutoTokenizer.from_pretrained(tiny_models["llama-spm"])
+    student = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2-bpe"]).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_models["llama-spm"]).eval()
+    texts = ["But, soft! what light through yonder window breaks?", "The quality of mercy is not strain'd,\n"
+             "It droppeth as the gentle rain from heaven"]
+    mapping = torch.as_tensor(VocabMap.cached(TokenTable.from_tokenizer(t_tok), TokenTable.from_tokenizer(s_tok)).mapping)
+    push = torch.zeros(len(mapping), len(s_tok), dtype=torch.float64)  # dense [V_t, V_s] 0/1 matrix
+    push[torch.arange(len(mapping)), mapping] = 1.0
+
+    def rows(model, tok, text):
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor([[tok.bos_token_id] + enc["input_ids"]])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits.double(), -1)[0, :-1]
+        return lp, [tuple(o) for o in enc["offset_mapping"]]
+
+    s_all, t_all = [], []
+    for text in texts:
+        s_lp, s_off = rows(student, s_tok, text)
+        t_lp, t_off = rows(teacher, t_tok, text)
+        t_index = {span: i for i, span in enumerate(t_off)}
+        for j, span in enumerate(s_off):
+            if span in t_index:
+                s_all.append(s_lp[j])
+                t_all.append((t_lp[t_index[span]].exp() @ push).log())
+    assert len(s_all) > 20
+    agree, kl = naive_teacher_metrics(torch.stack(s_all), torch.stack(t_all))
+    r = evaluate(student, s_tok, texts, teachers=[("spm", teacher, t_tok)])
+    (m,) = r.teachers
+    assert m.aligned == len(s_all) and m.positions == r.tokens
+    assert m.top1_agreement == pytest.approx(agree, abs=1e-9)
+    assert m.kl_nats == pytest.approx(kl, rel=1e-4)
