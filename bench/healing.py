@@ -245,6 +245,8 @@ def speed(name: str, n_prompts: int, repeats: int, tf_repeats: int) -> dict:
         raise SystemExit("../shared is absent: the speed benchmark needs ../shared/tokenizers (gpt2, llama3, qwen2.5)")
     tok = AutoTokenizer.from_pretrained(shared / "tokenizers" / name)
     tok.pad_token = tok.pad_token or tok.eos_token
+    if tok.bos_token is None:  # transformers' healing crashes without one (Qwen has none): lend it the EOS
+        tok.bos_token = tok.eos_token
     t = time.perf_counter()
     healing.index_for(tok)
     build = time.perf_counter() - t
