@@ -153,7 +153,7 @@ def _byte_cuts(a: np.ndarray, a_off: np.ndarray, b: np.ndarray, b_off: np.ndarra
 
 def _side(ids: np.ndarray, table: TokenTable):
     """Byte stream over the non-special tokens, their offsets, and the index map back to ``ids``."""
-    stream, offsets = table.pieces(ids)
+    stream, offsets = table.pieces(ids, checked=True)
     special = table.is_special[ids]
     if table.unk_id is not None:
         special &= ids != table.unk_id  # unknown tokens are text (of unknown bytes), not markers
@@ -162,13 +162,24 @@ def _side(ids: np.ndarray, table: TokenTable):
     return stream, off, ns
 
 
+def _first_index(off: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """For each value in ``p`` (all present in the sorted ``off``), the first index where ``off`` holds it."""
+    first = np.empty(off.shape[0], dtype=bool)
+    first[0] = True
+    np.not_equal(off[1:], off[:-1], out=first[1:])
+    idx = np.flatnonzero(first)
+    pos = np.empty(int(off[-1]) + 1, dtype=np.int64)
+    pos[off[idx]] = idx
+    return pos[p]
+
+
 def _align_exact(src: np.ndarray, tgt: np.ndarray, st: TokenTable, tt: TokenTable):
     a, a_off, ns_a = _side(src, st)
     b, b_off, ns_b = _side(tgt, tt)
     p, q, clean = _byte_cuts(a, a_off, b, b_off)
     # byte cuts -> cuts in non-special token indices (zero-length tokens join the following group)
-    ci = np.searchsorted(a_off, p, side="left")
-    cj = np.searchsorted(b_off, q, side="left")
+    ci = _first_index(a_off, p)
+    cj = _first_index(b_off, q)
     na, nb = ns_a.shape[0], ns_b.shape[0]
     if ci[-1] != na or cj[-1] != nb:
         if ci.shape[0] == 1:
@@ -235,24 +246,24 @@ def dtw_path(a: list[str], b: list[str]) -> list[tuple[int, int]]:
     # pairwise costs over the distinct strings only (a text repeats its tokens), then gathered
     ua, ia = np.unique(np.array(a, dtype=object), return_inverse=True)
     ub, ib = np.unique(np.array(b, dtype=object), return_inverse=True)
-    cost = process.cdist(list(ua), list(ub), scorer=Levenshtein.distance, dtype=np.int32, workers=1)[ia][:, ib]
-    if int(cost.max(initial=0)) * (n + m) >= _BIG:
+    cost_u = process.cdist(list(ua), list(ub), scorer=Levenshtein.distance, dtype=np.int32, workers=1)[:, ib]
+    if int(cost_u.max(initial=0)) * (n + m) >= _BIG:
         raise ValueError("dtw_path: sequences too long for the int32 DP matrix; split the text")
+    # rows of equal source strings are equal: prefix sums once per distinct string
+    C_u = np.cumsum(cost_u, axis=1, dtype=np.int32)  # C[j] = cost[0] + ... + cost[j]
+    S_u = C_u - cost_u  # C[j-1]
     D = np.empty((n + 1, m + 1), dtype=np.int32)
     D[0, :] = _BIG
     D[:, 0] = _BIG
     D[0, 0] = 0
     mk = np.empty(m, dtype=np.int32)
-    c = np.empty(m, dtype=np.int32)
     for i in range(1, n + 1):
+        u = ia[i - 1]
         prev = D[i - 1]
-        row = cost[i - 1]
-        np.cumsum(row, out=c)  # C[j]
         np.minimum(prev[:-1], prev[1:], out=mk)  # min(D[i-1][j-1], D[i-1][j]) for j = 1..m
-        mk -= c
-        mk += row  # m[k] - C[k-1]
+        mk -= S_u[u]  # m[k] - C[k-1]
         np.minimum.accumulate(mk, out=mk)
-        np.add(mk, c, out=D[i, 1:])
+        np.add(mk, C_u[u], out=D[i, 1:])
     # backtrack on D[1:, 1:] exactly as FuseLLM does (argmin over [diag, up, left], first wins)
     M = D[1:, 1:]
     i, j = n - 1, m - 1
