@@ -37,6 +37,7 @@ IMPLS = {
 }
 BETA = {"jsd": 0.5, "forward_kl": 0.0, "reverse_kl": 1.0}
 TOPK = 64
+MATERIALISED = ("trl", "dense", "reference")
 
 
 def _inputs(n: int):
@@ -165,7 +166,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--only", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     ap.add_argument("--impls", nargs="+", default=None, help="restrict implementations")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-n-materialised", type=int, default=1024,
+                    help="largest N for peers that materialise N×V logits (TRL needs > 24 GB at 2,048)")
+    ap.add_argument("--max-n-liger", type=int, default=1024)
     ap.add_argument("--child", nargs=3, metavar=("LOSS", "IMPL", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -184,8 +188,11 @@ def main() -> None:
                     continue
                 if impl == "liger" and not have_liger:
                     continue
-                if impl == "trl" and n >= 2048:
-                    rows.append([loss, n, impl, "skipped (needs > 24 GB)", "", "", ""])
+                if impl in MATERIALISED and n > args.max_n_materialised:
+                    rows.append([loss, n, impl, "skipped (N×V logits: out of the shared 24 GB)", "", "", ""])
+                    continue
+                if impl == "liger" and n > args.max_n_liger:
+                    rows.append([loss, n, impl, "skipped (--max-n-liger)", "", "", ""])
                     continue
                 r = run_child("bench.losses", ["--child", loss, impl, str(n), "--repeats", str(args.repeats)])
                 results[(loss, n, impl)] = r
