@@ -38,28 +38,43 @@ def _root(
 
 # --- demo -------------------------------------------------------------------------------------------------
 @app.command()
-def demo(out: Optional[Path] = typer.Option(None, help="Output folder (default: runs/demo-TIMESTAMP).")) -> None:
-    """Run the pipeline on the embedded default (shipped corpus, tiny models), on CPU, offline."""
-    import time
+def demo(
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: runs/demo-TIMESTAMP)."),
+    teacher: Optional[list[Path]] = typer.Option(None, help="Teacher model folder; repeat for several "
+                                                 "(default: the two shipped tiny teachers)."),
+    student_tokenizer: Optional[Path] = typer.Option(None, help="Folder with the student's tokenizer "
+                                                     "(default: the shipped third tokenizer)."),
+    train: Optional[Path] = typer.Option(None, help="Training DATA (default: shipped corpus, train works)."),
+    validation: Optional[Path] = typer.Option(None, help="Validation DATA (default: shipped validation work)."),
+    test: Optional[Path] = typer.Option(None, help="Held-out DATA for the report (default: shipped test work)."),
+    steps: int = typer.Option(300, min=1, help="Training steps for each student."),
+    batch_size: int = typer.Option(8, min=1),
+    seq_len: int = typer.Option(128, min=8),
+    seed: int = typer.Option(0),
+    fusion_method: str = typer.Option("min_ce", help="min_ce, avg_ce or mean."),
+    fusion_level: str = typer.Option("sequence", help="sequence or token."),
+    projection: str = typer.Option("onehot", help="Fallback where alignment is not 1-to-1: onehot or bytes."),
+    max_blocks: Optional[int] = typer.Option(None, min=1, help="Use only the first N training blocks."),
+    eval_chars: Optional[int] = typer.Option(None, min=1, help="Evaluate on the first N characters of each "
+                                             "held-out work."),
+) -> None:
+    """Whole pipeline on the embedded default (or your teachers/data): vocab maps, caches, fusion, eval, report."""
+    from stillroom.demo import DemoOptions, run_demo
 
-    from rich.table import Table
-
-    from stillroom.testing import build_fixture_models
-
-    out = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    with console.status("training tokenizers and building tiny models on the shipped corpus"):
-        models = build_fixture_models(out / "models")
-    table = Table(title="models built from the shipped corpus")
-    for col in ("name", "model", "vocab", "params", "folder"):
-        table.add_column(col)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    for name, path in models.items():
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
-        params = f"{sum(p.numel() for p in model.parameters()):,}"
-        table.add_row(name, type(model).__name__, str(len(tok)), params, str(path))
-    console.print(table)
+    opts = DemoOptions(out=out, steps=steps, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                       fusion_method=fusion_method, fusion_level=fusion_level, projection=projection,
+                       max_blocks=max_blocks, eval_chars=eval_chars)
+    if teacher:
+        opts.teachers = [str(t) for t in teacher]
+    for name, value in (("student_tokenizer", student_tokenizer), ("train", train), ("validation", validation),
+                        ("test", test)):
+        if value is not None:
+            setattr(opts, name, str(value))
+    try:
+        run_demo(opts, console)
+    except (FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
 
 
 # --- cache ------------------------------------------------------------------------------------------------

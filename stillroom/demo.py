@@ -1,0 +1,261 @@
+"""The embedded default, end to end: what ``stillroom demo`` (and ``make demo``) runs.
+
+Pipeline, each stage a library call a user can make on their own models:
+
+1. vocabulary maps teacher → student (``VocabMap.cached``: exact bytes, then MinED);
+2. one offline top-k cache per teacher over exactly the student's training blocks (``write_cache``);
+3. the fused student: FuseLLM-style training, ``λ·CE + (1−λ)·CE(fused teacher, student)``, teachers read from
+   their caches, aligned and projected onto the student's vocabulary, fused per sequence by MinCE;
+4. a CE-only baseline: same student architecture, data, steps and seed, no teachers;
+5. evaluation of the teachers and both students on held-out works, in bits per byte (comparable across
+   tokenizers), and a report (``report.md``, ``results.json``, loss-curve and bits-per-byte plots).
+
+Defaults use the shipped assets: two tiny teachers with different tokenizer families (byte-level BPE GPT-2,
+``▁`` BPE Llama with byte fallback), a third tokenizer for the student, and the shipped Shakespeare corpus split
+by whole works. Every default can be replaced (``DemoOptions``; CLI flags of ``stillroom demo``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from stillroom.testing import PACKAGE_DATA
+
+DEFAULT = PACKAGE_DATA / "default"
+CORPUS = PACKAGE_DATA / "corpus"
+
+
+@dataclass
+class DemoOptions:
+    """Everything the demo does, with the embedded default as default. Paths may be any HF model folders."""
+
+    out: Path | None = None
+    teachers: list[str] = field(default_factory=lambda: [str(DEFAULT / "teacher-bpe"), str(DEFAULT / "teacher-spm")])
+    student_tokenizer: str = str(DEFAULT / "student-tokenizer")
+    student_config: dict = field(default_factory=lambda: {"model_type": "gpt2", "n_layer": 2, "n_embd": 128,
+                                                          "n_head": 4, "n_positions": 256})
+    train: str = str(CORPUS / "train")
+    validation: str = str(CORPUS / "validation")
+    test: str = str(CORPUS / "test")
+    seq_len: int = 128
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 2e-3
+    seed: int = 0
+    top_k: int = 10
+    ce_weight: float = 0.9
+    temperature: float = 1.0
+    fusion_method: str = "min_ce"
+    fusion_level: str = "sequence"
+    projection: str = "onehot"
+    max_blocks: int | None = None
+    eval_chars: int | None = None  # evaluate on the first N characters of each held-out work (None = all)
+
+    def recipe(self, name: str, out_dir: Path, caches: list[str] | None) -> dict:
+        """The training recipe (a dict for :func:`stillroom.trainer.train`); ``caches=None`` = CE-only."""
+        teachers = [] if caches is None else [
+            {"path": t, "cache": c, "name": Path(t).name} for t, c in zip(self.teachers, caches, strict=True)]
+        return {
+            "name": name,
+            "student": self.student_tokenizer,
+            "student_config": dict(self.student_config),
+            "teachers": teachers,
+            "data": {"train": self.train, "eval": self.validation, "seq_len": self.seq_len,
+                     "max_blocks": self.max_blocks},
+            "loss": {"kind": "forward_kl", "ce_weight": self.ce_weight if teachers else 1.0,
+                     "temperature": self.temperature},
+            "fusion": {"method": self.fusion_method, "level": self.fusion_level, "top_k": self.top_k,
+                       "projection": self.projection},
+            "train": {"output_dir": str(out_dir), "max_steps": self.steps, "batch_size": self.batch_size,
+                      "lr": self.lr, "warmup_steps": min(20, self.steps // 10), "seed": self.seed,
+                      "logging_steps": max(1, min(10, self.steps // 10)), "eval_steps": None, "plot": True},
+        }
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    rows: list[dict]  # one per model: name, role, bits_per_byte, token_perplexity, tokens, bytes
+    seconds: dict[str, float]
+
+
+def _held_out_texts(path: str, eval_chars: int | None) -> list[str]:
+    from stillroom.data_io import load_texts
+
+    texts = [t for _, t in load_texts(path)]
+    return [t[:eval_chars] for t in texts] if eval_chars else texts
+
+
+def run_demo(opts: DemoOptions | None = None, console: Console | None = None) -> DemoResult:
+    """Run the whole pipeline; returns the results table and writes ``OUT/report.md``."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from stillroom.cache import OnlineTeacher, write_cache
+    from stillroom.evaluate import evaluate, load_model, report_table
+    from stillroom.recipe import load_recipe
+    from stillroom.tokens import TokenTable
+    from stillroom.trainer import export_training_blocks, train
+    from stillroom.vocab import VocabMap
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one Rich progress per stage, not a bar per weight load
+    opts = opts or DemoOptions()
+    console = console or Console()
+    out = Path(opts.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    for t in opts.teachers:
+        if not (Path(t) / "config.json").exists():
+            raise FileNotFoundError(f"--teacher {t}: not a Hugging Face model folder (no config.json)")
+    seconds: dict[str, float] = {}
+    names = [Path(t).name for t in opts.teachers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--teacher: teacher folders need distinct names, got {names}")
+
+    def stage(title: str) -> float:
+        console.rule(f"[bold]{title}")
+        return time.perf_counter()
+
+    # 1. vocabulary maps -------------------------------------------------------------------------------------
+    t0 = stage("1/5 vocabulary maps (teacher → student: exact bytes, then minimum edit distance)")
+    s_table = TokenTable.from_tokenizer(AutoTokenizer.from_pretrained(opts.student_tokenizer))
+    for path, name in zip(opts.teachers, names, strict=True):
+        vmap = VocabMap.cached(TokenTable.from_tokenizer(AutoTokenizer.from_pretrained(path)), s_table,
+                               out / "vocab", progress=True)
+        st = vmap.stats()
+        console.print(f"{name}: {st}")
+    seconds["vocab maps"] = time.perf_counter() - t0
+
+    # 2. teacher caches over the student's training blocks -----------------------------------------------------
+    t0 = stage("2/5 offline teacher caches (top-k, compact, resumable)")
+    fused_recipe = load_recipe(opts.recipe("demo-fused", out / "fused", caches=None))
+    blocks_file = out / "train_blocks.jsonl"
+    n_blocks = export_training_blocks(fused_recipe, blocks_file)
+    console.print(f"{n_blocks} training blocks of ≤ {opts.seq_len} student tokens → {blocks_file}")
+    caches = []
+    for path, name in zip(opts.teachers, names, strict=True):
+        teacher = OnlineTeacher(path, top_k=opts.top_k, temperature=opts.temperature)
+        s = write_cache(teacher, blocks_file, out / "cache" / name, console=console)
+        console.print(f"{name}: {s.rows} rows, {s.tokens:,} teacher tokens in {s.seconds:.1f} s → {s.out}")
+        caches.append(str(out / "cache" / name))
+        del teacher
+    seconds["teacher caches"] = time.perf_counter() - t0
+
+    # 3-4. students -----------------------------------------------------------------------------------------
+    t0 = stage(f"3/5 fused student ({opts.fusion_method} at {opts.fusion_level} level, λ = {opts.ce_weight})")
+    fused = train(opts.recipe("demo-fused", out / "fused", caches))
+    seconds["fused student"] = time.perf_counter() - t0
+    t0 = stage("4/5 CE-only baseline (same architecture, data, steps and seed; no teachers)")
+    baseline = train(opts.recipe("demo-ce-only", out / "ce-only", caches=None))
+    seconds["CE-only student"] = time.perf_counter() - t0
+
+    # 5. evaluation -------------------------------------------------------------------------------------------
+    t0 = stage("5/5 evaluation on held-out works (bits per byte: lower is better)")
+    texts = _held_out_texts(opts.test, opts.eval_chars)
+    reports, roles = [], []
+    for path, role in [*[(t, "teacher") for t in opts.teachers], (fused.output_dir, "fused student"),
+                       (baseline.output_dir, "CE-only student")]:
+        model, tok = load_model(path)
+        name = Path(path).name
+        with torch.no_grad():
+            reports.append(evaluate(model, tok, texts, name=name, progress=True))
+        roles.append(role)
+    seconds["evaluation"] = time.perf_counter() - t0
+    console.print(report_table(reports))
+
+    rows = [{"model": r.model, "role": role, "bits_per_byte": r.bits_per_byte,
+             "token_perplexity": r.token_perplexity, "tokens": r.tokens, "bytes": r.bytes}
+            for r, role in zip(reports, roles, strict=True)]
+    result = DemoResult(out, rows, seconds)
+    write_report(result, opts, fused.history, baseline.history)
+    console.print(f"\nreport: {out / 'report.md'}")
+    return result
+
+
+def _loss_points(history: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pts = [(h["step"], h[key]) for h in history if key in h and "step" in h]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def write_report(result: DemoResult, opts: DemoOptions, fused_history: list[dict],
+                 baseline_history: list[dict]) -> None:
+    """``report.md`` + ``results.json`` + ``loss_curves.png`` + ``bits_per_byte.png`` in ``result.out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = result.out
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for hist, label in ((fused_history, "fused student (total loss)"), (baseline_history, "CE-only student")):
+        x, y = _loss_points(hist, "loss")
+        if x:
+            ax.plot(x, y, label=label)
+    for hist, label in ((fused_history, "fused: CE part"),):
+        x, y = _loss_points(hist, "ce")
+        if x:
+            ax.plot(x, y, "--", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.legend()
+    ax.set_title("training loss")
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    labels = [f"{r['model']}\n({r['role']})" for r in result.rows]
+    ax.bar(range(len(labels)), [r["bits_per_byte"] for r in result.rows],
+           color=["#999999" if r["role"] == "teacher" else "#3366cc" for r in result.rows])
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylabel("bits per byte (held-out)")
+    ax.set_title("held-out bits per byte (lower is better)")
+    fig.tight_layout()
+    fig.savefig(out / "bits_per_byte.png", dpi=120)
+    plt.close(fig)
+
+    opts_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+    (out / "results.json").write_text(json.dumps({"rows": result.rows, "seconds": result.seconds,
+                                                  "options": opts_dict}, indent=2), encoding="utf-8")
+    table = "\n".join(f"| {r['model']} | {r['role']} | {r['bits_per_byte']:.4f} | {r['token_perplexity']:.2f} | "
+                      f"{r['tokens']:,} | {r['bytes']:,} |" for r in result.rows)
+    timing = "\n".join(f"| {k} | {v:.1f} |" for k, v in result.seconds.items())
+    by_role = {r["role"]: r["bits_per_byte"] for r in result.rows}
+    verdict = ""
+    if "fused student" in by_role and "CE-only student" in by_role:
+        gain = by_role["CE-only student"] - by_role["fused student"]
+        verdict = (f"\nThe fused student is **{abs(gain):.4f} bits/byte {'better' if gain > 0 else 'worse'}** than "
+                   f"the CE-only student trained with the same steps, data and seed (one seed here; "
+                   f"`python -m bench.fusion` repeats it over seeds with single-teacher KD students too).\n")
+    (out / "report.md").write_text(f"""# stillroom demo report
+
+Teachers: {', '.join(f'`{t}`' for t in opts.teachers)}. Student tokenizer: `{opts.student_tokenizer}`;
+student `{opts.student_config}` trained from scratch for {opts.steps} steps of {opts.batch_size} × {opts.seq_len}
+tokens (seed {opts.seed}). Fusion: {opts.fusion_method} at {opts.fusion_level} level, top-{opts.top_k},
+λ = {opts.ce_weight}, temperature {opts.temperature}, projection fallback `{opts.projection}`.
+
+## Held-out results (`{opts.test}`)
+
+| model | role | bits/byte | token ppl | tokens | bytes |
+|---|---|---|---|---|---|
+{table}
+{verdict}
+Bits per byte = total negative log-likelihood of the text in bits ÷ its UTF-8 bytes: comparable across models
+with different tokenizers (token perplexity is not).
+
+![loss curves](loss_curves.png)
+
+![bits per byte](bits_per_byte.png)
+
+## Time (seconds)
+
+| stage | seconds |
+|---|---|
+{timing}
+""", encoding="utf-8")
