@@ -56,10 +56,10 @@ class DemoOptions:
     max_blocks: int | None = None
     eval_chars: int | None = None  # evaluate on the first N characters of each held-out work (None = all)
 
-    def recipe(self, name: str, out_dir: Path, caches: list[str] | None) -> dict:
-        """The training recipe (a dict for :func:`stillroom.trainer.train`); ``caches=None`` = CE-only."""
-        teachers = [] if caches is None else [
-            {"path": t, "cache": c, "name": Path(t).name} for t, c in zip(self.teachers, caches, strict=True)]
+    def recipe(self, name: str, out_dir: Path, teachers: list[tuple[str, str]] = ()) -> dict:
+        """The training recipe (a dict for :func:`stillroom.trainer.train`) for a student distilled from
+        ``teachers`` — ``(model folder, cache folder)`` pairs; none = the CE-only baseline."""
+        teachers = [{"path": t, "cache": c, "name": Path(t).name} for t, c in teachers]
         return {
             "name": name,
             "student": self.student_tokenizer,
@@ -84,7 +84,66 @@ class DemoResult:
     seconds: dict[str, float]
 
 
-def _held_out_texts(path: str, eval_chars: int | None) -> list[str]:
+def teacher_names(opts: DemoOptions) -> list[str]:
+    names = [Path(t).name for t in opts.teachers]
+    for t in opts.teachers:
+        if not (Path(t) / "config.json").exists():
+            raise FileNotFoundError(f"--teacher {t}: not a Hugging Face model folder (no config.json)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--teacher: teacher folders need distinct names, got {names}")
+    return names
+
+
+def build_vocab_maps(opts: DemoOptions, out: Path, console: Console) -> None:
+    """Stage 1: teacher → student vocabulary maps, saved under ``out/vocab`` (reused by training)."""
+    from transformers import AutoTokenizer
+
+    from stillroom.tokens import TokenTable
+    from stillroom.vocab import VocabMap
+
+    s_table = TokenTable.from_tokenizer(AutoTokenizer.from_pretrained(opts.student_tokenizer))
+    for path, name in zip(opts.teachers, teacher_names(opts), strict=True):
+        vmap = VocabMap.cached(TokenTable.from_tokenizer(AutoTokenizer.from_pretrained(path)), s_table,
+                               out / "vocab", progress=True)
+        console.print(f"{name}: {vmap.stats()}")
+
+
+def build_caches(opts: DemoOptions, out: Path, console: Console) -> list[str]:
+    """Stage 2: one offline top-k cache per teacher over exactly the student's training blocks."""
+    from stillroom.cache import OnlineTeacher, write_cache
+    from stillroom.recipe import load_recipe
+    from stillroom.trainer import export_training_blocks
+
+    blocks_file = out / "train_blocks.jsonl"
+    n_blocks = export_training_blocks(load_recipe(opts.recipe("blocks", out / "unused")), blocks_file)
+    console.print(f"{n_blocks} training blocks of ≤ {opts.seq_len} student tokens → {blocks_file}")
+    caches = []
+    for path, name in zip(opts.teachers, teacher_names(opts), strict=True):
+        teacher = OnlineTeacher(path, top_k=opts.top_k, temperature=opts.temperature)
+        s = write_cache(teacher, blocks_file, out / "cache" / name, console=console)
+        console.print(f"{name}: {s.rows} rows, {s.tokens:,} teacher tokens in {s.seconds:.1f} s → {s.out}")
+        caches.append(str(out / "cache" / name))
+        del teacher
+    return caches
+
+
+def evaluate_folders(folders: list[tuple[str, str]], texts: list[str]) -> list[dict]:
+    """Bits per byte (and token perplexity) of each ``(model folder, role)`` on ``texts``."""
+    import torch
+
+    from stillroom.evaluate import evaluate, load_model
+
+    rows = []
+    for path, role in folders:
+        model, tok = load_model(path)
+        with torch.no_grad():
+            r = evaluate(model, tok, texts, name=Path(path).name, progress=True)
+        rows.append({"model": r.model, "role": role, "bits_per_byte": r.bits_per_byte,
+                     "token_perplexity": r.token_perplexity, "tokens": r.tokens, "bytes": r.bytes})
+    return rows
+
+
+def held_out_texts(path: str, eval_chars: int | None = None) -> list[str]:
     from stillroom.data_io import load_texts
 
     texts = [t for _, t in load_texts(path)]
@@ -93,89 +152,60 @@ def _held_out_texts(path: str, eval_chars: int | None) -> list[str]:
 
 def run_demo(opts: DemoOptions | None = None, console: Console | None = None) -> DemoResult:
     """Run the whole pipeline; returns the results table and writes ``OUT/report.md``."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from stillroom.cache import OnlineTeacher, write_cache
-    from stillroom.evaluate import evaluate, load_model, report_table
-    from stillroom.recipe import load_recipe
-    from stillroom.tokens import TokenTable
-    from stillroom.trainer import export_training_blocks, train
-    from stillroom.vocab import VocabMap
-
     from transformers.utils import logging as hf_logging
+
+    from stillroom.trainer import train
 
     hf_logging.disable_progress_bar()  # one Rich progress per stage, not a bar per weight load
     opts = opts or DemoOptions()
     console = console or Console()
+    teacher_names(opts)
     out = Path(opts.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
-    for t in opts.teachers:
-        if not (Path(t) / "config.json").exists():
-            raise FileNotFoundError(f"--teacher {t}: not a Hugging Face model folder (no config.json)")
     seconds: dict[str, float] = {}
-    names = [Path(t).name for t in opts.teachers]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--teacher: teacher folders need distinct names, got {names}")
 
     def stage(title: str) -> float:
         console.rule(f"[bold]{title}")
         return time.perf_counter()
 
-    # 1. vocabulary maps -------------------------------------------------------------------------------------
     t0 = stage("1/5 vocabulary maps (teacher → student: exact bytes, then minimum edit distance)")
-    s_table = TokenTable.from_tokenizer(AutoTokenizer.from_pretrained(opts.student_tokenizer))
-    for path, name in zip(opts.teachers, names, strict=True):
-        vmap = VocabMap.cached(TokenTable.from_tokenizer(AutoTokenizer.from_pretrained(path)), s_table,
-                               out / "vocab", progress=True)
-        st = vmap.stats()
-        console.print(f"{name}: {st}")
+    build_vocab_maps(opts, out, console)
     seconds["vocab maps"] = time.perf_counter() - t0
 
-    # 2. teacher caches over the student's training blocks -----------------------------------------------------
     t0 = stage("2/5 offline teacher caches (top-k, compact, resumable)")
-    fused_recipe = load_recipe(opts.recipe("demo-fused", out / "fused", caches=None))
-    blocks_file = out / "train_blocks.jsonl"
-    n_blocks = export_training_blocks(fused_recipe, blocks_file)
-    console.print(f"{n_blocks} training blocks of ≤ {opts.seq_len} student tokens → {blocks_file}")
-    caches = []
-    for path, name in zip(opts.teachers, names, strict=True):
-        teacher = OnlineTeacher(path, top_k=opts.top_k, temperature=opts.temperature)
-        s = write_cache(teacher, blocks_file, out / "cache" / name, console=console)
-        console.print(f"{name}: {s.rows} rows, {s.tokens:,} teacher tokens in {s.seconds:.1f} s → {s.out}")
-        caches.append(str(out / "cache" / name))
-        del teacher
+    caches = build_caches(opts, out, console)
     seconds["teacher caches"] = time.perf_counter() - t0
 
-    # 3-4. students -----------------------------------------------------------------------------------------
     t0 = stage(f"3/5 fused student ({opts.fusion_method} at {opts.fusion_level} level, λ = {opts.ce_weight})")
-    fused = train(opts.recipe("demo-fused", out / "fused", caches))
+    fused = train(opts.recipe("demo-fused", out / "fused", list(zip(opts.teachers, caches, strict=True))))
     seconds["fused student"] = time.perf_counter() - t0
     t0 = stage("4/5 CE-only baseline (same architecture, data, steps and seed; no teachers)")
-    baseline = train(opts.recipe("demo-ce-only", out / "ce-only", caches=None))
+    baseline = train(opts.recipe("demo-ce-only", out / "ce-only"))
     seconds["CE-only student"] = time.perf_counter() - t0
 
-    # 5. evaluation -------------------------------------------------------------------------------------------
     t0 = stage("5/5 evaluation on held-out works (bits per byte: lower is better)")
-    texts = _held_out_texts(opts.test, opts.eval_chars)
-    reports, roles = [], []
-    for path, role in [*[(t, "teacher") for t in opts.teachers], (fused.output_dir, "fused student"),
-                       (baseline.output_dir, "CE-only student")]:
-        model, tok = load_model(path)
-        name = Path(path).name
-        with torch.no_grad():
-            reports.append(evaluate(model, tok, texts, name=name, progress=True))
-        roles.append(role)
+    folders = [*[(t, "teacher") for t in opts.teachers], (fused.output_dir, "fused student"),
+               (baseline.output_dir, "CE-only student")]
+    rows = evaluate_folders(folders, held_out_texts(opts.test, opts.eval_chars))
     seconds["evaluation"] = time.perf_counter() - t0
-    console.print(report_table(reports))
+    print_rows(rows, console)
 
-    rows = [{"model": r.model, "role": role, "bits_per_byte": r.bits_per_byte,
-             "token_perplexity": r.token_perplexity, "tokens": r.tokens, "bytes": r.bytes}
-            for r, role in zip(reports, roles, strict=True)]
     result = DemoResult(out, rows, seconds)
     write_report(result, opts, fused.history, baseline.history)
     console.print(f"\nreport: {out / 'report.md'}")
     return result
+
+
+def print_rows(rows: list[dict], console: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title="held-out evaluation (bits per byte: lower is better, comparable across tokenizers)")
+    for col in ("model", "role", "bits/byte", "token ppl", "tokens", "bytes"):
+        table.add_column(col, justify="left" if col in ("model", "role") else "right")
+    for r in rows:
+        table.add_row(r["model"], r["role"], f"{r['bits_per_byte']:.4f}", f"{r['token_perplexity']:.2f}",
+                      f"{r['tokens']:,}", f"{r['bytes']:,}")
+    console.print(table)
 
 
 def _loss_points(history: list[dict], key: str) -> tuple[list[float], list[float]]:
