@@ -302,11 +302,12 @@ class OnlineTeacher:
     """A Hugging Face causal LM as a teacher signal.
 
     ``model``: a model folder (loaded with ``AutoModelForCausalLM``, safetensors only, no remote code) or a
-    loaded model. ``tokenizer`` defaults to the folder's. ``batch_tokens`` bounds padded tokens per forward.
+    loaded model. ``tokenizer`` defaults to the folder's. ``batch_tokens`` bounds padded tokens per forward
+    (default 4096 on GPU, 1024 on CPU).
     """
 
     def __init__(self, model, tokenizer=None, top_k: int = 16, temperature: float = 1.0,
-                 max_length: int | None = None, overlap: int | None = None, batch_tokens: int = 4096,
+                 max_length: int | None = None, overlap: int | None = None, batch_tokens: int | None = None,
                  device: str | torch.device | None = None, dtype: str = "auto"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -346,7 +347,9 @@ class OnlineTeacher:
         self.overlap = int(self.max_length // 8 if overlap is None else overlap)
         if not 0 <= self.overlap < self.max_length:
             raise ValueError(f"overlap must be in [0, max_length), got {self.overlap}")
-        self.top_k, self.temperature, self.batch_tokens = int(top_k), float(temperature), int(batch_tokens)
+        self.top_k, self.temperature = int(top_k), float(temperature)
+        # padded tokens per forward: the [tokens, V] fp32 logits dominate memory (1024 x 128k = 0.5 GB)
+        self.batch_tokens = int(batch_tokens or (4096 if self.device.type == "cuda" else 1024))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:

@@ -92,7 +92,8 @@ def cache(
                                                      "(default max-length/8)."),
     text_field: str = typer.Option("text", help="JSONL / datasets field holding the text."),
     shard_size: int = typer.Option(1000, help="Examples per shard (the unit of resumption)."),
-    batch_tokens: int = typer.Option(4096, help="Padded tokens per teacher forward."),
+    batch_tokens: Optional[int] = typer.Option(None, help="Padded tokens per teacher forward "
+                                                          "(default 4096 on GPU, 1024 on CPU)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if present)."),
     dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16."),
     progress: bool = typer.Option(True, help="Show the progress bar."),

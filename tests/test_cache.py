@@ -327,3 +327,39 @@ def test_teacher_output_target_shapes():
                       torch.full((3, 2), -1.0), torch.zeros(3), torch.tensor([1.0, 2.0, float("nan")]))
     t = o.target()
     assert t.k == 2 and t.valid.tolist() == [True, True, False]
+
+
+# --- cross-tokenizer student targets ---------------------------------------------------------------------------
+def _dense(t, v: int) -> torch.Tensor:
+    p = torch.zeros(t.ids.shape[0], v + 1, dtype=torch.float64)
+    p.scatter_add_(1, t.ids, t.logprobs.double().exp())
+    p[:, v] = t.tail.double()
+    return p
+
+
+def test_student_targets_cross_tokenizer_online_equals_offline(tiny_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    pytest.importorskip("stillroom.align")
+    from stillroom.tokens import TokenTable
+    from stillroom.vocab import VocabMap
+
+    t = OnlineTeacher(tiny_models["llama-spm"], top_k=8, max_length=128)
+    stok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
+    rows = _rows(4, seed=3)
+    write_cache(t, rows, tmp_path / "c", shard_size=2, progress=False)
+    tt, st = TokenTable.from_tokenizer(t.tokenizer), TokenTable.from_tokenizer(stok)
+    vm = VocabMap.build(tt, st, progress=False)
+    ids = [e for e, _ in rows]
+    online = t.signal([x for _, x in rows], ids)
+    offline = CachedTeacher(tmp_path / "c", teacher=t).signal([x for _, x in rows], ids)
+    for (_, text), a, b in zip(rows, online, offline, strict=True):
+        sid = stok(text)["input_ids"]
+        ta, ca = student_targets(a, sid, st, tt, vm)
+        tb, cb = student_targets(b, sid, st, tt, vm)
+        assert ta.ids.shape[0] == len(sid) and torch.equal(ta.valid, tb.valid) and ta.valid.any()
+        pa_, pb_ = _dense(ta, len(stok)), _dense(tb, len(stok))
+        assert (pa_ - pb_)[ta.valid].abs().max() < 0.02  # quantisation error in probability
+        assert torch.allclose(ca, cb, atol=5e-3, equal_nan=True)
+        # the spread CE sums to the teacher's total over the aligned text (gold CE at rows 0..T-2)
+        assert abs(float(ca.nansum()) - float(a.gold_ce[:-1].sum())) < 0.05 * float(a.gold_ce[:-1].sum())
