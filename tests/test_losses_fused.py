@@ -68,6 +68,20 @@ def test_float32_within_1e5_relative():
         assert (a.double() - b).abs().max() <= 1e-5 * b.abs().max()
 
 
+def test_bfloat16_inputs_accumulate_in_float32():
+    h, w, th, tw, labels, target = make(seed=4)
+    hb, wb = h.detach().bfloat16().requires_grad_(True), w.detach().bfloat16().requires_grad_(True)
+    got = fused_linear_distill_loss(hb, wb, target=target, labels=labels, ce_weight=0.5, kind="jsd", chunk_size=5)
+    assert got.dtype == torch.float32
+    got.backward()
+    assert hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.bfloat16
+    h64, w64 = hb.detach().double().requires_grad_(True), wb.detach().double().requires_grad_(True)
+    want = reference(h64, w64, th, tw, labels, target, "jsd", 0.5, 1.0, "mean", True)
+    want.backward()
+    assert abs(got.item() - want.item()) < 2e-2 * abs(want.item())
+    assert (wb.grad.double() - w64.grad).abs().max() < 2e-2 * w64.grad.abs().max()
+
+
 def test_gradcheck_fused():
     h, w, th, tw, labels, target = make()
     h, w = h[:6].detach().requires_grad_(True), w.detach().requires_grad_(True)

@@ -201,9 +201,8 @@ class _FusedLinearEMO(torch.autograd.Function):
             del c, q
             gz.add_(g_mle.mul_(wa))
             del g_mle
-            gz = gz.to(W.dtype)
             if need_h:
-                grad_h[a:b] = gz @ W
+                grad_h[a:b] = gz.to(W.dtype) @ W
             if need_w:
                 grad_w[:V].addmm_(gz.T, h.to(acc))
             del gz

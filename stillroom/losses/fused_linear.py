@@ -142,9 +142,8 @@ class _FusedLinearDistill(torch.autograd.Function):
                     gs = torch.where(dm.unsqueeze(-1), gs.mul_(w_d), torch.zeros((), dtype=gs.dtype))
                 gz = gs if gz is None else gz.add_(gs)
                 del gs
-            gz = gz.to(W.dtype)
             if need_h:
-                grad_h[a:b] = gz @ W
+                grad_h[a:b] = gz.to(W.dtype) @ W
             if need_w:
                 grad_w[:V].addmm_(gz.T, h.to(acc))
             del gz
