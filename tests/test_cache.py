@@ -341,6 +341,7 @@ def test_student_targets_cross_tokenizer_online_equals_offline(tiny_models, tmp_
     from transformers import AutoTokenizer
 
     pytest.importorskip("stillroom.align")
+    pytest.importorskip("stillroom.vocab")
     from stillroom.tokens import TokenTable
     from stillroom.vocab import VocabMap
 
