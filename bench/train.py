@@ -1,0 +1,217 @@
+"""Distillation step throughput and peak memory: stillroom's DistillTrainer vs TRL's GKDTrainer.
+
+    flock /tmp/stillroom-heavy.lock .venv/bin/python -m bench.train [--steps 30] [--threads 2]
+
+Same student (GPT-2 4 layers × 256), teacher (GPT-2 8 layers × 512, random weights: speed does not depend
+on them), byte-level BPE vocabulary of 8,000 trained on the shipped corpus, batch 4 × 256 tokens, fp32 on
+CPU, off-policy (TRL ``lmbda=0``) so both do the same work: teacher forward, student forward/backward,
+generalised JSD (β = 0.5, no CE term), AdamW. Each configuration runs in a fresh process (peak RSS is per
+process); tokens/s is measured over the steps after the first 5 (warm-up).
+
+Configurations:
+- ``trl_gkd``: TRL ``GKDTrainer`` (dense logits of both models, dense JSD);
+- ``sr_dense``: stillroom, online teacher, dense JSD through the chunked fused-linear loss (teacher hidden
+  states × its head, chunk by chunk; no B×T×V tensor for either model);
+- ``sr_topk``: stillroom, online teacher, JSD on the teacher's top-10 + tail;
+- ``sr_cache``: stillroom, the teacher's top-10 read from the offline cache (built untimed beforehand);
+- ``ce_loop``: a hand-written CE-only loop on the same student (the limit for any distillation step);
+- ``sr_ce``: stillroom's trainer with no teacher (CE only), for the trainer's own overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BATCH, WARM = 4, 5
+SIZES = {"full": dict(vocab=8000, seq=256, student=(4, 256, 4), teacher=(8, 512, 8)),
+         "small": dict(vocab=1000, seq=64, student=(2, 64, 4), teacher=(2, 96, 4))}  # a smoke run, seconds
+CONFIGS = ("trl_gkd", "sr_dense", "sr_topk", "sr_cache", "ce_loop", "sr_ce")
+
+
+def build_assets(root: Path, steps: int, size: str = "full") -> None:
+    """Tokenizer, student, teacher, blocks (JSONL) and the teacher's top-10 cache, under ``root``."""
+    from stillroom.cache import OnlineTeacher, write_cache
+    from stillroom.testing import corpus_texts, save_pair, tiny_gpt2, train_byte_bpe
+    from stillroom.trainer import make_blocks
+
+    sz = SIZES[size]
+    texts = corpus_texts("train")
+    if size == "small":
+        texts = [t[:20000] for t in texts]
+    chunks = [t[i:i + 2000] for t in texts for i in range(0, len(t), 2000)]
+    tok = train_byte_bpe(chunks, vocab_size=sz["vocab"])
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    kw = dict(bos_token_id=eot, eos_token_id=eot, n_positions=sz["seq"])
+    for name, (layers, width, heads), seed in (("student", sz["student"], 0), ("teacher", sz["teacher"], 1)):
+        save_pair(tiny_gpt2(len(tok), n_layer=layers, n_embd=width, n_head=heads, seed=seed, **kw), tok, root / name)
+    blocks = make_blocks([(f"w{i}", t) for i, t in enumerate(texts)], tok, sz["seq"], add_bos=False)
+    blocks = [b for b in blocks if len(b.input_ids) >= sz["seq"] - 8][: BATCH * (steps + 2)]
+    with (root / "blocks.jsonl").open("w") as f:
+        for b in blocks:
+            f.write(json.dumps({"id": b.example_id, "text": b.text, "input_ids": b.input_ids}) + "\n")
+    teacher = OnlineTeacher(str(root / "teacher"), top_k=10, max_length=sz["seq"])
+    write_cache(teacher, [(b.example_id, b.text) for b in blocks], root / "cache", progress=False)
+
+
+def child(config: str, root: Path, steps: int, threads: int, seq: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
+
+    from bench.common import peak_rss_gb
+    from stillroom.trainer import (
+        AlignedTeacher,
+        Block,
+        BlockCollator,
+        BlockDataset,
+        DistillTrainer,
+        FusionConfig,
+        LossConfig,
+        SameTokenizerTeacher,
+    )
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(root / "student")
+    rows = [json.loads(x) for x in (root / "blocks.jsonl").read_text().splitlines()]
+    blocks = [Block(r["id"], r["text"], r["input_ids"]) for r in rows]
+    student = AutoModelForCausalLM.from_pretrained(root / "student", dtype=torch.float32)
+    collate = BlockCollator(tok, seq)
+    class StepTimer(TrainerCallback):
+        """Wall time of the optimizer steps after the warm-up."""
+
+        t0 = t1 = None
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == WARM:
+                self.t0 = time.perf_counter()
+            elif state.global_step > WARM:
+                self.steps, self.t1 = state.global_step - WARM, time.perf_counter()
+
+    timer = StepTimer()
+
+    if config == "ce_loop":
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        student.train()
+        for step in range(steps):
+            if step == WARM:
+                t0 = time.perf_counter()
+            batch = collate([BlockDataset(blocks)[i] for i in range(step * BATCH, (step + 1) * BATCH)])
+            loss = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           labels=batch["labels"]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        elapsed, measured = time.perf_counter() - t0, steps - WARM
+    else:
+        common = dict(output_dir=str(root / f"out-{config}"), max_steps=steps, per_device_train_batch_size=BATCH,
+                      learning_rate=1e-4, logging_steps=10_000, save_strategy="no", report_to="none",
+                      use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+                      remove_unused_columns=False, lr_scheduler_type="constant")
+        if config == "trl_gkd":
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+            teacher = AutoModelForCausalLM.from_pretrained(root / "teacher", dtype=torch.float32)
+
+            def collate_ids(features):
+                b = collate(features)
+                return {k: b[k] for k in ("input_ids", "attention_mask", "labels")}
+
+            args = GKDConfig(**common, lmbda=0.0, beta=0.5, temperature=1.0, max_length=seq, disable_dropout=True)
+            from datasets import Dataset
+
+            ds = Dataset.from_list([{"input_ids": b.input_ids, "text": b.text, "example_id": b.example_id}
+                                    for b in blocks])
+            trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
+                                 processing_class=tok, data_collator=collate_ids, callbacks=[timer])
+        else:
+            teachers = []
+            loss = LossConfig(kind="jsd", ce_weight=0.0, beta=0.5)
+            if config in ("sr_dense", "sr_topk"):
+                teacher = AutoModelForCausalLM.from_pretrained(root / "teacher", dtype=torch.float32)
+                teachers = [SameTokenizerTeacher(teacher, top_k=None if config == "sr_dense" else 10)]
+            elif config == "sr_cache":
+                from stillroom.cache import CachedTeacher
+                from stillroom.tokens import TokenTable
+                from stillroom.vocab import VocabMap
+
+                table = TokenTable.from_tokenizer(tok)
+                teachers = [AlignedTeacher(CachedTeacher(root / "cache"), table, table, VocabMap.cached(table, table))]
+            else:  # sr_ce
+                loss = LossConfig(kind="forward_kl", ce_weight=1.0)
+            for m in student.modules():  # as GKD's disable_dropout
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+            trainer = DistillTrainer(model=student, args=TrainingArguments(**common),
+                                     train_dataset=BlockDataset(blocks), data_collator=collate, teachers=teachers,
+                                     loss=loss, fusion=FusionConfig(), callbacks=[timer])
+        trainer.train()
+        elapsed, measured = timer.t1 - timer.t0, timer.steps
+    return {"config": config, "tokens_per_s": measured * BATCH * seq / elapsed, "peak_rss_gb": peak_rss_gb(),
+            "steps_timed": measured}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--size", default="full", choices=sorted(SIZES))
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--root", default=None)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child, Path(a.root), a.steps, a.threads, SIZES[a.size]["seq"])), flush=True)
+        return
+
+    import torch
+
+    from bench.common import console, machine, print_table, run_child, summary
+
+    torch.set_num_threads(a.threads)  # what machine() reports; each child sets its own
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        root = Path(tmp)
+        console.print("building tokenizer (vocab 8,000), student, teacher, blocks and the teacher cache …")
+        build_assets(root, a.steps, a.size)
+        results = {}
+        for config in a.configs.split(","):
+            r = run_child("bench.train", ["--child", config, "--root", str(root), "--steps", str(a.steps),
+                                          "--threads", str(a.threads), "--size", a.size])
+            results[config] = r
+            console.print(config, r)
+    gkd = results.get("trl_gkd", {}).get("tokens_per_s")
+    rows = []
+    for c, r in results.items():
+        if "error" in r:
+            rows.append([c, "error", str(r["error"]), ""])
+            continue
+        ratio = f"{r['tokens_per_s'] / gkd:.2f}×" if gkd else ""
+        rows.append([c, round(r["tokens_per_s"]), f"{r['peak_rss_gb']:.2f}", ratio])
+    print_table(f"distillation step, batch {BATCH}×{SIZES[a.size]['seq']}, {a.steps} steps ({machine()})",
+                ["config", "tokens/s", "peak RSS GB", "vs TRL GKD"], rows)
+
+    def tps(c):
+        return results.get(c, {}).get("tokens_per_s", float("nan"))
+
+    def mem(c):
+        return results.get(c, {}).get("peak_rss_gb", float("nan"))
+
+    summary(f"TRL GKD {tps('trl_gkd'):.0f} tok/s {mem('trl_gkd'):.2f} GB; stillroom online dense "
+            f"{tps('sr_dense'):.0f} tok/s ({tps('sr_dense') / tps('trl_gkd'):.2f}x) {mem('sr_dense'):.2f} GB, "
+            f"online top-10 {tps('sr_topk'):.0f} ({tps('sr_topk') / tps('trl_gkd'):.2f}x), cache "
+            f"{tps('sr_cache'):.0f} ({tps('sr_cache') / tps('trl_gkd'):.2f}x, {tps('sr_cache') / tps('ce_loop'):.0%} "
+            f"of CE loop {tps('ce_loop'):.0f}) {mem('sr_cache'):.2f} GB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
