@@ -376,7 +376,8 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
     student token ``j0`` (same text before both), student row ``j0-1`` gets teacher row ``i0-1``:
 
     - 1-to-1 group: ``p_s(v) = sum_{c: map(c) = v} p_t(c)`` over the teacher's top-k ``c`` (duplicates summed,
-      ``map`` = ``vocab_map.mapping``, source -> target; ids mapped to ``-1`` move their mass to the tail);
+      ``map`` = ``vocab_map.masked_mapping`` (a :class:`~stillroom.vocab.VocabMap`, source -> target) or
+      ``vocab_map.mapping`` / an int array; ids mapped to ``-1`` move their mass to the tail);
     - otherwise ``fallback`` decides, as it does for student rows inside a multi-token student group (no
       teacher position has that context) and rows whose group has no teacher row (``i0 == 0``):
       ``"onehot"``  — FuseLLM: probability 1 on the *next* gold student token ``student_ids[j+1]``;
@@ -409,7 +410,15 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
                          f"{alignment.src_len} tokens; align(teacher_ids, student_ids, ...) with the same ids")
     if T_s != alignment.tgt_len or not np.array_equal(s_ids, alignment.tgt_ids):
         raise ValueError("project: student_ids differ from the alignment's target ids; align the same sequence")
-    mapping = _numpy(getattr(vocab_map, "mapping", vocab_map)).astype(np.int64)
+    for side, table in (("src_hash", alignment.src_table), ("tgt_hash", alignment.tgt_table)):
+        h = getattr(vocab_map, side, None)
+        if h is not None and h != table.hash:
+            raise ValueError(f"project: vocab_map was built for other tokenizers ({side} {h} != {table.hash}); "
+                             "build it with VocabMap.build(teacher_table, student_table)")
+    if hasattr(vocab_map, "masked_mapping"):  # a VocabMap: -1 where no sensible target (mass -> tail)
+        mapping = _numpy(vocab_map.masked_mapping).astype(np.int64)
+    else:
+        mapping = _numpy(getattr(vocab_map, "mapping", vocab_map)).astype(np.int64)
     V_s = alignment.tgt_table.vocab_size
     if mapping.ndim != 1 or mapping.shape[0] < alignment.src_table.vocab_size:
         raise ValueError(f"project: vocab_map.mapping must be int [V_teacher={alignment.src_table.vocab_size}], "

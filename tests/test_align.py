@@ -390,3 +390,36 @@ def test_cli_align_bad_input(tiny_models, tmp_path):
     assert res.exit_code != 0 and "tokenizer folder" in res.output
     res = runner.invoke(app, ["align", "--source", src, "--target", src, "--text", "x", "--mode", "fast"])
     assert res.exit_code != 0 and "--mode" in res.output
+
+
+def test_projection_with_vocabmap(tiny_models):
+    """Teacher llama-spm -> student gpt2-bpe with the real VocabMap: where a 1-to-1 group's teacher token
+    has a same-bytes student token, the teacher's mass on it lands on the student's gold token."""
+    from transformers import AutoTokenizer
+
+    from stillroom.testing import corpus_texts
+    from stillroom.vocab import VocabMap
+
+    tt, ts = (AutoTokenizer.from_pretrained(tiny_models[n]) for n in ("llama-spm", "gpt2-bpe"))
+    T, S = TokenTable.from_tokenizer(tt), TokenTable.from_tokenizer(ts)
+    vm = VocabMap.build(T, S, progress=False)
+    text = corpus_texts("validation")[0][2000:3500]
+    a, b = tt(text).input_ids, ts(text).input_ids
+    al = align(a, b, T, S)
+    # the teacher puts 0.9 on its true next token, 0.05 on token 300 and 0.05 on token 301
+    nxt = torch.tensor(a[1:] + [tt.eos_token_id])
+    t_ids = torch.stack([nxt, torch.full_like(nxt, 300), torch.full_like(nxt, 301)], 1)
+    t_lp = torch.log(torch.tensor([[0.9, 0.05, 0.05]] * len(a)))
+    out = project(t_ids, t_lp, al, vm, b)
+    total = out.logprobs.exp().sum(-1) + out.tail
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-5) and out.ids.max() < S.vocab_size
+    checked = 0
+    for s0, _, t0, _ in al.groups[al.one_to_one & al.exact].tolist():
+        if s0 >= 1 and t0 >= 1 and vm.exact[a[s0]] and vm.valid[a[s0]]:
+            row = dict(zip(out.ids[t0 - 1].tolist(), out.logprobs[t0 - 1].exp().tolist(), strict=True))
+            assert row.get(b[t0], 0) >= 0.9 - 1e-6
+            checked += 1
+    assert checked > 50
+    other = VocabMap.build(S, T, progress=False)
+    with pytest.raises(ValueError, match="built for other tokenizers"):
+        project(t_ids, t_lp, al, other, b)
