@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import torch
 from transformers import Trainer
 
-from stillroom.fusion import fuse
+from stillroom.fusion import fuse, fusion_weights, votes
 from stillroom.targets import SparseTarget
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -294,6 +294,7 @@ class DistillTrainer(Trainer):
             raise ValueError("DistillTrainer: no teachers, so loss.ce_weight must be 1.0 (plain CE) "
                              "or loss.kind must be 'emo'")
         self.emo_cost = None
+        self._fusion_share: torch.Tensor | None = None
         if self.loss_cfg.kind == "emo" and self.loss_cfg.emo_cost == "fixed":
             head = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight
             self.emo_cost = head.detach().clone()
@@ -324,7 +325,20 @@ class DistillTrainer(Trainer):
             targets.append(tgt.to(inputs["input_ids"].device))
             ces.append(ce.to(inputs["input_ids"].device))
         f = self.fusion_cfg
+        if len(targets) > 1:  # how much of the fused target each teacher supplied (logged as fusion_share/NAME)
+            vote = torch.stack([votes(t, c) for t, c in zip(targets, ces, strict=True)])
+            w = fusion_weights(ces, vote, f.method, f.level, f.weight_temperature).detach()
+            share = w.flatten(1).sum(1).cpu()
+            self._fusion_share = share if self._fusion_share is None else self._fusion_share + share
         return fuse(targets, ces, f.method, f.level, weight_temperature=f.weight_temperature, top_k=f.top_k)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._fusion_share is not None and "loss" in logs:
+            total = float(self._fusion_share.sum()) or 1.0
+            for t, v in zip(self.teachers, self._fusion_share.tolist(), strict=True):
+                logs[f"fusion_share/{t.name}"] = v / total
+            self._fusion_share = None
+        super().log(logs, *args, **kwargs)
 
     def loss_sum(self, model, inputs: dict[str, Any]) -> torch.Tensor:
         """Σ over labelled positions of λ·CE + (1−λ)·D (not yet divided by N)."""
@@ -484,7 +498,8 @@ def plot_losses(history: list[dict], path) -> None:
         ax.plot(*zip(*evals, strict=True), marker="o", label="eval CE (nats/token)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.legend()
+    if train or evals:
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -610,9 +625,12 @@ def model_card(recipe, metrics: dict, n_blocks: int) -> str:
     teachers = "\n".join(f"- `{t.path}`" + (f" (offline cache `{t.cache}`)" if t.cache else "")
                          for t in recipe.teachers) or "- none (plain CE / EMO)"
     rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in metrics.items() if isinstance(v, (int, float)))
+    if recipe.student_config:
+        origin = f"built from scratch ({recipe.student_config}) with the tokenizer in `{recipe.student}`"
+    else:
+        origin = f"initialised from `{recipe.student}`" + (" (re-initialised)" if recipe.from_scratch else "")
     return (f"---\nlibrary_name: transformers\ntags: [stillroom, distillation]\n---\n\n# {recipe.name}\n\n"
-            f"Student trained by stillroom from `{recipe.student}`"
-            f"{' (re-initialised)' if recipe.from_scratch else ''}.\n\n"
+            f"Student {origin}, trained by stillroom.\n\n"
             f"## Teachers\n\n{teachers}\n\nFusion: {recipe.fusion.method} at {recipe.fusion.level} level, "
             f"top-k {recipe.fusion.top_k}; loss: λ={recipe.loss.ce_weight} CE + (1−λ) {recipe.loss.kind}.\n\n"
             f"## Data\n\n- train: `{recipe.data.train}` ({n_blocks} blocks of ≤ {recipe.data.seq_len} tokens)\n"

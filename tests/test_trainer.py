@@ -155,6 +155,9 @@ def test_shipped_recipes_validate_and_run_a_few_steps(name, tiny_models, data_di
     assert any("loss" in x for x in lines) and any("eval_bpb" in x for x in lines)
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert all(math.isfinite(x["loss"]) for x in lines if "loss" in x)
+    if len(teachers) > 1:  # each teacher's share of the fused target is logged and they sum to one
+        shares = [{k: v for k, v in x.items() if k.startswith("fusion_share/")} for x in lines if "loss" in x]
+        assert all(len(x) == 2 and abs(sum(x.values()) - 1) < 1e-5 for x in shares), shares
 
 
 # --- the loss -----------------------------------------------------------------------------------------------
