@@ -154,7 +154,8 @@ def topk_target(logits: torch.Tensor, labels: torch.Tensor, top_k: int | None, t
     nxt = torch.full_like(labels, -100)
     nxt[:, :-1] = labels[:, 1:]
     has = nxt != -100
-    gold = torch.log_softmax(logits.float(), -1).gather(-1, nxt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    logp1 = logp if temperature == 1.0 else torch.log_softmax(logits.float(), -1)  # gold CE is at tau = 1
+    gold = logp1.gather(-1, nxt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     ce = torch.where(has, -gold, torch.full_like(gold, float("nan")))
     return SparseTarget(top.indices, top.values, tail, has), ce
 
