@@ -167,15 +167,15 @@ def main() -> None:
             s = write_cache(Replay(base, by_id, k), rows, out, shard_size=64, progress=False)
             tot = s.manifest["totals"]
             table.append((k, "stillroom", f"{tot['bytes_per_token']:.1f}", f"{tot['bytes_per_entry']:.2f}",
-                          f"{tot['kl_mean']:.2e}"))
+                          f"{tot['entry_bytes_per_entry']:.2f}", f"{tot['kl_mean']:.2e}"))
             if k == 16:
                 ours16 = tot
             folder = tmp / f"peers-k{k}"
             folder.mkdir()
             for name, (nbytes, kl) in peers([cut(o, k) for o in exact], k, folder).items():
-                table.append((k, name, f"{nbytes / tokens:.1f}", f"{nbytes / tokens / k:.2f}", f"{kl:.2e}"))
+                table.append((k, name, f"{nbytes / tokens:.1f}", f"{nbytes / tokens / k:.2f}", "", f"{kl:.2e}"))
         print_table("storage: bytes and fidelity (KL(exact top-k+tail ‖ decoded), nats/token)",
-                    ["k", "format", "B/token", "B/entry", "KL"], table)
+                    ["k", "format", "B/token", "B/entry (all)", "B/entry (ids+codes)", "KL"], table)
 
         teacher = OnlineTeacher(model_dir, top_k=16, device="cpu")
         writer_tps, plain_tps = [], []
@@ -196,7 +196,7 @@ def main() -> None:
         fuse16 = next(float(r[2]) for r in table if r[0] == 16 and r[1].startswith("FuseLLM"))
         summary(json.dumps({
             "k16_bytes_per_token": round(ours16["bytes_per_token"], 1),
-            "k16_payload_bytes_per_entry": round(ours16["payload_bytes_per_entry"], 2),
+            "k16_entry_bytes_per_entry": round(ours16["entry_bytes_per_entry"], 2),
             "k16_kl": float(f"{ours16['kl_mean']:.2e}"), "fusellm_k16_bytes_per_token": fuse16,
             "writer_tokens_per_s": round(w), "plain_tokens_per_s": round(p),
             "writer_overhead_pct": round(100 * (p / w - 1), 1)}))
