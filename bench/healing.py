@@ -3,9 +3,10 @@
     flock /tmp/stillroom-heavy.lock python -m bench.healing                  # everything
     python -m bench.healing --only speed --speed-prompts 10                  # a subset
 
-Quality. Models: ``train`` (default) is a small GPT-2 trained here on the shipped corpus' train split with
-a byte-level BPE of 8,192 tokens (``--train-seconds``, cached under ``runs/bench-healing/``); ``--models``
-also takes model folders, e.g. the shipped teachers in ``stillroom/data/default/``. Held-out text (the test
+Quality. Models (``--models``): by default the two shipped pretrained teachers in ``stillroom/data/default/``
+(GPT-2 on a byte-level BPE of 4,096 tokens; Llama on a ▁ BPE with byte fallback of 3,200 tokens); ``train``
+trains a small GPT-2 here on the corpus' train split with a byte-level BPE of 8,192 tokens
+(``--train-seconds``, cached under ``runs/bench-healing/``). Held-out text (the test
 split) is cut at random character positions; each prompt is the 300 characters before the cut. Greedy
 continuations (8 new tokens) are scored by
 
@@ -55,6 +56,7 @@ import torch  # noqa: E402
 from bench.common import console, machine, print_table, summary  # noqa: E402
 
 RUN_DIR = Path("runs/bench-healing")
+DEFAULT_MODELS = "stillroom/data/default/teacher-bpe,stillroom/data/default/teacher-spm"
 WORD = re.compile(r"\s*(\w+|[^\w\s]+)")
 
 
@@ -318,8 +320,8 @@ def speed(name: str, n_prompts: int, repeats: int, tf_repeats: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=["speed", "quality"], default=None)
-    ap.add_argument("--models", default="train", help="quality: comma-separated model folders, or 'train' for a "
-                    "GPT-2 trained here (e.g. train,stillroom/data/default/teacher-spm)")
+    ap.add_argument("--models", default=DEFAULT_MODELS, help="quality: comma-separated model folders, or 'train' "
+                    "for a GPT-2 trained here (default: the shipped teachers, byte-level BPE and ▁ BPE)")
     ap.add_argument("--train-seconds", type=float, default=300)
     ap.add_argument("--prompts", type=int, default=300, help="quality: cut points")
     ap.add_argument("--speed-prompts", type=int, default=20)
