@@ -201,7 +201,8 @@ def quality(model, tok, n_prompts: int, seed: int = 0) -> dict:
         try:
             with torch.no_grad():
                 out = tf_heal_generate(model, tok, ids, new)
-            tf.append(_matches(tok.decode(out[0], skip_special_tokens=True), t))
+            # it strips the prompt (both ends) before healing: compare without the leading whitespace
+            tf.append(_matches(tok.decode(out[0], skip_special_tokens=True).lstrip(), t.lstrip()))
         except Exception:  # noqa: BLE001 - a crash of the peer counts as a miss, and is reported
             tf.append(False)
             tf_errors += 1
