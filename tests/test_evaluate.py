@@ -264,3 +264,28 @@ def test_teacher_metrics_cross_tokenizer_naive(tiny_models):
     assert m.aligned == len(s_all) and m.positions == r.tokens
     assert m.top1_agreement == pytest.approx(agree, abs=1e-9)
     assert m.kl_nats == pytest.approx(kl, rel=1e-4)
+
+
+def test_shipped_default_teachers():
+    """The embedded default: two teachers of different tokenizer families, float32 on load, clearly trained."""
+    from transformers import AutoTokenizer
+
+    from stillroom.evaluate import load_model
+    from stillroom.testing import PACKAGE_DATA, corpus_texts
+    from stillroom.tokens import TokenTable
+
+    root = PACKAGE_DATA / "default"
+    kinds = {}
+    text = corpus_texts("validation")[0][:4000]
+    for name in ("teacher-bpe", "teacher-spm"):
+        model, tok = load_model(root / name)
+        assert next(model.parameters()).dtype == torch.float32
+        assert (root / name / "README.md").read_text().count("bits per byte") >= 1
+        kinds[name] = TokenTable.from_tokenizer(tok).kind
+        r = evaluate(model, tok, [text])
+        uniform = math.log2(len(tok)) * r.tokens / r.bytes
+        assert r.bits_per_byte < 0.75 * uniform, (name, r.bits_per_byte, uniform)
+    assert kinds == {"teacher-bpe": "byte_level", "teacher-spm": "sentencepiece"}
+    student = TokenTable.from_tokenizer(AutoTokenizer.from_pretrained(root / "student-tokenizer"))
+    teachers = {TokenTable.from_tokenizer(AutoTokenizer.from_pretrained(root / n)).hash for n in kinds}
+    assert student.hash not in teachers
