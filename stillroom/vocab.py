@@ -18,11 +18,17 @@ The search is exact, not approximate, and avoids the |V_src| x |V_tgt| brute for
 2. distance 1: every string within one edit of ``s`` is found by dict look-ups, no distance computed:
    ``t`` is ``s`` with one byte deleted, ``s`` is ``t`` with one byte deleted, or both with the byte at the
    same position deleted (a substitution);
-3. the rest (distance >= 2): targets are bucketed by byte length; since ``lev(s, t) >= |len(s) - len(t)|``,
-   buckets are searched in order of growing length difference ``d`` and a source stops once its best
-   distance is below ``d``. Each bucket is one multi-threaded ``rapidfuzz.process.cdist`` call (C++, SIMD)
-   with ``score_cutoff`` = the best distance found so far. Within a bucket targets are sorted by id, so the
-   first minimum is the smallest id.
+3. the rest (distance >= 2): a lower bound prunes the targets. Bytes fall into 9 classes (space, a-z, A-Z,
+   digits, other ASCII, UTF-8 continuation, 2-/3-/4-byte leads); for class counts A of ``s`` and B of ``t``
+
+       lev(s, t) >= max(sum_c (A_c - B_c)+, sum_c (B_c - A_c)+)          (>= |len(s) - len(t)|)
+
+   (one edit removes at most one class occurrence and adds at most one). Sources with equal class counts
+   are searched together, target sets of growing bound in turn, each one multi-threaded
+   ``rapidfuzz.process.cdist`` call (C++) with ``score_cutoff`` = the best distance so far; a source stops
+   once its best distance is below the next bound. Targets in a set are in id order, so the first minimum
+   is the smallest id. CJK sources never meet English targets this way: 8x fewer distance computations than
+   the length bound alone for qwen2.5 -> llama3.
 
 Byte strings go to rapidfuzz as latin-1 text: a 1:1 byte -> code point map, so distances are byte distances.
 """
@@ -40,11 +46,8 @@ FORMAT_VERSION = "1"  # bump when the rule or the file layout changes; old files
 _NONE = np.iinfo(np.int64).max
 
 
-# Byte classes for a cheap lower bound: mapping bytes to classes never increases the edit distance, and the
-# bag distance max(|A - B|, |B - A|) of the class multisets A, B is at most the edit distance of the class
-# strings (one edit removes at most one class occurrence and adds at most one). So
-#     lev(s, t) >= max(sum_c (A_c - B_c)+, sum_c (B_c - A_c)+)       (>= |len(s) - len(t)|)
-# Tokens with equal class counts share one bound, so targets are searched group by group.
+# Byte classes for the lower bound of step 3: mapping bytes to classes never increases the edit distance,
+# and the bag distance of the class multisets is at most the edit distance of the class strings.
 _CLASS = np.full(256, 4, np.int64)  # 4: ASCII punctuation and control
 _CLASS[0x20] = 0
 _CLASS[ord("a"):ord("z") + 1] = 1
