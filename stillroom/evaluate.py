@@ -365,18 +365,27 @@ def _compare(st: _TeacherState, student: _Rows, student_tokenizer, text: str, st
     teacher = _Rows(score_windows(st.model, t_seq, context=min(context, t_ctx), stride=min(stride, t_ctx - 1),
                                   batch_size=batch_size, device=device), t_offset)
     s_wanted, t_wanted = set(pairs[:, 0].tolist()), set(pairs[:, 1].tolist())
-    for j, i in pairs.tolist():
+    s_buf: list[torch.Tensor] = []
+    t_buf: list[torch.Tensor] = []
+    for n, (j, i) in enumerate(pairs.tolist()):
         s_row, t_row = student.get(j, s_wanted), teacher.get(i, t_wanted)
         if s_row is None or t_row is None:
             raise RuntimeError(f"internal: no scores for aligned pair (student {j}, teacher {i})")
-        s_lp = s_row[None]
-        t_lp = _to_student_vocab(t_row[None], st.mapping, s_lp.shape[1])
-        s_lp = s_lp[:, :t_lp.shape[1]]
-        st.aligned += 1
-        st.agree += int(t_lp.argmax(-1).item() == s_row.argmax(-1).item())
-        p = t_lp.exp()
-        st.kl += torch.where(p > 0, p * (t_lp - s_lp), torch.zeros_like(p)).sum().item()
+        s_buf.append(s_row)
+        t_buf.append(t_row)
+        if len(s_buf) == 256 or n == len(pairs) - 1:
+            _accumulate(st, torch.stack(s_buf), torch.stack(t_buf))
+            s_buf, t_buf = [], []
 
+
+def _accumulate(st: _TeacherState, s_lp: torch.Tensor, t_lp: torch.Tensor) -> None:
+    """Add a block of aligned rows (student ``[N, V_s]``, teacher ``[N, V_t]`` log-probs) to the sums."""
+    t_lp = _to_student_vocab(t_lp, st.mapping, s_lp.shape[1])
+    st.aligned += len(s_lp)
+    st.agree += int((t_lp.argmax(-1) == s_lp.argmax(-1)).sum().item())
+    s_lp = s_lp[:, :t_lp.shape[1]]
+    p = t_lp.exp()
+    st.kl += torch.where(p > 0, p * (t_lp - s_lp), torch.zeros_like(p)).sum().item()
 
 def evaluate_paths(models: Sequence[str | os.PathLike], data: str | os.PathLike, *,
                    teachers: Sequence[str | os.PathLike] = (), context: int | None = None,
