@@ -404,23 +404,23 @@ def evaluate_paths(models: Sequence[str | os.PathLike], data: str | os.PathLike,
 
 
 def report_table(reports: Sequence[EvalReport]):
-    """A Rich table: one row per model; agreement and KL columns per teacher."""
+    """Rich renderable: a table with one row per model, then (given teachers) one row per model and teacher."""
+    from rich.console import Group
     from rich.table import Table
 
-    table = Table(title="evaluation (bits per byte: lower is better, comparable across tokenizers)")
-    for col in ("model", "bits/byte", "token ppl", "tokens", "bytes"):
+    table = Table(title="bits per byte (lower is better; comparable across tokenizers)")
+    for col in ("model", "bits/byte", "token ppl", "tokens", "bytes", "texts"):
         table.add_column(col, justify="left" if col == "model" else "right")
-    teacher_names = list(dict.fromkeys(t.teacher for r in reports for t in r.teachers))
-    for t in teacher_names:
-        table.add_column(f"top-1 agree\n{t}", justify="right")
-        table.add_column(f"KL(T||S) nats\n{t}", justify="right")
-        table.add_column(f"aligned\n{t}", justify="right")
     for r in reports:
-        row = [r.model, f"{r.bits_per_byte:.4f}", f"{r.token_perplexity:.2f}", f"{r.tokens:,}", f"{r.bytes:,}"]
-        by_name = {t.teacher: t for t in r.teachers}
-        for t in teacher_names:
-            m = by_name.get(t)
-            row += ["-"] * 3 if m is None else [f"{m.top1_agreement:.3f}", f"{m.kl_nats:.4f}",
-                                                 f"{m.aligned / max(1, m.positions):.1%}"]
-        table.add_row(*row)
-    return table
+        table.add_row(r.model, f"{r.bits_per_byte:.4f}", f"{r.token_perplexity:.2f}", f"{r.tokens:,}",
+                      f"{r.bytes:,}", f"{r.texts:,}")
+    if not any(r.teachers for r in reports):
+        return table
+    agree = Table(title="agreement with teachers on 1-to-1 aligned positions")
+    for col in ("model", "teacher", "aligned", "top-1 agree", "KL(T||S) nats"):
+        agree.add_column(col, justify="left" if col in ("model", "teacher") else "right")
+    for r in reports:
+        for m in r.teachers:
+            agree.add_row(r.model, m.teacher, f"{m.aligned / max(1, m.positions):.1%}", f"{m.top1_agreement:.3f}",
+                          f"{m.kl_nats:.4f}")
+    return Group(table, agree)

@@ -212,8 +212,10 @@ def test_cli_eval_json(tiny_models, tmp_path):
     assert report["bytes"] == len(b"Is this a dagger which I see before me?") + len(b"Out, damned spot! out, I say!")
     assert report["texts"] == 2 and report["first_token"] == "bos"
     assert report["teachers"][0]["teacher"] == "gpt2-bpe-teacher"
-    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_models["gpt2-bpe"]), "--data", str(data)])
-    assert res.exit_code == 0 and "bits/byte" in res.output
+    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_models["gpt2-bpe"]), "--data", str(data),
+                                   "--teacher", str(tiny_models["llama-spm"])])
+    assert res.exit_code == 0, res.output
+    assert "bits/byte" in res.output and "llama-spm" in res.output
 
 
 def test_bad_input_is_named():
