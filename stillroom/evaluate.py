@@ -154,6 +154,24 @@ def score_windows(model, seq: torch.Tensor, *, context: int, stride: int, batch_
             yield first, logprobs[r, first - s - 1:e - s - 1]
 
 
+def _nll_block(model, jobs: list[tuple[torch.Tensor, tuple[int, int, int]]], device) -> float:
+    """Total NLL (nats) of the scored positions of a batch of windows ``(seq, (start, end, first))``."""
+    width = max(e - s for _, (s, e, _) in jobs)
+    batch = torch.zeros(len(jobs), width, dtype=torch.long)
+    targets = torch.zeros(len(jobs), width, dtype=torch.long)
+    scored = torch.zeros(len(jobs), width, dtype=torch.bool)
+    for r, (seq, (s, e, first)) in enumerate(jobs):
+        batch[r, :e - s] = seq[s:e]
+        # logits at window offset o predict position s + o + 1; positions first..e-1 are scored
+        targets[r, first - s - 1:e - s - 1] = seq[first:e]
+        scored[r, first - s - 1:e - s - 1] = True
+    with torch.inference_mode():
+        logits = _logits(model, batch.to(device))
+        # log p(target) = logit(target) - logsumexp(logits), without materialising a second [B, W, V] tensor
+        picked = (logits.gather(-1, targets.to(logits.device)[..., None])[..., 0] - torch.logsumexp(logits, -1)).cpu()
+    return -picked[scored].double().sum().item()
+
+
 def _start_id(tokenizer) -> int | None:
     return getattr(tokenizer, "bos_token_id", None)
 
@@ -278,49 +296,61 @@ def evaluate(model, tokenizer, texts: Sequence[str], *, name: str = "model", tea
     stride = stride or max(1, context // 2)
     first_token = "bos" if _start_id(tokenizer) is not None else "uniform"
     states = [_teacher_state(n, m, t, tokenizer) for n, m, t in teachers]
-    total_nats, n_tokens, n_bytes = 0.0, 0, 0
-    positions = 0
+    total_nats, n_tokens, n_bytes, positions = 0.0, 0, 0, 0
+    work: list[tuple[str, torch.Tensor, int]] = []  # (text, seq, offset) of the non-empty texts
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"texts must hold strings; got {type(text).__name__}")
+        n_bytes += len(text.encode("utf-8"))
+        seq, offset = _sequence(tokenizer, text)
+        n_text = len(seq) - offset
+        if n_text == 0:
+            continue
+        n_tokens += n_text
+        positions += n_text - (1 - offset)
+        if offset == 0:  # no BOS: the first token is a uniform guess over the vocabulary
+            total_nats += math.log(len(tokenizer))
+        work.append((text, seq, offset))
 
-    bar = None
+    bar = task = None
     if progress:
         from rich.progress import Progress
 
         bar = Progress(transient=True)
         bar.start()
-        task = bar.add_task(f"eval {name}", total=len(texts))
     try:
-        for text in texts:
-            if not isinstance(text, str):
-                raise TypeError(f"texts must hold strings; got {type(text).__name__}")
-            n_bytes += len(text.encode("utf-8"))
-            seq, offset = _sequence(tokenizer, text)
-            n_text = len(seq) - offset
-            if n_text == 0:
-                continue
-            n_tokens += n_text
-            positions += n_text - (1 - offset)
-            if offset == 0:  # no BOS: the first token is a uniform guess over the vocabulary
-                total_nats += math.log(len(tokenizer))
-
-            def add_nll(first: int, logprobs: torch.Tensor, seq=seq) -> None:
-                nonlocal total_nats
-                targets = seq[first:first + logprobs.shape[0]]
-                total_nats -= logprobs.gather(1, targets[:, None]).sum().item()
-
-            def windows(seq=seq):
-                return score_windows(model, seq, context=context, stride=stride, batch_size=batch_size,
-                                     device=device)
-
-            # The first pass over the student's windows also sums the NLL; each further teacher re-runs the
-            # student (keeping only about one window of rows in memory at a time).
-            student = _Rows(windows(), offset, on_window=add_nll)
-            for idx, st in enumerate(states):
-                rows = student if idx == 0 else _Rows(windows(), offset)
-                _compare(st, rows, tokenizer, text, seq[offset:].tolist(), offset, context, stride, batch_size,
-                         device)
-            student.drain()
+        if not states:  # windows of all texts batched together
+            jobs = [(seq, span) for _, seq, _ in work for span in window_spans(len(seq), context, stride)]
             if bar is not None:
-                bar.advance(task)
+                task = bar.add_task(f"eval {name}", total=len(jobs))
+            for b in range(0, len(jobs), batch_size):
+                total_nats += _nll_block(model, jobs[b:b + batch_size], device)
+                if bar is not None:
+                    bar.advance(task, len(jobs[b:b + batch_size]))
+        else:  # text by text, the student and each teacher in lockstep
+            if bar is not None:
+                task = bar.add_task(f"eval {name}", total=len(work))
+            for text, seq, offset in work:
+
+                def add_nll(first: int, logprobs: torch.Tensor, seq=seq) -> None:
+                    nonlocal total_nats
+                    targets = seq[first:first + logprobs.shape[0]]
+                    total_nats -= logprobs.gather(1, targets[:, None]).sum().item()
+
+                def windows(seq=seq):
+                    return score_windows(model, seq, context=context, stride=stride, batch_size=batch_size,
+                                         device=device)
+
+                # The first pass over the student's windows also sums the NLL; each further teacher re-runs the
+                # student (keeping only about one window of rows in memory at a time).
+                student = _Rows(windows(), offset, on_window=add_nll)
+                for idx, st in enumerate(states):
+                    rows = student if idx == 0 else _Rows(windows(), offset)
+                    _compare(st, rows, tokenizer, text, seq[offset:].tolist(), offset, context, stride,
+                             batch_size, device)
+                student.drain()
+                if bar is not None:
+                    bar.advance(task)
     finally:
         if bar is not None:
             bar.stop()

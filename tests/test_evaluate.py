@@ -169,6 +169,8 @@ def test_teacher_metrics_same_tokenizer_windowed():
     for context, stride in [(1024, 512), (4, 3), (7, 2)]:
         r = evaluate(student, tok, texts, teachers=[("t", teacher, tok), ("t2", teacher, tok)],
                      context=context, stride=stride, batch_size=2)
+        plain = evaluate(student, tok, texts, context=context, stride=stride, batch_size=2)
+        assert r.nll_bits == pytest.approx(plain.nll_bits, rel=1e-6)  # lockstep path == batched path
         for m in r.teachers:
             assert m.aligned == m.positions == sum(len(t) for t in texts)
             assert m.top1_agreement == pytest.approx(agree, abs=1e-9)
