@@ -198,15 +198,16 @@ A {type(model).__name__} ({params:,} parameters; {arch}) with a {family[spec['fa
 
 Built by `scripts/build_default_teachers.py` (seed {spec['seed']}): {info.get('steps', '?')} steps of AdamW
 (peak learning rate {spec['lr']}, warm-up then cosine), batch {BATCH} × {SEQ_LEN} tokens,
-{info.get('precision', '?')} on CPU, {info.get('seconds', '?')} s. Weights are stored as float16 and load as float32.
+{'bfloat16 autocast' if info.get('precision') == 'bf16' else 'float32'} on CPU, {info.get('seconds', '?')} s. Weights are stored as float16 and load as float32.
 
 | split (held-out works) | bits per byte | token perplexity | tokens | bytes |
 |---|---|---|---|---|
 | validation (`twelfth_night.txt`) | {val['bits_per_byte']:.4f} | {val['token_perplexity']:.2f} | {val['tokens']:,} | {val['bytes']:,} |
 | test (`as_you_like_it.txt`) | {test['bits_per_byte']:.4f} | {test['token_perplexity']:.2f} | {test['tokens']:,} | {test['bytes']:,} |
 
-Measured with `stillroom eval --model {folder.name} --data stillroom/data/corpus/validation` (sliding window,
-context {val['context']}, stride {val['stride']}, first token conditioned on BOS).
+Measured with
+`stillroom eval --model stillroom/data/default/{folder.name} --data stillroom/data/corpus/validation`
+(sliding window, context {val['context']}, stride {val['stride']}, first token conditioned on BOS).
 A toy for demonstrations and tests, not a useful language model.
 """
     (folder / "README.md").write_text(card)
