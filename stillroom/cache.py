@@ -337,7 +337,7 @@ class OnlineTeacher:
         if len(tokenizer) > self.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the teacher's vocab_size is "
                              f"{self.vocab_size}; they do not belong together")
-        if not 1 <= top_k <= self.vocab_size:
+        if not isinstance(top_k, int) or not 1 <= top_k <= self.vocab_size:
             raise ValueError(f"top_k must be in [1, {self.vocab_size}], got {top_k}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
