@@ -91,7 +91,10 @@ def test_matches_naive_brute_force(src, tgt, seed):
     tgt = [*tgt, b"a"]  # at least one non-empty candidate
     mask = rng.random(len(tgt)) < 0.85
     mask[-1] = True
-    mapping, dist = min_edit_distance_map(src, tgt, candidates=mask, max_cells=rng.choice([7, 1 << 20]))
+    ticks = []
+    mapping, dist = min_edit_distance_map(src, tgt, candidates=mask, max_cells=rng.choice([7, 1 << 20]),
+                                          progress=ticks.append)
+    assert sum(ticks) == len(src)  # every source reported done exactly once
     ref_m, ref_d = naive_map(src, tgt, mask)
     assert dist.tolist() == ref_d.tolist()
     assert mapping.tolist() == ref_m.tolist()
