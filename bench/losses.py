@@ -76,8 +76,9 @@ def _step_fn(loss: str, impl: str, n: int):
 
     h, w, th, tw, labels = _inputs(n)
     beta = BETA.get(loss, 0.5)
-    if loss == "sparse_topk":
+    if loss == "sparse_topk":  # the teacher's head is not needed once its top-k target exists
         target = _sparse_target(th, tw)
+        th = tw = None
     if loss == "emo":
         cost = tw  # a frozen cost embedding of head shape (the "fixed" copy)
 

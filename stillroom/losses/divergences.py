@@ -124,8 +124,8 @@ def row_divergence_grad(logq: torch.Tensor, logp: torch.Tensor, kind: str, beta:
         q = logq.exp()
         d = logq.sub_(logp)  # log q − log p  (logq consumed)
         del logp
-        loss = (d * q).sum(-1)
         g = d.add_(1.0).mul_(q)
+        loss = g.sum(-1).sub_(q.sum(-1))  # Σ q·(log q − log p) = Σ g − Σ q, without a temporary
     elif kind == "jsd":
         logm = logp + math.log(beta)
         logm = torch.logaddexp(logm, logq + math.log1p(-beta), out=logm)

@@ -156,8 +156,9 @@ class EMOLoss(nn.Module):
 
 class _FusedLinearEMO(torch.autograd.Function):
     @staticmethod
+    @torch.no_grad()
     def forward(ctx, hidden, weight, cost, labels, ids, logprobs, tail, counted, mode, chunk_size, den):
-        from stillroom.losses.fused_linear import _chunk_distill, _Config
+        from stillroom.losses.fused_linear import _Config, _sparse_grad
 
         N, V = hidden.shape[0], cost.shape[0]
         W = weight[:V]
@@ -179,7 +180,7 @@ class _FusedLinearEMO(torch.autograd.Function):
             check_finite(z, f"student logits (rows {a}..{b - 1})")
             if soft:  # u = Σ p_j ê_j; mle = sparse soft CE, gradient from the bucket kernel
                 u = _target_embedding(cost, inv, ids[a:b], logprobs[a:b].to(acc).exp())
-                mle, g_mle = _chunk_distill(z.clone(), cfg, (ids[a:b], logprobs[a:b], tail[a:b]))
+                mle, g_mle = _sparse_grad(z.clone(), ids[a:b], logprobs[a:b], tail[a:b], cfg)
                 lse = torch.logsumexp(z, -1, keepdim=True)
                 q = z.sub_(lse).exp_()
             else:  # u = ê_y; mle = CE; ∂mle/∂z = q − onehot(y)

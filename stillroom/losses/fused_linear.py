@@ -49,31 +49,25 @@ class _Config:
     dense_teacher: bool
 
 
-def _chunk_distill(z: torch.Tensor, cfg: _Config, teacher: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row D and ∂D/∂z for one chunk. ``z`` (and a dense teacher's logits) are consumed (overwritten)."""
-    T = cfg.temperature
-    s = z.div_(T) if T != 1.0 else z
+def _dense_grad(logq: torch.Tensor, logp: torch.Tensor, cfg: _Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row D and ∂D/∂s for dense log-probs (both consumed); s = z / T."""
+    loss, g, q = row_divergence_grad(logq, logp, cfg.kind, cfg.beta, cfg.alpha)
+    return loss, g.sub_(q.mul_(g.sum(-1, keepdim=True)))  # ∂ℓ/∂s = g − q·Σg
+
+
+def _sparse_grad(s: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,
+                 cfg: _Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row D and ∂D/∂s against k + 1 buckets (``stillroom.losses.sparse``); ``s`` is consumed."""
     lse = torch.logsumexp(s, -1, keepdim=True)
-    if cfg.dense_teacher:
-        (zt,) = teacher
-        logp = zt.div_(T) if T != 1.0 else zt
-        logp = logp.sub_(torch.logsumexp(logp, -1, keepdim=True))
-        loss, g, q = row_divergence_grad(s.sub_(lse), logp, cfg.kind, cfg.beta, cfg.alpha)
-        del logp
-        gs = g.sub_(q.mul_(g.sum(-1, keepdim=True)))  # ∂ℓ/∂s = g − q·Σg
-        del q
-    else:
-        ids, logprobs, tail = teacher
-        reverse = cfg.kind == "reverse_kl" or (cfg.kind == "jsd" and cfg.beta == 1.0)
-        bq, bp, live, s_tail = buckets(s, lse, ids, logprobs, tail, reverse)
-        loss, g, _ = row_divergence_grad(bq, bp, cfg.kind, cfg.beta, cfg.alpha, live)
-        g_support, g_tail = g[:, :-1], g[:, -1:]
-        lse_tail = torch.logsumexp(s_tail, -1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)
-        # ∂ℓ/∂s = scatter(g_support) + g_tail · softmax over the complement − q · Σ g
-        r = s_tail.sub_(lse_tail).exp_().mul_(g_tail)
-        q = s.sub_(lse).exp_()
-        gs = r.sub_(q.mul_(g.sum(-1, keepdim=True))).scatter_add_(-1, ids, g_support)
-    return loss, gs.div_(T)
+    reverse = cfg.kind == "reverse_kl" or (cfg.kind == "jsd" and cfg.beta == 1.0)
+    bq, bp, live, s_tail = buckets(s, lse, ids, logprobs, tail, reverse)
+    loss, g, _ = row_divergence_grad(bq, bp, cfg.kind, cfg.beta, cfg.alpha, live)
+    g_support, g_tail = g[:, :-1], g[:, -1:]
+    lse_tail = torch.logsumexp(s_tail, -1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)
+    # ∂ℓ/∂s = scatter(g_support) + g_tail · softmax over the complement − q · Σ g
+    r = s_tail.sub_(lse_tail).exp_().mul_(g_tail)
+    q = s.sub_(lse).exp_()
+    return loss, r.sub_(q.mul_(g.sum(-1, keepdim=True))).scatter_add_(-1, ids, g_support)
 
 
 def _scaled(grad: torch.Tensor | None, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -87,6 +81,7 @@ def _scaled(grad: torch.Tensor | None, grad_out: torch.Tensor, dtype: torch.dtyp
 
 class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
+    @torch.no_grad()
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, ids, logprobs, tail, labels, dmask, cmask,
                 cfg: _Config):
         N, V, n = hidden.shape[0], cfg.vocab, cfg.chunk_size
@@ -126,15 +121,23 @@ class _FusedLinearDistill(torch.autograd.Function):
                 gz = z.sub(lse1).exp_().mul_(wrow)
                 gz.scatter_add_(-1, y, -wrow)
             if do_d:
-                if cfg.dense_teacher:
-                    with torch.no_grad():
-                        zt = (teacher_hidden[a:b] @ teacher_weight[:V].T).to(acc)
+                T = cfg.temperature
+                if T != 1.0:
+                    z.div_(T)
+                if cfg.dense_teacher:  # (z is dropped as soon as log q exists: peak = 4 chunk buffers)
+                    zt = (teacher_hidden[a:b] @ teacher_weight[:V].T).to(acc)
                     check_finite(zt, f"teacher logits (rows {a}..{b - 1})")
-                    teacher = (zt,)
+                    logp = torch.log_softmax(zt.div_(T) if T != 1.0 else zt, -1)
+                    del zt
+                    logq = torch.log_softmax(z, -1)
+                    del z
+                    loss, gs = _dense_grad(logq, logp, cfg)
+                    del logq, logp
                 else:
-                    teacher = (ids[a:b], logprobs[a:b], tail[a:b])
-                loss, gs = _chunk_distill(z, cfg, teacher)
-                del z
+                    loss, gs = _sparse_grad(z, ids[a:b], logprobs[a:b], tail[a:b], cfg)
+                    del z
+                if T != 1.0:
+                    gs.div_(T)  # ∂/∂z = ∂/∂s / T
                 total += loss[dm].sum().double() * w_d
                 if bool(dm.all()):
                     gs.mul_(w_d)
