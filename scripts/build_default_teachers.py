@@ -216,16 +216,17 @@ A toy for demonstrations and tests, not a useful language model.
     }}, indent=2) + "\n")
 
 
-def student_baseline(seconds: float, precision: str) -> None:
-    """A from-scratch student (GPT-2, 2 layers × 128) on the student tokenizer, trained for ``seconds``."""
+def student_baseline(seconds: float, precision: str, steps: int | None = None) -> None:
+    """A from-scratch student (GPT-2, 2 layers × 128) on the student tokenizer, trained for ``seconds``
+    (or exactly ``steps`` steps with a cosine schedule over them, when given)."""
     from stillroom.evaluate import evaluate
 
     tokenizer = _load_tokenizer(OUT / "student-tokenizer")
     train_s = token_stream(tokenizer, corpus_texts("train"))
     val_s = token_stream(tokenizer, corpus_texts("validation"))
     model = build_model(dict(kind="gpt2", n_layer=2, n_embd=128, n_head=4), tokenizer, seed=0)
-    info = train(model, train_s, val_s, steps=10_000, lr=3e-3, seed=0, precision=precision, time_limit=seconds,
-                 log_every=50)
+    info = train(model, train_s, val_s, steps=steps or 10_000, lr=3e-3, seed=0, precision=precision,
+                 time_limit=None if steps else seconds, log_every=100)
     params = sum(p.numel() for p in model.parameters())
     report = evaluate(model, tokenizer, corpus_texts("validation"), name="student-from-scratch")
     print(f"from-scratch student: {params:,} params, {info['steps']} steps in {info['seconds']} s, "
@@ -250,7 +251,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     if args.student_baseline:
-        student_baseline(args.student_baseline, args.precision)
+        student_baseline(args.student_baseline, args.precision, args.steps)
         return
     train_texts, val_texts = corpus_texts("train"), corpus_texts("validation")
     names = args.only or sorted(TEACHERS)
