@@ -53,7 +53,7 @@ class DemoOptions:
     fusion_method: str = "min_ce"
     fusion_level: str = "sequence"
     projection: str = "onehot"
-    max_blocks: int | None = None
+    max_blocks: int | None = None  # None = steps × batch_size: each block is trained on once, none is cached idle
     eval_chars: int | None = None  # evaluate on the first N characters of each held-out work (None = all)
 
     def recipe(self, name: str, out_dir: Path, teachers: list[tuple[str, str]] = ()) -> dict:
@@ -66,7 +66,7 @@ class DemoOptions:
             "student_config": dict(self.student_config),
             "teachers": teachers,
             "data": {"train": self.train, "eval": self.validation, "seq_len": self.seq_len,
-                     "max_blocks": self.max_blocks},
+                     "max_blocks": self.max_blocks or self.steps * self.batch_size},
             "loss": {"kind": "forward_kl", "ce_weight": self.ce_weight if teachers else 1.0,
                      "temperature": self.temperature},
             "fusion": {"method": self.fusion_method, "level": self.fusion_level, "top_k": self.top_k,
@@ -105,7 +105,9 @@ def build_vocab_maps(opts: DemoOptions, out: Path, console: Console) -> None:
     for path, name in zip(opts.teachers, teacher_names(opts), strict=True):
         vmap = VocabMap.cached(TokenTable.from_tokenizer(AutoTokenizer.from_pretrained(path)), s_table,
                                out / "vocab", progress=True)
-        console.print(f"{name}: {vmap.stats()}")
+        st = vmap.stats()
+        console.print(f"{name} → student: {st['exact_pct']:.1f}% of {st['ordinary']:,} tokens have an exact byte "
+                      f"match; the rest are {st['mean_distance_inexact']:.2f} byte edits away on average")
 
 
 def build_caches(opts: DemoOptions, out: Path, console: Console) -> list[str]:
