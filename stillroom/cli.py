@@ -206,7 +206,7 @@ def eval_(
                                                   "example per file), JSONL with a text field, or a datasets folder."),
     teacher: Optional[list[Path]] = typer.Option(None, "--teacher", help="Teacher folder(s): also report top-1 "
                                                  "agreement and KL(teacher||student) on 1-to-1 aligned positions."),
-    context: Optional[int] = typer.Option(None, help="Window length in tokens (default: the model's maximum)."),
+    context: Optional[int] = typer.Option(None, help="Window length in tokens (default: the model's maximum, at most 2048)."),
     stride: Optional[int] = typer.Option(None, help="Tokens between window starts (default: context/2)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 LOG2E = 1.0 / math.log(2.0)
+MAX_DEFAULT_CONTEXT = 2048  # default window cap, so long-context models do not get [1, 128k, V] logits
 
 
 # --- results ------------------------------------------------------------------------------------------------
@@ -285,14 +286,14 @@ def evaluate(model, tokenizer, texts: Sequence[str], *, name: str = "model", tea
              device: str | torch.device = "cpu", progress: bool = False) -> EvalReport:
     """Bits per byte, token perplexity and (per teacher) top-1 agreement and KL of ``model`` on ``texts``.
 
-    ``teachers``: ``(name, model, tokenizer)`` triples. ``context`` defaults to the model's maximum length,
-    ``stride`` to half of it. Models are used as given (put them in eval mode and on ``device`` first).
+    ``teachers``: ``(name, model, tokenizer)`` triples. ``context`` defaults to the model's maximum length
+    (at most ``MAX_DEFAULT_CONTEXT``), ``stride`` to half of it. Models are used as given (put them in eval mode and on ``device`` first).
     """
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not one string (wrap it: [text])")
     if not texts:
         raise ValueError("texts is empty: nothing to evaluate")
-    context = context or model_context(model)
+    context = context or min(model_context(model), MAX_DEFAULT_CONTEXT)
     stride = stride or max(1, context // 2)
     first_token = "bos" if _start_id(tokenizer) is not None else "uniform"
     states = [_teacher_state(n, m, t, tokenizer) for n, m, t in teachers]
