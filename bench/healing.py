@@ -341,9 +341,9 @@ def main() -> None:
                     "for a GPT-2 trained here (default: the shipped teachers, byte-level BPE and ▁ BPE)")
     ap.add_argument("--train-seconds", type=float, default=300)
     ap.add_argument("--prompts", type=int, default=300, help="quality: cut points")
-    ap.add_argument("--speed-prompts", type=int, default=20)
+    ap.add_argument("--speed-prompts", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--tf-repeats", type=int, default=2)
+    ap.add_argument("--tf-repeats", type=int, default=1)
     ap.add_argument("--tokenizers", default="gpt2,llama3,qwen2.5")
     args = ap.parse_args()
     console.width = max(console.width, 150)  # wide tables; this process only
