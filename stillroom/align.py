@@ -24,10 +24,14 @@ Two modes:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stillroom.tokens import TokenTable
+
+if TYPE_CHECKING:
+    from stillroom.targets import SparseTarget
 
 _BIG = 1 << 30  # "infinity" for the int32 DTW matrix (exact integer arithmetic: ties stay ties)
 
@@ -367,7 +371,7 @@ def _numpy(x, dtype=None) -> np.ndarray:
 
 
 def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab_map, student_ids, *,
-            fallback: str = "onehot", teacher_tail=None):
+            fallback: str = "onehot", teacher_tail=None) -> SparseTarget:
     """Move a teacher's top-k next-token distributions onto the student's positions and vocabulary.
 
     ``alignment`` is ``align(teacher_ids, student_ids, teacher_table, student_table)`` (teacher = source).
