@@ -152,6 +152,13 @@ def test_sparse_padding_entries_stay_in_tail():
                          torch.tensor([True]))
     for kind in KINDS:
         torch.testing.assert_close(distill_loss(zs, full, kind=kind), distill_loss(zs, short, kind=kind))
+    # a padding entry (id 0, −inf) next to a live id 0: the live one wins, deterministically
+    dup = SparseTarget(torch.tensor([[0, 3, 0]]), torch.tensor([[math.log(0.5), math.log(0.2), -math.inf]]),
+                       torch.tensor([0.3]), torch.tensor([True]))
+    ref = SparseTarget(torch.tensor([[0, 3]]), torch.tensor([[math.log(0.5), math.log(0.2)]]), torch.tensor([0.3]),
+                       torch.tensor([True]))
+    for kind in KINDS:
+        torch.testing.assert_close(distill_loss(zs, dup, kind=kind), distill_loss(zs, ref, kind=kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)

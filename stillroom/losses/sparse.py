@@ -45,11 +45,19 @@ def check_sparse(target: SparseTarget, n_rows: int, vocab: int, leading: tuple[i
         raise ValueError("SparseTarget.tail must be finite and >= 0 (the probability mass outside ids)")
 
 
-def support_mask(ids: torch.Tensor, live: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
-    """Bool ``[n, V]``: True where a row's live support holds that token (padding entries excluded)."""
-    counts = torch.zeros(ids.shape[0], vocab, dtype=dtype, device=ids.device)
-    counts.scatter_add_(-1, ids, live.to(dtype))
-    return counts > 0
+def outside_support(s: torch.Tensor, ids: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """A copy of ``s [n, V]`` with each row's live support ids set to −inf (padding entries keep their value).
+
+    One scatter, deterministic even when a padding entry repeats a live id (id 0): padding entries of a row
+    with a live entry are redirected to that live id (written −inf like it); in a row without one they write
+    back their own value.
+    """
+    has_live = live.any(-1, keepdim=True)
+    first_live = ids.gather(-1, live.to(torch.uint8).argmax(-1, keepdim=True))
+    ids_eff = torch.where(live | ~has_live, ids, first_live)
+    neg_inf = torch.full((), float("-inf"), dtype=s.dtype, device=s.device)
+    src = torch.where(has_live, neg_inf, s.gather(-1, ids_eff))
+    return s.clone().scatter_(-1, ids_eff, src.expand_as(ids_eff).contiguous())
 
 
 def buckets(s: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,
@@ -61,7 +69,7 @@ def buckets(s: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, logprobs: tor
     the support set to −inf, for the tail bucket's gradient).
     """
     live_s = torch.isfinite(logprobs)
-    s_tail = s.masked_fill(support_mask(ids, live_s, s.shape[-1], s.dtype), float("-inf"))
+    s_tail = outside_support(s, ids, live_s)
     lse_tail = torch.logsumexp(s_tail, -1, keepdim=True)
     logq = torch.cat([s.gather(-1, ids) - lse, lse_tail - lse], -1)
     t = tail.to(logprobs.dtype).unsqueeze(-1)
