@@ -166,7 +166,11 @@ def train(
         n = export_training_blocks(r, export_blocks)
         console.print(f"wrote {n} blocks to {export_blocks}")
         return
+    import torch.distributed as dist
+
     result = run_train(r)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     shown = {k: v for k, v in result.metrics.items() if k in ("train_loss", "eval_loss", "eval_bpb", "train_runtime")}
     console.print(f"student saved to {result.output_dir}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
 

@@ -1,8 +1,8 @@
 """Training recipes: a YAML file validated by pydantic before anything heavy loads.
 
-A bad key or value fails with a message naming the key (``loss.kind``) and the allowed values. Paths are
-resolved relative to the recipe file; ``pkg:default/...`` names a path inside the installed package's
-``stillroom/data`` (the embedded default). ``key=value`` overrides use dotted keys and YAML values:
+A bad key or value fails with a message naming the key (``loss.kind``) and the allowed values. Paths in
+the file are relative to the recipe file, paths given as overrides to the working directory;
+``pkg:default/...`` names a path inside the installed package's ``stillroom/data`` (the embedded default). ``key=value`` overrides use dotted keys and YAML values:
 ``train.max_steps=20``, ``teachers.0.path=/models/t``, ``fusion.method=avg_ce``.
 """
 
@@ -197,6 +197,23 @@ def _format_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    """Make the recipe's model, cache and data paths absolute (``base`` for relative ones; ``pkg:`` paths)."""
+    if isinstance(raw.get("student"), str):
+        raw["student"] = _resolve(raw["student"], base)
+    for t in raw.get("teachers") or []:
+        if isinstance(t, dict):
+            for k in ("path", "cache"):
+                if isinstance(t.get(k), str):
+                    t[k] = _resolve(t[k], base)
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for k in ("train", "eval"):
+            if isinstance(data.get(k), str):
+                data[k] = _resolve(data[k], base)
+    return raw
+
+
 def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override, resolve paths and validate a recipe (YAML path or dict). Loads no model."""
     if isinstance(source, dict):
@@ -211,20 +228,9 @@ def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | tuple[s
         base, name = path.resolve().parent, str(path)
     import copy
 
-    raw = apply_overrides(copy.deepcopy(raw), list(overrides))
-    # Resolve paths before validation (so existence checks see real paths).
-    if isinstance(raw.get("student"), str):
-        raw["student"] = _resolve(raw["student"], base)
-    for t in raw.get("teachers") or []:
-        if isinstance(t, dict):
-            for k in ("path", "cache"):
-                if isinstance(t.get(k), str):
-                    t[k] = _resolve(t[k], base)
-    data = raw.get("data")
-    if isinstance(data, dict):
-        for k in ("train", "eval"):
-            if isinstance(data.get(k), str):
-                data[k] = _resolve(data[k], base)
+    # Paths in the file are relative to the file; paths given as overrides to where the command runs.
+    raw = _resolve_paths(copy.deepcopy(raw), base)
+    raw = _resolve_paths(apply_overrides(raw, list(overrides)), Path.cwd())
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:

@@ -711,6 +711,8 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
         history = [dict(h) for h in trainer.state.log_history]
         if recipe.train.plot:
             plot_losses(history, out / "loss_curve.png")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 has saved the student before any rank returns (and exits)
     return TrainResult(str(out), metrics, [dict(h) for h in trainer.state.log_history], trainer.model)
 
 
