@@ -1,4 +1,7 @@
-"""The docs stay true: every CLI verb has a current reference page, and every documented command runs.
+"""The docs stay true: every CLI verb has a current reference page, and every documented example runs.
+
+Python examples (```python blocks) run as written, block after block in one namespace per page, in a
+temporary working folder.
 
 Commands are the lines starting with ``stillroom`` in ```bash blocks of README.md and docs/ (backslash
 continuations joined). They run in order, one temporary working folder per page (with ``stillroom/`` and
@@ -45,6 +48,24 @@ def commands(page: Path) -> list[str]:
     return out
 
 
+def python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+
+
+def _workdir(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "stillroom").symlink_to(ROOT / "stillroom")
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
+def test_documented_python_runs(page, tmp_path, monkeypatch):
+    _workdir(tmp_path, monkeypatch)
+    namespace: dict = {"__name__": "__docs__"}
+    for block in python_blocks(page):
+        exec(compile(block, f"{page.name}:python", "exec"), namespace)
+
+
 def test_every_verb_has_a_current_reference_page():
     import typer
 
@@ -83,9 +104,7 @@ def doc_env(tiny_models, tmp_path_factory):
 
 @pytest.mark.parametrize("page", [p for p in PAGES if commands(p)], ids=lambda p: str(p.relative_to(ROOT)))
 def test_documented_commands_run(page, doc_env, tmp_path, monkeypatch):
-    (tmp_path / "stillroom").symlink_to(ROOT / "stillroom")
-    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
-    monkeypatch.chdir(tmp_path)
+    _workdir(tmp_path, monkeypatch)
     for key, value in doc_env.items():
         monkeypatch.setenv(key, value)
     runner = CliRunner()
