@@ -56,7 +56,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from bench.common import console, machine, print_table, summary  # noqa: E402
+from bench.common import console, machine, median_seconds, print_table, summary  # noqa: E402
 
 RUN_DIR = Path("runs/bench-healing")
 DEFAULT_MODELS = "stillroom/data/default/teacher-bpe,stillroom/data/default/teacher-spm"
@@ -244,16 +244,6 @@ def _paired(fn_a, fn_b, repeats: int) -> float:
     return statistics.median(diffs)
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def speed(name: str, n_prompts: int, repeats: int, tf_repeats: int) -> dict:
     from transformers import AutoTokenizer
 
@@ -314,7 +304,7 @@ def speed(name: str, n_prompts: int, repeats: int, tf_repeats: int) -> dict:
 
     for p in prompts:
         ids = tok(p, return_tensors="pt")["input_ids"]
-        base.append(_timed(lambda p=p: plain(p), repeats))
+        base.append(median_seconds(lambda p=p: plain(p), repeats))
         extra.append(_paired(lambda p=p: healed(p), lambda p=p: plain(p), repeats))
         same.append(_paired(lambda p=p: same_steps(p, True), lambda p=p: same_steps(p, False), repeats))
         theirs.append(_paired(lambda ids=ids: tf_healed(ids), lambda ids=ids: tf_plain(ids), tf_repeats))
