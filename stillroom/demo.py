@@ -123,7 +123,10 @@ def build_caches(opts: DemoOptions, out: Path, console: Console) -> list[str]:
     for path, name in zip(opts.teachers, teacher_names(opts), strict=True):
         teacher = OnlineTeacher(path, top_k=opts.top_k, temperature=opts.temperature)
         s = write_cache(teacher, blocks_file, out / "cache" / name, console=console)
-        console.print(f"{name}: {s.rows} rows, {s.tokens:,} teacher tokens in {s.seconds:.1f} s → {s.out}")
+        if s.shards_written == 0 and s.complete:
+            console.print(f"{name}: cache already complete ({s.shards_skipped} shards), reused → {s.out}")
+        else:
+            console.print(f"{name}: {s.rows} rows, {s.tokens:,} teacher tokens in {s.seconds:.1f} s → {s.out}")
         caches.append(str(out / "cache" / name))
         del teacher
     return caches
