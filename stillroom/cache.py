@@ -116,18 +116,10 @@ class TeacherSignal(Protocol):
 # Hashes
 # ------------------------------------------------------------------------------------------------------------
 def tokenizer_hash(tokenizer) -> str:
-    """Content hash of a tokenizer: ``TokenTable.hash`` when stillroom.tokens is available, else sha256 of its
-    serialised ``tokenizer.json`` (which includes added tokens)."""
-    try:
-        from stillroom.tokens import TokenTable
-    except ImportError:
-        TokenTable = None
-    if TokenTable is not None:
-        return TokenTable.from_tokenizer(tokenizer).hash
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise TypeError(f"tokenizer {type(tokenizer).__name__} has no fast backend; use a fast tokenizer")
-    return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
+    """Content hash of a tokenizer (``TokenTable.hash``: tokenizer JSON including added tokens)."""
+    from stillroom.tokens import TokenTable
+
+    return TokenTable.from_tokenizer(tokenizer).hash
 
 
 def teacher_hash(model_or_dir) -> str:

@@ -213,16 +213,10 @@ def aligned_pairs(student_ids: Sequence[int], teacher_ids: Sequence[int], studen
     return np.stack([g[keep, 0], g[keep, 2]], axis=1).astype(np.int64)
 
 
-def _same_tokenizer(a, b) -> bool:
-    if a is b:
-        return True
-    from stillroom.tokens import TokenTable
-
-    return TokenTable.from_tokenizer(a).hash == TokenTable.from_tokenizer(b).hash
-
-
 def _teacher_state(name: str, model, tokenizer, student_tokenizer) -> _TeacherState:
-    if _same_tokenizer(tokenizer, student_tokenizer):
+    from stillroom.tokens import same_tokenizer
+
+    if same_tokenizer(tokenizer, student_tokenizer):
         return _TeacherState(name, model, tokenizer, None)
     from stillroom.tokens import TokenTable
     from stillroom.vocab import VocabMap

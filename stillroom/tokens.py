@@ -297,3 +297,7 @@ class TokenTable:
     def __len__(self) -> int:
         return self.vocab_size
 
+
+def same_tokenizer(a, b) -> bool:
+    """True when two tokenizers produce the same ids for every text: equal content hashes (``TokenTable.hash``)."""
+    return a is b or TokenTable.from_tokenizer(a).hash == TokenTable.from_tokenizer(b).hash

@@ -32,6 +32,7 @@ from transformers import Trainer
 
 from stillroom.fusion import fuse, fusion_weights, votes
 from stillroom.targets import SparseTarget
+from stillroom.tokens import same_tokenizer
 
 # --- data ---------------------------------------------------------------------------------------------------
 
@@ -508,14 +509,6 @@ def plot_losses(history: list[dict], path) -> None:
 
 
 # --- recipe -> run ------------------------------------------------------------------------------------------
-
-
-def same_tokenizer(a, b) -> bool:
-    """True when two tokenizers are the same (identical tokenizer JSON and special tokens)."""
-    try:
-        return a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str() and len(a) == len(b)
-    except AttributeError:
-        return a.get_vocab() == b.get_vocab()
 
 
 def check_recipe(recipe) -> dict:
