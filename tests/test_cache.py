@@ -29,6 +29,7 @@ from stillroom.cache import (
     pack_bits,
     student_targets,
     topk_kl,
+    topk_logsumexp,
     unpack_bits,
     verify_cache,
     write_cache,
@@ -101,6 +102,26 @@ def test_quantised_logprobs_kl_small(bits):
     step = 16 / (1 << bits)
     assert (dec - lp).abs().max() < step  # half a step of rounding + the renormalisation shift
     assert torch.allclose(torch.from_numpy(dec_tail), tail, rtol=2e-3, atol=1e-7)
+
+
+# --- blockwise top-k + log-sum-exp against torch.topk / torch.logsumexp ---------------------------------------
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_topk_logsumexp_matches_library_kernels(tau):
+    g = torch.Generator().manual_seed(0)
+    v, k = 50_257, 16  # not a multiple of the block: the last, partial block must be searched too
+    z = torch.randn(37, v, generator=g) * 4  # 37 rows: the last row chunk is partial
+    z[0, 1000:1016] = 50.0 + torch.arange(16.0)  # the whole top k in one block
+    z[1, -3:] = 60.0  # the top 3 in the partial block
+    z[2, ::4096] = 70.0  # spread over many blocks, with ties at the top
+    vals, ids, lse1, lse_tau = topk_logsumexp(z, k, tau)
+    ref_vals, ref_ids = torch.topk(z, k, dim=-1)
+    assert torch.equal(vals, ref_vals)
+    assert torch.equal(z.gather(1, ids), ref_vals)  # ids point at the right values (tie order may differ)
+    assert all(len(set(r.tolist())) == k for r in ids)
+    assert torch.equal(ids[3:], ref_ids[3:]) and set(ids[0].tolist()) == set(range(1000, 1016))
+    assert set(ids[1, :3].tolist()) == {v - 3, v - 2, v - 1}
+    assert torch.allclose(lse1, torch.logsumexp(z, -1), atol=1e-5)
+    assert torch.allclose(lse_tau, torch.logsumexp(z / tau, -1), atol=1e-5)
 
 
 # --- online teacher against a naive forward ------------------------------------------------------------------
