@@ -1,12 +1,13 @@
 """Distillation step throughput and peak memory: stillroom's DistillTrainer vs TRL's GKDTrainer.
 
-    flock /tmp/stillroom-heavy.lock .venv/bin/python -m bench.train [--steps 30] [--threads 2]
+    flock /tmp/stillroom-heavy.lock .venv/bin/python -m bench.train [--steps 30] [--threads 2] [--repeats 3]
 
 Same student (GPT-2 4 layers × 256), teacher (GPT-2 8 layers × 512, random weights: speed does not depend
 on them), byte-level BPE vocabulary of 8,000 trained on the shipped corpus, batch 4 × 256 tokens, fp32 on
 CPU, off-policy (TRL ``lmbda=0``) so both do the same work: teacher forward, student forward/backward,
 generalised JSD (β = 0.5, no CE term), AdamW. Each configuration runs in a fresh process (peak RSS is per
-process); tokens/s is measured over the steps after the first 5 (warm-up).
+process); tokens/s is measured over the steps after the first 5 (warm-up). Configurations run round-robin
+``--repeats`` times; the table shows medians.
 
 Configurations:
 - ``trl_gkd``: TRL ``GKDTrainer`` (dense logits of both models, dense JSD);
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -164,6 +166,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each configuration (medians reported)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--size", default="full", choices=sorted(SIZES))
     ap.add_argument("--child", default=None)
@@ -183,22 +186,31 @@ def main() -> None:
         root = Path(tmp)
         console.print("building tokenizer (vocab 8,000), student, teacher, blocks and the teacher cache …")
         build_assets(root, a.steps, a.size)
+        runs: dict[str, list[dict]] = {c: [] for c in a.configs.split(",")}
+        for rep in range(a.repeats):  # round-robin, so a slow patch of a noisy machine hits every config
+            for config in runs:
+                r = run_child("bench.train", ["--child", config, "--root", str(root), "--steps", str(a.steps),
+                                              "--threads", str(a.threads), "--size", a.size])
+                runs[config].append(r)
+                console.print(f"repeat {rep + 1}/{a.repeats}", config, r)
         results = {}
-        for config in a.configs.split(","):
-            r = run_child("bench.train", ["--child", config, "--root", str(root), "--steps", str(a.steps),
-                                          "--threads", str(a.threads), "--size", a.size])
-            results[config] = r
-            console.print(config, r)
+        for config, rs in runs.items():  # median tokens/s and peak memory over the repeats
+            ok = [r for r in rs if "error" not in r]
+            results[config] = rs[0] if not ok else {
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok),
+                "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in ok),
+                "all_tokens_per_s": [round(r["tokens_per_s"]) for r in ok]}
     gkd = results.get("trl_gkd", {}).get("tokens_per_s")
     rows = []
     for c, r in results.items():
         if "error" in r:
-            rows.append([c, "error", str(r["error"]), ""])
+            rows.append([c, "error", str(r["error"]), "", ""])
             continue
         ratio = f"{r['tokens_per_s'] / gkd:.2f}×" if gkd else ""
-        rows.append([c, round(r["tokens_per_s"]), f"{r['peak_rss_gb']:.2f}", ratio])
-    print_table(f"distillation step, batch {BATCH}×{SIZES[a.size]['seq']}, {a.steps} steps ({machine()})",
-                ["config", "tokens/s", "peak RSS GB", "vs TRL GKD"], rows)
+        rows.append([c, round(r["tokens_per_s"]), " ".join(map(str, r.get("all_tokens_per_s", []))),
+                     f"{r['peak_rss_gb']:.2f}", ratio])
+    print_table(f"distillation step, batch {BATCH}×{SIZES[a.size]['seq']}, {a.steps} steps, median of {a.repeats} "
+                f"({machine()})", ["config", "tokens/s", "per run", "peak RSS GB", "vs TRL GKD"], rows)
 
     def tps(c):
         return results.get(c, {}).get("tokens_per_s", float("nan"))

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 from transformers import Trainer
 
+from stillroom.cache import freeze_teacher
 from stillroom.fusion import fuse, fusion_weights, votes
 from stillroom.targets import SparseTarget
 from stillroom.tokens import same_tokenizer
@@ -169,7 +170,7 @@ class SameTokenizerTeacher:
     """
 
     def __init__(self, model, top_k: int | None = 10, temperature: float = 1.0, name: str = "teacher"):
-        self.model = model.eval().requires_grad_(False)
+        self.model = freeze_teacher(model)
         self.top_k, self.temperature, self.name = top_k, temperature, name
 
     @torch.no_grad()
@@ -303,7 +304,7 @@ class DistillTrainer(Trainer):
         for t in self.teachers:
             m = getattr(t, "model", None)
             if isinstance(m, torch.nn.Module):
-                m.eval().requires_grad_(False)
+                freeze_teacher(m)
                 if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                     t.model = self.accelerator.prepare_model(m, evaluation_mode=True)
                 else:

@@ -102,7 +102,7 @@ def row_divergence_grad(logq: torch.Tensor, logp: torch.Tensor, kind: str, beta:
                                                                                              torch.Tensor]:
     """Per-row divergence ``[n]``, ``g = ∂ℓ/∂log q`` ``[n, B]`` and ``q = exp(log q)``, in closed form.
 
-    Memory-lean for the chunked loss: ``logq`` and ``logp`` are CONSUMED (overwritten); at most two extra
+    Memory-lean for the chunked loss: ``logq`` and ``logp`` are CONSUMED (overwritten); at most three extra
     ``[n, B]`` buffers live at once. For a loss ℓ(q) of the bucket probabilities ``∂ℓ/∂log q_b = q_b·∂ℓ/∂q_b``:
     forward KL / soft CE: ``g = −p``;  reverse KL: ``g = q (log q − log p + 1)``;
     JSD: ``g = (1−β) q (log q − log m)``;  skew forward KL: ``g = −(1−α) p q / m``;
@@ -127,12 +127,12 @@ def row_divergence_grad(logq: torch.Tensor, logp: torch.Tensor, kind: str, beta:
         g = d.add_(1.0).mul_(q)
         loss = g.sum(-1).sub_(q.sum(-1))  # Σ q·(log q − log p) = Σ g − Σ q, without a temporary
     elif kind == "jsd":
-        logm = logp + math.log(beta)
-        logm = torch.logaddexp(logm, logq + math.log1p(-beta), out=logm)
-        p = logp.exp()
+        p, q = logp.exp(), logq.exp()
+        # m = β·p + (1−β)·q in probability space (an axpy and a log; logaddexp costs several passes).
+        # Clamped at the smallest normal float so a bin where p and q both underflow gives 0·finite = 0.
+        logm = p.mul(beta).add_(q, alpha=1 - beta).clamp_min_(torch.finfo(p.dtype).tiny).log_()
         loss = _psum(p, logp.sub_(logm), safe).mul_(beta)
         del p, logp
-        q = logq.exp()
         g = logq.sub_(logm).mul_(q).mul_(1 - beta)  # (1−β)·q·(log q − log m): the second term and g
         del logm
         loss.add_(g.sum(-1))

@@ -26,11 +26,17 @@ from stillroom.losses.divergences import check_kind, row_divergence_grad
 from stillroom.losses.sparse import buckets, check_sparse, target_rows
 from stillroom.targets import SparseTarget
 
-CHUNK_ELEMENTS = 1 << 24  # auto chunk: about 16M logits (64 MB in fp32) per chunk_size × V buffer
+CHUNK_ELEMENTS = 1 << 24  # auto chunk: at most about 16M logits (64 MB in fp32) per chunk_size × V buffer
+CHUNK_ELEMENTS_FAST = 1 << 21  # ... and 2M (8 MB) when that still leaves >= 128 rows per matmul
 
 
 def auto_chunk_size(vocab: int) -> int:
-    return max(8, CHUNK_ELEMENTS // max(vocab, 1))
+    """Rows per chunk. The element-wise work (softmaxes, divergence, gradient) is fastest when a chunk's
+    buffers stay in cache (~8 MB: 256 rows at V = 8,000 ran the loss 20% faster than 2,048 rows on 2 CPU
+    cores), but a chunk's two matmuls re-read the LM head, so a chunk keeps at least 128 rows when the
+    16M-logit budget allows it (large vocabularies keep their old, memory-bounded size)."""
+    v = max(vocab, 1)
+    return max(8, CHUNK_ELEMENTS_FAST // v, min(128, CHUNK_ELEMENTS // v))
 
 
 @dataclass
