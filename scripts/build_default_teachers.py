@@ -1,21 +1,32 @@
 """Build the embedded default: two tiny pretrained teachers with different tokenizer families, plus the
-student's tokenizer, all trained from the shipped corpus's train split with fixed seeds.
+student's tokenizer, all trained from the shipped corpus with fixed seeds.
 
     flock /tmp/stillroom-heavy.lock .venv/bin/python scripts/build_default_teachers.py
 
 Writes into ``stillroom/data/default/``:
 
-- ``teacher-bpe/``: GPT-2 on a GPT-2-style byte-level BPE (vocab 4,096; ``Ġ`` marks a space);
-- ``teacher-spm/``: Llama on a Llama-2-style ``▁`` BPE with byte fallback (vocab 3,200);
-- ``student-tokenizer/``: a third tokenizer, byte-level BPE with vocab 2,048, so the student shares its
-  vocabulary with neither teacher and both teachers need the cross-tokenizer path (alignment + vocabulary map).
+- ``teacher-bpe/``: GPT-2 on a GPT-2-style byte-level BPE (vocab 4,096; ``Ġ`` marks a space), trained on
+  ``corpus/teacher-a`` (14 works: 7 comedies and romances, 7 histories and tragedies);
+- ``teacher-spm/``: Llama on a Llama-2-style ``▁`` BPE with byte fallback (vocab 3,200), trained on
+  ``corpus/teacher-b`` (13 works: 6 comedies and romances, 7 histories and tragedies);
+- ``student-tokenizer/``: a third tokenizer, byte-level BPE with vocab 2,048 (trained on ``corpus/train``), so
+  the student shares its vocabulary with neither teacher and both teachers need the cross-tokenizer path.
+
+Why separate corpora: like FuseLLM's source models, each teacher knows text the student never reads and the
+two know different things. Teachers trained on the student's own train split (the first version of this
+script) had memorised it: on that text their distributions were nearly one-hot on the gold token, so
+distillation added little to plain CE, and sequence-level MinCE always chose the teacher that memorised
+better. Every split (teacher-a, teacher-b, train, validation, test) is a disjoint set of whole works; the
+teachers' halves alternate through each genre (sorted by name), so neither teacher is the expert of the
+held-out comedies. (A genre split — all comedies to one teacher — made that teacher the only useful one on the
+comedy test set, and any fusion with the other could only dilute it.)
 
 Each teacher folder holds safetensors weights stored as float16 (to keep the package small; ``config.json`` says
 float32 so ``AutoModelForCausalLM.from_pretrained`` loads them as float32), the tokenizer, and a model card
 (README.md) with its validation bits per byte measured by ``stillroom.evaluate`` after the float16 round trip.
 
 Training is a plain loop: AdamW, linear warm-up then cosine decay, random windows of the token stream,
-bfloat16 autocast on CPU (``--precision fp32`` for plain float32). Steps are fixed (not time-based) so a run is
+float32 (``--precision bf16`` for bfloat16 autocast, which is much slower on CPUs without a bf16 unit). Steps are fixed (not time-based) so a run is
 reproducible on the same machine. ``--cards-only`` re-measures and rewrites the model cards;
 ``--student-baseline SECONDS`` trains a small from-scratch student on the student tokenizer for that long and
 prints its validation bits per byte (the yardstick the teachers must clearly beat).
@@ -49,12 +60,15 @@ SEQ_LEN = 256
 BATCH = 16
 
 TEACHERS = {
-    "teacher-bpe": dict(family="byte_bpe", vocab=4096, seed=11, steps=450, lr=2e-3,
+    "teacher-bpe": dict(family="byte_bpe", vocab=4096, seed=11, steps=450, lr=2e-3, corpus="teacher-a",
                         arch=dict(kind="gpt2", n_layer=4, n_embd=256, n_head=4)),
-    "teacher-spm": dict(family="spm_bpe", vocab=3200, seed=12, steps=450, lr=2e-3,
+    "teacher-spm": dict(family="spm_bpe", vocab=3200, seed=12, steps=450, lr=2e-3, corpus="teacher-b",
                         arch=dict(kind="llama", n_layer=4, hidden=256, n_head=4, intermediate=688)),
 }
 STUDENT_TOKENIZER = dict(family="byte_bpe", vocab=2048)
+CORPUS_NOTE = {"teacher-a": "14 Shakespeare plays, 7 comedies/romances and 7 histories/tragedies",
+               "teacher-b": "13 Shakespeare plays, 6 comedies/romances and 7 histories/tragedies",
+               "train": "eight Shakespeare plays"}
 
 
 def chunks(texts: list[str], size: int = 2000) -> list[str]:
@@ -193,8 +207,9 @@ def write_card(folder: Path, spec: dict, info: dict, metrics: dict) -> None:
     card = f"""# {folder.name} — a tiny teacher of the stillroom embedded default
 
 A {type(model).__name__} ({params:,} parameters; {arch}) with a {family[spec['family']]} tokenizer
-(vocabulary {spec['vocab']:,}), trained from scratch on the train split of the shipped corpus
-(`stillroom/data/corpus/train`: eight Shakespeare plays, public domain).
+(vocabulary {spec['vocab']:,}), trained from scratch on `stillroom/data/corpus/{spec.get('corpus', 'train')}`
+({CORPUS_NOTE.get(spec.get('corpus', 'train'), 'Shakespeare plays')}, public domain; no work the student trains or is
+evaluated on).
 
 Built by `scripts/build_default_teachers.py` (seed {spec['seed']}): {info.get('steps', '?')} steps of AdamW
 (peak learning rate {spec['lr']}, warm-up then cosine), batch {BATCH} × {SEQ_LEN} tokens,
@@ -241,7 +256,7 @@ def _load_tokenizer(folder: Path):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
     ap.add_argument("--only", choices=sorted(TEACHERS), action="append", help="build only these teachers")
     ap.add_argument("--steps", type=int, help="override the number of training steps (for quick trials)")
     ap.add_argument("--cards-only", action="store_true", help="re-measure and rewrite the model cards")
@@ -265,8 +280,9 @@ def main() -> None:
             spec = dict(TEACHERS[name])
             if args.steps:
                 spec["steps"] = args.steps
-            tok = train_tokenizer(spec["family"], spec["vocab"], train_texts)
-            stream, val_stream = token_stream(tok, train_texts), token_stream(tok, val_texts)
+            texts = corpus_texts(spec["corpus"])
+            tok = train_tokenizer(spec["family"], spec["vocab"], texts)
+            stream, val_stream = token_stream(tok, texts), token_stream(tok, val_texts)
             model = build_model(spec["arch"], tok, spec["seed"])
             params = sum(p.numel() for p in model.parameters())
             print(f"{name}: {params:,} params, vocab {len(tok)}, {len(stream):,} train tokens", flush=True)

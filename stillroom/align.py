@@ -388,7 +388,12 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
       ``"bytes"``   — at a group start, the teacher row ``i0-1`` is still used: a candidate whose bytes agree
       with the gold student token (one is a prefix of the other) gives its mass to that token, others go
       through ``vocab_map``; inside a group, one-hot as above;
-      ``"none"``    — the row is marked ``valid=False``.
+      ``"none"``    — the row is marked ``valid=False``;
+      ``"prefix"``  — every group start (1-to-1 or not) uses teacher row ``i0-1``, and every candidate gives
+      its mass to :func:`stillroom.vocab.prefix_map` of it (the longest student token that its bytes start
+      with) instead of ``vocab_map``: both sides predict the bytes that start at the same offset, so this moves
+      the teacher's belief about the next bytes onto the student token that begins them. Inside a multi-token
+      student group, one-hot as above.
 
     The tail is the teacher's (``teacher_tail``, or ``1 - sum p_t`` over its top-k) plus any unmappable mass,
     so ``sum(kept) + tail == 1``. The last row (nothing to predict) is always ``valid=False``.
@@ -399,8 +404,8 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
 
     from stillroom.targets import SparseTarget
 
-    if fallback not in ("onehot", "bytes", "none"):
-        raise ValueError(f"project: fallback must be 'onehot', 'bytes' or 'none', got {fallback!r}")
+    if fallback not in ("onehot", "bytes", "none", "prefix"):
+        raise ValueError(f"project: fallback must be 'onehot', 'bytes', 'none' or 'prefix', got {fallback!r}")
     t_ids = _numpy(teacher_topk_ids).astype(np.int64)
     t_lp = _numpy(teacher_topk_logprobs, np.float64)
     if t_ids.ndim != 2 or t_ids.shape != t_lp.shape:
@@ -419,7 +424,14 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
         if h is not None and h != table.hash:
             raise ValueError(f"project: vocab_map was built for other tokenizers ({side} {h} != {table.hash}); "
                              "build it with VocabMap.build(teacher_table, student_table)")
-    if hasattr(vocab_map, "masked_mapping"):  # a VocabMap: -1 where no sensible target (mass -> tail)
+    if fallback == "prefix":
+        from stillroom.vocab import prefix_map
+
+        mapping = prefix_map(alignment.src_table, alignment.tgt_table)
+        if hasattr(vocab_map, "masked_mapping"):  # special tokens: as the vocabulary map says
+            special = np.asarray(alignment.src_table.is_special, bool)
+            mapping = np.where(special, _numpy(vocab_map.masked_mapping).astype(np.int64), mapping)
+    elif hasattr(vocab_map, "masked_mapping"):  # a VocabMap: -1 where no sensible target (mass -> tail)
         mapping = _numpy(vocab_map.masked_mapping).astype(np.int64)
     else:
         mapping = _numpy(getattr(vocab_map, "mapping", vocab_map)).astype(np.int64)
@@ -443,10 +455,10 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
     starts = g[(g[:, 3] > g[:, 2]) & (g[:, 2] >= 1)]  # groups with student tokens, not at position 0
     one = ((starts[:, 1] - starts[:, 0]) == 1) & ((starts[:, 3] - starts[:, 2]) == 1) & (starts[:, 0] >= 1)
     src_row[starts[one, 2] - 1] = starts[one, 0] - 1
-    if fallback == "bytes":
+    if fallback in ("bytes", "prefix"):
         multi = ~one & (starts[:, 1] > starts[:, 0]) & (starts[:, 0] >= 1)
         src_row[starts[multi, 2] - 1] = starts[multi, 0] - 1
-        use_bytes[starts[multi, 2] - 1] = True
+        use_bytes[starts[multi, 2] - 1] = fallback == "bytes"
     valid = np.ones(T_s, dtype=bool)
     if T_s:
         valid[-1] = False

@@ -66,6 +66,7 @@ import numpy as np
 import torch
 
 from stillroom.data_io import data_fingerprint, load_texts, text_sha
+from stillroom.modeling import freeze_teacher
 from stillroom.targets import SparseTarget
 
 FORMAT = "stillroom-cache/1"
@@ -291,22 +292,6 @@ def _windows(n: int, max_length: int, overlap: int) -> list[tuple[int, int, int]
         out.append((a, e, s))
         s = e
     return out
-
-
-def freeze_teacher(model: torch.nn.Module) -> torch.nn.Module:
-    """Make ``model`` an inference-only teacher, in place: eval mode, no gradients, and the tanh-approximate GELU
-    that GPT-2-style models compute as five Python-level ops (``NewGELUActivation``, ``FastGELUActivation``:
-    ``0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))``) swapped for PyTorch's fused kernel of the same formula
-    (transformers' ``GELUTanh``; equal to float rounding). On CPU that is ~10% of a GPT-2 teacher's forward.
-    Only frozen teachers are touched; a student keeps its modules."""
-    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
-
-    model.eval().requires_grad_(False)
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if type(child) in (NewGELUActivation, FastGELUActivation):
-                setattr(parent, name, GELUTanh())
-    return model
 
 
 class OnlineTeacher:

@@ -53,7 +53,10 @@ def demo(
     seed: int = typer.Option(0),
     fusion_method: str = typer.Option("min_ce", help="min_ce, avg_ce or mean."),
     fusion_level: str = typer.Option("sequence", help="sequence or token."),
-    projection: str = typer.Option("onehot", help="Fallback where alignment is not 1-to-1: onehot or bytes."),
+    projection: str = typer.Option("prefix", help="How teacher mass reaches the student vocabulary: prefix, onehot "
+                                   "(FuseLLM) or bytes (see fusion.projection in docs/training.md)."),
+    ce_weight: float = typer.Option(0.5, min=0.0, max=1.0, help="λ in λ·CE + (1−λ)·fusion loss (FuseLLM used 0.9 "
+                                    "for continual training; 0.5 for a student from scratch)."),
     max_blocks: Optional[int] = typer.Option(None, min=1, help="Use only the first N training blocks."),
     eval_chars: Optional[int] = typer.Option(None, min=1, help="Evaluate on the first N characters of each "
                                              "held-out work."),
@@ -63,7 +66,7 @@ def demo(
 
     opts = DemoOptions(out=out, steps=steps, batch_size=batch_size, seq_len=seq_len, seed=seed,
                        fusion_method=fusion_method, fusion_level=fusion_level, projection=projection,
-                       max_blocks=max_blocks, eval_chars=eval_chars)
+                       ce_weight=ce_weight, max_blocks=max_blocks, eval_chars=eval_chars)
     if teacher:
         opts.teachers = [str(t) for t in teacher]
     for name, value in (("student_tokenizer", student_tokenizer), ("train", train), ("validation", validation),

@@ -48,11 +48,11 @@ class DemoOptions:
     lr: float = 2e-3
     seed: int = 0
     top_k: int = 10
-    ce_weight: float = 0.9
+    ce_weight: float = 0.5
     temperature: float = 1.0
     fusion_method: str = "min_ce"
     fusion_level: str = "sequence"
-    projection: str = "onehot"
+    projection: str = "prefix"
     max_blocks: int | None = None  # None = steps × batch_size: each block is trained on once, none is cached idle
     eval_chars: int | None = None  # evaluate on the first N characters of each held-out work (None = all)
 
@@ -273,7 +273,7 @@ def write_report(result: DemoResult, opts: DemoOptions, fused_history: list[dict
 Teachers: {', '.join(f'`{t}`' for t in opts.teachers)}. Student tokenizer: `{opts.student_tokenizer}`;
 student `{opts.student_config}` trained from scratch for {opts.steps} steps of {opts.batch_size} × {opts.seq_len}
 tokens (seed {opts.seed}). Fusion: {opts.fusion_method} at {opts.fusion_level} level, top-{opts.top_k},
-λ = {opts.ce_weight}, temperature {opts.temperature}, projection fallback `{opts.projection}`.
+λ = {opts.ce_weight}, temperature {opts.temperature}, projection `{opts.projection}`.
 
 ## Held-out results (`{opts.test}`)
 

@@ -29,6 +29,7 @@ tokens that map to the same student token are summed; identity when the tokenize
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -76,16 +77,20 @@ class EvalReport:
 
 # --- loading ------------------------------------------------------------------------------------------------
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """``(model, tokenizer)`` from a Hugging Face folder (safetensors, no remote code), float32, eval mode."""
+    """``(model, tokenizer)`` from a Hugging Face folder (safetensors, no remote code), float32, frozen (eval
+    mode, no gradients, fused activations: :func:`stillroom.modeling.freeze_teacher`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stillroom.modeling import freeze_teacher
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"model folder {path} has no config.json (expected a Hugging Face model folder "
                                 "saved with save_pretrained)")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    return model.to(device).eval(), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=False)
+    return freeze_teacher(model.to(device)), tokenizer
 
 
 def load_eval_texts(data: str | os.PathLike) -> list[str]:
@@ -128,7 +133,10 @@ def window_spans(n: int, context: int, stride: int) -> list[tuple[int, int, int]
 
 
 def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=input_ids)
+    # windows are never padded; saying so (when the model takes a mask) silences transformers' padding warning
+    takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
+    out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)) if takes_mask \
+        else model(input_ids=input_ids)
     logits = out.logits if hasattr(out, "logits") else out
     return logits.float()
 

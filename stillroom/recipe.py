@@ -58,8 +58,10 @@ class FusionSpec(_Strict):
     weight_temperature: float = Field(1.0, gt=0.0)
     include_student: bool = Field(False, description="FuseLLM: the student's own initial distribution (a frozen "
                                   "copy of its starting weights) is one more fusion candidate")
-    projection: Literal["onehot", "bytes", "none"] = Field(
-        "onehot", description="fallback for inexact alignments; 'none' = teachers must share the student tokenizer")
+    projection: Literal["onehot", "bytes", "prefix", "none"] = Field(
+        "onehot", description="how teacher mass reaches the student vocabulary: 'onehot' (FuseLLM), 'bytes', "
+        "'prefix' (longest student token each teacher token starts with); 'none' = teachers share the student "
+        "tokenizer")
 
 
 class TrainSpec(_Strict):

@@ -30,8 +30,9 @@ from typing import Any, Protocol
 import torch
 from transformers import Trainer
 
-from stillroom.cache import freeze_teacher
 from stillroom.fusion import fuse, fusion_weights, votes
+from stillroom.modeling import fast_activations as _fast_activations
+from stillroom.modeling import freeze_teacher
 from stillroom.targets import SparseTarget
 from stillroom.tokens import same_tokenizer
 
@@ -280,16 +281,22 @@ class DistillTrainer(Trainer):
     ``teachers``: objects following :class:`Teacher` (empty = plain CE, or EMO with ``loss.kind="emo"``).
     Teacher models are frozen, put in eval mode and placed on the training device (wrapped by accelerate in
     evaluation mode under DeepSpeed/FSDP so they are sharded too). Batches come from :class:`BlockCollator`.
+    ``fast_activations`` (default on): the student's Python-level tanh-GELU modules are swapped, in place, for
+    PyTorch's fused kernel of the same formula (see :mod:`stillroom.modeling`); its config and saved weights
+    are unchanged.
     """
 
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, teachers: list | None = None, loss: LossConfig | None = None,
-                 fusion: FusionConfig | None = None, **kwargs):
+                 fusion: FusionConfig | None = None, fast_activations: bool = True, **kwargs):
+        use_fast = fast_activations
         args_ = kwargs.get("args") or (args[1] if len(args) > 1 else None)
         if args_ is not None and getattr(args_, "remove_unused_columns", False):
             args_.remove_unused_columns = False  # text / example_id must reach compute_loss
         super().__init__(*args, **kwargs)
+        if use_fast:
+            _fast_activations(self.model)
         self.teachers = list(teachers or [])
         self.loss_cfg = loss or LossConfig()
         self.fusion_cfg = fusion or FusionConfig()

@@ -431,3 +431,39 @@ def default_cache_dir() -> Path:
     """``$STILLROOM_CACHE/vocab``, else ``~/.cache/stillroom/vocab``."""
     base = os.environ.get("STILLROOM_CACHE")
     return (Path(base) if base else Path.home() / ".cache" / "stillroom") / "vocab"
+
+
+_PREFIX_MAPS: dict[tuple[str, str], np.ndarray] = {}
+
+
+def prefix_map(src_table, tgt_table) -> np.ndarray:
+    """For every source id, the longest ordinary target token whose bytes are a prefix of the source token's
+    bytes (-1 for special tokens, tokens with no bytes, or no such target token); int64 ``[V_src]``.
+
+    This is the map for moving *next-token* mass: a teacher that puts probability on token ``c`` says the
+    text continues with ``bytes(c)``, and whatever the student emits next is a prefix of those bytes, so the
+    student token that starts ``bytes(c)`` is the right recipient (greedy longest match standing in for the
+    student tokenizer's first token of ``bytes(c)``). Exact tokens map to themselves; MinED instead picks the
+    most *similar* string, which for a token the student lacks is often another word. Cached per pair.
+    """
+    key = (src_table.hash, tgt_table.hash)
+    if key in _PREFIX_MAPS:
+        return _PREFIX_MAPS[key]
+    tgt_special = np.asarray(tgt_table.is_special, bool)
+    by_bytes: dict[bytes, int] = {}
+    for i, b in enumerate(tgt_table.token_bytes):
+        if b and not tgt_special[i] and b not in by_bytes:
+            by_bytes[b] = i
+    longest = max((len(b) for b in by_bytes), default=0)
+    src_special = np.asarray(src_table.is_special, bool)
+    out = np.full(src_table.vocab_size, -1, dtype=np.int64)
+    for i, b in enumerate(src_table.token_bytes):
+        if not b or src_special[i]:
+            continue
+        for n in range(min(len(b), longest), 0, -1):
+            t = by_bytes.get(b[:n])
+            if t is not None:
+                out[i] = t
+                break
+    _PREFIX_MAPS[key] = out
+    return out

@@ -283,6 +283,12 @@ def test_projection_shift_hand_checked(shared_tokenizer):
     assert close(row(out_b, 2), {q("8"): 1.0})
     out_n = project(t_ids, t_lp, al, vm, b, fallback="none")
     assert out_n.valid.tolist() == [True, False, False, False, True, True, False]
+    # "prefix": the group start also uses teacher row 1, and "185" gives its mass to the student token that
+    # begins it ("1"), whatever the vocabulary map says; inside the group, one-hot
+    out_p = project(t_ids, t_lp, al, np.zeros(L.vocab_size, np.int64), b, fallback="prefix", teacher_tail=tail)
+    assert close(row(out_p, 1), {q("b"): 0.6, q("1"): 0.3}) and abs(out_p.tail[1] - 0.1) < 1e-6
+    assert close(row(out_p, 2), {q("8"): 1.0}) and close(row(out_p, 4), {q("c"): 0.6, q("0"): 0.3})
+    assert out_p.valid.tolist() == out.valid.tolist()
 
 
 def test_projection_same_tokenizer_is_shifted_copy(shared_tokenizer):

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stillroom.vocab import VocabMap, min_edit_distance_map
+from stillroom.vocab import VocabMap, min_edit_distance_map, prefix_map
 
 
 def naive_lev(a: bytes, b: bytes) -> int:
@@ -253,3 +253,28 @@ def test_cli_vocab_map(tiny_models, tmp_path, tables):
     res = runner.invoke(app, ["vocab-map", "--source", str(tmp_path / "nope"), "--target",
                               str(tiny_models["gpt2-bpe"]), "--out", str(out)])
     assert res.exit_code != 0 and "neither a tokenizer folder" in res.output
+
+
+def test_prefix_map_is_the_longest_target_prefix(tables):
+    spm, bpe = tables
+    for src_t, tgt_t in ((spm, bpe), (bpe, spm)):
+        pm = prefix_map(src_t, tgt_t)
+        ordinary_tgt = [(i, b) for i, b in enumerate(tgt_t.token_bytes) if b and not tgt_t.is_special[i]]
+        rng = np.random.default_rng(1)
+        for s in rng.choice(src_t.vocab_size, 300, replace=False).tolist():
+            b = src_t.token_bytes[s]
+            if not b or src_t.is_special[s]:
+                assert pm[s] == -1
+                continue
+            cands = [(len(tb), -i) for i, tb in ordinary_tgt if b.startswith(tb)]  # naive: scan every token
+            want = -max(cands)[1] if cands else -1
+            assert pm[s] == want or (want >= 0 and tgt_t.token_bytes[pm[s]] == tgt_t.token_bytes[want]), (s, b)
+        vmap = VocabMap.build(src_t, tgt_t, progress=False)
+        exact = vmap.exact & ~src_t.is_special
+        assert (pm[exact] == vmap.mapping[exact]).all() or all(
+            tgt_t.token_bytes[pm[i]] == src_t.token_bytes[i] for i in np.flatnonzero(exact))
+        # where they differ, MinED picked a string that is not where the source token's bytes begin
+        differ = np.flatnonzero((pm >= 0) & (pm != vmap.mapping) & ~exact)
+        assert differ.size > 0
+        assert any(not src_t.token_bytes[i].startswith(tgt_t.token_bytes[vmap.mapping[i]]) for i in differ)
+
