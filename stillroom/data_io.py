@@ -21,6 +21,8 @@ import json
 import os
 from pathlib import Path
 
+PACKAGE_DATA = Path(__file__).parent / "data"  # the shipped corpus and default models (``pkg:`` paths)
+
 
 def load_texts(path: str | os.PathLike, text_field: str = "text") -> list[tuple[str, str]]:
     """Read DATA at ``path``; returns ``[(example_id, text), ...]`` in a stable order."""

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-PACKAGE_DATA = Path(__file__).parent / "data"
+from stillroom.data_io import PACKAGE_DATA
+
 CORPUS_DIR = PACKAGE_DATA / "corpus"
 
 
