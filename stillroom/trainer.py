@@ -30,9 +30,8 @@ from typing import Any, Protocol
 import torch
 from transformers import Trainer
 
+from stillroom import modeling
 from stillroom.fusion import fuse, fusion_weights, votes
-from stillroom.modeling import fast_activations as _fast_activations
-from stillroom.modeling import freeze_teacher
 from stillroom.targets import SparseTarget
 from stillroom.tokens import same_tokenizer
 
@@ -171,7 +170,7 @@ class SameTokenizerTeacher:
     """
 
     def __init__(self, model, top_k: int | None = 10, temperature: float = 1.0, name: str = "teacher"):
-        self.model = freeze_teacher(model)
+        self.model = modeling.freeze_teacher(model)
         self.top_k, self.temperature, self.name = top_k, temperature, name
 
     @torch.no_grad()
@@ -290,13 +289,12 @@ class DistillTrainer(Trainer):
 
     def __init__(self, *args, teachers: list | None = None, loss: LossConfig | None = None,
                  fusion: FusionConfig | None = None, fast_activations: bool = True, **kwargs):
-        use_fast = fast_activations
         args_ = kwargs.get("args") or (args[1] if len(args) > 1 else None)
         if args_ is not None and getattr(args_, "remove_unused_columns", False):
             args_.remove_unused_columns = False  # text / example_id must reach compute_loss
         super().__init__(*args, **kwargs)
-        if use_fast:
-            _fast_activations(self.model)
+        if fast_activations:
+            modeling.fast_activations(self.model)
         self.teachers = list(teachers or [])
         self.loss_cfg = loss or LossConfig()
         self.fusion_cfg = fusion or FusionConfig()
@@ -311,7 +309,7 @@ class DistillTrainer(Trainer):
         for t in self.teachers:
             m = getattr(t, "model", None)
             if isinstance(m, torch.nn.Module):
-                freeze_teacher(m)
+                modeling.freeze_teacher(m)
                 if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                     t.model = self.accelerator.prepare_model(m, evaluation_mode=True)
                 else:

@@ -13,7 +13,7 @@ def test_demo_pipeline_on_fixtures(tiny_models, tmp_path):
         "demo", "--out", str(out),
         "--teacher", str(tiny_models["gpt2-bpe-teacher"]), "--teacher", str(tiny_models["llama-spm"]),
         "--student-tokenizer", str(tiny_models["gpt2-bpe"]),
-        "--steps", "3", "--max-blocks", "8", "--eval-chars", "1500",
+        "--steps", "3", "--max-blocks", "8", "--eval-chars", "1500", "--ce-weight", "0.7", "--projection", "onehot",
     ])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
@@ -29,6 +29,7 @@ def test_demo_pipeline_on_fixtures(tiny_models, tmp_path):
         assert manifest["n_examples"] == 8
     report = (out / "report.md").read_text()
     assert "| fused | fused student |" in report and "bits/byte" in report
+    assert "λ = 0.7" in report and "projection `onehot`" in report  # the flags reach the recipe
     for png in ("loss_curves.png", "bits_per_byte.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "fused" / "model.safetensors").exists() and (out / "ce-only" / "README.md").exists()
