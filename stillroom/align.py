@@ -371,7 +371,7 @@ def _numpy(x, dtype=None) -> np.ndarray:
 
 
 def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab_map, student_ids, *,
-            fallback: str = "onehot", teacher_tail=None) -> SparseTarget:
+            fallback: str = "onehot", teacher_tail=None, fill: bool = True) -> SparseTarget:
     """Move a teacher's top-k next-token distributions onto the student's positions and vocabulary.
 
     ``alignment`` is ``align(teacher_ids, student_ids, teacher_table, student_table)`` (teacher = source).
@@ -394,6 +394,10 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
       with) instead of ``vocab_map``: both sides predict the bytes that start at the same offset, so this moves
       the teacher's belief about the next bytes onto the student token that begins them. Inside a multi-token
       student group, one-hot as above.
+
+    ``fill=False`` marks the rows that would get the one-hot gold ``valid=False`` instead: they carry no teacher
+    knowledge, so a fusion of several teachers should take them from a teacher that has a distribution there
+    and only fill what no teacher covers (:meth:`~stillroom.targets.SparseTarget.fill_onehot`; the trainer does).
 
     The tail is the teacher's (``teacher_tail``, or ``1 - sum p_t`` over its top-k) plus any unmappable mass,
     so ``sum(kept) + tail == 1``. The last row (nothing to predict) is always ``valid=False``.
@@ -464,10 +468,6 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
         valid[-1] = False
         src_row[-1] = -1
     transfer = src_row >= 0
-    onehot = valid & ~transfer
-    if fallback == "none":
-        valid &= transfer
-        onehot[:] = False
 
     out_ids = np.zeros((T_s, k), dtype=np.int64)
     out_p = np.zeros((T_s, k), dtype=np.float64)
@@ -503,6 +503,10 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
         out_ids[rows[u_row], slot] = uniq % V_s
         out_p[rows[u_row], slot] = mass
         out_tail[rows] = tail_t[src_row[rows]] + lost
+    onehot = valid & ~transfer
+    if fallback == "none" or not fill:
+        valid &= ~onehot
+        onehot[:] = False
     oh = np.flatnonzero(onehot)
     if oh.size and k:
         out_ids[oh, 0] = s_ids[oh + 1]

@@ -787,15 +787,15 @@ class CachedTeacher:
 # Student targets
 # ------------------------------------------------------------------------------------------------------------
 def student_targets(out: TeacherOutput, student_ids, student_table=None, teacher_table=None, vocab_map=None,
-                    *, fallback: str = "onehot") -> tuple[SparseTarget, torch.Tensor]:
+                    *, fallback: str = "onehot", fill: bool = True) -> tuple[SparseTarget, torch.Tensor]:
     """Teacher output -> (SparseTarget over the student's positions and vocabulary, teacher CE per position).
 
     Same tokenizer (``vocab_map`` is None, or both tables have one hash and the ids agree): the teacher's rows
     are the student's rows. Otherwise the texts are aligned at byte level (``stillroom.align.align``) and the
-    top-k projected (``stillroom.align.project`` through ``vocab_map``). The teacher CE of an aligned group
-    (the teacher tokens covering the same bytes as some student tokens) is spread evenly over the student rows
-    that predict that group's tokens, so a sequence's summed CE is the teacher's over the same bytes; rows
-    with no covering group, and the last row, get ``nan``.
+    top-k projected (``stillroom.align.project`` through ``vocab_map``; ``fallback`` and ``fill`` as there).
+    The teacher CE of an aligned group (the teacher tokens covering the same bytes as some student tokens) is
+    spread evenly over the student rows that predict that group's tokens, so a sequence's summed CE is the
+    teacher's over the same bytes; rows with no covering group, and the last row, get ``nan``.
     """
     sid = torch.as_tensor(np.asarray(student_ids), dtype=torch.long).reshape(-1)
     same = vocab_map is None or (student_table is not None and teacher_table is not None
@@ -813,7 +813,7 @@ def student_targets(out: TeacherOutput, student_ids, student_table=None, teacher
 
     alignment = align(out.input_ids.numpy(), sid.numpy(), teacher_table, student_table)
     target = project(out.topk_ids, out.topk_logprobs, alignment, vocab_map, sid, fallback=fallback,
-                     teacher_tail=out.tail)
+                     teacher_tail=out.tail, fill=fill)
     return target, _group_ce(out.gold_ce, np.asarray(alignment.groups), len(sid))
 
 

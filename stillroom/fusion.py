@@ -9,9 +9,11 @@ a zero distribution.
 Methods (``method``) and levels (``level``):
 
 - ``"min_ce"`` — MinCE: take the distribution of the teacher with the lowest CE.
-  ``level="sequence"`` (FuseLLM): CE_t = mean over the sequence positions where teacher t votes; the chosen
-  teacher is the argmin per sequence; at a position where it does not vote, the next-best voting teacher
-  (by the same sequence CE) is used. ``level="token"``: argmin of the per-position CE.
+  ``level="sequence"`` (FuseLLM): CE_t = mean over the sequence positions where teacher t's CE is known
+  (the whole text it read, whether or not its distribution reached every position); the chosen teacher is
+  the argmin per sequence; at a position where it does not vote, the next-best voting teacher (by the same
+  sequence CE) is used — so where the chosen teacher's tokenization gave no distribution, another teacher's
+  fills in. ``level="token"``: argmin of the per-position CE.
 - ``"avg_ce"`` — AvgCE: a weighted average of the voting teachers' distributions,
 
       w_t = exp(-CE_t / tau) / sum_{s votes} exp(-CE_s / tau)        (= softmax(-CE / tau) over voters)
@@ -55,10 +57,14 @@ def sequence_ce(ce: torch.Tensor, vote: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_scores(ces: list[torch.Tensor], vote: torch.Tensor, level: Level) -> torch.Tensor:
-    """Per-teacher, per-position CE used for the vote: ``[n, ...]``, ``inf`` where a teacher does not vote."""
+    """Per-teacher, per-position CE used for the vote: ``[n, ...]``, ``inf`` where a teacher does not vote.
+
+    At sequence level the score is the teacher's mean CE over every position of the sequence where its CE is
+    known, voting or not: a position whose distribution could not be transferred still says how well the
+    teacher predicted those bytes, and every teacher is then scored on the same text."""
     ce = torch.stack([c.float() for c in ces])
     if level == "sequence":
-        seq = sequence_ce(ce, vote)  # [n, ...leading without T]
+        seq = sequence_ce(ce, torch.isfinite(ce))  # [n, ...leading without T]
         ce = seq.unsqueeze(-1).expand_as(ce)
     elif level != "token":
         raise ValueError(f"fusion level {level!r} is not one of {LEVELS}")

@@ -52,3 +52,18 @@ class SparseTarget:
         if valid is None:
             valid = torch.ones(ids.shape[:-1], dtype=torch.bool, device=ids.device)
         return SparseTarget(ids.long(), logprobs, tail, valid)
+
+    def fill_onehot(self, next_ids: torch.Tensor) -> SparseTarget:
+        """Rows that are not valid but have a next token (``next_ids >= 0``; ``-100`` = none) become the one-hot
+        target on it — FuseLLM's fallback where no teacher distribution reached a position, applied after
+        fusion so that any teacher with a distribution there is used first."""
+        fill = ~self.valid & (next_ids >= 0)
+        if not bool(fill.any()):
+            return self
+        ids, lp, tail = self.ids.clone(), self.logprobs.clone(), self.tail.clone()
+        lp[fill] = float("-inf")
+        ids[fill] = 0
+        ids[..., 0] = torch.where(fill, next_ids.clamp_min(0), ids[..., 0])
+        lp[..., 0] = torch.where(fill, torch.zeros_like(lp[..., 0]), lp[..., 0])
+        tail[fill] = 0.0
+        return SparseTarget(ids, lp, tail, self.valid | fill)

@@ -182,7 +182,9 @@ class SameTokenizerTeacher:
 class AlignedTeacher:
     """A teacher with its own tokenizer (online, ``stillroom.cache.OnlineTeacher``) or read from the offline
     cache (``CachedTeacher``): its top-k signal is aligned and projected onto the student's positions and
-    vocabulary by ``stillroom.cache.student_targets``."""
+    vocabulary by ``stillroom.cache.student_targets``. Rows the projection cannot transfer (the fallback's
+    one-hot rows) come back ``valid=False``: the trainer fills them after fusion, so that another teacher's
+    distribution is used there when it has one."""
 
     def __init__(self, source, student_table, teacher_table, vocab_map, fallback: str = "onehot",
                  name: str = "teacher"):
@@ -199,7 +201,7 @@ class AlignedTeacher:
         for r, out in enumerate(outs):
             sid = ids[r][mask[r]].numpy()
             t, ce = student_targets(out, sid, self.student_table, self.teacher_table, self.vocab_map,
-                                    fallback=self.fallback)
+                                    fallback=self.fallback, fill=False)
             rows.append(t)
             ces.append(torch.as_tensor(ce, dtype=torch.float32))
         return _stack_rows(rows, ces, ids.shape[1])
@@ -326,7 +328,8 @@ class DistillTrainer(Trainer):
         return n
 
     def fused_target(self, inputs: dict[str, Any]) -> SparseTarget:
-        """Every teacher's target over the student's positions, fused (``stillroom.fusion.fuse``)."""
+        """Every teacher's target over the student's positions, fused (``stillroom.fusion.fuse``); rows no
+        teacher reached get the one-hot gold next token (FuseLLM's fallback)."""
         targets, ces = [], []
         for t in self.teachers:
             tgt, ce = t.targets(inputs)
@@ -338,7 +341,11 @@ class DistillTrainer(Trainer):
             w = fusion_weights(ces, vote, f.method, f.level, f.weight_temperature).detach()
             share = w.flatten(1).sum(1).cpu()
             self._fusion_share = share if self._fusion_share is None else self._fusion_share + share
-        return fuse(targets, ces, f.method, f.level, weight_temperature=f.weight_temperature, top_k=f.top_k)
+        fused = fuse(targets, ces, f.method, f.level, weight_temperature=f.weight_temperature, top_k=f.top_k)
+        labels = inputs["labels"]
+        nxt = torch.full_like(labels, -100)
+        nxt[:, :-1] = labels[:, 1:]
+        return fused.fill_onehot(nxt)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._fusion_share is not None and "loss" in logs:

@@ -289,6 +289,16 @@ def test_projection_shift_hand_checked(shared_tokenizer):
     assert close(row(out_p, 1), {q("b"): 0.6, q("1"): 0.3}) and abs(out_p.tail[1] - 0.1) < 1e-6
     assert close(row(out_p, 2), {q("8"): 1.0}) and close(row(out_p, 4), {q("c"): 0.6, q("0"): 0.3})
     assert out_p.valid.tolist() == out.valid.tolist()
+    # fill=False: the rows the fallback would make one-hot are left to other teachers (valid=False);
+    # fill_onehot with the next student tokens puts them back as they were
+    out_f = project(t_ids, t_lp, al, vm, b, fallback="onehot", teacher_tail=tail, fill=False)
+    assert out_f.valid.tolist() == [True, False, False, False, True, True, False]
+    refilled = out_f.fill_onehot(torch.tensor([*b[1:], -100]))
+    assert refilled.valid.tolist() == out.valid.tolist()
+    assert all(close(row(refilled, j), row(out, j)) for j in range(6))
+    out_pf = project(t_ids, t_lp, al, np.zeros(L.vocab_size, np.int64), b, fallback="prefix", fill=False)
+    assert out_pf.valid.tolist() == [True, True, False, False, True, True, False]
+    assert close(row(out_pf, 1), row(out_p, 1))
 
 
 def test_projection_same_tokenizer_is_shifted_copy(shared_tokenizer):

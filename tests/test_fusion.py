@@ -52,8 +52,9 @@ def _naive(targets, ces, method, level, tau=1.0):
     valid = torch.zeros(B, T, dtype=torch.bool)
     for b in range(B):
         seq = []
-        for t, c in zip(targets, ces, strict=True):
-            vals = [c[b, j].item() for j in range(T) if t.valid[b, j] and math.isfinite(c[b, j].item())]
+        for c in ces:
+            # the sequence score: every position with a known CE, whether or not the target there is valid
+            vals = [c[b, j].item() for j in range(T) if math.isfinite(c[b, j].item())]
             seq.append(sum(vals) / len(vals) if vals else math.inf)
         for j in range(T):
             voters = [i for i, (t, c) in enumerate(zip(targets, ces, strict=True))
@@ -111,7 +112,7 @@ def test_avg_ce_hand_computed():
 
 def test_min_ce_sequence_level_picks_whole_sequence_teacher_and_skips_invalid():
     # Teacher A is better on average over the sequence but worse at position 0; sequence MinCE picks A
-    # everywhere it is valid, token MinCE picks B at position 0. A has no target at position 2 -> B there.
+    # everywhere it has a target, token MinCE picks B at position 0. A has no target at position 2 -> B there.
     a = _target([{1: 1.0}, {1: 1.0}, {1: 1.0}], k=1, valid=[True, True, False])
     b = _target([{2: 1.0}, {2: 1.0}, {2: 1.0}], k=1)
     ce_a = torch.tensor([[3.0, 0.5, 0.1]])
@@ -119,16 +120,37 @@ def test_min_ce_sequence_level_picks_whole_sequence_teacher_and_skips_invalid():
     a2 = SparseTarget(a.ids[None], a.logprobs[None], a.tail[None], a.valid[None])
     b2 = SparseTarget(b.ids[None], b.logprobs[None], b.tail[None], b.valid[None])
     seq = fuse([a2, b2], [ce_a, ce_b], "min_ce", "sequence")
-    # A's sequence CE is mean(3.0, 0.5) = 1.75 (position 2 excluded, not counted as 0) < 2.0.
     assert seq.ids[0, :, 0].tolist() == [1, 1, 2]
     tok = fuse([a2, b2], [ce_a, ce_b], "min_ce", "token")
     assert tok.ids[0, :, 0].tolist() == [2, 1, 2]
-    # If the excluded position had been counted as CE 0 the mean would be 1.17; with CE 2.0+ for B the
-    # choice is the same, so check the weight directly for a case where it matters.
-    ce_a_bad = torch.tensor([[3.5, 0.7, 0.0]])
+    # The sequence score is the CE over the whole text the teacher read: position 2 counts even though A's
+    # distribution did not reach it (mean(3.5, 0.7, 0.2) = 1.47 < 2.05: A); a position with an unknown CE
+    # (nan) does not count, and is not taken as CE 0 (mean(3.5, 0.7) = 2.1 > 2.05: B).
     vote = torch.stack([a2.valid, b2.valid])
-    w = fusion_weights([ce_a_bad, torch.full((1, 3), 2.05)], vote, "min_ce", "sequence")
-    assert w[:, 0, 0].tolist() == [0.0, 1.0]  # mean(3.5, 0.7) = 2.1 > 2.05: B wins
+    w = fusion_weights([torch.tensor([[3.5, 0.7, 0.2]]), torch.full((1, 3), 2.05)], vote, "min_ce", "sequence")
+    assert w[:, 0, 0].tolist() == [1.0, 0.0] and w[:, 0, 2].tolist() == [0.0, 1.0]
+    w = fusion_weights([torch.tensor([[3.5, 0.7, float("nan")]]), torch.full((1, 3), 2.05)], vote, "min_ce",
+                       "sequence")
+    assert w[:, 0, 0].tolist() == [0.0, 1.0]
+
+
+def test_fill_onehot_only_where_no_teacher_voted():
+    # Teacher A: no distribution at row 1 (its tokenization had no boundary there); B: none at row 2.
+    # Fused per sequence (A wins): row 1 comes from B, row 2 from A; row 3 has neither and becomes one-hot
+    # on the next token; row 4 has no next token (-100) and stays invalid.
+    a = _target([{1: 0.7}, {1: 0.5}, {3: 0.6}, {1: 1.0}, {1: 1.0}], k=1, valid=[True, False, True, False, False])
+    b = _target([{2: 0.9}, {5: 0.4}, {2: 0.9}, {2: 1.0}, {2: 1.0}], k=1, valid=[True, True, False, False, False])
+    a2, b2 = (SparseTarget(t.ids[None], t.logprobs[None], t.tail[None], t.valid[None]) for t in (a, b))
+    fused = fuse([a2, b2], [torch.full((1, 5), 1.0), torch.full((1, 5), 2.0)], "min_ce", "sequence")
+    filled = fused.fill_onehot(torch.tensor([[4, 6, 7, 8, -100]]))
+    d = _dense(filled)[0]
+    assert filled.valid[0].tolist() == [True, True, True, True, False]
+    assert d[0, 1] == pytest.approx(0.7) and d[0, V] == pytest.approx(0.3)  # A's row, tail kept
+    assert d[1, 5] == pytest.approx(0.4) and d[1, V] == pytest.approx(0.6)  # B fills A's gap
+    assert d[2, 3] == pytest.approx(0.6)  # A again
+    assert d[3, 8] == 1.0 and d[3].sum() == 1.0  # nobody: one-hot on the next token, no tail
+    # Valid rows are untouched, and a target with nothing to fill is returned as is.
+    assert torch.equal(filled.ids[0, :3], fused.ids[0, :3]) and fused.fill_onehot(torch.full((1, 5), -100)) is fused
 
 
 def test_min_ce_is_an_exact_copy_of_the_single_teacher():

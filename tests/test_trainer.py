@@ -223,6 +223,33 @@ def test_one_same_tokenizer_teacher_with_min_ce_is_plain_kd(top_k, tiny_models, 
     torch.testing.assert_close(got, total / n, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("projection", ["onehot", "prefix"])
+def test_aligned_teacher_target_is_the_projection_with_its_fallback(projection, tiny_models, data_dir, tmp_path):
+    """One cross-tokenizer teacher: the trainer's target (projected without fallback rows, fused, then the
+    uncovered rows filled) is exactly ``student_targets`` with the fallback's one-hot rows, row by row."""
+    from stillroom.cache import student_targets
+
+    trainer, _ = _trainer(tiny_models, data_dir, tmp_path, teachers=("llama-spm",),
+                          overrides=[f"fusion.projection={projection}"])
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    got = trainer.fused_target(batch)
+    t = trainer.teachers[0]
+    outs = t.source.signal(batch["text"], batch["example_id"])
+    n_onehot = 0
+    for r, out in enumerate(outs):
+        sid = batch["input_ids"][r][batch["attention_mask"][r].bool()]
+        want, _ = student_targets(out, sid.numpy(), t.student_table, t.teacher_table, t.vocab_map,
+                                  fallback=projection)
+        n = len(sid)
+        assert torch.equal(got.valid[r, :n], want.valid) and not got.valid[r, n:].any()
+        v = want.valid
+        assert torch.equal(got.ids[r, :n][v], want.ids[v].to(got.ids.dtype))
+        torch.testing.assert_close(got.logprobs[r, :n][v], want.logprobs[v].float())
+        torch.testing.assert_close(got.tail[r, :n][v], want.tail[v].float())
+        n_onehot += int(((want.logprobs[v][:, 0] == 0) & (want.tail[v] == 0)).sum())
+    assert n_onehot > 0  # the fallback rows were exercised
+
+
 def test_include_student_adds_a_frozen_copy_as_candidate(tiny_models, data_dir, tmp_path):
     from stillroom.trainer import train
 
