@@ -5,7 +5,8 @@ With equal steps, data and seeds, train from scratch (student = a third tokenize
   FuseLLM and the demo, and AvgCE),
 - one single-teacher KD student per teacher (same loss, one teacher),
 - a CE-only student (no teachers),
-and report held-out bits per byte (mean ± spread over seeds). Defaults are the demo's: λ = 0.5, projection
+and report held-out bits per byte (mean ± spread over seeds; printed, and written to ``OUT/report.md`` and
+``OUT/bench_fusion.json``). Defaults are the demo's: λ = 0.5, projection
 ``prefix`` (``--ce-weight 0.9 --projection onehot`` is FuseLLM's own setting). The claim holds when
 fused < best single-teacher KD < CE-only and the fused vs CE-only gap exceeds the seed-to-seed spread.
 
@@ -145,7 +146,27 @@ def main() -> None:
         ce, em = emo["continued with CE"], emo["continued with EMO (mode 1, fixed cost)"]
         line.append(f"EMO {em:.4f} vs CE {ce:.4f} bits/byte after {args.emo_steps} steps")
     (args.out / "bench_fusion.json").write_text(json.dumps(record, indent=2))
+    (args.out / "report.md").write_text(report_md(record, args, line), encoding="utf-8")
     summary("; ".join(line))
+
+
+def report_md(record: dict, args: argparse.Namespace, verdicts: list[str]) -> str:
+    """The benchmark's results as Markdown: mean ± spread per student, per-seed values, the verdicts."""
+    out = [f"# bench.fusion report\n\nmachine: {machine()}\n\n`python -m bench.fusion "
+           f"--steps {args.steps} --seeds {' '.join(map(str, args.seeds))} --ce-weight {args.ce_weight} "
+           f"--projection {args.projection} --fusion-level {args.fusion_level}`\n"]
+    if "fusion" in record:
+        out.append("| student | mean bits/byte | ± spread (half range) | per seed |\n|---|---|---|---|")
+        for name, vals in record["fusion"].items():
+            out.append(f"| {name} | {statistics.fmean(vals):.4f} | {spread(vals):.4f} | "
+                       f"{' '.join(f'{v:.4f}' for v in vals)} |")
+        out.append("")
+    if "emo" in record:
+        out.append("| continued training of a teacher | bits/byte |\n|---|---|")
+        out.extend(f"| {k} | {v:.4f} |" for k, v in record["emo"].items())
+        out.append("")
+    out.extend(f"- {v}" for v in verdicts)
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":
