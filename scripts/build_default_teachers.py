@@ -60,9 +60,9 @@ SEQ_LEN = 256
 BATCH = 16
 
 TEACHERS = {
-    "teacher-bpe": dict(family="byte_bpe", vocab=4096, seed=11, steps=450, lr=2e-3, corpus="teacher-a",
+    "teacher-bpe": dict(family="byte_bpe", vocab=4096, seed=11, steps=1500, lr=2e-3, corpus="teacher-a",
                         arch=dict(kind="gpt2", n_layer=4, n_embd=256, n_head=4)),
-    "teacher-spm": dict(family="spm_bpe", vocab=3200, seed=12, steps=450, lr=2e-3, corpus="teacher-b",
+    "teacher-spm": dict(family="spm_bpe", vocab=3200, seed=12, steps=1500, lr=2e-3, corpus="teacher-b",
                         arch=dict(kind="llama", n_layer=4, hidden=256, n_head=4, intermediate=688)),
 }
 STUDENT_TOKENIZER = dict(family="byte_bpe", vocab=2048)
