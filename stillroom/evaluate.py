@@ -222,12 +222,11 @@ def aligned_pairs(student_ids: Sequence[int], teacher_ids: Sequence[int], studen
 
 
 def _teacher_state(name: str, model, tokenizer, student_tokenizer) -> _TeacherState:
-    from stillroom.tokens import same_tokenizer
+    from stillroom.tokens import TokenTable, same_tokenizer
+    from stillroom.vocab import VocabMap
 
     if same_tokenizer(tokenizer, student_tokenizer):
         return _TeacherState(name, model, tokenizer, None)
-    from stillroom.tokens import TokenTable
-    from stillroom.vocab import VocabMap
 
     vmap = VocabMap.cached(TokenTable.from_tokenizer(tokenizer), TokenTable.from_tokenizer(student_tokenizer))
     return _TeacherState(name, model, tokenizer, torch.as_tensor(np.asarray(vmap.mapping), dtype=torch.long))

@@ -48,10 +48,12 @@ def votes(target: SparseTarget, ce: torch.Tensor) -> torch.Tensor:
     return target.valid & torch.isfinite(ce)
 
 
-def sequence_ce(ce: torch.Tensor, vote: torch.Tensor) -> torch.Tensor:
-    """Mean CE over the voting positions of each sequence (last dim); ``inf`` for a sequence with none."""
-    ce0 = torch.where(vote, ce, torch.zeros_like(ce))
-    n = vote.sum(-1)
+def sequence_ce(ce: torch.Tensor) -> torch.Tensor:
+    """Mean CE over the positions of each sequence (last dim) where it is known (finite); ``inf`` for a
+    sequence with none."""
+    known = torch.isfinite(ce)
+    ce0 = torch.where(known, ce, torch.zeros_like(ce))
+    n = known.sum(-1)
     mean = ce0.sum(-1) / n.clamp_min(1)
     return torch.where(n > 0, mean, torch.full_like(mean, float("inf")))
 
@@ -64,7 +66,7 @@ def teacher_scores(ces: list[torch.Tensor], vote: torch.Tensor, level: Level) ->
     teacher predicted those bytes, and every teacher is then scored on the same text."""
     ce = torch.stack([c.float() for c in ces])
     if level == "sequence":
-        seq = sequence_ce(ce, torch.isfinite(ce))  # [n, ...leading without T]
+        seq = sequence_ce(ce)  # [n, ...leading without T]
         ce = seq.unsqueeze(-1).expand_as(ce)
     elif level != "token":
         raise ValueError(f"fusion level {level!r} is not one of {LEVELS}")

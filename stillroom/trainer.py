@@ -147,14 +147,20 @@ class Teacher(Protocol):
     def targets(self, batch: dict[str, Any]) -> tuple[SparseTarget, torch.Tensor]: ...
 
 
+def next_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T]``: at row j the gold token that row j predicts (``labels[:, j+1]``), ``-100`` where there is none."""
+    nxt = torch.full_like(labels, -100)
+    nxt[:, :-1] = labels[:, 1:]
+    return nxt
+
+
 def topk_target(logits: torch.Tensor, labels: torch.Tensor, top_k: int | None, temperature: float = 1.0
                 ) -> tuple[SparseTarget, torch.Tensor]:
     """Top-k target (``None``: all V) and gold CE from dense logits ``[B, T, V]`` on the student's own tokens."""
     logp = torch.log_softmax(logits.float() / temperature, -1)
     top = logp.topk(min(top_k or logp.shape[-1], logp.shape[-1]), -1)
     tail = (1 - top.values.exp().sum(-1)).clamp_min(0)
-    nxt = torch.full_like(labels, -100)
-    nxt[:, :-1] = labels[:, 1:]
+    nxt = next_labels(labels)
     has = nxt != -100
     logp1 = logp if temperature == 1.0 else torch.log_softmax(logits.float(), -1)  # gold CE is at tau = 1
     gold = logp1.gather(-1, nxt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -342,10 +348,7 @@ class DistillTrainer(Trainer):
             share = w.flatten(1).sum(1).cpu()
             self._fusion_share = share if self._fusion_share is None else self._fusion_share + share
         fused = fuse(targets, ces, f.method, f.level, weight_temperature=f.weight_temperature, top_k=f.top_k)
-        labels = inputs["labels"]
-        nxt = torch.full_like(labels, -100)
-        nxt[:, :-1] = labels[:, 1:]
-        return fused.fill_onehot(nxt)
+        return fused.fill_onehot(next_labels(inputs["labels"]))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._fusion_share is not None and "loss" in logs:
