@@ -1,0 +1,104 @@
+"""Loading models as users have them, refusing the ones that would silently produce garbage.
+
+Every verb and recipe that takes a model goes through :func:`resolve_model` → :func:`load_tokenizer` /
+:func:`load_causal_lm`. A folder must hold ``config.json``, safetensors weights (pickle ``.bin`` files are refused)
+and tokenizer files; a tokenizer with more ids than the model's embedding, or with (almost) no vocabulary — what
+transformers 5 quietly builds when a folder has no tokenizer files — is refused too, with one line naming the
+folder and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from stillroom.errors import MissingPathError, ModelError
+
+# Files from which transformers can build a tokenizer (fast JSON, SentencePiece, GPT-2 BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt", "tokenizer.tiktoken")
+
+
+def resolve_model(path: str | os.PathLike, what: str = "model") -> Path:
+    """The Hugging Face folder for ``path`` (checked by :func:`check_model_dir`)."""
+    return check_model_dir(path, what)
+
+
+def has_safetensors(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file() or any(
+        folder.glob("*.safetensors"))
+
+
+def check_model_dir(path: str | os.PathLike, what: str = "model", *, weights: bool = True,
+                    tokenizer: bool = True) -> Path:
+    """``path`` as a usable model folder, else a :class:`ModelError` naming what is missing and what to do."""
+    p = Path(path)
+    if not p.exists():
+        raise MissingPathError(f"{what} {p} does not exist; pass a folder saved with save_pretrained")
+    if not p.is_dir():
+        raise ModelError(f"{what} {p} is a file, not a model folder; pass the folder saved with save_pretrained")
+    if not (p / "config.json").is_file():
+        raise ModelError(f"{what} {p} has no config.json; pass a folder saved with save_pretrained")
+    if weights and not has_safetensors(p):
+        if any(p.glob("*.bin")) or any(p.glob("*.pt")):
+            raise ModelError(f"{what} {p} has only pickle weights (.bin/.pt), which stillroom does not load; "
+                             "re-save it with save_pretrained(..., safe_serialization=True)")
+        raise ModelError(f"{what} {p} has no model.safetensors; save the model there with save_pretrained")
+    if tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{what} {p} has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...); "
+                         "save the tokenizer there too: tokenizer.save_pretrained(folder)")
+    return p
+
+
+def load_tokenizer(path: str | os.PathLike, what: str = "model"):
+    """The folder's tokenizer (offline-friendly, no remote code); refuses empty or unloadable ones."""
+    from transformers import AutoTokenizer
+
+    folder = check_model_dir(path, what, weights=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        raise ModelError(f"{what} {folder}: its tokenizer does not load ({_first_line(e)}); re-save it with "
+                         "tokenizer.save_pretrained(folder)") from None
+    if len(tok) < 2:
+        raise ModelError(f"{what} {folder}: its tokenizer has {len(tok)} token(s); save the real tokenizer "
+                         "there with tokenizer.save_pretrained(folder)")
+    return tok
+
+
+def check_vocab_fits(model_or_config, tokenizer, what: str = "model") -> None:
+    """Every id the tokenizer can produce must have a row in the model's embedding."""
+    config = getattr(model_or_config, "config", model_or_config)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None and hasattr(config, "get_text_config"):
+        vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is not None and len(tokenizer) > int(vocab):
+        raise ModelError(f"{what}: the tokenizer has {len(tokenizer):,} ids but the model's vocab_size is "
+                         f"{int(vocab):,}; they do not belong together (save the model's own tokenizer with it)")
+
+
+def load_causal_lm(path: str | os.PathLike, what: str = "model", *, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device | None = None, tokenizer=None):
+    """``AutoModelForCausalLM`` from a checked folder: safetensors only, no remote code; loading errors (corrupt
+    weights, unknown architecture) become one-line :class:`ModelError`\\ s. With ``tokenizer``, checks it fits."""
+    from transformers import AutoModelForCausalLM
+
+    folder = check_model_dir(path, what, tokenizer=False)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=False)
+    except Exception as e:  # safetensors, OSError, ValueError, KeyError: all mean "unusable"
+        raise ModelError(f"{what} {folder}: the model does not load ({_first_line(e)}); check that its "
+                         "config.json and safetensors weights are complete (re-save with save_pretrained)") from None
+    if tokenizer is not None:
+        check_vocab_fits(model, tokenizer, f"{what} {folder}")
+    if device is not None:
+        model = model.to(device)
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
