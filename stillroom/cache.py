@@ -445,14 +445,10 @@ def topk_logsumexp(z: torch.Tensor, k: int, tau: float = 1.0, *, rows: int = 32,
 
 
 def _pick_dtype(dtype: str, device: torch.device):
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}") from None
+    """``auto``: measured by :func:`stillroom.precision.auto_dtype` (bf16 only where this machine runs it faster)."""
+    from stillroom.precision import auto_dtype
+
+    return auto_dtype(device, dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""Which floating-point type to compute in, decided by measuring the machine rather than by rule.
+
+On a GPU the choice is simple (bf16 where supported, else fp16). On a CPU it depends on the instruction set:
+without native bf16 dot products (x86 ``avx512_bf16``/``amx_bf16``, Arm ``bf16``) PyTorch emulates bf16 and a
+matmul can run tens of times slower than fp32; with them it runs 2–4× faster. :func:`cpu_bf16_speedup` times a
+square matmul both ways once per machine (CPU model, flags, torch version, threads) and caches the ratio in
+``$STILLROOM_CACHE/precision.json``; :func:`auto_dtype` picks bf16 only where it was measured to be at least
+``MIN_SPEEDUP`` times faster. ``STILLROOM_DTYPE=float32|bfloat16|float16`` forces a choice everywhere "auto" is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from stillroom.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIN_SPEEDUP = 1.3  # bf16 must beat fp32 by this much before "auto" trades precision for it
+
+
+def cpu_flags() -> tuple[str, str]:
+    """``(model name, space-separated flags)`` of this CPU, from /proc/cpuinfo where there is one."""
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and not name.startswith(value.strip()):
+                name = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = value.strip()
+    except OSError:
+        pass
+    return name, flags
+
+
+def machine_key() -> str:
+    """A short hash naming what a speed measurement depends on: CPU, flags, torch version and threads."""
+    name, flags = cpu_flags()
+    raw = f"{name}|{flags}|{torch.__version__}|{torch.get_num_threads()}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _cache_file() -> Path:
+    base = os.environ.get("STILLROOM_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "stillroom") / "precision.json"
+
+
+def _time_matmul(dtype: torch.dtype, n: int, repeats: int) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up (and kernel selection)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_bf16_speedup(n: int = 512, repeats: int = 5) -> float:
+    """fp32 time ÷ bf16 time of an ``n × n`` matmul on this CPU (best of ``repeats``; > 1 means bf16 is faster)."""
+    return _time_matmul(torch.float32, n, repeats) / _time_matmul(torch.bfloat16, n, repeats)
+
+
+def cpu_bf16_speedup(*, refresh: bool = False) -> float:
+    """:func:`measure_bf16_speedup`, measured once per :func:`machine_key` and cached on disk."""
+    path, key = _cache_file(), machine_key()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not refresh and isinstance(known.get(key), (int, float)):
+        return float(known[key])
+    speedup = measure_bf16_speedup()
+    known[key] = round(speedup, 3)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    return speedup
+
+
+def parse_dtype(name: str, what: str = "dtype") -> str:
+    """Validate a dtype name: ``auto`` or one of :data:`DTYPES`."""
+    if name != "auto" and name not in DTYPES:
+        raise ConfigError(f"{what}: {name!r} is not a dtype; use auto, float32, bfloat16 or float16")
+    return name
+
+
+def auto_dtype(device: str | torch.device = "cpu", name: str = "auto") -> torch.dtype:
+    """The dtype to run a model in on ``device``: ``name`` if given, ``$STILLROOM_DTYPE``, else by capability.
+
+    GPU: bf16 where supported, else fp16. CPU: bf16 where :func:`cpu_bf16_speedup` ≥ :data:`MIN_SPEEDUP`, else
+    fp32 (on CPUs without native bf16 it is emulated and far slower)."""
+    parse_dtype(name)
+    if name == "auto":
+        name = os.environ.get("STILLROOM_DTYPE", "auto")
+        parse_dtype(name, "STILLROOM_DTYPE")
+    if name != "auto":
+        return DTYPES[name]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_bf16_speedup() >= MIN_SPEEDUP else torch.float32
+    return torch.float32
