@@ -9,8 +9,12 @@ a :class:`TokenTable` knows, for every id, the bytes that token adds to the deco
 - SentencePiece-style (``▁`` BPE with byte fallback, Unigram/Metaspace): ``▁`` -> ``b" "``, ``<0xNN>`` ->
   ``bytes([NN])``; these tokenizers add a *virtual* leading space (``prefix_space``) that is not in the text;
 - WordPiece (BERT): ``##x`` -> ``b"x"`` (continues a word); a word-initial ``x`` -> ``b"x"`` with
-  ``space_before`` set: the decoder puts a space before it, except at the start and before ``. , ? !``;
-- added tokens: special ones contribute ``b""``; non-special ones (``<think>``) their content in UTF-8.
+  ``space_before`` set: the decoder puts a space before it, except at the start and before a token starting
+  with ``. , ? !`` (``...`` too);
+- added tokens: special ones contribute ``b""`` (markers, not text); a non-special one that is also the
+  model's own piece at the same id (Gemma 3's ``▁▁``…``▁``×31, ids 138-167) is read by the family's rule
+  above (``▁▁`` -> ``b"  "``), as the model produces it from spaces; any other non-special one (``<think>``,
+  DeepSeek-Coder's ``õ``) is matched on the raw text, so it contributes its content in UTF-8.
 
 Tables are cached per tokenizer content hash, so building one for a 150k vocabulary happens once.
 """
@@ -26,7 +30,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-_NO_SPACE_BEFORE = {b".", b",", b"?", b"!"}  # WordPiece decoder "cleanup" removes the space before these
+# WordPiece decoder "cleanup" replaces " ." (" ,", " ?", " !") in the text: no space before a token starting so
+_NO_SPACE_BEFORE = {b".", b",", b"?", b"!"}
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -174,16 +179,20 @@ class TokenTable:
             if i in added:
                 a = added[i]
                 is_added[i] = True
-                token_strings.append(a["content"])
                 if a.get("special", False):
                     is_special[i] = True
+                    token_strings.append(a["content"])
                     token_bytes.append(b"")
                     stream.append(b"")
-                else:
+                    continue
+                if backend.model.id_to_token(i) != a["content"]:  # only matched on the text: its content
+                    token_strings.append(a["content"])
                     b = a["content"].encode("utf-8")
                     token_bytes.append(b)
                     stream.append(b)
-                continue
+                    continue
+                # also a piece of the model's own vocabulary (Gemma's "▁▁" runs): read it like any piece below
+                piece = a["content"]
             if piece is None:  # a hole in the id space: nothing to decode, treat as special
                 is_special[i] = True
                 token_strings.append("")
@@ -211,7 +220,7 @@ class TokenTable:
                 else:
                     b = piece.encode("utf-8")
                     token_bytes.append(b)
-                    space_before[i] = b not in _NO_SPACE_BEFORE
+                    space_before[i] = b[:1] not in _NO_SPACE_BEFORE
                     stream.append(b" " + b if space_before[i] else b)
             else:
                 if cont_prefix and piece.startswith(cont_prefix):

@@ -30,23 +30,31 @@ def shared() -> Path:
 
 _TOKENIZER_CACHE: dict[str, object] = {}
 
+# Tokenizers committed under tests/data (small enough for git; see each folder's README), by name.
+LOCAL_TOKENIZERS = {"smollm2": Path(__file__).resolve().parent / "data" / "smollm2-tokenizer"}
+
 
 def load_shared_tokenizer(name: str):
-    """AutoTokenizer for ``../shared/tokenizers/NAME``, cached for the test run; skips when absent."""
-    path = shared_dir()
-    if path is None:
-        pytest.skip("../shared is absent (real tokenizers and corpus); set STILLROOM_SHARED to point at it")
+    """AutoTokenizer for ``../shared/tokenizers/NAME`` (or ``LOCAL_TOKENIZERS[NAME]``), cached for the test
+    run; skips when ``../shared`` is absent."""
+    if name in LOCAL_TOKENIZERS:
+        folder = LOCAL_TOKENIZERS[name]
+    else:
+        path = shared_dir()
+        if path is None:
+            pytest.skip("../shared is absent (real tokenizers and corpus); set STILLROOM_SHARED to point at it")
+        folder = path / "tokenizers" / name
     if name not in _TOKENIZER_CACHE:
         from transformers import AutoTokenizer
 
-        _TOKENIZER_CACHE[name] = AutoTokenizer.from_pretrained(path / "tokenizers" / name)
+        _TOKENIZER_CACHE[name] = AutoTokenizer.from_pretrained(folder)
     return _TOKENIZER_CACHE[name]
 
 
 @pytest.fixture(scope="session")
 def shared_tokenizer():
-    """Call with a name from ``SHARED_TOKENIZERS``."""
+    """Call with a name from ``SHARED_TOKENIZERS``, ``"gemma3"`` (262k ids: slow to load) or ``"smollm2"``."""
     return load_shared_tokenizer
 
 
-__all__ = ["SHARED_TOKENIZERS", "load_shared_tokenizer"]
+__all__ = ["LOCAL_TOKENIZERS", "SHARED_TOKENIZERS", "load_shared_tokenizer"]

@@ -439,3 +439,16 @@ def test_projection_with_vocabmap(tiny_models):
     other = VocabMap.build(S, T, progress=False)
     with pytest.raises(ValueError, match="built for other tokenizers"):
         project(t_ids, t_lp, al, other, b)
+
+
+def test_gemma_space_runs_align_with_byte_level_spaces(shared_tokenizer):
+    """Gemma 3's ids 138-167 (runs of 2-31 spaces) align exactly with Llama 3's byte-level space tokens."""
+    (tg, G), (tl, L) = tok_and_table(shared_tokenizer, "gemma3"), tok_and_table(shared_tokenizer, "llama3")
+    text = "def f(x):\n    if x:\n        return  x\n\n\treturn 0   # done  "
+    a, b = tg(text, add_special_tokens=False).input_ids, tl(text, add_special_tokens=False).input_ids
+    assert sum(138 <= i < 168 for i in a) >= 4
+    al = align(a, b, G, L, text=text)
+    check_partition(al, len(a), len(b))
+    assert al.exact.all() and al.exact_fraction == 1.0
+    for s0, s1, t0, t1 in al.groups.tolist():  # each group: the same text by both tokenizers' own decoders
+        assert tg.decode(a[s0:s1]) == tl.decode(b[t0:t1])

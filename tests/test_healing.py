@@ -345,3 +345,46 @@ def test_index_rebuilt_when_tokens_are_added():
     with torch.no_grad():
         model.lm_head.weight[len(tok) - 1, 0] = 7.0
     assert generate(model, tok, "Hello wo", max_new_tokens=1) == ["Hello wonder wonder"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Gemma 3: ids 138-167 are runs of 2-31 spaces (non-special added tokens that are also model pieces)
+
+
+@pytest.fixture(scope="module")
+def gemma(shared_tokenizer):
+    tok = shared_tokenizer("gemma3")
+    return unigram_model(tok, {"▁▁▁": 6.0, "▁the": 5.0}), tok  # three spaces, then " the", are the favourites
+
+
+def test_gemma_space_runs_are_healed_and_allowed(gemma):
+    _, tok = gemma
+    runs = list(range(138, 168))
+    decoded = tok.backend_tokenizer.decode_batch([[i] for i in range(len(tok))], skip_special_tokens=True)
+    assert [decoded[i] for i in runs] == [" " * n for n in range(2, 32)]  # the tokenizer's own decoder
+    prompts = ["if x:\n    ", "The answer is  ", "The answer is "]
+    batch = prepare(tok, prompts)
+    assert batch.backed_off == [1, 1, 1] and batch.removed == [b"    ", b"  ", b" "]
+    kept = batch.processor(batch.input_ids, torch.zeros(len(prompts), len(tok))).isfinite()
+    for b, r in enumerate(["    ", "  ", " "]):
+        allowed = set(kept[b].nonzero().flatten().tolist())
+        assert set(runs) <= allowed, (r, sorted(set(runs) - allowed))
+        # independent check with the decoder: allowed = tokens that start with r or are a piece of it (spaces
+        # only, so the rest of r is always reachable)
+        want = {i for i, s in enumerate(decoded) if s and (s.startswith(r) or r.startswith(s))}
+        assert allowed == want, (r, sorted(allowed ^ want)[:10])
+
+
+def test_gemma_generated_space_runs_are_spaces(gemma):
+    model, tok = gemma
+    # unhealed, the trailing space stays and the favourite "   " follows it
+    assert generate(model, tok, "The answer is ", heal=False, max_new_tokens=1) == ["The answer is " + " " * 3]
+    # healed: the backed-off " " is regenerated inside "   " (allowed: it starts with " "), then "   " again
+    assert generate(model, tok, "The answer is ", max_new_tokens=1) == ["The answer is " + " " * 5]
+    # indentation: "    " backed off, regenerated as "   " + "   " (6 spaces), 2 beyond the prompt
+    assert generate(model, tok, "if x:\n    ", max_new_tokens=1) == ["if x:\n    " + " " * 2]
+    batch = prepare(tok, ["if x:\n    "])
+    out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=2,
+                         logits_processor=[batch.processor], pad_token_id=tok.pad_token_id, eos_token_id=None)
+    assert out[0, batch.prompt_length:].tolist() == [139, 139]
+    assert tok.decode(out[0], skip_special_tokens=True) == "if x:\n" + " " * 6  # the tokenizer agrees

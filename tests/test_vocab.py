@@ -278,3 +278,16 @@ def test_prefix_map_is_the_longest_target_prefix(tables):
         assert differ.size > 0
         assert any(not src_t.token_bytes[i].startswith(tgt_t.token_bytes[vmap.mapping[i]]) for i in differ)
 
+
+
+def test_gemma_space_runs_map_to_spaces(shared_tokenizer):
+    """Gemma 3's ids 138-167 are 2-31 spaces: each maps to a Llama 3 token of spaces, the distance being the
+    difference in length (checked with Llama 3's own decoder)."""
+    gemma, llama = shared_tokenizer("gemma3"), shared_tokenizer("llama3")
+    src_t, tgt_t = _table(gemma), _table(llama)
+    src = [src_t.token_bytes[i] for i in range(138, 168)]
+    mapping, dist = min_edit_distance_map(src, tgt_t.token_bytes, candidates=~tgt_t.is_special)
+    for n, (m, d) in enumerate(zip(mapping.tolist(), dist.tolist(), strict=True), start=2):
+        spaces = llama.decode([m])
+        assert set(spaces) == {" "} and d == abs(n - len(spaces)), (n, spaces, d)
+    assert (dist == 0).sum() >= 10  # Llama 3 has tokens for the shorter runs
