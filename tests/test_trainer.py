@@ -64,32 +64,6 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-# --- data ---------------------------------------------------------------------------------------------------
-
-
-def test_blocks_are_raw_text_spans_that_retokenize_to_the_student_ids(tiny_models):
-    from transformers import AutoTokenizer
-
-    from stillroom.trainer import make_blocks
-
-    tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
-    text = corpus_texts("train")[1][:5000]
-    blocks = make_blocks([("doc", text)], tok, SEQ)
-    assert len(blocks) > 5
-    pos = 0
-    for i, b in enumerate(blocks):
-        assert b.example_id == f"doc#{i}"
-        assert 2 <= len(b.input_ids) <= SEQ
-        assert b.input_ids[0] == tok.bos_token_id
-        assert b.input_ids[1:] == tok(b.text, add_special_tokens=False)["input_ids"]
-        at = text.index(b.text, pos)  # blocks are in order and only whitespace lies between them
-        assert text[pos:at].strip() == ""
-        pos = at + len(b.text)
-    assert text[pos:].strip() == ""
-    # Nearly full: a block ends at the last whitespace before the token budget runs out.
-    assert sum(len(b.input_ids) for b in blocks[:-1]) / (len(blocks) - 1) >= 0.85 * SEQ
-
-
 # --- recipes ------------------------------------------------------------------------------------------------
 
 
