@@ -88,37 +88,41 @@ def make_blocks(rows: list[tuple[str, str]], tokenizer, seq_len: int, add_bos: b
         ok = _cuttable(offsets)
         if not pack and cur.input_ids:
             flush()
-        k, char, piece = 0, 0, 0
-        while k < len(ids):
-            if len(cur.input_ids) >= seq_len - (1 if (k == 0 and sep is not None) else 0):
+        k, char, piece, first = 0, 0, 0, True
+        while first or k < len(ids):
+            if len(cur.input_ids) >= seq_len:
                 flush()
-            room = seq_len - len(cur.input_ids) - (1 if (k == 0 and sep is not None) else 0)
+            head = [sep] if (first and sep is not None) else []
+            room = seq_len - len(cur.input_ids) - len(head)
             end = min(k + room, len(ids))
-            if end < len(ids):  # cut where the characters of two tokens do not overlap
-                while end > k and not ok[end]:
-                    end -= 1
-                if end == k:  # no clean cut in the room left: start a fresh block
-                    if not cur.input_ids:
-                        raise ValueError(f"document {doc_id!r}: no clean token boundary within {seq_len} tokens")
-                    flush()
-                    continue
-            char_end = offsets[end][0] if end < len(ids) else len(text)
+            while k < end < len(ids) and not ok[end]:  # cut where the characters of two tokens do not overlap
+                end -= 1
+            if end == k and not head:  # no clean cut in the room left
+                if not cur.input_ids:
+                    raise ValueError(f"document {doc_id!r}: no clean token boundary within {seq_len} tokens")
+                flush()
+                continue
+            char_end = len(text) if end == len(ids) else (offsets[end][0] if end > k else char)
             if not cur.input_ids:
                 cur.example_id = f"{doc_id}#{piece}"
             cur.starts.append(len(cur.input_ids))
             cur.text_starts.append(len(cur.text))
-            cur.input_ids += ([sep] if (k == 0 and sep is not None) else []) + ids[k:end]
+            cur.input_ids += head + ids[k:end]
             cur.text += text[char:char_end]
-            k, char, piece = end, char_end, piece + 1
+            k, char, piece, first = end, char_end, piece + 1, False
+            if k < len(ids) and len(cur.input_ids) < seq_len:  # stopped short of a full block: end it here
+                flush()
     flush()
     if not blocks:
         raise ValueError("make_blocks: the data produced no blocks (all texts shorter than 2 tokens?)")
     if warn_padding:
         pad = padding_fraction(blocks, seq_len)
         if pad > PADDING_WARN:
-            warnings.warn(f"{pad:.0%} of the {len(blocks)} blocks' {seq_len} positions are padding; pack "
-                          "documents (data.packing: true) or read a .txt as larger documents "
-                          "(data.documents: file or paragraph)", stacklevel=2)
+            fix = (f"the data holds fewer tokens than a few blocks; lower data.seq_len (now {seq_len})" if pack else
+                   "pack documents (data.packing: true) or read a .txt as larger documents "
+                   "(data.documents: file or paragraph)")
+            warnings.warn(f"{pad:.0%} of the {len(blocks)} blocks' {seq_len} positions are padding; {fix}",
+                          stacklevel=2)
     return blocks
 
 

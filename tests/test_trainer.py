@@ -358,3 +358,18 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tiny_models, nodrop_
     assert max((ddp[k] - start[k]).abs().max().item() for k in single) > 1e-3  # trained
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-4)
+
+
+def test_training_eval_bpb_equals_stillroom_eval(tiny_models, data_dir, tmp_path):
+    """`train`'s eval_bpb and `stillroom eval` score the same documents the same way (the reference)."""
+    from stillroom.evaluate import evaluate_paths
+    from stillroom.trainer import train
+
+    for documents in ("file", "line"):
+        out = tmp_path / documents
+        r = train(_base(tiny_models, data_dir, out, teachers=(),
+                        data={"eval": str(data_dir / "val.txt"), "documents": documents},
+                        loss={"ce_weight": 1.0}, train={"max_steps": 1}))
+        (ref,) = evaluate_paths([out], data_dir / "val.txt", progress=False, documents=documents)
+        assert r.metrics["eval_bpb"] == pytest.approx(ref.bits_per_byte, rel=1e-5, abs=1e-6)
+        assert r.metrics["eval_loss"] == pytest.approx(ref.nll_bits * math.log(2) / ref.tokens, rel=1e-5)
