@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
 import torch
 
-from stillroom.blocks import (BlockCollator, BlockDataset, make_blocks, model_inputs, padding_fraction,
-                              position_ids, separator_id)
+from stillroom.blocks import (
+    BlockCollator,
+    BlockDataset,
+    make_blocks,
+    model_inputs,
+    padding_fraction,
+    position_ids,
+    separator_id,
+)
 from stillroom.testing import corpus_texts
 
 SEQ = 32
@@ -48,7 +56,7 @@ def test_packing_matches_a_naive_packer(gpt2_tok):
     for b in blocks:
         bounds = [*b.starts, len(b.input_ids)]
         tbounds = [*b.text_starts, len(b.text)]
-        for (s, e), (ts, te) in zip(zip(bounds, bounds[1:]), zip(tbounds, tbounds[1:]), strict=True):
+        for (s, e), (ts, te) in zip(itertools.pairwise(bounds), itertools.pairwise(tbounds), strict=True):
             ids = [i for i in b.input_ids[s:e] if i != sep]
             assert gpt2_tok.decode(ids) == b.text[ts:te]
     # Separators exactly where a document starts (not where a document continues from the last block).
@@ -105,7 +113,7 @@ def test_packed_documents_do_not_see_each_other(tiny_models, name):
         packed = model(**model_inputs(batch)).logits[0]
         b = blocks[0]
         bounds = [*b.starts, len(b.input_ids)]
-        for s, e in zip(bounds, bounds[1:]):
+        for s, e in itertools.pairwise(bounds):
             alone = model(input_ids=torch.tensor([b.input_ids[s:e]])).logits[0]
             torch.testing.assert_close(packed[s:e], alone, atol=1e-4, rtol=1e-4)
         leaky = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0]
