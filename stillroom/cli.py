@@ -84,8 +84,9 @@ def demo(
 @app.command()
 def cache(
     teacher: Optional[Path] = typer.Option(None, help="Teacher model folder (safetensors + tokenizer)."),
-    data: Optional[Path] = typer.Option(None, help="Text file (one example per line), folder of .txt, "
-                                                   "JSONL with a text field, or a datasets folder."),
+    data: Optional[Path] = typer.Option(None, help="Text file, folder of .txt, JSONL with a text field, or a "
+                                                   "datasets folder."),
+    documents: str = typer.Option("file", help="What one example of a plain .txt is: file, paragraph or line."),
     out: Optional[Path] = typer.Option(None, help="Cache folder to write (rerun the same command to resume)."),
     top_k: int = typer.Option(16, "--top-k", help="Teacher entries kept per position."),
     temperature: float = typer.Option(1.0, help="Teacher softmax temperature for the stored log-probs."),
@@ -127,7 +128,9 @@ def cache(
             device = f"cuda:{os.environ['LOCAL_RANK']}"
     t = OnlineTeacher(teacher, top_k=top_k, temperature=temperature, max_length=max_length, overlap=overlap,
                       batch_tokens=batch_tokens, device=device, dtype=dtype)
-    s = write_cache(t, data, out, shard_size=shard_size, text_field=text_field, progress=progress,
+    from stillroom.data_io import load_texts
+
+    s = write_cache(t, load_texts(data, text_field, documents), out, shard_size=shard_size, text_field=text_field, progress=progress,
                     console=console)
     console.print(f"rank {os.environ.get('RANK', 0)}: {s.shards_written} shards written, {s.shards_skipped} "
                   f"already done; {s.rows} rows, {s.tokens:,} tokens in {s.seconds:.1f} s")
@@ -209,8 +212,10 @@ def generate(
 @app.command("eval")
 def eval_(
     model: list[Path] = typer.Option(..., "--model", help="Model folder(s) to evaluate (repeat to compare)."),
-    data: Path = typer.Option(..., "--data", help="Text file (one example per line), folder of .txt (one "
-                                                  "example per file), JSONL with a text field, or a datasets folder."),
+    data: Path = typer.Option(..., "--data", help="Text file, folder of .txt, JSONL with a text field, or a "
+                                                  "datasets folder."),
+    documents: str = typer.Option("file", help="What one document of a plain .txt is: file, paragraph or line "
+                                               "(as the recipe's data.documents)."),
     teacher: Optional[list[Path]] = typer.Option(None, "--teacher", help="Teacher folder(s): also report top-1 "
                                                  "agreement and KL(teacher||student) on 1-to-1 aligned positions."),
     context: Optional[int] = typer.Option(None, help="Window length in tokens (default: the model's maximum, at most 2048)."),
@@ -230,7 +235,7 @@ def eval_(
             raise typer.Exit(2)
     try:
         reports = evaluate_paths(model, data, teachers=teacher or [], context=context, stride=stride,
-                                 batch_size=batch_size, device=device, progress=not as_json)
+                                 batch_size=batch_size, device=device, progress=not as_json, documents=documents)
     except (FileNotFoundError, ValueError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None

@@ -4,12 +4,21 @@ Accepted DATA, detected from the path:
 
 - a ``.jsonl`` / ``.json`` file: one JSON object per line with a ``text`` field (``text_field`` overrides);
   an ``id`` field, when present, is the example id, otherwise ``"<file stem>:<line number>"``;
-- any other file: plain text, one example per line; blank lines are skipped (ids ``"<stem>:<line>"`` keep
-  the original 1-based line numbers, so they do not shift when blank lines are added or removed);
+- any other file: plain text, split into documents by ``documents`` (below);
 - a folder holding ``dataset_info.json`` / ``state.json``: a Hugging Face ``datasets`` dataset saved with
   ``save_to_disk`` (a ``DatasetDict`` must have a ``train`` split or exactly one split); ids come from an
   ``id`` column when present, else the row number;
-- any other folder: every ``*.txt`` below it (sorted) is one example, id = path relative to the folder.
+- any other folder: every ``*.txt`` below it (sorted), id = path relative to the folder, split by ``documents``.
+
+``documents`` says what one document (example) of a plain text file is — the same option for ``train``,
+``eval`` and ``cache``, so every stage agrees:
+
+- ``"file"`` (default): the whole file, every byte kept (prose and verse are read as the running text they are);
+- ``"paragraph"``: each run of non-blank lines (blank lines separate documents and are dropped);
+- ``"line"``: each non-blank line.
+
+Ids of a paragraph or line are ``"<stem>:<first line number>"`` (1-based, counted in the original file, so they
+do not shift when blank lines are added or removed); a folder's are ``"<relative path>:<line>"``.
 
 Ids must be unique; texts must be non-empty. Both are checked here so later stages never see bad rows.
 """
@@ -21,11 +30,19 @@ import json
 import os
 from pathlib import Path
 
+from stillroom.errors import ConfigError
+
 PACKAGE_DATA = Path(__file__).parent / "data"  # the shipped corpus and default models (``pkg:`` paths)
 
 
-def load_texts(path: str | os.PathLike, text_field: str = "text") -> list[tuple[str, str]]:
+DOCUMENTS = ("file", "paragraph", "line")
+
+
+def load_texts(path: str | os.PathLike, text_field: str = "text", documents: str = "file") -> list[tuple[str, str]]:
     """Read DATA at ``path``; returns ``[(example_id, text), ...]`` in a stable order."""
+    if documents not in DOCUMENTS:
+        raise ConfigError(f"documents={documents!r} is not one of 'file', 'paragraph', 'line'; pick one "
+                         "(what one document of a plain .txt file is)")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"DATA {path} does not exist (expected a text file, a folder of .txt, "
@@ -35,11 +52,11 @@ def load_texts(path: str | os.PathLike, text_field: str = "text") -> list[tuple[
                 (path / "dataset_dict.json").exists():
             rows = _load_datasets_dir(path, text_field)
         else:
-            rows = _load_txt_folder(path)
+            rows = _load_txt_folder(path, documents)
     elif path.suffix.lower() in (".jsonl", ".json"):
         rows = _load_jsonl(path, text_field)
     else:
-        rows = _load_lines(path)
+        rows = _split(path.read_text(encoding="utf-8"), path.stem, documents)
     if not rows:
         raise ValueError(f"DATA {path} holds no examples")
     seen: set[str] = set()
@@ -66,17 +83,30 @@ def text_sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _load_lines(path: Path) -> list[tuple[str, str]]:
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
+def _split(text: str, name: str, documents: str) -> list[tuple[str, str]]:
+    """One file's text -> documents: the whole text, its paragraphs or its lines (see the module docstring)."""
+    if documents == "file":
+        return [(name, text)] if text.strip() else []
+    rows: list[tuple[str, str]] = []
+    para: list[str] = []
+    first = 0
+    for n, line in enumerate(text.split("\n"), 1):
+        if documents == "line":
             if line.strip():
-                rows.append((f"{path.stem}:{n}", line))
+                rows.append((f"{name}:{n}", line))
+        elif line.strip():
+            if not para:
+                first = n
+            para.append(line)
+        elif para:
+            rows.append((f"{name}:{first}", "\n".join(para)))
+            para = []
+    if para:
+        rows.append((f"{name}:{first}", "\n".join(para)))
     return rows
 
 
-def _load_txt_folder(path: Path) -> list[tuple[str, str]]:
+def _load_txt_folder(path: Path, documents: str = "file") -> list[tuple[str, str]]:
     files = sorted(p for p in path.rglob("*.txt") if p.is_file())
     if not files:
         raise ValueError(f"DATA folder {path} holds no .txt files")
@@ -85,7 +115,7 @@ def _load_txt_folder(path: Path) -> list[tuple[str, str]]:
         text = p.read_text(encoding="utf-8")
         if not text.strip():
             raise ValueError(f"DATA file {p} is empty; remove it or add text")
-        rows.append((p.relative_to(path).as_posix(), text))
+        rows += _split(text, p.relative_to(path).as_posix(), documents)
     return rows
 
 

@@ -93,11 +93,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
     return freeze_teacher(model.to(device)), tokenizer
 
 
-def load_eval_texts(data: str | os.PathLike) -> list[str]:
-    """The texts of DATA (text file, folder of .txt, JSONL with ``text``, datasets folder) via ``stillroom.data_io``."""
+def load_eval_texts(data: str | os.PathLike, documents: str = "file") -> list[str]:
+    """The documents of DATA (text file, folder of .txt, JSONL with ``text``, datasets folder) via
+    ``stillroom.data_io``; ``documents`` says what a document of a plain .txt is (as ``data.documents`` does for
+    training, so both score the same documents)."""
     from stillroom.data_io import load_texts
 
-    return [text for _, text in load_texts(data)]
+    return [text for _, text in load_texts(data, documents=documents)]
 
 
 # --- scoring ------------------------------------------------------------------------------------------------
@@ -422,9 +424,9 @@ def _accumulate(st: _TeacherState, s_lp: torch.Tensor, t_lp: torch.Tensor) -> No
 def evaluate_paths(models: Sequence[str | os.PathLike], data: str | os.PathLike, *,
                    teachers: Sequence[str | os.PathLike] = (), context: int | None = None,
                    stride: int | None = None, batch_size: int = 8, device: str = "cpu",
-                   progress: bool = True) -> list[EvalReport]:
+                   progress: bool = True, documents: str = "file") -> list[EvalReport]:
     """Load each model folder and evaluate it on DATA (see :func:`load_eval_texts`), against each teacher."""
-    texts = load_eval_texts(data)
+    texts = load_eval_texts(data, documents)
     loaded_teachers = [(Path(t).name, *load_model(t, device)) for t in teachers]
     reports = []
     for path in models:

@@ -34,8 +34,15 @@ class DataSpec(_Strict):
     train: str = Field(description="DATA: text file, folder of .txt, .jsonl with 'text', or datasets folder")
     eval: str | None = None
     text_field: str = "text"
+    documents: Literal["file", "paragraph", "line"] = Field(
+        "file", description="what one document of a plain .txt is: the whole file, each blank-line-separated "
+        "paragraph, or each line (train and eval data alike; see stillroom.data_io)")
     seq_len: int = Field(128, ge=4, le=65536)
-    add_bos: bool = True
+    add_bos: bool = Field(True, description="put the separator token (BOS, else EOS) before every document")
+    packing: bool = Field(True, description="fill every block with documents (the last block is padded); "
+                          "false: every document starts a new block")
+    isolate_documents: bool = Field(True, description="position ids restart at every document so attention "
+                                    "does not cross documents in a packed block")
     max_blocks: int | None = Field(None, ge=1)
 
 

@@ -31,108 +31,10 @@ import torch
 from transformers import Trainer
 
 from stillroom import modeling
+from stillroom.blocks import Block, BlockCollator, BlockDataset, export_blocks, make_blocks, model_inputs  # noqa: F401
 from stillroom.fusion import fuse, fusion_weights, votes
 from stillroom.targets import SparseTarget
 from stillroom.tokens import same_tokenizer
-
-# --- data ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Block:
-    """One training sequence: its raw text (what teachers re-tokenize) and the student's ids for it."""
-
-    example_id: str
-    text: str
-    input_ids: list[int]
-
-
-def _bos_id(tokenizer) -> int | None:
-    return tokenizer.bos_token_id if getattr(tokenizer, "bos_token_id", None) is not None else None
-
-
-def make_blocks(rows: list[tuple[str, str]], tokenizer, seq_len: int, add_bos: bool = True,
-                min_tokens: int = 2) -> list[Block]:
-    """Cut texts into pieces of at most ``seq_len`` student tokens, each a contiguous span of raw text.
-
-    Every piece ends at a whitespace boundary where possible (so re-tokenizing it gives the same tokens as
-    in the running text) and the whitespace between pieces is dropped. With ``add_bos`` the student's BOS
-    token starts every block (so its first text token is predicted too). Block ids are
-    ``"<example id>#<piece number>"``: stable keys for the offline teacher cache.
-    """
-    if seq_len < 4:
-        raise ValueError(f"seq_len={seq_len} is too short; use at least 4 tokens")
-    bos = _bos_id(tokenizer) if add_bos else None
-    budget = seq_len - (1 if bos is not None else 0)
-    blocks: list[Block] = []
-    for ex_id, text in rows:
-        pos, piece_no, window = 0, 0, budget * 8
-        while pos < len(text):
-            while pos < len(text) and text[pos].isspace():
-                pos += 1
-            if pos >= len(text):
-                break
-            chunk = text[pos:pos + window]
-            enc = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
-            if len(enc["input_ids"]) <= budget and pos + window < len(text):
-                window *= 2  # the window held too few tokens: look further
-                continue
-            if len(enc["input_ids"]) > budget:
-                cut = enc["offset_mapping"][budget - 1][1]
-                ws = max(chunk.rfind(" ", 0, cut + 1), chunk.rfind("\n", 0, cut + 1))
-                if ws > cut // 2:
-                    cut = ws
-                piece = chunk[:cut]
-            else:
-                piece = chunk
-            ids = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
-            if len(ids["input_ids"]) > budget:  # rare: the cut changed the tokenization; cut at a token end
-                piece = piece[:ids["offset_mapping"][budget - 1][1]]
-                ids = tokenizer(piece, add_special_tokens=False)
-            ids = list(ids["input_ids"])[:budget]
-            pos += len(piece)
-            if len(ids) >= min_tokens:
-                blocks.append(Block(f"{ex_id}#{piece_no}", piece, ([bos] if bos is not None else []) + ids))
-                piece_no += 1
-    if not blocks:
-        raise ValueError("make_blocks: the data produced no blocks (all texts shorter than 2 tokens?)")
-    return blocks
-
-
-class BlockDataset(torch.utils.data.Dataset):
-    """Map-style dataset over :class:`Block` s (raw text travels with the ids, for the teachers)."""
-
-    def __init__(self, blocks: list[Block]):
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        b = self.blocks[i]
-        return {"input_ids": b.input_ids, "text": b.text, "example_id": b.example_id}
-
-
-class BlockCollator:
-    """Pads every block to ``seq_len`` (fixed shapes); labels are the ids with padding set to -100."""
-
-    def __init__(self, tokenizer, seq_len: int):
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = 0 if pad is None else pad
-        self.seq_len = seq_len
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        n = len(features)
-        ids = torch.full((n, self.seq_len), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, self.seq_len), dtype=torch.long)
-        for r, f in enumerate(features):
-            x = torch.as_tensor(f["input_ids"][: self.seq_len], dtype=torch.long)
-            ids[r, : len(x)] = x
-            mask[r, : len(x)] = 1
-        labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                "text": [f["text"] for f in features], "example_id": [f["example_id"] for f in features]}
-
 
 # --- teachers -----------------------------------------------------------------------------------------------
 
@@ -181,7 +83,7 @@ class SameTokenizerTeacher:
 
     @torch.no_grad()
     def targets(self, batch: dict[str, Any]) -> tuple[SparseTarget, torch.Tensor]:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(**model_inputs(batch)).logits
         return topk_target(logits, batch["labels"], self.top_k, self.temperature)
 
 
@@ -275,8 +177,7 @@ def _last_hidden(model, inputs: dict[str, Any]) -> torch.Tensor:
 
     handle = base.register_forward_hook(hook)
     try:
-        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=1,
-              use_cache=False)
+        model(**model_inputs(inputs), logits_to_keep=1)
     finally:
         handle.remove()
     return seen["h"]
@@ -405,29 +306,32 @@ class DistillTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Student CE per token (nats) and bits per byte of the evaluation blocks (first token of a block
-        without BOS is not scored)."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
+        """Student CE per token (nats) and bits per byte of the evaluation *documents* (a list of texts), scored
+        exactly as ``stillroom eval`` scores them (:func:`stillroom.evaluate.evaluate`: whole documents, first
+        token conditioned on BOS, sliding windows over the model's context), so the two numbers agree."""
+        from stillroom.evaluate import evaluate as score
+
+        docs = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if docs is None:
             return {}
-        loader = self.get_eval_dataloader(dataset)
-        model = self.model
+        if not all(isinstance(d, str) for d in docs):
+            raise TypeError("DistillTrainer.evaluate: eval_dataset must be a list of document texts "
+                            "(stillroom.data_io.load_texts(...) -> [text for _, text in rows])")
+        model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
-        nll = torch.zeros((), dtype=torch.float64, device=self.args.device)
-        tokens = torch.zeros((), dtype=torch.float64, device=self.args.device)
-        nbytes = torch.zeros((), dtype=torch.float64, device=self.args.device)
-        with torch.no_grad():
-            for batch in loader:
-                batch = self._prepare_inputs(batch)
-                nll += self.loss_sum(model, batch).double()
-                tokens += batch["labels"][:, 1:].ne(-100).sum().double()
-                nbytes += sum(len(t.encode("utf-8")) for t in batch["text"])
-        if self.args.world_size > 1:
-            nll, tokens, nbytes = (self.accelerator.reduce(x, reduction="sum") for x in (nll, tokens, nbytes))
+        rank, world = self.args.process_index, self.args.world_size
+        mine = list(docs)[rank::world]
+        r = score(model, self.processing_class, mine, batch_size=self.args.per_device_eval_batch_size,
+                  device=self.args.device) if mine else None
+        sums = torch.tensor([r.nll_bits, r.tokens, r.bytes] if r else [0.0, 0.0, 0.0], dtype=torch.float64,
+                            device=self.args.device)
+        if world > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
         model.train(was_training)
-        metrics = {f"{metric_key_prefix}_loss": (nll / tokens.clamp_min(1)).item(),
-                   f"{metric_key_prefix}_bpb": (nll / math.log(2) / nbytes.clamp_min(1)).item()}
+        bits, tokens, nbytes = sums.tolist()
+        metrics = {f"{metric_key_prefix}_loss": bits * math.log(2) / max(tokens, 1),
+                   f"{metric_key_prefix}_bpb": bits / max(nbytes, 1)}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -671,15 +575,10 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
         torch.set_num_threads(recipe.train.threads)
     tok = toks["student"]
     seq = recipe.data.seq_len
-    blocks = make_blocks(load_texts(recipe.data.train, recipe.data.text_field), tok, seq, recipe.data.add_bos)
-    if recipe.data.max_blocks:
-        blocks = blocks[: recipe.data.max_blocks]
-    eval_blocks = None
-    if recipe.data.eval:
-        eval_blocks = make_blocks(load_texts(recipe.data.eval, recipe.data.text_field), tok, seq,
-                                  recipe.data.add_bos)
-
-    args = training_arguments(recipe, eval_blocks is not None)
+    d = recipe.data
+    blocks = training_blocks(recipe, tok)
+    eval_docs = [t for _, t in load_texts(d.eval, d.text_field, d.documents)] if d.eval else None
+    args = training_arguments(recipe, eval_docs is not None)
     from transformers import set_seed
 
     set_seed(recipe.train.seed)
@@ -698,9 +597,8 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
     loss = LossConfig(r.kind, r.ce_weight if teachers else 1.0, r.temperature, r.beta, r.alpha, r.chunk_size,
                       r.emo_mode, r.emo_cost)
     fusion = FusionConfig(recipe.fusion.method, recipe.fusion.level, recipe.fusion.weight_temperature, None)
-    trainer = DistillTrainer(model=student, args=args, train_dataset=BlockDataset(blocks),
-                             eval_dataset=BlockDataset(eval_blocks) if eval_blocks else None,
-                             data_collator=BlockCollator(tok, seq), processing_class=tok, teachers=teachers,
+    trainer = DistillTrainer(model=student, args=args, train_dataset=BlockDataset(blocks), eval_dataset=eval_docs,
+                             data_collator=BlockCollator(tok, seq, d.isolate_documents), processing_class=tok, teachers=teachers,
                              loss=loss, fusion=fusion, callbacks=cbs)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -711,7 +609,7 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
         (out / "metrics.jsonl").unlink()
     result = trainer.train(resume_from_checkpoint=resume or None)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    if eval_blocks:
+    if eval_docs:
         metrics.update(trainer.evaluate())
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
@@ -725,25 +623,19 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
     return TrainResult(str(out), metrics, [dict(h) for h in trainer.state.log_history], trainer.model)
 
 
+def training_blocks(recipe, tokenizer) -> list[Block]:
+    """The recipe's training blocks: its documents (``data.documents``) packed or not (``data.packing``)."""
+    from stillroom.data_io import load_texts
+
+    d = recipe.data
+    blocks = make_blocks(load_texts(d.train, d.text_field, d.documents), tokenizer, d.seq_len, d.add_bos, d.packing)
+    return blocks[: d.max_blocks] if d.max_blocks else blocks
+
+
 def export_training_blocks(recipe, path) -> int:
     """Write the recipe's training blocks as JSONL ``{"id", "text"}``: build a teacher cache on exactly these
     texts with ``stillroom cache --data PATH`` and point ``teachers.N.cache`` at it (evaluation needs no
     teacher)."""
-    import json
-    from pathlib import Path
-
     from transformers import AutoTokenizer
 
-    from stillroom.data_io import load_texts
-
-    tok = AutoTokenizer.from_pretrained(recipe.student)
-    blocks = make_blocks(load_texts(recipe.data.train, recipe.data.text_field), tok, recipe.data.seq_len,
-                         recipe.data.add_bos)
-    if recipe.data.max_blocks:
-        blocks = blocks[: recipe.data.max_blocks]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for b in blocks:
-            f.write(json.dumps({"id": b.example_id, "text": b.text}) + "\n")
-    return len(blocks)
+    return export_blocks(training_blocks(recipe, AutoTokenizer.from_pretrained(recipe.student)), path)

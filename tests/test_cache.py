@@ -326,7 +326,8 @@ def test_bad_data_gives_clear_errors(teacher, tmp_path):
 
 def test_load_texts_formats(tmp_path):
     (tmp_path / "lines.txt").write_text("first line\n\n  \nsecond line\n")
-    assert load_texts(tmp_path / "lines.txt") == [("lines:1", "first line"), ("lines:4", "second line")]
+    assert load_texts(tmp_path / "lines.txt", documents="line") == [("lines:1", "first line"),
+                                                                    ("lines:4", "second line")]
     folder = tmp_path / "docs"
     (folder / "sub").mkdir(parents=True)
     (folder / "b.txt").write_text("bee\n")

@@ -64,32 +64,6 @@ def _params(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-# --- data ---------------------------------------------------------------------------------------------------
-
-
-def test_blocks_are_raw_text_spans_that_retokenize_to_the_student_ids(tiny_models):
-    from transformers import AutoTokenizer
-
-    from stillroom.trainer import make_blocks
-
-    tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
-    text = corpus_texts("train")[1][:5000]
-    blocks = make_blocks([("doc", text)], tok, SEQ)
-    assert len(blocks) > 5
-    pos = 0
-    for i, b in enumerate(blocks):
-        assert b.example_id == f"doc#{i}"
-        assert 2 <= len(b.input_ids) <= SEQ
-        assert b.input_ids[0] == tok.bos_token_id
-        assert b.input_ids[1:] == tok(b.text, add_special_tokens=False)["input_ids"]
-        at = text.index(b.text, pos)  # blocks are in order and only whitespace lies between them
-        assert text[pos:at].strip() == ""
-        pos = at + len(b.text)
-    assert text[pos:].strip() == ""
-    # Nearly full: a block ends at the last whitespace before the token budget runs out.
-    assert sum(len(b.input_ids) for b in blocks[:-1]) / (len(blocks) - 1) >= 0.85 * SEQ
-
-
 # --- recipes ------------------------------------------------------------------------------------------------
 
 
@@ -384,3 +358,18 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tiny_models, nodrop_
     assert max((ddp[k] - start[k]).abs().max().item() for k in single) > 1e-3  # trained
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-4)
+
+
+def test_training_eval_bpb_equals_stillroom_eval(tiny_models, data_dir, tmp_path):
+    """`train`'s eval_bpb and `stillroom eval` score the same documents the same way (the reference)."""
+    from stillroom.evaluate import evaluate_paths
+    from stillroom.trainer import train
+
+    for documents in ("file", "line"):
+        out = tmp_path / documents
+        r = train(_base(tiny_models, data_dir, out, teachers=(),
+                        data={"eval": str(data_dir / "val.txt"), "documents": documents},
+                        loss={"ce_weight": 1.0}, train={"max_steps": 1}))
+        (ref,) = evaluate_paths([out], data_dir / "val.txt", progress=False, documents=documents)
+        assert r.metrics["eval_bpb"] == pytest.approx(ref.bits_per_byte, rel=1e-5, abs=1e-6)
+        assert r.metrics["eval_loss"] == pytest.approx(ref.nll_bits * math.log(2) / ref.tokens, rel=1e-5)
