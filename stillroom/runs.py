@@ -232,7 +232,8 @@ class RichProgressCallback(TrainerCallback):
             self.progress.update(self.task, info=parts)
         else:
             self.console.print(f"train step {state.global_step}/{state.max_steps} {parts} "
-                               f"(elapsed {_clock(time.perf_counter() - self.t0)})", highlight=False)
+                               f"(elapsed {_clock(time.perf_counter() - self.t0)})", highlight=False,
+                               soft_wrap=True)
 
     def stop(self) -> None:
         """Stop the live display: the cursor is shown again and the bar's line is ended."""
@@ -277,7 +278,7 @@ def phase(title: str, total: int | None = None, enabled: bool = True, progress=N
         elif task is not None:
             progress.remove_task(task)
         if own is not None or not console.is_terminal:
-            console.print(f"{title}: done in {time.perf_counter() - t0:.1f} s", highlight=False)
+            console.print(f"{title}: done in {time.perf_counter() - t0:.1f} s", highlight=False, soft_wrap=True)
 
 
 def progress_callback(trainer) -> RichProgressCallback | None:
