@@ -298,5 +298,12 @@ def test_benchmarks_results_table_is_generated_from_its_sections():
     rows = mod.results_rows(text)
     sections = re.findall(r"^### .*\(`bench/(\w+)\.py`\)", text, flags=re.M)
     assert [r["benchmark"] for r in rows] == sections and len(rows) >= 5
-    for r in rows:  # each row's ratio is quoted in its own section's headline line
-        assert r["ratio"] and r["ratio"] in text.split(f"(`bench/{r['benchmark']}.py`)")[1]
+    for r, (_, _, body) in zip(rows, mod.sections(text), strict=True):
+        # every number of the headline is one the section measured (it appears outside the headline line too)
+        rest = "\n".join(line for line in body.splitlines() if not line.startswith("Headline:"))
+        numbers = re.findall(r"\d[\d,]*(?:\.\d+)?", r["median"] + " " + r["ratio"].split()[0])
+        assert numbers and all(n in rest for n in numbers), (r["benchmark"], numbers)
+        assert r["command"] in body
+    # a stale table is detected and rewritten
+    stale = text.replace(rows[0]["median"] + " |", "0 / 0 |", 1)
+    assert stale != text and mod.rewrite(stale) == text
