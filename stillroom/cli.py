@@ -126,6 +126,10 @@ def cache(
         import torch
 
         torch.set_num_threads(threads)
+    if progress:  # ours, not transformers' bar per weight load
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if device is None and "LOCAL_RANK" in os.environ:
         import torch
 

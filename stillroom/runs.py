@@ -88,6 +88,10 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> dict | None:
     """
     out = Path(recipe.train.output_dir)
     overwrite = overwrite or recipe.train.overwrite
+    if not is_main_process():  # rank 0 checks and claims the folder; the others only learn if it is finished
+        marker = read_marker(out) if recipe.train.resume and not overwrite else None
+        done = marker is not None and marker.get("finished") and marker.get("step", 0) >= recipe.train.max_steps
+        return marker if done else None
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"train.output_dir: {out} is a file, not a folder; choose a folder path")
     if out.is_dir() and any(out.iterdir()):
@@ -113,8 +117,7 @@ def prepare_output_dir(recipe, overwrite: bool = False) -> dict | None:
             if marker.get("finished") and marker.get("step", 0) >= recipe.train.max_steps:
                 return marker
             return None
-    if is_main_process():
-        write_marker(out, recipe)
+    write_marker(out, recipe)
     return None
 
 
