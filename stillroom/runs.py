@@ -215,7 +215,7 @@ class RichProgressCallback(TrainerCallback):
             return
         import rich.progress as rp
 
-        self.progress = rp.Progress(rp.TextColumn("[bold]train"), rp.BarColumn(), rp.MofNCompleteColumn(),
+        self.progress = rp.Progress(rp.TextColumn("[bold]{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
                                     rp.TimeElapsedColumn(), rp.TextColumn("eta"), rp.TimeRemainingColumn(),
                                     rp.TextColumn("{task.fields[info]}"), console=self.console)
         self.progress.start()
@@ -272,7 +272,7 @@ def phase(title: str, total: int | None = None, enabled: bool = True, progress=N
         cols = [rp.SpinnerColumn(), rp.TextColumn(title)] + ([rp.BarColumn(), rp.MofNCompleteColumn()] if total else [])
         own = progress = rp.Progress(*cols, rp.TimeElapsedColumn(), console=console, transient=True)
         own.start()
-    task = progress.add_task(title, total=total) if progress is not None else None
+    task = progress.add_task(title, total=total, info="") if progress is not None else None
     try:
         yield (lambda n=1: progress.advance(task, n)) if task is not None else (lambda n=1: None)
     finally:

@@ -307,3 +307,49 @@ def test_benchmarks_results_table_is_generated_from_its_sections():
     # a stale table is detected and rewritten
     stale = text.replace(rows[0]["median"] + " |", "0 / 0 |", 1)
     assert stale != text and mod.rewrite(stale) == text
+
+
+# --- progress -----------------------------------------------------------------------------------------------
+
+
+def test_progress_on_a_terminal_shows_elapsed_time_nests_evaluation_and_restores_the_cursor():
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from stillroom.runs import RichProgressCallback, phase
+
+    buf = io.StringIO()
+    cb = RichProgressCallback(Console(file=buf, force_terminal=True, width=150))
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=4, global_step=0)
+    cb.on_train_begin(None, state, None)
+    state.global_step = 2
+    cb.on_step_end(None, state, None)
+    cb.on_log(None, state, None, logs={"loss": 1.5, "ce": 2.0, "kd": 0.5})
+    with phase("evaluation", 3, progress=cb.progress, console=cb.console) as advance:  # a task on the live bar
+        for _ in range(3):
+            advance()
+        cb.progress.refresh()
+    cb.on_train_end(None, state, None)
+    text = buf.getvalue()
+    assert "\x1b[?25l" in text and text.rstrip().endswith("\x1b[?25h")  # cursor hidden while live, shown after
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    assert re.search(r"train .*2/4 0:00:0\d eta", plain) and "ce=2 kd=0.5" in plain  # elapsed, then remaining
+    assert re.search(r"evaluation .*3/3", plain)
+
+
+def test_progress_without_a_terminal_prints_one_line_per_phase():
+    import io
+
+    from rich.console import Console
+
+    from stillroom.runs import phase
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=False, width=40)
+    with phase("loading the student and teachers, a long title", console=console):
+        pass
+    with phase("hidden", enabled=False, console=console):
+        pass
+    assert re.fullmatch(r"loading the student and teachers, a long title: done in \d+\.\d s\n", buf.getvalue())
