@@ -370,7 +370,9 @@ class DistillTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def loss_sum(self, model, inputs: dict[str, Any]) -> torch.Tensor:
-        """Σ over labelled positions of λ·CE + (1−λ)·D (not yet divided by N)."""
+        """Σ over labelled positions of λ·CE + (1−λ)·D (not yet divided by N). In training with λ < 1 or EMO,
+        Σ CE alone goes to ``_step_ce`` (one more chunked head pass, no gradient): logged as ``ce``, with ``kd``
+        = (loss − λ·ce) / (1 − λ)."""
         from stillroom import losses
 
         hidden = _last_hidden(model, inputs)[:, :-1]
