@@ -193,13 +193,40 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_blocks(blocks: list[Block], path) -> int:
-    """Write blocks as JSONL ``{"id", "text"}`` (what ``stillroom cache --data`` reads); returns the count."""
+    """Write blocks as JSONL ``{"id", "text"}`` (what ``stillroom cache --data`` reads), atomically (a crash
+    leaves no partial file and no temporary behind); returns the count."""
     import json
+    import os
     from pathlib import Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for b in blocks:
-            f.write(json.dumps({"id": b.example_id, "text": b.text}) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for b in blocks:
+                f.write(json.dumps({"id": b.example_id, "text": b.text}) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return len(blocks)
+
+
+def cap_documents(docs: list[str], tokenizer, max_tokens: int) -> list[str]:
+    """The leading documents of ``docs`` holding at most ``max_tokens`` tokens, the last one cut at a token
+    boundary (its characters up to the first token that does not fit): a time cap for evaluation."""
+    out, left = [], max_tokens
+    for doc in docs:
+        if left <= 0:
+            break
+        enc = tokenizer(doc, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        if len(offsets) <= left:
+            out.append(doc)
+            left -= len(offsets)
+            continue
+        cut = offsets[left][0]
+        if cut > 0:
+            out.append(doc[:cut])
+        break
+    return out

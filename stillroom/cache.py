@@ -557,8 +557,9 @@ def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_s
         for i in todo:
             chunk = rows[i * shard_size:(i + 1) * shard_size]
             recs, kls, max_err, tokens = [], [], 0.0, 0
-            for j in range(0, len(chunk), 64):  # tokenise and score in groups; the bar moves per group
-                part = chunk[j:j + 64]
+            g = max(1, min(64, 4 * teacher.batch_tokens // max(1, *(len(t) for _, t in chunk))))
+            for j in range(0, len(chunk), g):  # groups of about one teacher forward (~4 chars/token); bar per group
+                part = chunk[j:j + g]
                 outs = teacher.signal([t for _, t in part], [e for e, _ in part])
                 for (_, text), o in zip(part, outs, strict=True):
                     rec = enc.encode(o)
@@ -593,9 +594,8 @@ def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_s
             _atomic_write(out / (name + ".json"), json.dumps(side, indent=1).encode())
             n_rows += len(recs)
     manifest = _maybe_merge(out, plan)
-    summary = CacheSummary(out, len(todo), len(mine) - len(todo), n_rows, n_tok, time.perf_counter() - t0,
-                           manifest is not None, manifest)
-    return summary
+    return CacheSummary(out, len(todo), len(mine) - len(todo), n_rows, n_tok, time.perf_counter() - t0,
+                        manifest is not None, manifest)
 
 
 def _progress(enabled: bool, console):

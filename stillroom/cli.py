@@ -101,6 +101,8 @@ def cache(
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if present)."),
     dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: torch's "
+                                          "choice, all cores; set it on a shared machine)."),
     verify: Optional[Path] = typer.Option(None, "--verify", help="Check CACHE_DIR's shards and exit."),
 ) -> None:
     """Run a teacher once over DATA and store its top-k signal compactly (sharded, resumable, verifiable)."""
@@ -121,6 +123,14 @@ def cache(
     missing = [n for n, v in (("--teacher", teacher), ("--data", data), ("--out", out)) if v is None]
     if missing:
         raise typer.BadParameter(f"{', '.join(missing)} required (or use --verify CACHE_DIR)")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    if progress:  # ours, not transformers' bar per weight load
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if device is None and "LOCAL_RANK" in os.environ:
         import torch
 
@@ -153,9 +163,16 @@ def train(
     export_blocks: Optional[Path] = typer.Option(None, "--export-blocks", help="Write the training blocks "
                                                  "(id, text) as JSONL for `stillroom cache --data` and exit."),
     check: bool = typer.Option(False, "--check", help="Validate the recipe (and tokenizers/caches) and exit."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty train.output_dir (or an existing "
+                                   "--export-blocks file); without it only this recipe's own folder is resumed."),
 ) -> None:
     """Distil / fuse teachers into a student as the recipe says (torchrun/accelerate launch for DDP)."""
+    import os
+    import sys
+
+    from stillroom.errors import StillroomError
     from stillroom.recipe import RecipeError, load_recipe
+    from stillroom.runs import TrainInterrupted
     from stillroom.trainer import check_recipe, export_training_blocks
     from stillroom.trainer import train as run_train
 
@@ -168,15 +185,28 @@ def train(
     if check:
         console.print(f"recipe {recipe} is valid")
         return
-    if export_blocks is not None:
-        n = export_training_blocks(r, export_blocks)
-        console.print(f"wrote {n} blocks to {export_blocks}")
-        return
+    try:
+        if export_blocks is not None:
+            n = export_training_blocks(r, export_blocks, overwrite=overwrite)
+            console.print(f"wrote {n} blocks to {export_blocks}")
+            return
+        result = run_train(r, overwrite=overwrite)
+    except StillroomError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt as e:  # TrainInterrupted says where it stopped; anything earlier trained nothing
+        msg = str(e) if isinstance(e, TrainInterrupted) else "interrupted before training started; nothing written"
+        print(msg, file=sys.stderr)
+        raise typer.Exit(130) from None
     import torch.distributed as dist
 
-    result = run_train(r)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if result.model is None:
+        console.print(f"{result.output_dir}: this run already finished; nothing to train")
+        return
     shown = {k: v for k, v in result.metrics.items() if k in ("train_loss", "eval_loss", "eval_bpb", "train_runtime")}
     console.print(f"student saved to {result.output_dir}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
 

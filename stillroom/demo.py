@@ -73,7 +73,8 @@ class DemoOptions:
                        "projection": self.projection},
             "train": {"output_dir": str(out_dir), "max_steps": self.steps, "batch_size": self.batch_size,
                       "lr": self.lr, "warmup_steps": min(20, self.steps // 10), "seed": self.seed,
-                      "logging_steps": max(1, min(10, self.steps // 10)), "eval_steps": None, "plot": True},
+                      "logging_steps": max(1, min(10, self.steps // 10)), "eval_steps": max(1, self.steps // 5),
+                      "eval_max_blocks": 32, "plot": True, "overwrite": True},  # the demo's own folders: rerun = redo
         }
 
 
@@ -170,6 +171,8 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
     seconds: dict[str, float] = {}
 
     def stage(title: str) -> float:
+        if seconds:
+            console.print(f"({list(seconds)[-1]}: {list(seconds.values())[-1]:.1f} s)", highlight=False)
         console.rule(f"[bold]{title}")
         return time.perf_counter()
 
@@ -204,18 +207,15 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
 def print_rows(rows: list[dict], console: Console) -> None:
     from rich.table import Table
 
-    table = Table(title="held-out evaluation (bits per byte: lower is better, comparable across tokenizers)")
+    console.print("held-out bits per byte: lower is better, comparable across tokenizers", highlight=False,
+                  soft_wrap=True)
+    table = Table(title="held-out evaluation")
     for col in ("model", "role", "bits/byte", "token ppl", "tokens", "bytes"):
         table.add_column(col, justify="left" if col in ("model", "role") else "right")
     for r in rows:
         table.add_row(r["model"], r["role"], f"{r['bits_per_byte']:.4f}", f"{r['token_perplexity']:.2f}",
                       f"{r['tokens']:,}", f"{r['bytes']:,}")
     console.print(table)
-
-
-def _loss_points(history: list[dict], key: str) -> tuple[list[float], list[float]]:
-    pts = [(h["step"], h[key]) for h in history if key in h and "step" in h]
-    return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def write_report(result: DemoResult, opts: DemoOptions, fused_history: list[dict],
@@ -226,23 +226,13 @@ def write_report(result: DemoResult, opts: DemoOptions, fused_history: list[dict
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from stillroom.runs import compare_panels, plot_panels
+
     out = result.out
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for hist, label in ((fused_history, "fused student (total loss)"), (baseline_history, "CE-only student")):
-        x, y = _loss_points(hist, "loss")
-        if x:
-            ax.plot(x, y, label=label)
-    for hist, label in ((fused_history, "fused: CE part"),):
-        x, y = _loss_points(hist, "ce")
-        if x:
-            ax.plot(x, y, "--", label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.legend()
-    ax.set_title("training loss")
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
-    plt.close(fig)
+    # Like with like: the fused student's CE part against the CE-only student's CE (not its λ·CE + (1−λ)·KD
+    # total), and validation bits per byte where evaluated; the plotted series go to results.json as well.
+    curves = compare_panels({"fused student": fused_history, "CE-only student": baseline_history})
+    plot_panels(curves, out / "loss_curves.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     labels = [f"{r['model']}\n({r['role']})" for r in result.rows]
@@ -256,8 +246,11 @@ def write_report(result: DemoResult, opts: DemoOptions, fused_history: list[dict
     plt.close(fig)
 
     opts_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+    curves_json = {panel: {name: {"step": x, "value": y} for name, (x, y) in series.items()}
+                   for panel, series in curves.items()}
     (out / "results.json").write_text(json.dumps({"rows": result.rows, "seconds": result.seconds,
-                                                  "options": opts_dict}, indent=2), encoding="utf-8")
+                                                  "options": opts_dict, "curves": curves_json}, indent=2),
+                                      encoding="utf-8")
     table = "\n".join(f"| {r['model']} | {r['role']} | {r['bits_per_byte']:.4f} | {r['token_perplexity']:.2f} | "
                       f"{r['tokens']:,} | {r['bytes']:,} |" for r in result.rows)
     timing = "\n".join(f"| {k} | {v:.1f} |" for k, v in result.seconds.items())
@@ -283,6 +276,10 @@ tokens (seed {opts.seed}). Fusion: {opts.fusion_method} at {opts.fusion_level} l
 {verdict}
 Bits per byte = total negative log-likelihood of the text in bits ÷ its UTF-8 bytes: comparable across models
 with different tokenizers (token perplexity is not).
+
+Training curves (`loss_curves.png`): each student's cross-entropy of the gold next token on its training
+batches (for the fused student the CE part of its loss, not the λ·CE + (1−λ)·KD total), and validation bits per
+byte every {max(1, opts.steps // 5)} steps.
 
 ![loss curves](loss_curves.png)
 

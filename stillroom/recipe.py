@@ -86,9 +86,13 @@ class TrainSpec(_Strict):
     seed: int = 0
     logging_steps: int = Field(10, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: at the end only)")
+    eval_max_blocks: int | None = Field(None, ge=1, description="evaluate on the first N x seq_len tokens of data.eval "
+                                        "(default: all)")
     save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (default: none)")
     save_total_limit: int | None = Field(2, ge=1)
     resume: bool | str = Field(False, description="true = latest checkpoint in output_dir, or a checkpoint path")
+    overwrite: bool = Field(False, description="replace a non-empty output_dir (its checkpoints and metrics "
+                            "are removed first); the CLI's --overwrite")
     report_to: list[str] = Field(default_factory=list, description="e.g. ['tensorboard'] or ['wandb']")
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
     progress: bool = True

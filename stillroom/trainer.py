@@ -30,8 +30,16 @@ from typing import Any, Protocol
 import torch
 from transformers import Trainer
 
-from stillroom import modeling
-from stillroom.blocks import Block, BlockCollator, BlockDataset, export_blocks, make_blocks, model_inputs  # noqa: F401
+from stillroom import modeling, runs
+from stillroom.blocks import (  # noqa: F401 - re-exported for existing imports
+    Block,
+    BlockCollator,
+    BlockDataset,
+    cap_documents,
+    export_blocks,
+    make_blocks,
+    model_inputs,
+)
 from stillroom.fusion import fuse, fusion_weights, votes
 from stillroom.targets import SparseTarget
 from stillroom.tokens import same_tokenizer
@@ -212,6 +220,9 @@ class DistillTrainer(Trainer):
                              "or loss.kind must be 'emo'")
         self.emo_cost = None
         self._fusion_share: torch.Tensor | None = None
+        self._step_ce: torch.Tensor | None = None  # Σ CE of the last training micro-batch, when λ·CE is not all
+        self._parts: torch.Tensor | None = None  # [Σ ce, Σ loss] per step since the last log (logged as ce, kd)
+        self._parts_from: int | None = None
         if self.loss_cfg.kind == "emo" and self.loss_cfg.emo_cost == "fixed":
             head = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight
             self.emo_cost = head.detach().clone()
@@ -252,6 +263,14 @@ class DistillTrainer(Trainer):
         return fused.fill_onehot(next_labels(inputs["labels"]))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._parts is not None and "loss" in logs:  # the loss's parts, averaged like HF averages `loss`
+            parts = self._parts if self.args.world_size == 1 else self.accelerator.gather(self._parts[None]).mean(0)
+            ce, total = (parts / max(1, self.state.global_step - self._parts_from)).tolist()
+            logs["ce"] = ce
+            lam = self.loss_cfg.ce_weight
+            if self.teachers and self.loss_cfg.kind != "emo" and lam < 1:
+                logs["kd"] = (total - lam * ce) / (1 - lam)
+            self._parts = self._parts_from = None
         if self._fusion_share is not None and "loss" in logs:
             total = float(self._fusion_share.sum()) or 1.0
             for t, v in zip(self.teachers, self._fusion_share.tolist(), strict=True):
@@ -260,7 +279,9 @@ class DistillTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def loss_sum(self, model, inputs: dict[str, Any]) -> torch.Tensor:
-        """Σ over labelled positions of λ·CE + (1−λ)·D (not yet divided by N)."""
+        """Σ over labelled positions of λ·CE + (1−λ)·D (not yet divided by N). In training with λ < 1 or EMO,
+        Σ CE alone goes to ``_step_ce`` (one more chunked head pass, no gradient): logged as ``ce``, with ``kd``
+        = (loss − λ·ce) / (1 − λ)."""
         from stillroom import losses
 
         hidden = _last_hidden(model, inputs)[:, :-1]
@@ -272,6 +293,11 @@ class DistillTrainer(Trainer):
         if not model.training or (not self.teachers and c.kind != "emo"):  # evaluation always reports CE
             return losses.fused_linear_distill_loss(h, weight, labels=y, ce_weight=1.0, chunk_size=c.chunk_size,
                                                     reduction="sum")
+        self._step_ce = None
+        if c.kind == "emo" or c.ce_weight < 1:  # the CE part on its own, for the logs (no gradient)
+            with torch.no_grad():
+                self._step_ce = losses.fused_linear_distill_loss(h.detach(), weight.detach(), labels=y, ce_weight=1.0,
+                                                                 chunk_size=c.chunk_size, reduction="sum")
         if c.kind == "emo":  # EMO (Ren et al. 2023) vs the gold token, MLE mixed in per c.emo_mode
             cost = self.emo_cost if c.emo_cost == "fixed" else None
             return losses.fused_linear_emo_loss(h, weight, cost, labels=y, mode=c.emo_mode,
@@ -299,10 +325,18 @@ class DistillTrainer(Trainer):
         total = self.loss_sum(model, inputs)
         if num_items_in_batch is None:
             num_items_in_batch = inputs["labels"][:, 1:].ne(-100).sum()
-        loss = total / num_items_in_batch.clamp_min(1) if torch.is_tensor(num_items_in_batch) \
-            else total / max(int(num_items_in_batch), 1)
+        den = num_items_in_batch.clamp_min(1) if torch.is_tensor(num_items_in_batch) else max(int(num_items_in_batch), 1)
+        scale = 1
         if self.args.average_tokens_across_devices and self.args.world_size > 1 and model.training:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
+            scale = self.accelerator.num_processes  # DDP averages gradients over ranks
+        loss = total / den * scale
+        if model.training:
+            ce = total.detach() if self._step_ce is None else self._step_ce
+            part = torch.stack([ce.double() / den * scale, loss.detach().double()])
+            if self._parts is None:
+                self._parts, self._parts_from = part, self.state.global_step
+            else:
+                self._parts = self._parts + part
         return (loss, None) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -322,10 +356,13 @@ class DistillTrainer(Trainer):
         model.eval()
         rank, world = self.args.process_index, self.args.world_size
         mine = list(docs)[rank::world]
-        r = score(model, self.processing_class, mine, batch_size=self.args.per_device_eval_batch_size,
-                  device=self.args.device) if mine else None
-        sums = torch.tensor([r.nll_bits, r.tokens, r.bytes] if r else [0.0, 0.0, 0.0], dtype=torch.float64,
-                            device=self.args.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.args.device)
+        with runs.eval_phase(self, len(mine)) as advance:
+            for doc in mine:  # one document at a time: the same sums as one call, with progress
+                r = score(model, self.processing_class, [doc], batch_size=self.args.per_device_eval_batch_size,
+                          device=self.args.device)
+                sums += torch.tensor([r.nll_bits, r.tokens, r.bytes], dtype=torch.float64, device=self.args.device)
+                advance()
         if world > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
         model.train(was_training)
@@ -336,6 +373,11 @@ class DistillTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # A tied lm_head is not stored in a checkpoint: its "missing" key is no news (stillroom.runs).
+        missing = runs.untied_missing_keys(self.model, list(load_result.missing_keys))
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
 
 @dataclass
 class TrainResult:
@@ -345,87 +387,6 @@ class TrainResult:
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     model: Any = None
-
-
-# --- callbacks ----------------------------------------------------------------------------------------------
-
-from transformers import TrainerCallback  # noqa: E402
-
-
-class MetricsJsonlCallback(TrainerCallback):
-    """Appends every logged dict (with its step) to ``metrics.jsonl`` on the main process."""
-
-    def __init__(self, path):
-        from pathlib import Path
-
-        self.path = Path(path)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        import json
-
-        if state.is_world_process_zero and logs:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-
-class RichProgressCallback(TrainerCallback):
-    """A Rich progress bar over optimizer steps with the latest loss; replaces the tqdm bars."""
-
-    def __init__(self):
-        self.progress = None
-        self.task = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.progress is not None:
-            self.progress.update(self.task, completed=state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is None or not logs:
-            return
-        parts = [f"{k}={v:.4g}" for k, v in logs.items()
-                 if k in ("loss", "eval_loss", "eval_bpb", "learning_rate") and isinstance(v, (int, float))]
-        if parts:
-            self.progress.update(self.task, info=" ".join(parts))
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
-
-def plot_losses(history: list[dict], path) -> None:
-    """Training loss (and eval loss/bpb when present) against optimizer step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss (λ·CE + (1−λ)·D)")
-    if evals:
-        ax.plot(*zip(*evals, strict=True), marker="o", label="eval CE (nats/token)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    if train or evals:
-        ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # --- recipe -> run ------------------------------------------------------------------------------------------
@@ -533,31 +494,15 @@ def training_arguments(recipe, has_eval: bool):
     )
 
 
-def model_card(recipe, metrics: dict, n_blocks: int) -> str:
-    import yaml
-
-    teachers = "\n".join(f"- `{t.path}`" + (f" (offline cache `{t.cache}`)" if t.cache else "")
-                         for t in recipe.teachers) or "- none (plain CE / EMO)"
-    rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in metrics.items() if isinstance(v, (int, float)))
-    if recipe.student_config:
-        origin = f"built from scratch ({recipe.student_config}) with the tokenizer in `{recipe.student}`"
-    else:
-        origin = f"initialised from `{recipe.student}`" + (" (re-initialised)" if recipe.from_scratch else "")
-    return (f"---\nlibrary_name: transformers\ntags: [stillroom, distillation]\n---\n\n# {recipe.name}\n\n"
-            f"Student {origin}, trained by stillroom.\n\n"
-            f"## Teachers\n\n{teachers}\n\nFusion: {recipe.fusion.method} at {recipe.fusion.level} level, "
-            f"top-k {recipe.fusion.top_k}; loss: λ={recipe.loss.ce_weight} CE + (1−λ) {recipe.loss.kind}.\n\n"
-            f"## Data\n\n- train: `{recipe.data.train}` ({n_blocks} blocks of ≤ {recipe.data.seq_len} tokens)\n"
-            f"- eval: `{recipe.data.eval}`\n\n## Metrics\n\n| metric | value |\n|---|---|\n{rows}\n\n"
-            f"## Recipe\n\n```yaml\n{yaml.safe_dump(recipe.model_dump(), sort_keys=False)}```\n")
-
-
-def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list | None = None) -> TrainResult:
+def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list | None = None,
+          overwrite: bool = False) -> TrainResult:
     """Run a recipe (a :class:`~stillroom.recipe.Recipe`, a dict or a YAML path) end to end.
 
-    Validates (recipe, tokenizers, caches) before loading any model; then builds blocks, teachers and a
-    :class:`DistillTrainer`; trains (resuming when ``train.resume``); evaluates; saves the student, a model
-    card, ``metrics.jsonl`` and ``loss_curve.png`` in ``train.output_dir``.
+    Validates (recipe, tokenizers, caches, the output folder: see :func:`stillroom.runs.prepare_output_dir`)
+    before loading any model; then builds blocks, teachers and a :class:`DistillTrainer`; trains (resuming when
+    ``train.resume``; a finished run is returned as it is, with ``model=None``); evaluates once; saves the
+    student, a model card, ``metrics.jsonl`` and ``loss_curve.png`` in ``train.output_dir``. Ctrl-C raises
+    :class:`stillroom.runs.TrainInterrupted` (step reached, last checkpoint).
     """
     from pathlib import Path
 
@@ -571,53 +516,82 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
     elif overrides:
         recipe = load_recipe(recipe.model_dump(), overrides)
     toks = check_recipe(recipe)
+    out = Path(recipe.train.output_dir)
+    done = runs.prepare_output_dir(recipe, overwrite)
+    if done is not None:  # resuming a finished run: nothing to train, nothing to replace
+        return TrainResult(str(out), done.get("metrics", {}), runs.read_history(out / "metrics.jsonl"), None)
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
+    show = recipe.train.progress and runs.is_main_process()
     tok = toks["student"]
     seq = recipe.data.seq_len
     d = recipe.data
     blocks = training_blocks(recipe, tok)
-    eval_docs = [t for _, t in load_texts(d.eval, d.text_field, d.documents)] if d.eval else None
+    eval_docs = None
+    if d.eval:
+        eval_docs = [t for _, t in load_texts(d.eval, d.text_field, d.documents)]
+        if recipe.train.eval_max_blocks:
+            eval_docs = cap_documents(eval_docs, tok, recipe.train.eval_max_blocks * seq)
     args = training_arguments(recipe, eval_docs is not None)
     from transformers import set_seed
 
-    set_seed(recipe.train.seed)
-    student = load_student(recipe, tok)
-    teachers = build_teachers(recipe, toks)
-    if recipe.fusion.include_student:  # FuseLLM lets the target model's own distribution compete too
-        import copy
+    trainer = None
+    try:
+        with runs.quiet_transformers_bars():
+            set_seed(recipe.train.seed)
+            with runs.phase("loading the student and teachers", enabled=show):
+                student = load_student(recipe, tok)
+                teachers = build_teachers(recipe, toks)
+            if recipe.fusion.include_student:  # FuseLLM lets the target model's own distribution compete too
+                import copy
 
-        teachers.append(SameTokenizerTeacher(copy.deepcopy(student), recipe.fusion.top_k, recipe.loss.temperature,
-                                             "student@init"))
-    out = Path(recipe.train.output_dir)
-    cbs = [MetricsJsonlCallback(out / "metrics.jsonl")] + (callbacks or [])
-    if recipe.train.progress:
-        cbs.append(RichProgressCallback())
-    r = recipe.loss
-    loss = LossConfig(r.kind, r.ce_weight if teachers else 1.0, r.temperature, r.beta, r.alpha, r.chunk_size,
-                      r.emo_mode, r.emo_cost)
-    fusion = FusionConfig(recipe.fusion.method, recipe.fusion.level, recipe.fusion.weight_temperature, None)
-    trainer = DistillTrainer(model=student, args=args, train_dataset=BlockDataset(blocks), eval_dataset=eval_docs,
-                             data_collator=BlockCollator(tok, seq, d.isolate_documents), processing_class=tok, teachers=teachers,
-                             loss=loss, fusion=fusion, callbacks=cbs)
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    resume = recipe.train.resume
-    if resume is True and not any(out.glob("checkpoint-*")):
-        resume = False
-    if resume is False and trainer.is_world_process_zero() and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-    result = trainer.train(resume_from_checkpoint=resume or None)
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    if eval_docs:
-        metrics.update(trainer.evaluate())
-    trainer.save_model(str(out))
-    if trainer.is_world_process_zero():
-        tok.save_pretrained(out)
-        (out / "README.md").write_text(model_card(recipe, metrics, len(blocks)), encoding="utf-8")
-        history = [dict(h) for h in trainer.state.log_history]
-        if recipe.train.plot:
-            plot_losses(history, out / "loss_curve.png")
+                teachers.append(SameTokenizerTeacher(copy.deepcopy(student), recipe.fusion.top_k,
+                                                     recipe.loss.temperature, "student@init"))
+            cbs = [runs.MetricsJsonlCallback(out / "metrics.jsonl")] + (callbacks or [])
+            if recipe.train.progress:
+                cbs.append(runs.RichProgressCallback())
+            r = recipe.loss
+            loss = LossConfig(r.kind, r.ce_weight if teachers else 1.0, r.temperature, r.beta, r.alpha, r.chunk_size,
+                              r.emo_mode, r.emo_cost)
+            fusion = FusionConfig(recipe.fusion.method, recipe.fusion.level, recipe.fusion.weight_temperature, None)
+            trainer = DistillTrainer(model=student, args=args, train_dataset=BlockDataset(blocks),
+                                     eval_dataset=eval_docs,
+                                     data_collator=BlockCollator(tok, seq, d.isolate_documents), processing_class=tok,
+                                     teachers=teachers,
+                                     loss=loss, fusion=fusion, callbacks=cbs)
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
+            resume = recipe.train.resume
+            if resume is True and runs.last_checkpoint(out) is None:
+                resume = False
+            if resume is True:
+                resume = str(out / f"checkpoint-{runs.last_checkpoint(out)}")
+            if resume is False and trainer.is_world_process_zero() and (out / "metrics.jsonl").exists():
+                (out / "metrics.jsonl").unlink()
+            result = trainer.train(resume_from_checkpoint=resume or None)
+            metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+            if eval_docs:  # once: reuse the evaluation the last step already logged
+                last = [h for h in trainer.state.log_history
+                        if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+                metrics.update({k: v for k, v in last[-1].items() if k.startswith("eval_")} if last
+                               else trainer.evaluate())
+            with runs.phase("saving the student", enabled=show):
+                trainer.save_model(str(out))
+                if trainer.is_world_process_zero():
+                    tok.save_pretrained(out)
+                    runs.atomic_write_text(out / "README.md", runs.model_card(recipe, metrics, len(blocks)))
+                    history = [dict(h) for h in trainer.state.log_history]
+                    if recipe.train.plot:
+                        runs.plot_losses(history, out / "loss_curve.png")
+                    runs.write_marker(out, recipe, finished=True, step=trainer.state.global_step, metrics=metrics)
+    except KeyboardInterrupt:
+        cb = runs.progress_callback(trainer) if trainer is not None else None
+        if cb is not None:
+            cb.stop()
+        if runs.is_main_process():
+            runs.drop_incomplete_checkpoints(out)
+        raise runs.TrainInterrupted(trainer.state.global_step if trainer is not None else 0,
+                                    runs.last_checkpoint(out)) from None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # rank 0 has saved the student before any rank returns (and exits)
     return TrainResult(str(out), metrics, [dict(h) for h in trainer.state.log_history], trainer.model)
@@ -632,10 +606,18 @@ def training_blocks(recipe, tokenizer) -> list[Block]:
     return blocks[: d.max_blocks] if d.max_blocks else blocks
 
 
-def export_training_blocks(recipe, path) -> int:
+def export_training_blocks(recipe, path, overwrite: bool = False) -> int:
     """Write the recipe's training blocks as JSONL ``{"id", "text"}``: build a teacher cache on exactly these
     texts with ``stillroom cache --data PATH`` and point ``teachers.N.cache`` at it (evaluation needs no
-    teacher)."""
+    teacher). An existing file is kept (:class:`~stillroom.errors.OutputExistsError`) unless ``overwrite``."""
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
+    from stillroom.errors import OutputExistsError
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"--export-blocks: {path} already exists; choose another file or pass --overwrite "
+                                "to replace it")
     return export_blocks(training_blocks(recipe, AutoTokenizer.from_pretrained(recipe.student)), path)

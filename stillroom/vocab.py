@@ -366,8 +366,11 @@ class VocabMap:
         tensors = {"mapping": self.mapping.astype(np.int64), "distance": self.distance.astype(np.int32),
                    "exact": self.exact.astype(np.uint8), "valid": self.valid.astype(np.uint8)}
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)  # atomic: a reader never sees half a file
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed save leaves nothing behind
         return path
 
     @classmethod

@@ -33,6 +33,19 @@ def test_demo_pipeline_on_fixtures(tiny_models, tmp_path):
     for png in ("loss_curves.png", "bits_per_byte.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "fused" / "model.safetensors").exists() and (out / "ce-only" / "README.md").exists()
+    # the loss plot draws like with like: each student's CE (the fused one's CE part, not its total loss)
+    curves = data["curves"]
+    for name, folder in (("fused student", "fused"), ("CE-only student", "ce-only")):
+        logged = [json.loads(x) for x in (out / folder / "metrics.jsonl").read_text().splitlines()]
+        train = [x for x in logged if "loss" in x]
+        assert curves["training CE (nats/token)"][name] == {"step": [x["step"] for x in train],
+                                                            "value": [x["ce"] for x in train]}
+        evals = [x for x in logged if "eval_bpb" in x]
+        assert curves["held-out bits per byte"][name]["value"] == [x["eval_bpb"] for x in evals] and evals
+    fused_train = [json.loads(x) for x in (out / "fused" / "metrics.jsonl").read_text().splitlines()]
+    assert all(abs(x["loss"] - x["ce"]) > 1e-3 for x in fused_train if "loss" in x)  # λ < 1: total ≠ CE
+    baseline = [json.loads(x) for x in (out / "ce-only" / "metrics.jsonl").read_text().splitlines()]
+    assert all(abs(x["loss"] - x["ce"]) < 1e-5 * x["ce"] for x in baseline if "loss" in x)  # CE-only: loss is CE
 
 
 def test_demo_rejects_a_teacher_that_is_not_a_model_folder(tmp_path):

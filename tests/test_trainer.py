@@ -279,10 +279,13 @@ def test_resume_matches_uninterrupted_run(tiny_models, nodrop_student, data_dir,
     raw = _base(tiny_models, data_dir, tmp_path / "full")
     raw["student"] = str(nodrop_student)
     full = train(load_recipe(raw, ["train.max_steps=6", "train.save_steps=3", "train.lr_scheduler=cosine"]))
+    from stillroom.runs import write_marker
+
     shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "part" / "checkpoint-3")
     raw["train"]["output_dir"] = str(tmp_path / "part")
-    resumed = train(load_recipe(raw, ["train.max_steps=6", "train.save_steps=3", "train.lr_scheduler=cosine",
-                                      "train.resume=true"]))
+    r = load_recipe(raw, ["train.max_steps=6", "train.save_steps=3", "train.lr_scheduler=cosine", "train.resume=true"])
+    write_marker(tmp_path / "part", r)  # the folder of this recipe's run, stopped after checkpoint-3
+    resumed = train(r)
     lf, lr = _losses(full.history), _losses(resumed.history)
     assert sorted(lr) == list(range(1, 7))
     for step in (4, 5, 6):
