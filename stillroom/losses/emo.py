@@ -10,11 +10,21 @@ Transport cost between tokens i, j: ``c(i, j) = 1 − cos(e_i, e_j)`` over a fro
 Neither builds a V×V cost matrix or an N×V one-hot. Note the soft form is linear in q, so it is minimised by
 a one-hot q on the token whose embedding is closest to ``Σ p_j ê_j``, *not* by q = p: always keep a KD term
 beside it (``mode=1`` or ``2``). For a ``SparseTarget`` the soft form uses the support renormalised to sum to 1
-(the tail's spread over tokens is unknown); its KD term is the sparse soft CE of ``stillroom.losses.sparse``.
+(the tail's spread over tokens is unknown; a row without support mass gets EMO = 0); its KD term is the sparse
+soft CE of ``stillroom.losses.sparse``.
 
-Combination with MLE, per position, as in the reference code (``sg`` = stop-gradient):
-``mode=1``: ``0.5·(mle + min(sg(mle/emo), 3)·emo)`` (weight on MLE);  ``mode=2``: ``emo + sg(emo/mle)·mle``;
+Combination with MLE, per position, as in the reference code (``sg`` = stop-gradient, C = ``RATIO_CAP`` = 3):
+``mode=1``: ``0.5·(mle + min(sg(mle/emo), C)·emo)`` (weight on MLE);  ``mode=2``: ``emo + min(sg(emo/mle), C)·mle``;
 ``mode=None``: EMO alone. ``mle`` is the CE of the label (one-hot form) or the soft CE of the target (soft form).
+
+The ratio bound. The reference code caps mode 1's ratio at 3 (EMO → 0 while MLE does not). Mode 2's ratio is
+capped at the same C. For a label or a dense target it never binds: ``c ≤ 2`` and ``c(j, j) = 0`` give
+``emo ≤ 2·(1 − Σ_j q_j p_j)`` while ``mle ≥ −log Σ_j q_j p_j ≥ 1 − Σ_j q_j p_j`` (Jensen), so ``emo/mle ≤ 2``.
+For a sparse target EMO sees only the renormalised support while MLE also scores the tail bucket, so the ratio
+grows without bound as the tail takes the mass (tail 0.999 and the student matching the buckets: MLE ≈ 0.008,
+EMO ≈ 1, ratio ≈ 130; the uncapped ratio reached ~1e10 on a padding-only row). A row whose mass is all in the
+tail has no support to transport to: its EMO is 0 (the double sum over an empty p̃), and its MLE is 0.
+Both ratios are computed as ``x / (y + 1e-10)`` before the cap, so 0/0 gives 0.
 
 Cost embedding: ``"fixed"`` = a frozen copy of the initial head (``EMOLoss(head, cost="fixed")`` keeps one),
 ``"adaptive"`` = the current head, detached, each step. Either way no gradient flows into the cost.
@@ -31,6 +41,7 @@ from stillroom.losses.sparse import buckets, check_sparse, target_rows
 from stillroom.targets import SparseTarget
 
 MODES = (None, 1, 2)
+RATIO_CAP = 3.0  # bound on the stop-gradient ratios of modes 1 and 2 (see the module docstring)
 _EPS = 1e-10
 
 
@@ -40,10 +51,14 @@ def _inv_norms(cost: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(norms > 0, 1.0 / norms.clamp_min(1e-30), torch.zeros((), dtype=dtype, device=norms.device))
 
 
-def _target_embedding(cost: torch.Tensor, inv: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """``u = Σ_j p_j ê_{ids_j}`` with p renormalised over its support ``[n, d]``."""
-    w = probs / probs.sum(-1, keepdim=True).clamp_min(1e-30) * inv[ids]
-    return torch.einsum("nk,nkd->nd", w, cost[ids].to(w.dtype))
+def _target_embedding(cost: torch.Tensor, inv: torch.Tensor, ids: torch.Tensor,
+                      probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``u = Σ_j p̃_j ê_{ids_j}`` ``[n, d]`` with p̃ = p renormalised over its support, and ``Σ_j p̃_j`` ``[n]``:
+    1, or 0 for a row without support mass (then u = 0 and the row's EMO is 0: nothing is transported)."""
+    mass = probs.sum(-1, keepdim=True)
+    w = probs / mass.clamp_min(1e-30) * inv[ids]
+    u = torch.einsum("nk,nkd->nd", w, cost[ids].to(w.dtype))
+    return u, (mass.squeeze(-1) > 0).to(w.dtype)
 
 
 def _combine(mle: torch.Tensor, emo: torch.Tensor, mode: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,9 +66,9 @@ def _combine(mle: torch.Tensor, emo: torch.Tensor, mode: int | None) -> tuple[to
     if mode is None:
         a, b = torch.zeros_like(mle), torch.ones_like(emo)
     elif mode == 1:
-        a, b = torch.full_like(mle, 0.5), 0.5 * torch.clamp((mle / (emo + _EPS)).detach(), max=3.0)
+        a, b = torch.full_like(mle, 0.5), 0.5 * torch.clamp((mle / (emo + _EPS)).detach(), max=RATIO_CAP)
     else:
-        a, b = (emo / (mle + _EPS)).detach(), torch.ones_like(emo)
+        a, b = torch.clamp((emo / (mle + _EPS)).detach(), max=RATIO_CAP), torch.ones_like(emo)
     return a * mle + b * emo, a, b
 
 
@@ -93,6 +108,7 @@ def emo_loss(logits: torch.Tensor, cost_embedding: torch.Tensor, *, labels: torc
             raise ValueError(f"mask shape {tuple(mask.shape)} must equal the logits' leading shape {leading}")
         counted = counted & mask.reshape(-1).bool()
     logq = torch.log_softmax(z, -1)
+    mass = 1.0  # Σ_j p_j of the (renormalised) target: 0 only for a sparse row without support mass
     if labels is not None:
         if tuple(labels.shape) != leading:
             raise ValueError(f"labels {tuple(labels.shape)} must have the logits' leading shape {leading}")
@@ -107,7 +123,7 @@ def emo_loss(logits: torch.Tensor, cost_embedding: torch.Tensor, *, labels: torc
         check_sparse(target, z.shape[0], V, leading)
         ids, logprobs, tail, valid = target_rows(target)
         counted = counted & valid
-        u = _target_embedding(cost, inv, ids, logprobs.to(z.dtype).exp())
+        u, mass = _target_embedding(cost, inv, ids, logprobs.to(z.dtype).exp())
         lse = torch.logsumexp(z, -1, keepdim=True)
         bq, bp, live, _ = buckets(z, lse, ids, logprobs, tail, reverse=False)
         mle = torch.where(live, -bp.exp() * bq, torch.zeros((), dtype=z.dtype)).sum(-1)
@@ -120,7 +136,7 @@ def emo_loss(logits: torch.Tensor, cost_embedding: torch.Tensor, *, labels: torc
         p = torch.softmax(t, -1)
         u = (p * inv) @ cost
         mle = -(p * logq).sum(-1)
-    emo = 1.0 - ((logq.exp() * inv) @ cost * u).sum(-1)
+    emo = mass - ((logq.exp() * inv) @ cost * u).sum(-1)
     per_row, _, _ = _combine(mle, emo, mode)
     per_row = torch.where(counted, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device))
     return reduce_rows(per_row, counted, reduction, num_items)
@@ -179,7 +195,7 @@ class _FusedLinearEMO(torch.autograd.Function):
             z = (h @ W.T).to(acc)
             check_finite(z, f"student logits (rows {a}..{b - 1})")
             if soft:  # u = Σ p_j ê_j; mle = sparse soft CE, gradient from the bucket kernel
-                u = _target_embedding(cost, inv, ids[a:b], logprobs[a:b].to(acc).exp())
+                u, mass = _target_embedding(cost, inv, ids[a:b], logprobs[a:b].to(acc).exp())
                 mle, g_mle = _sparse_grad(z.clone(), ids[a:b], logprobs[a:b], tail[a:b], cfg)
                 lse = torch.logsumexp(z, -1, keepdim=True)
                 q = z.sub_(lse).exp_()
@@ -193,7 +209,7 @@ class _FusedLinearEMO(torch.autograd.Function):
             # EMO = 1 − Σ_i q_i c_i with c_i = ê_i · u;  ∂EMO/∂z = q ⊙ (Σ_j q_j c_j − c)
             c = (u @ cost.T.to(acc)).mul_(inv)
             qc = (q * c).sum(-1)
-            emo = 1.0 - qc
+            emo = qc.neg().add_(mass if soft else 1.0)
             loss, wa, wb = _combine(mle, emo, mode)
             total += loss[cm].sum().double() / den
             wa = torch.where(cm, wa, 0.0).unsqueeze(-1) / den

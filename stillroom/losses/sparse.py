@@ -46,18 +46,21 @@ def check_sparse(target: SparseTarget, n_rows: int, vocab: int, leading: tuple[i
 
 
 def outside_support(s: torch.Tensor, ids: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-    """A copy of ``s [n, V]`` with each row's live support ids set to −inf (padding entries keep their value).
+    """A copy of ``s [n, V]`` with each row's live support ids set to −inf; every other column keeps its value.
 
-    One scatter, deterministic even when a padding entry repeats a live id (id 0): padding entries of a row
-    with a live entry are redirected to that live id (written −inf like it); in a row without one they write
-    back their own value.
+    One scatter of the constant −inf: padding entries (not live) are pointed at a live id of their row, so
+    however often a padding id repeats, and whichever live id it repeats, every write is the same −inf and no
+    column is counted twice. Rows without a live entry are copied back from ``s`` whole. The gradient reaches
+    each kept column exactly once and no support column. (A scatter that wrote ``s``'s own values back for
+    padding routed a padding-only row's gradient at id 0 once per padding entry: −2·softmax(z)₀ too much for
+    k = 3.)
     """
-    has_live = live.any(-1, keepdim=True)
     first_live = ids.gather(-1, live.to(torch.uint8).argmax(-1, keepdim=True))
-    ids_eff = torch.where(live | ~has_live, ids, first_live)
-    neg_inf = torch.full((), float("-inf"), dtype=s.dtype, device=s.device)
-    src = torch.where(has_live, neg_inf, s.gather(-1, ids_eff))
-    return s.clone().scatter_(-1, ids_eff, src.expand_as(ids_eff).contiguous())
+    out = s.clone().scatter_(-1, torch.where(live, ids, first_live), float("-inf"))
+    none = ~live.any(-1)
+    if bool(none.any()):
+        out[none] = s[none]
+    return out
 
 
 def buckets(s: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,
