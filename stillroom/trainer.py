@@ -32,6 +32,8 @@ from transformers import Trainer
 
 from stillroom import modeling
 from stillroom.fusion import fuse, fusion_weights, votes
+from stillroom.models import load_causal_lm
+from stillroom.preflight import check_recipe  # noqa: F401  (re-exported: validation runs before any model loads)
 from stillroom.targets import SparseTarget
 from stillroom.tokens import same_tokenizer
 
@@ -527,50 +529,14 @@ def plot_losses(history: list[dict], path) -> None:
 # --- recipe -> run ------------------------------------------------------------------------------------------
 
 
-def check_recipe(recipe) -> dict:
-    """Checks that need tokenizers or cache metadata but no model: run before anything heavy loads.
-
-    Returns the loaded tokenizers (``student`` and one per teacher)."""
-    from transformers import AutoTokenizer
-
-    student_tok = AutoTokenizer.from_pretrained(recipe.student)
-    teacher_toks = []
-    for i, spec in enumerate(recipe.teachers):
-        tok = AutoTokenizer.from_pretrained(spec.path)
-        teacher_toks.append(tok)
-        if recipe.fusion.projection == "none" and not same_tokenizer(student_tok, tok):
-            raise ValueError(f"teachers.{i}.path: {spec.path} uses a different tokenizer from the student and "
-                             "fusion.projection is 'none'; set fusion.projection to 'onehot' or 'bytes' "
-                             "to project it onto the student vocabulary")
-        if recipe.fusion.top_k is None and (len(recipe.teachers) != 1 or spec.cache is not None
-                                            or recipe.fusion.include_student or not same_tokenizer(student_tok, tok)):
-            raise ValueError("fusion.top_k: null (the dense teacher distribution) needs exactly one online "
-                             "teacher with the student's tokenizer; set fusion.top_k to a number (e.g. 10)")
-        if spec.cache is not None:
-            _check_cache(spec.cache, spec.path, recipe.loss.temperature, f"teachers.{i}.cache")
-    return {"student": student_tok, "teachers": teacher_toks}
-
-
-def _check_cache(cache_dir: str, teacher_path: str, temperature: float, key: str) -> None:
-    """The cache must have been built for this teacher (weights and tokenizer hashes) and temperature."""
-    from stillroom.cache import CachedTeacher
-
-    try:
-        CachedTeacher(cache_dir, teacher=teacher_path, temperature=temperature)
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"{key}: {e}") from None
-
-
 def build_teachers(recipe, toks: dict, device=None) -> list:
     """One :class:`Teacher` per ``recipe.teachers`` entry: same-tokenizer fast path, online-aligned, or cached."""
-    from transformers import AutoModelForCausalLM
-
     teachers = []
     student_tok = toks["student"]
     for i, (spec, tok) in enumerate(zip(recipe.teachers, toks["teachers"], strict=True)):
         name = spec.name or f"teacher{i}"
         if spec.cache is None and same_tokenizer(student_tok, tok):
-            model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32)
+            model = load_causal_lm(spec.path, f"teachers.{i}.path", tokenizer=tok)
             teachers.append(SameTokenizerTeacher(model, recipe.fusion.top_k, recipe.loss.temperature, name))
             continue
         from stillroom.tokens import TokenTable
@@ -606,7 +572,7 @@ def load_student(recipe, tokenizer):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if recipe.from_scratch:
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(recipe.student), dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(recipe.student, dtype=torch.float32)
+    return load_causal_lm(recipe.student, "student", tokenizer=tokenizer)
 
 
 def training_arguments(recipe, has_eval: bool):
@@ -732,18 +698,14 @@ def export_training_blocks(recipe, path) -> int:
     import json
     from pathlib import Path
 
-    from transformers import AutoTokenizer
-
     from stillroom.data_io import load_texts
+    from stillroom.models import load_tokenizer
+    from stillroom.outputs import atomic_write
 
-    tok = AutoTokenizer.from_pretrained(recipe.student)
+    tok = load_tokenizer(recipe.student, "student", model=recipe.student_config is None)
     blocks = make_blocks(load_texts(recipe.data.train, recipe.data.text_field), tok, recipe.data.seq_len,
                          recipe.data.add_bos)
     if recipe.data.max_blocks:
         blocks = blocks[: recipe.data.max_blocks]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for b in blocks:
-            f.write(json.dumps({"id": b.example_id, "text": b.text}) + "\n")
+    atomic_write(Path(path), "".join(json.dumps({"id": b.example_id, "text": b.text}) + "\n" for b in blocks))
     return len(blocks)
