@@ -353,7 +353,7 @@ def _blocks_file(path: Path) -> bool:
     try:
         with path.open(encoding="utf-8") as f:
             first = f.readline()
-        return first == "" or sorted(json.loads(first)) == ["id", "text"]
+        return sorted(json.loads(first)) == ["id", "text"]
     except (OSError, ValueError, TypeError):
         return False
 
