@@ -7,13 +7,15 @@ tokenizer tables (``tokens``) -> alignment (``align``, ``vocab``) -> teacher sig
 
 __version__ = "0.1.0"
 
-from stillroom.targets import SparseTarget  # noqa: E402
-
 __all__ = ["SparseTarget", "__version__", "generate"]
 
 
 def __getattr__(name: str):
-    # Heavier entry points load on first use, so ``import stillroom`` stays cheap.
+    # Heavier entry points load on first use, so ``import stillroom`` (and ``stillroom --version``) stays cheap.
+    if name == "SparseTarget":
+        from stillroom.targets import SparseTarget
+
+        return SparseTarget
     if name == "generate":
         from stillroom.healing import generate
 

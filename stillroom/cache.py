@@ -66,7 +66,10 @@ import numpy as np
 import torch
 
 from stillroom.data_io import data_fingerprint, load_texts, text_sha
+from stillroom.errors import ConfigError, DataError, MissingPathError
 from stillroom.modeling import freeze_teacher
+from stillroom.models import check_device, load_causal_lm, load_tokenizer
+from stillroom.outputs import check_output_dir
 from stillroom.targets import SparseTarget
 
 FORMAT = "stillroom-cache/1"
@@ -74,7 +77,7 @@ TAIL_LOGIT_RANGE = 20.0
 _TAIL_LEVELS = 65535
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(ConfigError):
     """The cache on disk was built with another teacher, tokenizer, k, temperature or data."""
 
 
@@ -305,18 +308,13 @@ class OnlineTeacher:
     def __init__(self, model, tokenizer=None, top_k: int = 16, temperature: float = 1.0,
                  max_length: int | None = None, overlap: int | None = None, batch_tokens: int | None = None,
                  device: str | torch.device | None = None, dtype: str = "auto"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if isinstance(model, (str, os.PathLike)):
+        if isinstance(model, (str, os.PathLike)):  # checked folder: weights, tokenizer, vocabulary that fits
             self.source = str(model)
-            if not Path(model).is_dir():
-                raise FileNotFoundError(f"teacher {model} is not a model folder")
-            device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            torch_dtype = _pick_dtype(dtype, device)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model)
+            device = check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            tokenizer = tokenizer or load_tokenizer(model, "teacher")
             self.teacher_hash = _dir_hash(Path(model))
-            model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, use_safetensors=True,
-                                                         trust_remote_code=False).to(device)
+            model = load_causal_lm(model, "teacher", dtype=_pick_dtype(dtype, device), device=device,
+                                   tokenizer=tokenizer)
         else:
             self.source = getattr(model, "name_or_path", "") or type(model).__name__
             if tokenizer is None:
@@ -330,19 +328,19 @@ class OnlineTeacher:
         self.tokenizer_hash = tokenizer_hash(tokenizer)
         self.vocab_size = int(model.config.vocab_size)
         if len(tokenizer) > self.vocab_size:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the teacher's vocab_size is "
+            raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the teacher's vocab_size is "
                              f"{self.vocab_size}; they do not belong together")
         if not isinstance(top_k, int) or not 1 <= top_k <= self.vocab_size:
-            raise ValueError(f"top_k must be in [1, {self.vocab_size}], got {top_k}")
+            raise ConfigError(f"top_k (--top-k) must be in [1, {self.vocab_size}], got {top_k}")
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise ConfigError(f"temperature (--temperature) must be > 0, got {temperature}")
         ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         self.max_length = int(max_length or ctx or 2048)
         if ctx and self.max_length > ctx:
-            raise ValueError(f"max_length {self.max_length} exceeds the teacher's context {ctx}")
+            raise ConfigError(f"max_length (--max-length) {self.max_length} exceeds the teacher's context {ctx}")
         self.overlap = int(self.max_length // 8 if overlap is None else overlap)
         if not 0 <= self.overlap < self.max_length:
-            raise ValueError(f"overlap must be in [0, max_length), got {self.overlap}")
+            raise ConfigError(f"overlap (--overlap) must be in [0, max_length={self.max_length}), got {self.overlap}")
         self.top_k, self.temperature = int(top_k), float(temperature)
         # padded tokens per forward: the [tokens, V] fp32 logits dominate memory (1024 x 128k = 0.5 GB)
         self.batch_tokens = int(batch_tokens or (4096 if self.device.type == "cuda" else 1024))
@@ -351,8 +349,11 @@ class OnlineTeacher:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
-                raise ValueError(f"text {i} is empty; drop it before asking the teacher")
-        return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+                raise DataError(f"text {i} is empty; drop it before asking the teacher")
+        ids = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        if any(len(x) < 2 for x in ids):  # zero tokens cached is an error, never a result
+            raise DataError(f"{self.source}: its tokenizer gives < 2 tokens for text {[len(x) < 2 for x in ids].index(True)}")
+        return ids
 
     def signal(self, texts: Sequence[str], example_ids: Sequence[str] | None = None) -> list[TeacherOutput]:
         """Run the teacher on ``texts``; one :class:`TeacherOutput` per text, in order."""
@@ -446,9 +447,9 @@ def topk_logsumexp(z: torch.Tensor, k: int, tau: float = 1.0, *, rows: int = 32,
 
 def _pick_dtype(dtype: str, device: torch.device):
     """``auto``: measured by :func:`stillroom.precision.auto_dtype` (bf16 only where this machine runs it faster)."""
-    from stillroom.precision import auto_dtype
+    from stillroom.precision import auto_dtype, parse_dtype
 
-    return auto_dtype(device, dtype)
+    return auto_dtype(device, parse_dtype(dtype, "--dtype"))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -521,11 +522,11 @@ def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_s
 
     rows = load_texts(data, text_field) if isinstance(data, (str, os.PathLike)) else list(data)
     if not rows:
-        raise ValueError("no examples to cache")
+        raise DataError("no examples to cache")
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise ConfigError(f"shard_size (--shard-size) must be >= 1, got {shard_size}")
     enc = Encoding.for_vocab(teacher.vocab_size, teacher.top_k, logprob_bits)
     n_shards = math.ceil(len(rows) / shard_size)
     plan = {"format": FORMAT, "teacher": teacher.source, "teacher_hash": teacher.teacher_hash,
@@ -534,8 +535,7 @@ def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_s
             "id_bits": enc.id_bits, "logprob_bits": enc.logprob_bits, "logprob_step": logprob_step(enc.logprob_bits),
             "data_fingerprint": data_fingerprint(rows), "n_examples": len(rows), "shard_size": shard_size,
             "n_shards": n_shards}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out, "cache folder", marker="plan.json")  # resumable: ours, or new, or empty
     plan_path = out / "plan.json"
     if not plan_path.exists():
         _atomic_write(plan_path, json.dumps(plan, indent=1).encode())
@@ -658,7 +658,8 @@ def verify_cache(cache_dir: str | os.PathLike) -> VerifyReport:
             side = d / (_shard_name(i, n) + ".json")
             shards.append(json.loads(side.read_text()) if side.exists() else {"name": _shard_name(i, n)})
     else:
-        raise FileNotFoundError(f"{d} is not a stillroom cache (no manifest.json or plan.json)")
+        raise (DataError if d.exists() else MissingPathError)(f"{d} is not a stillroom cache (no manifest.json or "
+                                                              "plan.json); pass the --out folder of `stillroom cache`")
     missing, corrupt = [], []
     for s in shards:
         p = d / s["name"]
@@ -697,7 +698,7 @@ class CachedTeacher:
         if not mpath.exists():
             hint = "it is unfinished: rerun the same cache command" if (self.dir / "plan.json").exists() \
                 else "no cache there"
-            raise FileNotFoundError(f"{mpath} not found ({hint})")
+            raise MissingPathError(f"{mpath} not found ({hint})")
         self.manifest = m = json.loads(mpath.read_text())
         if m.get("format") != FORMAT:
             raise CacheMismatchError(f"{self.dir}: format {m.get('format')!r}, this stillroom reads {FORMAT!r}")
@@ -709,10 +710,8 @@ class CachedTeacher:
             if isinstance(teacher, OnlineTeacher):
                 want.update(teacher_hash=teacher.teacher_hash, tokenizer_hash=teacher.tokenizer_hash)
             else:
-                from transformers import AutoTokenizer
-
                 want.update(teacher_hash=_dir_hash(Path(teacher)),
-                            tokenizer_hash=tokenizer_hash(AutoTokenizer.from_pretrained(teacher)))
+                            tokenizer_hash=tokenizer_hash(load_tokenizer(teacher, "teacher")))
         if top_k is not None:
             want["top_k"] = int(top_k)
         if temperature is not None:
@@ -726,11 +725,11 @@ class CachedTeacher:
         for si, s in enumerate(m["shards"]):
             p = self.dir / s["name"]
             if not p.exists():
-                raise FileNotFoundError(f"cache shard {p} is missing; run `stillroom cache --verify {self.dir}`")
+                raise MissingPathError(f"cache shard {p} is missing; run `stillroom cache --verify {self.dir}`")
             try:
                 t = pq.read_table(p, columns=["id", "text_sha"])
             except Exception as e:
-                raise ValueError(f"cache shard {p} is unreadable ({e}); run `stillroom cache --verify "
+                raise DataError(f"cache shard {p} is unreadable ({e}); run `stillroom cache --verify "
                                  f"{self.dir}` and rerun the cache command to rebuild it") from None
             for r, (eid, sha) in enumerate(zip(t.column("id").to_pylist(), t.column("text_sha").to_pylist(), strict=True)):
                 self._index[eid] = (si, r, sha)
@@ -768,7 +767,7 @@ class CachedTeacher:
         for j, eid in enumerate(example_ids):
             eid = str(eid)
             if eid not in self._index:
-                raise KeyError(f"example id {eid!r} is not in cache {self.dir}")
+                raise CacheMismatchError(f"example id {eid!r} is not in cache {self.dir}; rebuild the cache over these texts")
             si, r, sha = self._index[eid]
             if texts is not None and text_sha(texts[j]) != sha:
                 raise CacheMismatchError(f"example {eid!r}: its text differs from the text cached in {self.dir}")

@@ -1,19 +1,70 @@
 """The ``stillroom`` command line. Each verb is a thin wrapper over a library function.
 
 Only verbs that work exist. Verbs are grouped by the module they front; keep each one short.
+
+One error path for every verb: library code raises the :class:`~stillroom.errors.StillroomError` family (and
+typer its usage errors); the command group catches them once, prints ``error: <one line>`` on stderr — nothing on
+stdout, no traceback — and exits with status 2 (the group class ``_Verbs`` does it, so ``python -m stillroom``,
+the ``stillroom`` script and typer's ``CliRunner`` all take the same path). Verbs check cheap things (options, paths, data) before
+loading any model, and nothing heavy (torch, transformers) is imported at import time, so ``--help`` and
+``--version`` answer at once.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 import stillroom
+from stillroom.errors import ConfigError, DataError, MissingPathError, StillroomError
+
+
+class _Verbs(TyperGroup):
+    """The command group, with the one error path of every verb (see the module docstring)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        code = _run(lambda: super(_Verbs, self).main(args, prog_name, complete_var, standalone_mode=False, **extra))
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _fail(message: str, code: int = 2) -> int:
+    # plain print: one unwrapped line on stderr (Rich would wrap it at 80 columns)
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return code
+
+
+def _run(invoke) -> int:
+    try:  # typer >= 0.22 vendors click as typer._click; older typer uses click itself
+        from typer._click import exceptions as cx
+    except ImportError:  # pragma: no cover
+        from click import exceptions as cx
+
+    try:
+        rv = invoke()
+    except StillroomError as e:
+        return _fail(str(e), e.exit_code)
+    except cx.NoArgsIsHelpError as e:  # bare `stillroom`: the help, as usual
+        print(e.ctx.get_help())
+        return 0
+    except cx.UsageError as e:
+        verb = e.ctx.command_path if e.ctx is not None else "stillroom"
+        return _fail(f"{e.format_message()} (see `{verb} --help`)", 2)
+    except cx.ClickException as e:
+        return _fail(e.format_message(), e.exit_code)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    return rv if isinstance(rv, int) else 0
+
 
 app = typer.Typer(
+    cls=_Verbs,
     name="stillroom",
     help="Distil and fuse teacher language models into a student, whatever tokenizers they use.",
     no_args_is_help=True,
@@ -25,8 +76,23 @@ console = Console()
 
 def _version(value: bool) -> None:
     if value:
-        console.print(f"stillroom {stillroom.__version__}")
+        print(f"stillroom {stillroom.__version__}")
         raise typer.Exit()
+
+
+def _choice(option: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{option} {value!r} is not one of {', '.join(allowed)}; pick one of those")
+    return value
+
+
+def _positive(option: str, value, *, strict: bool = True, minimum=None):
+    """``value`` when it is > 0 (``strict``) or >= 0, or >= ``minimum``; None passes (= the default)."""
+    low = minimum if minimum is not None else 0
+    if value is not None and (value < low or (strict and minimum is None and value == 0)):
+        need = f">= {minimum}" if minimum is not None else ("> 0" if strict else ">= 0")
+        raise ConfigError(f"{option} must be {need}, got {value}")
+    return value
 
 
 @app.callback()
@@ -73,11 +139,10 @@ def demo(
                         ("test", test)):
         if value is not None:
             setattr(opts, name, str(value))
-    try:
-        run_demo(opts, console)
-    except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    _choice("--fusion-method", fusion_method, ("min_ce", "avg_ce", "mean"))
+    _choice("--fusion-level", fusion_level, ("sequence", "token"))
+    _choice("--projection", projection, ("prefix", "onehot", "bytes"))
+    run_demo(opts, console)
 
 
 # --- cache ------------------------------------------------------------------------------------------------
@@ -88,14 +153,14 @@ def cache(
                                                    "datasets folder."),
     documents: str = typer.Option("file", help="What one example of a plain .txt is: file, paragraph or line."),
     out: Optional[Path] = typer.Option(None, help="Cache folder to write (rerun the same command to resume)."),
-    top_k: int = typer.Option(16, "--top-k", help="Teacher entries kept per position."),
+    top_k: int = typer.Option(16, "--top-k", min=1, help="Teacher entries kept per position."),
     temperature: float = typer.Option(1.0, help="Teacher softmax temperature for the stored log-probs."),
     max_length: Optional[int] = typer.Option(None, help="Window length in tokens (default: the teacher's "
                                                         "context); longer texts are cut into overlapping windows."),
     overlap: Optional[int] = typer.Option(None, help="Context tokens re-read by each later window "
                                                      "(default max-length/8)."),
     text_field: str = typer.Option("text", help="JSONL / datasets field holding the text."),
-    shard_size: int = typer.Option(1000, help="Examples per shard (the unit of resumption)."),
+    shard_size: int = typer.Option(1000, min=1, help="Examples per shard (the unit of resumption)."),
     batch_tokens: Optional[int] = typer.Option(None, help="Padded tokens per teacher forward "
                                                           "(default 4096 on GPU, 1024 on CPU)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if present)."),
@@ -109,20 +174,35 @@ def cache(
     import os
 
     from stillroom.cache import OnlineTeacher, verify_cache, write_cache
+    from stillroom.data_io import load_texts
+    from stillroom.models import check_device, check_model_dir
+    from stillroom.outputs import check_output_dir
 
     if verify is not None:
+        if any(v is not None for v in (teacher, data, out)):
+            raise ConfigError("--verify CACHE_DIR checks a finished cache; give it alone, without --teacher, "
+                              "--data or --out")
         report = verify_cache(verify)
         for p in report.problems:
-            console.print(f"[red]{p}[/red]")
+            print(f"{verify}: {p}")
         if not report.ok:
-            console.print(f"[red]cache {verify}: {len(report.missing)} missing, {len(report.corrupt)} corrupt "
-                          f"of {report.checked} shards[/red]")
-            raise typer.Exit(1)
+            raise DataError(f"cache {verify}: {len(report.missing)} missing, {len(report.corrupt)} corrupt of "
+                            f"{report.checked} shards; rerun the cache command that built it to rebuild them")
         console.print(f"cache {verify}: all {report.checked} shards present and intact")
         return
     missing = [n for n, v in (("--teacher", teacher), ("--data", data), ("--out", out)) if v is None]
     if missing:
-        raise typer.BadParameter(f"{', '.join(missing)} required (or use --verify CACHE_DIR)")
+        raise ConfigError(f"{', '.join(missing)} required (or use --verify CACHE_DIR)")
+    # cheap checks first: options, output folder, data, teacher folder; only then load the teacher
+    _positive("--temperature", temperature)
+    _positive("--max-length", max_length, minimum=2)
+    _positive("--overlap", overlap, strict=False)
+    _positive("--batch-tokens", batch_tokens)
+    _choice("--dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
+    check_device(device)
+    check_output_dir(out, "--out", marker="plan.json", create=False)
+    rows = load_texts(data, text_field, documents)
+    check_model_dir(teacher, "--teacher")
     if threads is not None:
         import torch
 
@@ -138,9 +218,7 @@ def cache(
             device = f"cuda:{os.environ['LOCAL_RANK']}"
     t = OnlineTeacher(teacher, top_k=top_k, temperature=temperature, max_length=max_length, overlap=overlap,
                       batch_tokens=batch_tokens, device=device, dtype=dtype)
-    from stillroom.data_io import load_texts
-
-    s = write_cache(t, load_texts(data, text_field, documents), out, shard_size=shard_size, text_field=text_field, progress=progress,
+    s = write_cache(t, rows, out, shard_size=shard_size, text_field=text_field, progress=progress,
                     console=console)
     console.print(f"rank {os.environ.get('RANK', 0)}: {s.shards_written} shards written, {s.shards_skipped} "
                   f"already done; {s.rows} rows, {s.tokens:,} tokens in {s.seconds:.1f} s")
@@ -170,30 +248,31 @@ def train(
     import os
     import sys
 
-    from stillroom.errors import StillroomError
-    from stillroom.recipe import RecipeError, load_recipe
-    from stillroom.runs import TrainInterrupted
-    from stillroom.trainer import check_recipe, export_training_blocks
-    from stillroom.trainer import train as run_train
+    from stillroom.data_io import is_blocks_file
+    from stillroom.outputs import check_output_file
+    from stillroom.recipe import load_recipe
 
-    try:
-        r = load_recipe(recipe, list(overrides or []))
-        check_recipe(r)
-    except (RecipeError, ValueError, FileNotFoundError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    if check and export_blocks is not None:
+        raise ConfigError("--check and --export-blocks do different things; give one of them")
+    r = load_recipe(recipe, list(overrides or []))  # the recipe first: pydantic only, no model, no torch
+    if export_blocks is not None:  # a file written by a previous export is ours to replace
+        check_output_file(export_blocks, "--export-blocks", overwrite=overwrite, ours=is_blocks_file)
+    from stillroom.preflight import check_recipe
+
+    check_recipe(r)  # tokenizers, configs, data, caches: everything knowable before training
     if check:
         console.print(f"recipe {recipe} is valid")
         return
+    from stillroom.runs import TrainInterrupted
+    from stillroom.trainer import export_training_blocks
+    from stillroom.trainer import train as run_train
+
+    if export_blocks is not None:
+        n = export_training_blocks(r, export_blocks, overwrite=overwrite)
+        console.print(f"wrote {n} blocks to {export_blocks}")
+        return
     try:
-        if export_blocks is not None:
-            n = export_training_blocks(r, export_blocks, overwrite=overwrite)
-            console.print(f"wrote {n} blocks to {export_blocks}")
-            return
         result = run_train(r, overwrite=overwrite)
-    except StillroomError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt as e:  # TrainInterrupted says where it stopped; anything earlier trained nothing
         msg = str(e) if isinstance(e, TrainInterrupted) else "interrupted before training started; nothing written"
         print(msg, file=sys.stderr)
@@ -222,18 +301,19 @@ def generate(
     sample: bool = typer.Option(False, "--sample/--greedy", help="Sample instead of greedy decoding."),
 ) -> None:
     """Continue a prompt with a local model, with token healing on by default; prints prompt + continuation."""
-    if not (model / "config.json").is_file():
-        console.print(f"[red]--model {model}: no config.json there; pass a folder written by save_pretrained[/red]")
-        raise typer.Exit(2)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from stillroom.models import check_model_dir, load_causal_lm, load_tokenizer
+
+    check_model_dir(model, "--model")
+    if not prompt:
+        raise ConfigError("--prompt is empty; give some text to continue")
     from transformers.utils import logging as hf_logging
 
     from stillroom.healing import generate as heal_generate
 
     hf_logging.disable_progress_bar()
 
-    tok = AutoTokenizer.from_pretrained(model)
-    lm = AutoModelForCausalLM.from_pretrained(model).eval()
+    tok = load_tokenizer(model, "--model")
+    lm = load_causal_lm(model, "--model", tokenizer=tok).eval()
     text = heal_generate(lm, tok, [prompt], heal=heal, max_new_tokens=max_new_tokens, do_sample=sample)[0]
     print(text)
 
@@ -248,8 +328,9 @@ def eval_(
                                                "(as the recipe's data.documents)."),
     teacher: Optional[list[Path]] = typer.Option(None, "--teacher", help="Teacher folder(s): also report top-1 "
                                                  "agreement and KL(teacher||student) on 1-to-1 aligned positions."),
-    context: Optional[int] = typer.Option(None, help="Window length in tokens (default: the model's maximum, at most 2048)."),
-    stride: Optional[int] = typer.Option(None, help="Tokens between window starts (default: context/2)."),
+    context: Optional[int] = typer.Option(None, min=2, help="Window length in tokens (default: the model's maximum, "
+                                          "at most 2048)."),
+    stride: Optional[int] = typer.Option(None, min=1, help="Tokens between window starts (default: context/2)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of reports instead of a table."),
@@ -258,17 +339,17 @@ def eval_(
     import json
 
     from stillroom.evaluate import evaluate_paths, report_table
+    from stillroom.models import check_device, check_model_dir
 
-    for p in [*model, *(teacher or [])]:
-        if not (p / "config.json").is_file():
-            console.print(f"[red]{p}: no config.json there; pass a folder written by save_pretrained[/red]")
-            raise typer.Exit(2)
-    try:
-        reports = evaluate_paths(model, data, teachers=teacher or [], context=context, stride=stride,
-                                 batch_size=batch_size, device=device, progress=not as_json, documents=documents)
-    except (FileNotFoundError, ValueError) as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+    for option, paths in (("--model", model), ("--teacher", teacher or [])):
+        for p in paths:
+            check_model_dir(p, option)
+    if context is not None and stride is not None and stride >= context:
+        raise ConfigError(f"--stride {stride} must be below --context {context}")
+    check_device(device)
+    reports = evaluate_paths(model, data, teachers=teacher or [], context=context, stride=stride,
+                             batch_size=batch_size, device=device, progress=not as_json,
+                             documents=documents)
     if as_json:
         print(json.dumps([r.to_dict() for r in reports], indent=2))
     else:
@@ -276,12 +357,11 @@ def eval_(
 
 
 # --- vocab-map --------------------------------------------------------------------------------------------
-def _vocab_tokenizer(name: str):
-    """A tokenizer folder, or a name under ../shared/tokenizers, loaded offline as a fast tokenizer."""
+def _vocab_tokenizer(name: str, option: str):
+    """A tokenizer folder, or a name under ../shared/tokenizers, loaded offline (checked: not empty)."""
     import os
 
-    from transformers import AutoTokenizer
-
+    from stillroom.models import load_tokenizer
     from stillroom.testing import shared_dir
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -291,8 +371,24 @@ def _vocab_tokenizer(name: str):
         if shared is not None and (shared / "tokenizers" / name).is_dir():
             path = shared / "tokenizers" / name
         else:
-            raise typer.BadParameter(f"{name!r} is neither a tokenizer folder nor a name in ../shared/tokenizers")
-    return AutoTokenizer.from_pretrained(path)
+            raise MissingPathError(f"{option} {name!r} is neither a tokenizer folder nor a name in "
+                                   "../shared/tokenizers; pass a folder holding tokenizer.json")
+    return load_tokenizer(path, option, model=False)
+
+
+def _same_pair_map(src_table, tgt_table):
+    """``ours`` test for vocab-map --out: a stillroom vocabulary map for this very pair of tokenizers."""
+    def ours(path: Path) -> bool:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+        except Exception:  # not a safetensors file at all
+            return False
+        return meta.get("format") == "stillroom.vocab_map" and meta.get("src_hash") == src_table.hash and \
+            meta.get("tgt_hash") == tgt_table.hash
+    return ours
 
 
 @app.command("vocab-map")
@@ -301,6 +397,7 @@ def vocab_map(
     target: str = typer.Option(..., help="Target tokenizer (same forms)."),
     out: Path = typer.Option(..., help="Output file (.safetensors), keyed by both tokenizers' hashes."),
     json_out: bool = typer.Option(False, "--json", help="Print the coverage summary as JSON instead of a table."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even if it is not a map for this pair."),
 ) -> None:
     """Map every source token to the target token with the same bytes, else the minimum byte edit distance."""
     import json
@@ -308,11 +405,13 @@ def vocab_map(
 
     from rich.table import Table
 
+    from stillroom.outputs import check_output_file
     from stillroom.tokens import TokenTable
     from stillroom.vocab import VocabMap
 
-    src_table = TokenTable.from_tokenizer(_vocab_tokenizer(source))
-    tgt_table = TokenTable.from_tokenizer(_vocab_tokenizer(target))
+    src_table = TokenTable.from_tokenizer(_vocab_tokenizer(source, "--source"))
+    tgt_table = TokenTable.from_tokenizer(_vocab_tokenizer(target, "--target"))
+    check_output_file(out, "--out", overwrite=overwrite, ours=_same_pair_map(src_table, tgt_table))
     start = time.perf_counter()
     vmap = VocabMap.build(src_table, tgt_table, progress=not json_out)
     seconds = time.perf_counter() - start
@@ -358,14 +457,20 @@ def align_cmd(
     from stillroom.tokens import TokenTable
 
     if (text is None) == (file is None):
-        raise typer.BadParameter("give exactly one of --text or --file")
+        raise ConfigError("give exactly one of --text or --file")
+    _choice("--mode", mode, ("exact", "dtw"))
     if file is not None:
         if not file.is_file():
-            raise typer.BadParameter(f"--file {file} does not exist")
-        text = file.read_text(encoding="utf-8")
-    if mode not in ("exact", "dtw"):
-        raise typer.BadParameter(f"--mode must be 'exact' or 'dtw', got {mode!r}")
-    src_tok, tgt_tok = _vocab_tokenizer(source), _vocab_tokenizer(target)
+            raise MissingPathError(f"--file {file} does not exist (or is not a file); pass a UTF-8 text file")
+        try:
+            text = file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"--file {file}: byte {e.start} is not UTF-8; --file must be UTF-8 text") from None
+        if "\x00" in text:
+            raise DataError(f"--file {file} holds NUL bytes, so it is binary; --file must be UTF-8 text")
+    if not text:
+        raise DataError("the text to align is empty; give some text with --text or --file")
+    src_tok, tgt_tok = _vocab_tokenizer(source, "--source"), _vocab_tokenizer(target, "--target")
     src_table, tgt_table = TokenTable.from_tokenizer(src_tok), TokenTable.from_tokenizer(tgt_tok)
     src_ids = src_tok(text, add_special_tokens=special).input_ids
     tgt_ids = tgt_tok(text, add_special_tokens=special).input_ids
@@ -394,7 +499,3 @@ def align_cmd(
 
 def main() -> None:
     app()
-
-
-if __name__ == "__main__":
-    main()

@@ -2,11 +2,12 @@
 
 Accepted DATA, detected from the path:
 
-- a ``.jsonl`` / ``.json`` file: one JSON object per line with a ``text`` field (``text_field`` overrides);
+- a ``.jsonl`` / ``.json`` file: one JSON object per line (or, in a ``.json`` file, one JSON array of objects)
+  with a ``text`` field (``text_field`` overrides);
   an ``id`` field, when present, is the example id, otherwise ``"<file stem>:<line number>"``;
 - any other file: plain text, split into documents by ``documents`` (below);
 - a folder holding ``dataset_info.json`` / ``state.json``: a Hugging Face ``datasets`` dataset saved with
-  ``save_to_disk`` (a ``DatasetDict`` must have a ``train`` split or exactly one split); ids come from an
+  ``save_to_disk`` (a ``DatasetDict`` must have exactly one split: no split is picked silently); ids come from an
   ``id`` column when present, else the row number;
 - any other folder: every ``*.txt`` below it (sorted), id = path relative to the folder, split by ``documents``.
 
@@ -20,7 +21,7 @@ Accepted DATA, detected from the path:
 Ids of a paragraph or line are ``"<stem>:<first line number>"`` (1-based, counted in the original file, so they
 do not shift when blank lines are added or removed); a folder's are ``"<relative path>:<line>"``.
 
-Ids must be unique; texts must be non-empty. Both are checked here so later stages never see bad rows.
+Ids must be unique; texts must be non-empty UTF-8 (no NUL bytes). Both are checked here so later stages never see bad rows.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import json
 import os
 from pathlib import Path
 
-from stillroom.errors import ConfigError
+from stillroom.errors import ConfigError, DataError, MissingPathError
 
 PACKAGE_DATA = Path(__file__).parent / "data"  # the shipped corpus and default models (``pkg:`` paths)
 
@@ -45,7 +46,7 @@ def load_texts(path: str | os.PathLike, text_field: str = "text", documents: str
                          "(what one document of a plain .txt file is)")
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"DATA {path} does not exist (expected a text file, a folder of .txt, "
+        raise MissingPathError(f"DATA {path} does not exist (expected a text file, a folder of .txt, "
                                 f"a .jsonl file with a {text_field!r} field, or a datasets folder)")
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists() or \
@@ -56,15 +57,27 @@ def load_texts(path: str | os.PathLike, text_field: str = "text", documents: str
     elif path.suffix.lower() in (".jsonl", ".json"):
         rows = _load_jsonl(path, text_field)
     else:
-        rows = _split(path.read_text(encoding="utf-8"), path.stem, documents)
+        rows = _split(_read_text(path), path.stem, documents)
     if not rows:
-        raise ValueError(f"DATA {path} holds no examples")
+        raise DataError(f"DATA {path} holds no examples; add text (one example per line, or records with a "
+                        f"{text_field!r} field)")
     seen: set[str] = set()
     for ex_id, _ in rows:
         if ex_id in seen:
-            raise ValueError(f"DATA {path}: example id {ex_id!r} occurs twice; ids must be unique")
+            raise DataError(f"DATA {path}: example id {ex_id!r} occurs twice; ids must be unique")
         seen.add(ex_id)
     return rows
+
+
+def is_blocks_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file ``train --export-blocks`` wrote (JSONL records of exactly ``id`` and ``text``),
+    which a later export may replace."""
+    try:
+        with Path(path).open(encoding="utf-8") as f:
+            first = f.readline()
+        return sorted(json.loads(first)) == ["id", "text"]
+    except (OSError, ValueError, TypeError, UnicodeDecodeError):
+        return False
 
 
 def data_fingerprint(rows: list[tuple[str, str]]) -> str:
@@ -81,6 +94,22 @@ def data_fingerprint(rows: list[tuple[str, str]]) -> str:
 def text_sha(text: str) -> str:
     """Short content hash of one text (first 16 hex digits of its sha256)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _read_text(path: Path) -> str:
+    """The file as text; a file that is not UTF-8 text is a :class:`DataError` naming the file and line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"DATA {path}: line {line} is not UTF-8 (byte 0x{raw[e.start]:02x}); DATA must be UTF-8 "
+                        "text: convert it (e.g. iconv -t UTF-8) or pass another file") from None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise DataError(f"DATA {path}: line {line} holds NUL bytes, so this is a binary file; DATA must be "
+                        "UTF-8 text")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode open() reads
 
 
 def _split(text: str, name: str, documents: str) -> list[tuple[str, str]]:
@@ -109,31 +138,41 @@ def _split(text: str, name: str, documents: str) -> list[tuple[str, str]]:
 def _load_txt_folder(path: Path, documents: str = "file") -> list[tuple[str, str]]:
     files = sorted(p for p in path.rglob("*.txt") if p.is_file())
     if not files:
-        raise ValueError(f"DATA folder {path} holds no .txt files")
+        raise DataError(f"DATA folder {path} holds no .txt files; add some or pass a file")
     rows = []
     for p in files:
-        text = p.read_text(encoding="utf-8")
+        text = _read_text(p)
         if not text.strip():
-            raise ValueError(f"DATA file {p} is empty; remove it or add text")
+            raise DataError(f"DATA file {p} is empty; remove it or add text")
         rows += _split(text, p.relative_to(path).as_posix(), documents)
     return rows
 
 
 def _load_jsonl(path: Path, text_field: str) -> list[tuple[str, str]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    text = _read_text(path)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # one JSON array of records
+        try:
+            records = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as e:
+            raise DataError(f"DATA {path}: not valid JSON (line {e.lineno}: {e.msg}); fix it or write one record "
+                            "per line (.jsonl)") from None
+    else:
+        records = []
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue  # blank lines between records are allowed in JSONL
             try:
-                rec = json.loads(line)
+                records.append((n, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or text_field not in rec:
-                raise ValueError(f"{path}:{n}: record has no {text_field!r} field "
-                                 f"(fields: {sorted(rec) if isinstance(rec, dict) else type(rec).__name__}); "
-                                 f"pass --text-field to pick another")
-            rows.append((_row_id(rec.get("id"), f"{path.stem}:{n}"), _check_text(rec[text_field], f"{path}:{n}")))
+                raise DataError(f"DATA {path}: line {n} is not valid JSON ({e.msg}); JSONL needs one JSON "
+                                "object per line") from None
+    for n, rec in records:
+        if not isinstance(rec, dict) or text_field not in rec:
+            raise DataError(f"DATA {path}:{n}: record has no {text_field!r} field (fields: "
+                            f"{sorted(rec) if isinstance(rec, dict) else type(rec).__name__}); name the field "
+                            "with --text-field (cache) or data.text_field=NAME (recipes)")
+        rows.append((_row_id(rec.get("id"), f"{path.stem}:{n}"), _check_text(rec[text_field], f"{path}:{n}")))
     return rows
 
 
@@ -142,15 +181,13 @@ def _load_datasets_dir(path: Path, text_field: str) -> list[tuple[str, str]]:
 
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
-        if "train" in ds:
-            ds = ds["train"]
-        elif len(ds) == 1:
-            ds = next(iter(ds.values()))
-        else:
-            raise ValueError(f"DATA {path} is a DatasetDict with splits {list(ds)}; save one split or add 'train'")
+        if len(ds) != 1:  # never pick a split silently: train and test data must not mix by accident
+            raise DataError(f"DATA {path} is a DatasetDict with splits {list(ds)}; pass one split's folder "
+                            f"(e.g. {path / next(iter(ds))})")
+        ds = next(iter(ds.values()))
     if text_field not in ds.column_names:
-        raise ValueError(f"DATA {path}: dataset has no {text_field!r} column (columns: {ds.column_names}); "
-                         f"pass --text-field to pick another")
+        raise DataError(f"DATA {path}: dataset has no {text_field!r} column (columns: {ds.column_names}); name "
+                        "the column with --text-field (cache) or data.text_field=NAME (recipes)")
     ids = ds["id"] if "id" in ds.column_names else None
     texts = ds[text_field]
     return [(_row_id(ids[i] if ids is not None else None, str(i)), _check_text(t, f"{path} row {i}"))
@@ -163,7 +200,7 @@ def _row_id(value, default: str) -> str:
 
 def _check_text(text, where: str) -> str:
     if not isinstance(text, str):
-        raise ValueError(f"{where}: text must be a string, got {type(text).__name__}")
+        raise DataError(f"DATA {where}: text must be a string, got {type(text).__name__}")
     if not text.strip():
-        raise ValueError(f"{where}: text is empty; drop the record or fill it")
+        raise DataError(f"DATA {where}: text is empty; drop the record or fill it")
     return text

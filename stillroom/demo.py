@@ -86,25 +86,42 @@ class DemoResult:
 
 
 def teacher_names(opts: DemoOptions) -> list[str]:
+    from stillroom.errors import ConfigError
+    from stillroom.models import check_model_dir
+
     names = [Path(t).name for t in opts.teachers]
     for t in opts.teachers:
-        if not (Path(t) / "config.json").exists():
-            raise FileNotFoundError(f"--teacher {t}: not a Hugging Face model folder (no config.json)")
+        check_model_dir(t, "--teacher")
     if len(set(names)) != len(names):
-        raise ValueError(f"--teacher: teacher folders need distinct names, got {names}")
+        raise ConfigError(f"--teacher: teacher folders need distinct names, got {names}; rename one folder")
     return names
+
+
+def check_options(opts: DemoOptions) -> None:
+    """Everything that can fail before stage 1, checked in seconds: option values (through the recipe they
+    become), the teacher folders and tokenizers, the student tokenizer and the three DATA sets."""
+    from stillroom.data_io import load_texts
+    from stillroom.models import load_tokenizer
+    from stillroom.recipe import load_recipe
+
+    teacher_names(opts)
+    for path in (opts.train, opts.validation, opts.test):
+        load_texts(path)
+    load_tokenizer(opts.student_tokenizer, "--student-tokenizer", model=False)
+    for t in opts.teachers:
+        load_tokenizer(t, "--teacher")
+    load_recipe(opts.recipe("demo", Path("unused"), [(t, None) for t in opts.teachers]))
 
 
 def build_vocab_maps(opts: DemoOptions, out: Path, console: Console) -> None:
     """Stage 1: teacher → student vocabulary maps, saved under ``out/vocab`` (reused by training)."""
-    from transformers import AutoTokenizer
-
+    from stillroom.models import load_tokenizer
     from stillroom.tokens import TokenTable
     from stillroom.vocab import VocabMap
 
-    s_table = TokenTable.from_tokenizer(AutoTokenizer.from_pretrained(opts.student_tokenizer))
+    s_table = TokenTable.from_tokenizer(load_tokenizer(opts.student_tokenizer, "--student-tokenizer", model=False))
     for path, name in zip(opts.teachers, teacher_names(opts), strict=True):
-        vmap = VocabMap.cached(TokenTable.from_tokenizer(AutoTokenizer.from_pretrained(path)), s_table,
+        vmap = VocabMap.cached(TokenTable.from_tokenizer(load_tokenizer(path, "--teacher")), s_table,
                                out / "vocab", progress=True)
         st = vmap.stats()
         console.print(f"{name} → student: {st['exact_pct']:.1f}% of {st['ordinary']:,} tokens have an exact byte "
@@ -165,7 +182,7 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
     hf_logging.disable_progress_bar()  # one Rich progress per stage, not a bar per weight load
     opts = opts or DemoOptions()
     console = console or Console()
-    teacher_names(opts)
+    check_options(opts)
     out = Path(opts.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}

@@ -39,6 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stillroom.errors import ConfigError, DataError
+from stillroom.models import check_device
+from stillroom.models import model_context as known_context
+
 LOG2E = 1.0 / math.log(2.0)
 MAX_DEFAULT_CONTEXT = 2048  # default window cap, so long-context models do not get [1, 128k, V] logits
 
@@ -76,21 +80,15 @@ class EvalReport:
 
 
 # --- loading ------------------------------------------------------------------------------------------------
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", what: str = "model"):
     """``(model, tokenizer)`` from a Hugging Face folder (safetensors, no remote code), float32, frozen (eval
     mode, no gradients, fused activations: :func:`stillroom.modeling.freeze_teacher`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from stillroom.modeling import freeze_teacher
+    from stillroom.models import load_causal_lm, load_tokenizer
 
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"model folder {path} has no config.json (expected a Hugging Face model folder "
-                                "saved with save_pretrained)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=False)
-    return freeze_teacher(model.to(device)), tokenizer
+    tokenizer = load_tokenizer(path, what)  # refuses folders without weights or tokenizer, or that do not fit
+    model = load_causal_lm(path, what, tokenizer=tokenizer, device=check_device(device))
+    return freeze_teacher(model), tokenizer
 
 
 def load_eval_texts(data: str | os.PathLike, documents: str = "file") -> list[str]:
@@ -296,8 +294,13 @@ def evaluate(model, tokenizer, texts: Sequence[str], *, name: str = "model", tea
         raise TypeError("texts must be a list of strings, not one string (wrap it: [text])")
     if not texts:
         raise ValueError("texts is empty: nothing to evaluate")
-    context = context or min(model_context(model), MAX_DEFAULT_CONTEXT)
-    stride = stride or max(1, context // 2)
+    limit = known_context(model)
+    if context is not None and (context < 2 or (limit is not None and context > limit)):
+        raise ConfigError(f"context (--context) must be in [2, {limit or '...'}] for {name}, got {context}")
+    context = context if context is not None else min(model_context(model), MAX_DEFAULT_CONTEXT)
+    stride = stride if stride is not None else max(1, context // 2)
+    if not 1 <= stride < context:
+        raise ConfigError(f"stride (--stride) must be in [1, {context - 1}] (below the context), got {stride}")
     first_token = "bos" if _start_id(tokenizer) is not None else "uniform"
     states = [_teacher_state(n, m, t, tokenizer) for n, m, t in teachers]
     total_nats, n_tokens, n_bytes, positions = 0.0, 0, 0, 0
@@ -315,6 +318,9 @@ def evaluate(model, tokenizer, texts: Sequence[str], *, name: str = "model", tea
         if offset == 0:  # no BOS: the first token is a uniform guess over the vocabulary
             total_nats += math.log(len(tokenizer))
         work.append((text, seq, offset))
+    if n_tokens == 0:  # zero tokens scored is an error, never a result (bits/byte 0.0 would look perfect)
+        raise DataError(f"{name}: its tokenizer gives no tokens for any of the {len(texts)} text(s); check that the "
+                        "model folder holds its real tokenizer")
 
     bar = task = None
     if progress:
@@ -426,11 +432,12 @@ def evaluate_paths(models: Sequence[str | os.PathLike], data: str | os.PathLike,
                    stride: int | None = None, batch_size: int = 8, device: str = "cpu",
                    progress: bool = True, documents: str = "file") -> list[EvalReport]:
     """Load each model folder and evaluate it on DATA (see :func:`load_eval_texts`), against each teacher."""
+    check_device(device)
     texts = load_eval_texts(data, documents)
-    loaded_teachers = [(Path(t).name, *load_model(t, device)) for t in teachers]
+    loaded_teachers = [(Path(t).name, *load_model(t, device, "--teacher")) for t in teachers]
     reports = []
     for path in models:
-        model, tokenizer = load_model(path, device)
+        model, tokenizer = load_model(path, device, "--model")
         reports.append(evaluate(model, tokenizer, texts, name=Path(path).name, teachers=loaded_teachers,
                                 context=context, stride=stride, batch_size=batch_size, device=device,
                                 progress=progress))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from stillroom.errors import MissingPathError, ModelError
+from stillroom.errors import ConfigError, MissingPathError, ModelError
 
 # Files from which transformers can build a tokenizer (fast JSON, SentencePiece, GPT-2 BPE, WordPiece, tiktoken).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
@@ -52,11 +52,20 @@ def check_model_dir(path: str | os.PathLike, what: str = "model", *, weights: bo
     return p
 
 
-def load_tokenizer(path: str | os.PathLike, what: str = "model"):
-    """The folder's tokenizer (offline-friendly, no remote code); refuses empty or unloadable ones."""
+def load_tokenizer(path: str | os.PathLike, what: str = "model", *, model: bool = True):
+    """The folder's tokenizer (offline-friendly, no remote code); refuses empty or unloadable ones.
+    ``model=False`` accepts a tokenizer-only folder (no config.json, no weights)."""
     from transformers import AutoTokenizer
 
-    folder = check_model_dir(path, what, weights=False)
+    if model:
+        folder = check_model_dir(path, what, weights=False)
+    else:
+        folder = Path(path)
+        if not folder.is_dir():
+            raise MissingPathError(f"{what} {folder} is not a folder; pass a tokenizer folder (tokenizer.json, ...)")
+        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelError(f"{what} {folder} has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, "
+                             "...); save one there with tokenizer.save_pretrained(folder)")
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, TypeError, ImportError) as e:
@@ -97,6 +106,38 @@ def load_causal_lm(path: str | os.PathLike, what: str = "model", *, dtype: torch
     if device is not None:
         model = model.to(device)
     return model
+
+
+def model_context(config) -> int | None:
+    """The longest sequence the model's position embeddings allow (None when the config does not say)."""
+    config = getattr(config, "config", config)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        if isinstance(getattr(config, key, None), int):
+            return int(getattr(config, key))
+    return None
+
+
+def check_device(device: str | torch.device | None, option: str = "--device") -> torch.device | None:
+    """``device`` parsed and present on this machine, else a :class:`ConfigError` saying which to use."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{option} {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{option} {device}: this machine has no usable CUDA GPU; use {option} cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{option} {device}: only {torch.cuda.device_count()} CUDA device(s) here; "
+                              f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type not in ("cpu", "mps"):
+        raise ConfigError(f"{option} {device!r}: stillroom runs on cpu or cuda; use one of those")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{option} {device}: MPS is not available on this machine; use {option} cpu")
+    return dev
 
 
 def _first_line(e: BaseException) -> str:

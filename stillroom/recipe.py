@@ -13,21 +13,50 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from stillroom.data_io import PACKAGE_DATA
+from stillroom.errors import ConfigError
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "soft_ce")
+
+
+# report_to values transformers understands, and the module each needs (checked by ``train --check``)
+REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+             "comet_ml": ("comet_ml",), "trackio": ("trackio",), "swanlab": ("swanlab",), "none": ()}
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value, info: ValidationInfo):
+        """YAML ``true`` is not a number: pydantic would read ``max_steps: true`` as 1."""
+        ann = cls.model_fields[info.field_name].annotation if info.field_name else None
+        if isinstance(value, bool) and ann in (int, float, int | None, float | None):
+            raise ValueError(f"got {value!r}; a number is required")
+        return value
+
 
 class TeacherSpec(_Strict):
     path: str = Field(description="Hugging Face model folder of the teacher (model + tokenizer)")
     cache: str | None = Field(None, description="offline cache folder (stillroom cache) instead of running it")
-    name: str | None = None
+    name: str | None = Field(None, description="label in metrics and the model card (default: the folder name)")
+
+    @model_validator(mode="after")
+    def _default_name(self) -> TeacherSpec:
+        if self.name is None:
+            self.name = Path(self.path).name
+        return self
 
 
 class DataSpec(_Strict):
@@ -94,6 +123,14 @@ class TrainSpec(_Strict):
     overwrite: bool = Field(False, description="replace a non-empty output_dir (its checkpoints and metrics "
                             "are removed first); the CLI's --overwrite")
     report_to: list[str] = Field(default_factory=list, description="e.g. ['tensorboard'] or ['wandb']")
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_reporters(cls, value: list[str]) -> list[str]:
+        for v in value:
+            if v not in REPORTERS:
+                raise ValueError(f"got {v!r}; use any of {', '.join(REPORTERS)}")
+        return value
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
     progress: bool = True
     plot: bool = True
@@ -120,7 +157,9 @@ class Recipe(_Strict):
         p = Path(self.student)
         if self.student_config is None:
             _check_model_dir(self.student, "student")
-        elif not p.is_dir() or not ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
+        elif not p.is_dir():
+            raise ValueError(f"student: {self.student} does not exist; point it at the student's tokenizer folder")
+        elif not ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
             raise ValueError(f"student: {self.student} holds no tokenizer (tokenizer.json); with student_config "
                              "the student folder must at least hold the student's tokenizer")
         if self.student_config is not None and "model_type" not in self.student_config:
@@ -145,6 +184,8 @@ class Recipe(_Strict):
 
 def _check_model_dir(path: str, key: str) -> None:
     p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{key}: {path} does not exist; point it at a folder saved with save_pretrained")
     if not p.is_dir() or not (p / "config.json").exists():
         raise ValueError(f"{key}: {path} is not a Hugging Face model folder (no config.json); "
                          "point it at a folder saved with save_pretrained")
@@ -159,7 +200,7 @@ def _resolve(value: str | None, base: Path) -> str | None:
     return str(p if p.is_absolute() else (base / p))
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A recipe that does not validate; the message names every bad key."""
 
 
@@ -185,7 +226,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 node[part] = [] if parts[j + 1].isdigit() else {}
             node = node[part]
         last = parts[-1]
-        parsed = yaml.safe_load(value) if value != "" else None
+        if len(parts) == 3 and parts[0] == "teachers" and last == "path" and \
+                not any(o.split("=", 1)[0].strip() == f"teachers.{parts[1]}.name" for o in overrides):
+            node.pop("name", None)  # another teacher: the recipe's label no longer names it (default: folder)
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            raise RecipeError(f"override {item!r}: the value is not valid YAML; quote it") from None
         if isinstance(node, list):
             idx = int(last)
             while len(node) <= idx:
@@ -197,18 +244,21 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def _format_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid recipe {source}:"]
+    """One line: ``recipe R: key: got VALUE; what is allowed; next key: ...``."""
+    parts = []
     for e in err.errors():
-        key = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        key = ".".join(str(x) for x in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "literal_error":
-            msg = f"got {e.get('input')!r}; {msg.lower()}"
+            msg = "unknown key; remove it (docs/training.md lists the keys)"
         elif e["type"] == "missing":
-            msg = "required key is missing"
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+            msg = "required key is missing; add it"
+        elif e["type"] == "value_error":  # our own validators: the message already names the key and value
+            msg = msg.removeprefix("Value error, ")
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg = f"got {e['input']!r}; {msg[:1].lower()}{msg[1:]}"
+        parts.append(f"{key}: {msg}" if key else msg)
+    return f"recipe {source}: " + "; ".join(parts)
 
 
 def _resolve_paths(raw: dict, base: Path) -> dict:
@@ -235,10 +285,18 @@ def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | tuple[s
     else:
         path = Path(source)
         if not path.is_file():
-            raise RecipeError(f"recipe {path} does not exist")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raise RecipeError(f"recipe {path} does not exist; pass a recipe YAML file (see recipes/)")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise RecipeError(f"recipe {path} is not UTF-8 text; pass a YAML recipe (see recipes/)") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            raise RecipeError(f"recipe {path} is not valid YAML ({where}{getattr(e, 'problem', None) or e}); "
+                              "fix it (see recipes/ for examples)") from None
         if not isinstance(raw, dict):
-            raise RecipeError(f"recipe {path}: the top level must be a mapping of keys")
+            raise RecipeError(f"recipe {path}: the top level must be a mapping of keys (see recipes/)")
         base, name = path.resolve().parent, str(path)
     import copy
 

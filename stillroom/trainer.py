@@ -41,6 +41,8 @@ from stillroom.blocks import (  # noqa: F401 - re-exported for existing imports
     model_inputs,
 )
 from stillroom.fusion import fuse, fusion_weights, votes
+from stillroom.models import load_causal_lm
+from stillroom.preflight import check_recipe  # noqa: F401  (re-exported: validation runs before any model loads)
 from stillroom.targets import SparseTarget
 from stillroom.tokens import same_tokenizer
 
@@ -392,50 +394,14 @@ class TrainResult:
 # --- recipe -> run ------------------------------------------------------------------------------------------
 
 
-def check_recipe(recipe) -> dict:
-    """Checks that need tokenizers or cache metadata but no model: run before anything heavy loads.
-
-    Returns the loaded tokenizers (``student`` and one per teacher)."""
-    from transformers import AutoTokenizer
-
-    student_tok = AutoTokenizer.from_pretrained(recipe.student)
-    teacher_toks = []
-    for i, spec in enumerate(recipe.teachers):
-        tok = AutoTokenizer.from_pretrained(spec.path)
-        teacher_toks.append(tok)
-        if recipe.fusion.projection == "none" and not same_tokenizer(student_tok, tok):
-            raise ValueError(f"teachers.{i}.path: {spec.path} uses a different tokenizer from the student and "
-                             "fusion.projection is 'none'; set fusion.projection to 'onehot' or 'bytes' "
-                             "to project it onto the student vocabulary")
-        if recipe.fusion.top_k is None and (len(recipe.teachers) != 1 or spec.cache is not None
-                                            or recipe.fusion.include_student or not same_tokenizer(student_tok, tok)):
-            raise ValueError("fusion.top_k: null (the dense teacher distribution) needs exactly one online "
-                             "teacher with the student's tokenizer; set fusion.top_k to a number (e.g. 10)")
-        if spec.cache is not None:
-            _check_cache(spec.cache, spec.path, recipe.loss.temperature, f"teachers.{i}.cache")
-    return {"student": student_tok, "teachers": teacher_toks}
-
-
-def _check_cache(cache_dir: str, teacher_path: str, temperature: float, key: str) -> None:
-    """The cache must have been built for this teacher (weights and tokenizer hashes) and temperature."""
-    from stillroom.cache import CachedTeacher
-
-    try:
-        CachedTeacher(cache_dir, teacher=teacher_path, temperature=temperature)
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"{key}: {e}") from None
-
-
 def build_teachers(recipe, toks: dict, device=None) -> list:
     """One :class:`Teacher` per ``recipe.teachers`` entry: same-tokenizer fast path, online-aligned, or cached."""
-    from transformers import AutoModelForCausalLM
-
     teachers = []
     student_tok = toks["student"]
     for i, (spec, tok) in enumerate(zip(recipe.teachers, toks["teachers"], strict=True)):
         name = spec.name or f"teacher{i}"
         if spec.cache is None and same_tokenizer(student_tok, tok):
-            model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32)
+            model = load_causal_lm(spec.path, f"teachers.{i}.path", tokenizer=tok)
             teachers.append(SameTokenizerTeacher(model, recipe.fusion.top_k, recipe.loss.temperature, name))
             continue
         from stillroom.tokens import TokenTable
@@ -471,7 +437,7 @@ def load_student(recipe, tokenizer):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if recipe.from_scratch:
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(recipe.student), dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(recipe.student, dtype=torch.float32)
+    return load_causal_lm(recipe.student, "student", tokenizer=tokenizer)
 
 
 def training_arguments(recipe, has_eval: bool):
@@ -610,14 +576,11 @@ def export_training_blocks(recipe, path, overwrite: bool = False) -> int:
     """Write the recipe's training blocks as JSONL ``{"id", "text"}``: build a teacher cache on exactly these
     texts with ``stillroom cache --data PATH`` and point ``teachers.N.cache`` at it (evaluation needs no
     teacher). An existing file is kept (:class:`~stillroom.errors.OutputExistsError`) unless ``overwrite``."""
-    from pathlib import Path
 
-    from transformers import AutoTokenizer
+    from stillroom.data_io import is_blocks_file
+    from stillroom.models import load_tokenizer
+    from stillroom.outputs import check_output_file
 
-    from stillroom.errors import OutputExistsError
-
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"--export-blocks: {path} already exists; choose another file or pass --overwrite "
-                                "to replace it")
-    return export_blocks(training_blocks(recipe, AutoTokenizer.from_pretrained(recipe.student)), path)
+    check_output_file(path, "--export-blocks", overwrite=overwrite, ours=is_blocks_file)
+    tok = load_tokenizer(recipe.student, "student", model=recipe.student_config is None)
+    return export_blocks(training_blocks(recipe, tok), path)

@@ -358,20 +358,16 @@ class VocabMap:
         """Write a safetensors file (no pickle) holding the arrays and both tokenizers' hashes."""
         from safetensors.numpy import save_file
 
+        from stillroom.outputs import atomic_write
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": "stillroom.vocab_map", "version": FORMAT_VERSION, "src_hash": self.src_hash,
                 "tgt_hash": self.tgt_hash, "src_vocab_size": str(self.src_vocab_size),
                 "tgt_vocab_size": str(self.tgt_vocab_size), "src_name": self.src_name, "tgt_name": self.tgt_name}
         tensors = {"mapping": self.mapping.astype(np.int64), "distance": self.distance.astype(np.int32),
                    "exact": self.exact.astype(np.uint8), "valid": self.valid.astype(np.uint8)}
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)  # atomic: a reader never sees half a file
-        finally:
-            tmp.unlink(missing_ok=True)  # a failed save leaves nothing behind
-        return path
+        # atomic: a reader never sees half a file, and a failed write leaves no temporary file behind
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike, src_table=None, tgt_table=None) -> VocabMap:

@@ -279,7 +279,8 @@ def test_verify_names_truncated_flipped_and_missing_shards(teacher, built, tmp_p
     assert not rep.ok and rep.corrupt == names[:2] and rep.missing == [names[2]]
     r = subprocess.run([sys.executable, "-m", "stillroom", "cache", "--verify", str(c)], env=_env(), cwd=ROOT,
                        capture_output=True, text=True)
-    assert r.returncode == 1 and all(n in r.stdout for n in names[:3])
+    assert r.returncode == 2 and all(n in r.stdout for n in names[:3])
+    assert r.stderr.count("\n") == 1 and "2 corrupt" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises((FileNotFoundError, ValueError), match="verify"):
         CachedTeacher(c)
     # rerunning the command rebuilds exactly the damaged shards
@@ -303,7 +304,7 @@ def test_cache_built_for_another_teacher_or_k_is_refused(teacher, built, tiny_mo
         write_cache(teacher, rows[:-1], out, shard_size=5, progress=False)
     with pytest.raises(CacheMismatchError, match="text differs"):
         CachedTeacher(out).signal(["another text"], [rows[0][0]])
-    with pytest.raises(KeyError, match="nope"):
+    with pytest.raises(CacheMismatchError, match="nope"):
         CachedTeacher(out).signal(None, ["nope"])
 
 
@@ -342,6 +343,18 @@ def test_load_texts_formats(tmp_path):
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"id": ["u"], "text": ["r"]})}).save_to_disk(
         str(tmp_path / "dd"))
     assert load_texts(tmp_path / "dd") == [("u", "r")]
+    datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": [s]}) for s in ("train", "test")}).save_to_disk(
+        str(tmp_path / "dd2"))
+    with pytest.raises(ValueError, match=r"splits \['train', 'test'\]; pass one split's folder"):
+        load_texts(tmp_path / "dd2")  # never a split picked silently
+    assert load_texts(tmp_path / "dd2" / "test") == [("0", "test")]
+    (tmp_path / "a.json").write_text('[{"text": "one"},\n {"id": "b", "text": "two"}]')  # a JSON array
+    assert load_texts(tmp_path / "a.json") == [("a:1", "one"), ("b", "two")]
+    (tmp_path / "latin1.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: line 2 is not UTF-8 \(byte 0xe9\); DATA must be UTF-8"):
+        load_texts(tmp_path / "latin1.txt")
+    (tmp_path / "crlf.txt").write_bytes(b"a\r\n\r\nb\rc\n")  # universal newlines, as open() reads text
+    assert load_texts(tmp_path / "crlf.txt") == [("crlf:1", "a"), ("crlf:3", "b"), ("crlf:4", "c")]
 
 
 def test_teacher_output_target_shapes():

@@ -51,4 +51,4 @@ def test_demo_pipeline_on_fixtures(tiny_models, tmp_path):
 def test_demo_rejects_a_teacher_that_is_not_a_model_folder(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "r"), "--teacher", str(tmp_path)])
     assert result.exit_code == 2
-    assert "not a Hugging Face model folder" in result.output
+    assert "has no config.json" in result.stderr and result.stdout == ""

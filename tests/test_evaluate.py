@@ -225,6 +225,25 @@ def test_bad_input_is_named():
         evaluate(hand_bigram(), CharTokenizer("ab"), "ab")
     with pytest.raises(ValueError, match="stride"):
         evaluate(hand_bigram(), CharTokenizer("ab"), ["ab"], context=4, stride=4)
+    with pytest.raises(ValueError, match=r"stride \(--stride\) must be in \[1, 3\].*got 0"):  # 0 is not "default"
+        evaluate(hand_bigram(), CharTokenizer("ab"), ["ab"], context=4, stride=0)
+    model = hand_bigram()
+    model.config = SimpleNamespace(n_positions=8)
+    with pytest.raises(ValueError, match=r"context \(--context\) must be in \[2, 8\] .*got 9"):
+        evaluate(model, CharTokenizer("ab"), ["ab"], context=9)
+    assert evaluate(model, CharTokenizer("ab"), ["ab"], context=8).tokens == 2
+
+
+def test_zero_tokens_scored_is_an_error():
+    """A tokenizer that yields nothing would report bits/byte 0.0 — a perfect score for no work."""
+    from stillroom.errors import DataError
+
+    class Nothing(CharTokenizer):
+        def __call__(self, text: str, add_special_tokens: bool = True):
+            return {"input_ids": []}
+
+    with pytest.raises(DataError, match=r"m: its tokenizer gives no tokens for any of the 2 text"):
+        evaluate(hand_bigram(), Nothing("ab"), ["ab", "ba"], name="m")
 
 
 def test_teacher_metrics_cross_tokenizer_naive(tiny_models):

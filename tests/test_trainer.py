@@ -73,7 +73,7 @@ def test_bad_recipes_fail_fast_naming_the_key(tiny_models, data_dir, tmp_path):
         load_recipe({**ok, "trian": {}})
     with pytest.raises(RecipeError, match=r"fusion.method: got 'max'.*'min_ce', 'avg_ce' or 'mean'"):
         load_recipe(ok, ["fusion.method=max"])
-    with pytest.raises(RecipeError, match=r"teachers.0.path: .*nope.* not a Hugging Face model folder"):
+    with pytest.raises(RecipeError, match=r"teachers.0.path: .*nope does not exist"):
         load_recipe(ok, [f"teachers.0.path={tmp_path / 'nope'}"])
     with pytest.raises(RecipeError, match=r"train.max_steps"):
         load_recipe(ok, ["train.max_steps=0"])
@@ -81,6 +81,34 @@ def test_bad_recipes_fail_fast_naming_the_key(tiny_models, data_dir, tmp_path):
         load_recipe(ok, ["data.train=/no/such/file.txt"])
     with pytest.raises(RecipeError, match=r"override 'oops' must look like key=value"):
         load_recipe(ok, ["oops"])
+
+
+def test_recipe_errors_are_one_line_and_echo_the_value(tiny_models, data_dir, tmp_path):
+    ok = _base(tiny_models, data_dir, tmp_path / "o")
+    for override, expected in (("train.lr=-0.5", "train.lr: got -0.5; input should be greater than 0"),
+                               ("loss.ce_weight=1.5", "loss.ce_weight: got 1.5; input should be less than or equal to 1"),
+                               ("train.max_steps=true", "train.max_steps: got True; a number is required"),
+                               ("train.report_to=[tensorbord]", "train.report_to: got 'tensorbord'; use any of"),
+                               ("teachers=[]", "loss.ce_weight: with no teachers it must be 1.0")):
+        with pytest.raises(RecipeError) as e:
+            load_recipe(ok, [override])
+        msg = str(e.value)
+        assert "\n" not in msg and "Value error" not in msg and "(top level)" not in msg, msg
+        assert expected in msg, msg
+    (tmp_path / "bad.yaml").write_text("student: x\ndata: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml is not valid YAML \(line 3, column 1"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+def test_teacher_name_defaults_to_its_folder(tiny_models, data_dir, tmp_path):
+    ok = _base(tiny_models, data_dir, tmp_path / "o")
+    ok["teachers"][0]["name"] = "the-old-teacher"
+    assert load_recipe(ok).teachers[0].name == "the-old-teacher"
+    other = tiny_models["llama-spm"]
+    assert load_recipe(ok, [f"teachers.0.path={other}"]).teachers[0].name == "llama-spm"  # not the old label
+    assert load_recipe(ok, [f"teachers.0.path={other}", "teachers.0.name=t"]).teachers[0].name == "t"
+    del ok["teachers"][0]["name"]
+    assert load_recipe(ok).teachers[0].name == "gpt2-bpe-teacher"
 
 
 def test_tokenizer_mismatch_without_projection_fails_before_models_load(tiny_models, data_dir, tmp_path):

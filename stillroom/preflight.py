@@ -1,0 +1,85 @@
+"""Everything about a recipe that can be known before training starts (``stillroom train --check``).
+
+:func:`check_recipe` loads tokenizers, model configs, data and cache manifests — never model weights — so a run
+that would crash after the models load (or, worse, train on garbage) fails in seconds with one line naming the
+key and the fix: folders without weights or tokenizer, a tokenizer that does not fit its model's embedding,
+``data.seq_len`` beyond the student's context, empty or unreadable data, a cache built for another teacher or
+over other texts, ``report_to`` loggers that are not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from stillroom.errors import ConfigError, ModelError
+from stillroom.models import check_model_dir, check_vocab_fits, load_tokenizer, model_context
+from stillroom.recipe import REPORTERS
+from stillroom.tokens import same_tokenizer
+
+
+def check_recipe(recipe) -> dict:
+    """Run every pre-training check; returns the loaded tokenizers (``student`` and one per teacher)."""
+    from transformers import AutoConfig
+
+    from stillroom.data_io import load_texts
+
+    student_is_model = recipe.student_config is None
+    student_tok = load_tokenizer(recipe.student, "student", model=student_is_model)
+    if student_is_model:
+        check_model_dir(recipe.student, "student")
+        config = AutoConfig.from_pretrained(recipe.student, trust_remote_code=False)
+        check_vocab_fits(config, student_tok, f"student {recipe.student}")
+        context = model_context(config)
+    else:
+        cfg = recipe.student_config
+        context = next((int(cfg[k]) for k in ("max_position_embeddings", "n_positions", "n_ctx") if k in cfg), None)
+    if context is not None and recipe.data.seq_len > context:
+        raise ConfigError(f"data.seq_len: got {recipe.data.seq_len}, but the student's context is {context} "
+                          f"tokens; set data.seq_len={context} or less")
+    load_texts(recipe.data.train, recipe.data.text_field, recipe.data.documents)
+    if recipe.data.eval:
+        load_texts(recipe.data.eval, recipe.data.text_field, recipe.data.documents)
+    for name in recipe.train.report_to:
+        modules = REPORTERS.get(name, ())
+        if modules and not any(importlib.util.find_spec(m) for m in modules):
+            raise ConfigError(f"train.report_to: {name!r} needs the {modules[0]} package, which is not installed; "
+                              f"pip install {modules[0]}, or remove {name!r}")
+    teacher_toks = []
+    for i, spec in enumerate(recipe.teachers):
+        key = f"teachers.{i}.path"
+        tok = load_tokenizer(spec.path, key)
+        check_model_dir(spec.path, key)
+        check_vocab_fits(AutoConfig.from_pretrained(spec.path, trust_remote_code=False), tok, f"{key} {spec.path}")
+        teacher_toks.append(tok)
+        if recipe.fusion.projection == "none" and not same_tokenizer(student_tok, tok):
+            raise ConfigError(f"{key}: {spec.path} uses a different tokenizer from the student and "
+                              "fusion.projection is 'none'; set fusion.projection to 'onehot' or 'bytes' "
+                              "to project it onto the student vocabulary")
+        if recipe.fusion.top_k is None and (len(recipe.teachers) != 1 or spec.cache is not None
+                                            or recipe.fusion.include_student or not same_tokenizer(student_tok, tok)):
+            raise ConfigError("fusion.top_k: null (the dense teacher distribution) needs exactly one online "
+                              "teacher with the student's tokenizer; set fusion.top_k to a number (e.g. 10)")
+        if spec.cache is not None:
+            _check_cache(recipe, spec, i, student_tok)
+    return {"student": student_tok, "teachers": teacher_toks}
+
+
+def _check_cache(recipe, spec, i: int, student_tok) -> None:
+    """The cache must have been built for this teacher (weights and tokenizer hashes) and temperature, over the
+    recipe's training blocks (``train --export-blocks``): every block's id must be in it, with the same text."""
+    from stillroom.cache import CachedTeacher
+    from stillroom.data_io import text_sha
+    from stillroom.trainer import training_blocks
+
+    key = f"teachers.{i}.cache"
+    try:
+        cached = CachedTeacher(spec.cache, teacher=spec.path, temperature=recipe.loss.temperature)
+    except (ConfigError, ModelError, ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+    blocks = training_blocks(recipe, student_tok)
+    index = cached._index  # id -> (shard, row, text sha); read-only use
+    bad = [b for b in blocks if b.example_id not in index or index[b.example_id][2] != text_sha(b.text)]
+    if bad:
+        raise ConfigError(f"{key}: {spec.cache} was built over other texts ({len(bad)} of {len(blocks)} training "
+                          f"blocks, e.g. {bad[0].example_id!r}, are not in it); rebuild it: stillroom train RECIPE "
+                          "--export-blocks blocks.jsonl, then stillroom cache --data blocks.jsonl")

@@ -1,0 +1,53 @@
+"""stillroom.preflight.check_recipe: what `train --check` knows before any model loads — accepting what works."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from stillroom.cache import OnlineTeacher, write_cache
+from stillroom.errors import ConfigError
+from stillroom.preflight import check_recipe
+from stillroom.recipe import load_recipe
+
+
+def _recipe(tiny_models, tmp_path, **extra) -> dict:
+    (tmp_path / "train.txt").write_text("To be, or not to be, that is the question.\n"
+                                        "Whether 'tis nobler in the mind to suffer.\n" * 3)
+    raw = {"student": str(tiny_models["gpt2-bpe"]), "teachers": [{"path": str(tiny_models["llama-spm"])}],
+           "data": {"train": str(tmp_path / "train.txt"), "seq_len": 16}, "loss": {"ce_weight": 0.5},
+           "train": {"output_dir": str(tmp_path / "run")}}
+    raw.update(extra)
+    return raw
+
+
+def test_cache_over_the_exported_blocks_passes_and_other_texts_fail(tiny_models, tmp_path):
+    from stillroom.trainer import export_training_blocks
+
+    r = load_recipe(_recipe(tiny_models, tmp_path))
+    toks = check_recipe(r)
+    assert len(toks["teachers"]) == 1 and len(toks["student"]) > 2
+    blocks = tmp_path / "blocks.jsonl"
+    n = export_training_blocks(r, blocks)
+    teacher = OnlineTeacher(str(tiny_models["llama-spm"]), top_k=4)
+    write_cache(teacher, blocks, tmp_path / "cache", progress=False)
+    check_recipe(load_recipe(_recipe(tiny_models, tmp_path), [f"teachers.0.cache={tmp_path / 'cache'}"]))
+    lines = blocks.read_text().splitlines()
+    (tmp_path / "fewer.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # one block short
+    write_cache(teacher, tmp_path / "fewer.jsonl", tmp_path / "cache2", progress=False)
+    with pytest.raises(ConfigError, match=rf"teachers.0.cache: .* built over other texts \(1 of {n} training"):
+        check_recipe(load_recipe(_recipe(tiny_models, tmp_path), [f"teachers.0.cache={tmp_path / 'cache2'}"]))
+
+
+def test_context_and_loggers(tiny_models, tmp_path):
+    raw = _recipe(tiny_models, tmp_path)
+    check_recipe(load_recipe(raw, ["data.seq_len=512"]))  # the tiny GPT-2's n_positions: allowed
+    with pytest.raises(ConfigError, match=r"data.seq_len: got 513, but the student's context is 512"):
+        check_recipe(load_recipe(raw, ["data.seq_len=513"]))
+    with pytest.raises(ConfigError, match=r"data.seq_len: got 300, .* context is 256"):  # from student_config
+        check_recipe(load_recipe(raw, ["student_config={model_type: gpt2, n_positions: 256}", "data.seq_len=300"]))
+    absent = [n for n, m in (("wandb", "wandb"), ("mlflow", "mlflow")) if importlib.util.find_spec(m) is None]
+    for name in absent:
+        with pytest.raises(ConfigError, match=rf"train.report_to: '{name}' needs the {name} package"):
+            check_recipe(load_recipe(raw, [f"train.report_to=[{name}]"]))
