@@ -32,6 +32,7 @@ from transformers import Trainer
 
 from stillroom import modeling
 from stillroom.fusion import fuse, fusion_weights, votes
+from stillroom.student import build_student, describe_student, student_tokenizer
 from stillroom.targets import SparseTarget
 from stillroom.tokens import same_tokenizer
 
@@ -533,7 +534,7 @@ def check_recipe(recipe) -> dict:
     Returns the loaded tokenizers (``student`` and one per teacher)."""
     from transformers import AutoTokenizer
 
-    student_tok = AutoTokenizer.from_pretrained(recipe.student)
+    student_tok = student_tokenizer(recipe.student)
     teacher_toks = []
     for i, spec in enumerate(recipe.teachers):
         tok = AutoTokenizer.from_pretrained(spec.path)
@@ -591,24 +592,6 @@ def build_teachers(recipe, toks: dict, device=None) -> list:
     return teachers
 
 
-def load_student(recipe, tokenizer):
-    """The student: from its folder, re-initialised (``from_scratch``), or built from ``student_config``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if recipe.student_config is not None:
-        cfg = dict(recipe.student_config)
-        kind = cfg.pop("model_type")
-        cfg.setdefault("vocab_size", len(tokenizer))
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(tokenizer, key, None) is not None:
-                cfg.setdefault(key, getattr(tokenizer, key))
-        config = AutoConfig.for_model(kind, **cfg)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if recipe.from_scratch:
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(recipe.student), dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(recipe.student, dtype=torch.float32)
-
-
 def training_arguments(recipe, has_eval: bool):
     import os
 
@@ -629,18 +612,15 @@ def training_arguments(recipe, has_eval: bool):
     )
 
 
-def model_card(recipe, metrics: dict, n_blocks: int) -> str:
+def model_card(recipe, metrics: dict, n_blocks: int, student=None) -> str:
     import yaml
 
     teachers = "\n".join(f"- `{t.path}`" + (f" (offline cache `{t.cache}`)" if t.cache else "")
                          for t in recipe.teachers) or "- none (plain CE / EMO)"
     rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in metrics.items() if isinstance(v, (int, float)))
-    if recipe.student_config:
-        origin = f"built from scratch ({recipe.student_config}) with the tokenizer in `{recipe.student}`"
-    else:
-        origin = f"initialised from `{recipe.student}`" + (" (re-initialised)" if recipe.from_scratch else "")
+    origin = describe_student(recipe.student, student)
     return (f"---\nlibrary_name: transformers\ntags: [stillroom, distillation]\n---\n\n# {recipe.name}\n\n"
-            f"Student {origin}, trained by stillroom.\n\n"
+            f"{origin[0].upper()}{origin[1:]}, trained by stillroom.\n\n"
             f"## Teachers\n\n{teachers}\n\nFusion: {recipe.fusion.method} at {recipe.fusion.level} level, "
             f"top-k {recipe.fusion.top_k}; loss: λ={recipe.loss.ce_weight} CE + (1−λ) {recipe.loss.kind}.\n\n"
             f"## Data\n\n- train: `{recipe.data.train}` ({n_blocks} blocks of ≤ {recipe.data.seq_len} tokens)\n"
@@ -683,7 +663,11 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
     from transformers import set_seed
 
     set_seed(recipe.train.seed)
-    student = load_student(recipe, tok)
+    student = build_student(recipe.student, tok)
+    if recipe.train.progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(describe_student(recipe.student, student), highlight=False, soft_wrap=True)
     teachers = build_teachers(recipe, toks)
     if recipe.fusion.include_student:  # FuseLLM lets the target model's own distribution compete too
         import copy
@@ -716,7 +700,7 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         tok.save_pretrained(out)
-        (out / "README.md").write_text(model_card(recipe, metrics, len(blocks)), encoding="utf-8")
+        (out / "README.md").write_text(model_card(recipe, metrics, len(blocks), trainer.model), encoding="utf-8")
         history = [dict(h) for h in trainer.state.log_history]
         if recipe.train.plot:
             plot_losses(history, out / "loss_curve.png")
@@ -732,11 +716,9 @@ def export_training_blocks(recipe, path) -> int:
     import json
     from pathlib import Path
 
-    from transformers import AutoTokenizer
-
     from stillroom.data_io import load_texts
 
-    tok = AutoTokenizer.from_pretrained(recipe.student)
+    tok = student_tokenizer(recipe.student)
     blocks = make_blocks(load_texts(recipe.data.train, recipe.data.text_field), tok, recipe.data.seq_len,
                          recipe.data.add_bos)
     if recipe.data.max_blocks:
