@@ -388,18 +388,12 @@ def models_get(
 
 @models_app.command("list")
 def models_list() -> None:
-    """Known registry models and, for each, its converted folder (or 'not converted')."""
-    from rich.table import Table
-
+    """Known registry models, one per line: name, converted folder (or 'not converted'), model, licence."""
     from stillroom.registry import MODELS, converted_folder
 
-    table = Table()
-    for col in ("name", "model", "licence", "converted folder"):
-        table.add_column(col)
     for m in MODELS.values():
         folder = converted_folder(m.name)
-        table.add_row(m.name, m.description, m.licence, str(folder) if folder else "not converted")
-    console.print(table)
+        print(f"{m.name}\t{folder if folder else 'not converted'}\t{m.description}; licence: {m.licence}")
 
 
 def main() -> None:
