@@ -24,6 +24,7 @@ Everything else — checkpoints, resume, logging backends, accelerate / DeepSpee
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -593,8 +594,6 @@ def build_teachers(recipe, toks: dict, device=None) -> list:
 
 
 def training_arguments(recipe, has_eval: bool):
-    import os
-
     from transformers import TrainingArguments
 
     t = recipe.train
@@ -664,7 +663,7 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
 
     set_seed(recipe.train.seed)
     student = build_student(recipe.student, tok)
-    if recipe.train.progress:
+    if int(os.environ.get("RANK", "0")) == 0:  # which kind of student: said once, never silent
         from rich.console import Console
 
         Console(stderr=True).print(describe_student(recipe.student, student), highlight=False, soft_wrap=True)
