@@ -33,6 +33,7 @@ from transformers import Trainer
 
 from stillroom import modeling
 from stillroom.fusion import fuse, fusion_weights, votes
+from stillroom.models import load_causal_lm, load_tokenizer, resolve_model
 from stillroom.student import build_student, describe_student, student_tokenizer
 from stillroom.targets import SparseTarget
 from stillroom.tokens import same_tokenizer
@@ -533,12 +534,10 @@ def check_recipe(recipe) -> dict:
     """Checks that need tokenizers or cache metadata but no model: run before anything heavy loads.
 
     Returns the loaded tokenizers (``student`` and one per teacher)."""
-    from transformers import AutoTokenizer
-
     student_tok = student_tokenizer(recipe.student)
     teacher_toks = []
     for i, spec in enumerate(recipe.teachers):
-        tok = AutoTokenizer.from_pretrained(spec.path)
+        tok = load_tokenizer(spec.path, f"teachers.{i}.path")  # a .gguf teacher is converted here, once
         teacher_toks.append(tok)
         if recipe.fusion.projection == "none" and not same_tokenizer(student_tok, tok):
             raise ValueError(f"teachers.{i}.path: {spec.path} uses a different tokenizer from the student and "
@@ -549,7 +548,7 @@ def check_recipe(recipe) -> dict:
             raise ValueError("fusion.top_k: null (the dense teacher distribution) needs exactly one online "
                              "teacher with the student's tokenizer; set fusion.top_k to a number (e.g. 10)")
         if spec.cache is not None:
-            _check_cache(spec.cache, spec.path, recipe.loss.temperature, f"teachers.{i}.cache")
+            _check_cache(spec.cache, resolve_model(spec.path), recipe.loss.temperature, f"teachers.{i}.cache")
     return {"student": student_tok, "teachers": teacher_toks}
 
 
@@ -565,14 +564,12 @@ def _check_cache(cache_dir: str, teacher_path: str, temperature: float, key: str
 
 def build_teachers(recipe, toks: dict, device=None) -> list:
     """One :class:`Teacher` per ``recipe.teachers`` entry: same-tokenizer fast path, online-aligned, or cached."""
-    from transformers import AutoModelForCausalLM
-
     teachers = []
     student_tok = toks["student"]
     for i, (spec, tok) in enumerate(zip(recipe.teachers, toks["teachers"], strict=True)):
         name = spec.name or f"teacher{i}"
         if spec.cache is None and same_tokenizer(student_tok, tok):
-            model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32)
+            model = load_causal_lm(spec.path, f"teachers.{i}.path")
             teachers.append(SameTokenizerTeacher(model, recipe.fusion.top_k, recipe.loss.temperature, name))
             continue
         from stillroom.tokens import TokenTable
@@ -587,7 +584,7 @@ def build_teachers(recipe, toks: dict, device=None) -> list:
         else:
             from stillroom.cache import OnlineTeacher
 
-            source = OnlineTeacher(spec.path, top_k=recipe.fusion.top_k, temperature=recipe.loss.temperature)
+            source = OnlineTeacher(str(resolve_model(spec.path)), top_k=recipe.fusion.top_k, temperature=recipe.loss.temperature)
         fallback = recipe.fusion.projection if recipe.fusion.projection != "none" else "onehot"
         teachers.append(AlignedTeacher(source, s_table, t_table, vmap, fallback, name))
     return teachers

@@ -100,14 +100,16 @@ def test_train_a_student_cut_from_a_teacher(tiny_models, data_file, tmp_path):
     assert f"cut from `{teacher}`: its decoder layers [0, 2]" in card
 
 
-def test_train_a_student_cut_from_a_gguf_file(data_file, tmp_path, monkeypatch):
+def test_train_from_a_gguf_file(data_file, tmp_path, monkeypatch):
     from stillroom.trainer import train
 
     monkeypatch.setenv("STILLROOM_CACHE", str(tmp_path / "cache"))
     gguf_path = tmp_path / "tiny.gguf"
     write_tiny_llama_gguf(gguf_path)
     out = tmp_path / "gguf-run"
-    train(_raw({"init_from": str(gguf_path), "layers": [1]}, data_file, out))
+    # the GGUF file is both the model the student is cut from and the (same-tokenizer) teacher
+    result = train(_raw({"init_from": str(gguf_path), "layers": [1]}, data_file, out, teachers=[gguf_path]))
+    assert any("loss" in h for h in result.history)
     back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert back.config.model_type == "llama" and back.config.num_hidden_layers == 1
     assert (out / "tokenizer.json").is_file() and len(list((tmp_path / "cache" / "models").glob("gguf-*"))) == 1
