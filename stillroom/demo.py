@@ -62,8 +62,7 @@ class DemoOptions:
         teachers = [{"path": t, "cache": c, "name": Path(t).name} for t, c in teachers]
         return {
             "name": name,
-            "student": self.student_tokenizer,
-            "student_config": dict(self.student_config),
+            "student": {"tokenizer": self.student_tokenizer, "config": dict(self.student_config)},
             "teachers": teachers,
             "data": {"train": self.train, "eval": self.validation, "seq_len": self.seq_len,
                      "max_blocks": self.max_blocks or self.steps * self.batch_size},

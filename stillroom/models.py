@@ -1,7 +1,9 @@
 """Loading models as users have them, refusing the ones that would silently produce garbage.
 
 Every verb and recipe that takes a model goes through :func:`resolve_model` → :func:`load_tokenizer` /
-:func:`load_causal_lm`. A folder must hold ``config.json``, safetensors weights (pickle ``.bin`` files are refused)
+:func:`load_causal_lm`. A ``.gguf`` file (llama.cpp's format) is accepted anywhere a folder is: it is converted
+once — dequantised to float32 by transformers, saved as safetensors with its tokenizer — into a folder of the
+model cache keyed by the file's sha256 (:func:`gguf_folder`), and that folder is used from then on. A folder must hold ``config.json``, safetensors weights (pickle ``.bin`` files are refused)
 and tokenizer files; a tokenizer with more ids than the model's embedding, or with (almost) no vocabulary — what
 transformers 5 quietly builds when a folder has no tokenizer files — is refused too, with one line naming the
 folder and the fix.
@@ -9,7 +11,11 @@ folder and the fix.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -21,9 +27,129 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentenc
                    "vocab.txt", "tokenizer.tiktoken")
 
 
-def resolve_model(path: str | os.PathLike, what: str = "model") -> Path:
-    """The Hugging Face folder for ``path`` (checked by :func:`check_model_dir`)."""
-    return check_model_dir(path, what)
+def resolve_model(path: str | os.PathLike, what: str = "model", *, weights: bool = True,
+                  tokenizer: bool = True) -> Path:
+    """The Hugging Face folder for ``path`` (a folder, or a ``.gguf`` file converted once by :func:`gguf_folder`),
+    checked by :func:`check_model_dir`."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.suffix.lower() == ".gguf" and p.is_file():
+        p = gguf_folder(p, what)
+    return check_model_dir(p, what, weights=weights, tokenizer=tokenizer)
+
+
+def is_model_path(path: str | os.PathLike) -> bool:
+    """``path`` is something :func:`resolve_model` may accept: a folder with ``config.json`` or a ``.gguf`` file
+    (a cheap check for recipe validation; loading checks the rest)."""
+    p = Path(os.path.expanduser(str(path)))
+    return (p / "config.json").is_file() or (p.suffix.lower() == ".gguf" and p.is_file())
+
+
+# --- GGUF -----------------------------------------------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    """``$STILLROOM_CACHE/models``, else ``~/.cache/stillroom/models`` (converted GGUF files live here)."""
+    base = os.environ.get("STILLROOM_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "stillroom") / "models"
+
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (memoised per path, size and mtime within the process)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        digest = hashlib.sha256()
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _SHA_MEMO[key] = digest.hexdigest()
+    return _SHA_MEMO[key]
+
+
+def gguf_folder(path: str | os.PathLike, what: str = "model", cache_dir: str | os.PathLike | None = None,
+                progress: bool = True) -> Path:
+    """The safetensors Hugging Face folder converted from the GGUF file ``path``, converting it on first use.
+
+    The folder is ``<cache>/gguf-<first 16 hex of sha256>``: the same bytes under another name reuse it, a changed
+    file gets a new one. Conversion (transformers' GGUF reader: dequantise every tensor to float32, rebuild the
+    tokenizer from the file's metadata) is written to a temporary folder and renamed into place, so an interrupted
+    run leaves no half-written model behind.
+    """
+    src = Path(os.path.expanduser(str(path)))
+    if not src.is_file():
+        raise MissingPathError(f"{what} {src} does not exist; pass a .gguf file or a model folder")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    sha = file_sha256(src)
+    folder = root / f"gguf-{sha[:16]}"
+    if (folder / "stillroom-gguf.json").is_file():
+        return folder
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise ModelError(f"{what} {src}: reading GGUF files needs the gguf package; pip install gguf") from None
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{sha[:16]}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t0 = time.perf_counter()
+    try:
+        with _status(f"converting {src.name} to safetensors (dequantising to float32)", progress):
+            _convert_gguf(src, tmp)
+        (tmp / "stillroom-gguf.json").write_text(json.dumps(
+            {"source": str(src), "sha256": sha, "bytes": src.stat().st_size,
+             "seconds": round(time.perf_counter() - t0, 1)}, indent=1) + "\n", encoding="utf-8")
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process converted the same file first: keep its folder
+            if not (folder / "stillroom-gguf.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _convert_gguf(src: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
+    except Exception as e:  # unsupported architecture or quantisation, truncated file: all mean "unusable"
+        raise ModelError(f"model {src}: transformers cannot convert this GGUF file ({_first_line(e)}); "
+                         "use a GGUF of a supported architecture (llama, qwen2, gemma3, gpt2, ...) or a "
+                         "model folder") from None
+    # Every weight is a plain float32 tensor now; drop the GGUF quantizer so the model saves as an ordinary one.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+class _status:
+    """A Rich spinner with elapsed time on stderr while something slow runs (silent when ``show`` is false)."""
+
+    def __init__(self, text: str, show: bool = True):
+        self.text, self.show, self.progress = text, show, None
+
+    def __enter__(self):
+        if self.show:
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                     console=Console(stderr=True), transient=False)
+            self.progress.start()
+            self.progress.add_task(self.text, total=None)
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.stop()
+        return False
 
 
 def has_safetensors(folder: Path) -> bool:
@@ -33,12 +159,15 @@ def has_safetensors(folder: Path) -> bool:
 
 def check_model_dir(path: str | os.PathLike, what: str = "model", *, weights: bool = True,
                     tokenizer: bool = True) -> Path:
-    """``path`` as a usable model folder, else a :class:`ModelError` naming what is missing and what to do."""
-    p = Path(path)
+    """``path`` as a usable model folder, else a :class:`ModelError` naming what is missing and what to do.
+    A ``.gguf`` file passes as it is: :func:`resolve_model` converts (and checks) it when it is loaded."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.suffix.lower() == ".gguf" and p.is_file():
+        return p
     if not p.exists():
         raise MissingPathError(f"{what} {p} does not exist; pass a folder saved with save_pretrained")
     if not p.is_dir():
-        raise ModelError(f"{what} {p} is a file, not a model folder; pass the folder saved with save_pretrained")
+        raise ModelError(f"{what} {p} is a file, not a model folder; pass the folder saved with save_pretrained (or a .gguf file)")
     if not (p / "config.json").is_file():
         raise ModelError(f"{what} {p} has no config.json; pass a folder saved with save_pretrained")
     if weights and not has_safetensors(p):
@@ -58,7 +187,7 @@ def load_tokenizer(path: str | os.PathLike, what: str = "model", *, model: bool 
     from transformers import AutoTokenizer
 
     if model:
-        folder = check_model_dir(path, what, weights=False)
+        folder = resolve_model(path, what, weights=False)
     else:
         folder = Path(path)
         if not folder.is_dir():
@@ -94,7 +223,7 @@ def load_causal_lm(path: str | os.PathLike, what: str = "model", *, dtype: torch
     weights, unknown architecture) become one-line :class:`ModelError`\\ s. With ``tokenizer``, checks it fits."""
     from transformers import AutoModelForCausalLM
 
-    folder = check_model_dir(path, what, tokenizer=False)
+    folder = resolve_model(path, what, tokenizer=False)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=False)

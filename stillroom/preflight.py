@@ -12,8 +12,9 @@ from __future__ import annotations
 import importlib.util
 
 from stillroom.errors import ConfigError, ModelError
-from stillroom.models import check_model_dir, check_vocab_fits, load_tokenizer, model_context
+from stillroom.models import check_vocab_fits, load_tokenizer, model_context, resolve_model
 from stillroom.recipe import REPORTERS
+from stillroom.student import student_tokenizer
 from stillroom.tokens import same_tokenizer
 
 
@@ -23,16 +24,17 @@ def check_recipe(recipe) -> dict:
 
     from stillroom.data_io import load_texts
 
-    student_is_model = recipe.student_config is None
-    student_tok = load_tokenizer(recipe.student, "student", model=student_is_model)
-    if student_is_model:
-        check_model_dir(recipe.student, "student")
-        config = AutoConfig.from_pretrained(recipe.student, trust_remote_code=False)
-        check_vocab_fits(config, student_tok, f"student {recipe.student}")
-        context = model_context(config)
-    else:
-        cfg = recipe.student_config
+    spec = recipe.student
+    student_tok = student_tokenizer(spec)
+    if spec.kind == "scratch":
+        cfg = spec.config
         context = next((int(cfg[k]) for k in ("max_position_embeddings", "n_positions", "n_ctx") if k in cfg), None)
+    else:
+        key = "student.init_from" if spec.kind == "cut" else "student.path"
+        folder = resolve_model(spec.source, key)  # a .gguf student is converted here, once
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        check_vocab_fits(config, student_tok, f"{key} {spec.source}")
+        context = model_context(config)
     if context is not None and recipe.data.seq_len > context:
         raise ConfigError(f"data.seq_len: got {recipe.data.seq_len}, but the student's context is {context} "
                           f"tokens; set data.seq_len={context} or less")
@@ -48,8 +50,8 @@ def check_recipe(recipe) -> dict:
     for i, spec in enumerate(recipe.teachers):
         key = f"teachers.{i}.path"
         tok = load_tokenizer(spec.path, key)
-        check_model_dir(spec.path, key)
-        check_vocab_fits(AutoConfig.from_pretrained(spec.path, trust_remote_code=False), tok, f"{key} {spec.path}")
+        folder = resolve_model(spec.path, key)  # a .gguf teacher is converted here, once
+        check_vocab_fits(AutoConfig.from_pretrained(folder, trust_remote_code=False), tok, f"{key} {spec.path}")
         teacher_toks.append(tok)
         if recipe.fusion.projection == "none" and not same_tokenizer(student_tok, tok):
             raise ConfigError(f"{key}: {spec.path} uses a different tokenizer from the student and "
@@ -73,7 +75,8 @@ def _check_cache(recipe, spec, i: int, student_tok) -> None:
 
     key = f"teachers.{i}.cache"
     try:
-        cached = CachedTeacher(spec.cache, teacher=spec.path, temperature=recipe.loss.temperature)
+        cached = CachedTeacher(spec.cache, teacher=resolve_model(spec.path, f"teachers.{i}.path"),
+                               temperature=recipe.loss.temperature)
     except (ConfigError, ModelError, ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{key}: {e}") from None
     blocks = training_blocks(recipe, student_tok)

@@ -136,16 +136,67 @@ class TrainSpec(_Strict):
     plot: bool = True
 
 
+class StudentSpec(_Strict):
+    """Where the student comes from — exactly one kind:
+
+    - ``{path: DIR}`` (or just ``student: DIR``): a pretrained model, trained further (``reinit: true`` keeps its
+      architecture and tokenizer but draws fresh weights);
+    - ``{init_from: DIR_OR_GGUF, layers: [0, 6, ...]}``: cut from a (teacher) model, keeping those decoder layers;
+    - ``{tokenizer: DIR, config: {model_type: gpt2, ...}}``: built from scratch with that tokenizer.
+    """
+
+    path: str | None = Field(None, description="pretrained student: a model folder or .gguf file")
+    reinit: bool = Field(False, description="with path: re-initialise the weights from its config")
+    init_from: str | None = Field(None, description="cut student: the model (folder or .gguf) to cut")
+    layers: list[int] | None = Field(None, description="with init_from: decoder layers to keep, in order")
+    tokenizer: str | None = Field(None, description="from-scratch student: folder holding its tokenizer")
+    config: dict | None = Field(None, description="with tokenizer: the model config, e.g. {model_type: gpt2, "
+                                "n_layer: 2, n_embd: 128, n_head: 4}; vocab and special ids come from the tokenizer")
+
+    @property
+    def kind(self) -> str:
+        """``pretrained``, ``reinit``, ``cut`` or ``scratch``."""
+        if self.path is not None:
+            return "reinit" if self.reinit else "pretrained"
+        return "cut" if self.init_from is not None else "scratch"
+
+    @property
+    def source(self) -> str:
+        """The folder (or .gguf file) the student's tokenizer comes from."""
+        return self.path or self.init_from or self.tokenizer  # type: ignore[return-value]
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> StudentSpec:
+        kinds = [k for k, v in (("path", self.path), ("init_from", self.init_from), ("tokenizer", self.tokenizer))
+                 if v is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of path (pretrained), init_from + layers (cut from a model) or "
+                             f"tokenizer + config (from scratch); got {', '.join(kinds) or 'none'}")
+        if (self.layers is not None) != (self.init_from is not None):
+            raise ValueError("layers goes with init_from (and init_from needs layers, e.g. [0, 6, 12])")
+        if (self.config is not None) != (self.tokenizer is not None):
+            raise ValueError("config goes with tokenizer (a from-scratch student needs both)")
+        if self.reinit and self.path is None:
+            raise ValueError("reinit goes with path (re-initialise a pretrained student's weights)")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("config: needs model_type (e.g. gpt2, llama) and that model's config keys")
+        if self.path is not None:
+            _check_model_path(self.path, "student.path")
+        if self.init_from is not None:
+            _check_model_path(self.init_from, "student.init_from")
+        if self.tokenizer is not None:
+            p = Path(self.tokenizer)
+            if not p.is_dir() or not ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
+                raise ValueError(f"tokenizer: {self.tokenizer} holds no tokenizer (tokenizer.json)")
+        return self
+
+
 class Recipe(_Strict):
     """A full training recipe. See recipes/*.yaml and docs/training.md."""
 
     name: str = "stillroom-train"
-    student: str = Field(description="student folder: a Hugging Face model (model + tokenizer), or only a "
-                                     "tokenizer when student_config is given")
-    student_config: dict | None = Field(None, description="build the student from scratch with this config "
-                                        "(e.g. {model_type: gpt2, n_layer: 2, n_embd: 128, n_head: 4}); "
-                                        "vocabulary and special ids come from the student tokenizer")
-    from_scratch: bool = Field(False, description="re-initialise the student's weights from its config.json")
+    student: StudentSpec = Field(description="the student: a model folder (pretrained), or {path: ...}, "
+                                 "{init_from: ..., layers: [...]} or {tokenizer: ..., config: {...}}")
     teachers: list[TeacherSpec] = Field(default_factory=list)
     data: DataSpec
     loss: LossSpec = Field(default_factory=LossSpec)
@@ -154,18 +205,8 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        p = Path(self.student)
-        if self.student_config is None:
-            _check_model_dir(self.student, "student")
-        elif not p.is_dir():
-            raise ValueError(f"student: {self.student} does not exist; point it at the student's tokenizer folder")
-        elif not ((p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists()):
-            raise ValueError(f"student: {self.student} holds no tokenizer (tokenizer.json); with student_config "
-                             "the student folder must at least hold the student's tokenizer")
-        if self.student_config is not None and "model_type" not in self.student_config:
-            raise ValueError("student_config: needs model_type (e.g. gpt2, llama) and that model's config keys")
         for i, t in enumerate(self.teachers):
-            _check_model_dir(t.path, f"teachers.{i}.path")
+            _check_model_path(t.path, f"teachers.{i}.path")
             if t.cache is not None and not Path(t.cache).is_dir():
                 raise ValueError(f"teachers.{i}.cache: {t.cache} is not a folder (build it with `stillroom cache`)")
         if not Path(self.data.train).exists():
@@ -182,13 +223,31 @@ class Recipe(_Strict):
         return self
 
 
-def _check_model_dir(path: str, key: str) -> None:
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{key}: {path} does not exist; point it at a folder saved with save_pretrained")
-    if not p.is_dir() or not (p / "config.json").exists():
-        raise ValueError(f"{key}: {path} is not a Hugging Face model folder (no config.json); "
+def _check_model_path(path: str, key: str) -> None:
+    from stillroom.models import is_model_path
+
+    if not Path(os.path.expanduser(path)).exists():
+        raise ValueError(f"{key}: {path} does not exist; point it at a folder saved with save_pretrained "
+                         "(or a .gguf file)")
+    if not is_model_path(path):
+        raise ValueError(f"{key}: {path} is not a Hugging Face model folder (no config.json) or .gguf file; "
                          "point it at a folder saved with save_pretrained")
+
+
+def _normalise_student(raw: dict) -> dict:
+    """``student: DIR`` means ``{path: DIR}``; the old ``student_config`` key is refused unless null."""
+    if "student_config" in raw:
+        cfg = raw.pop("student_config")
+        if cfg is not None:
+            raise RecipeError("student_config: the student's kind is now explicit; write student: {tokenizer: "
+                              "DIR, config: {...}} to build it from scratch, or student: DIR for a pretrained one")
+    if "from_scratch" in raw:
+        if raw.pop("from_scratch"):
+            raise RecipeError("from_scratch: write student: {path: DIR, reinit: true} to re-initialise a "
+                              "pretrained student's weights")
+    if isinstance(raw.get("student"), str):
+        raw["student"] = {"path": raw["student"]}
+    return raw
 
 
 def _resolve(value: str | None, base: Path) -> str | None:
@@ -265,6 +324,10 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     """Make the recipe's model, cache and data paths absolute (``base`` for relative ones; ``pkg:`` paths)."""
     if isinstance(raw.get("student"), str):
         raw["student"] = _resolve(raw["student"], base)
+    elif isinstance(raw.get("student"), dict):
+        for k in ("path", "init_from", "tokenizer"):
+            if isinstance(raw["student"].get(k), str):
+                raw["student"][k] = _resolve(raw["student"][k], base)
     for t in raw.get("teachers") or []:
         if isinstance(t, dict):
             for k in ("path", "cache"):
@@ -302,7 +365,7 @@ def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | tuple[s
 
     # Paths in the file are relative to the file; paths given as overrides to where the command runs.
     raw = _resolve_paths(copy.deepcopy(raw), base)
-    raw = _resolve_paths(apply_overrides(raw, list(overrides)), Path.cwd())
+    raw = _normalise_student(_resolve_paths(apply_overrides(raw, list(overrides)), Path.cwd()))
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:

@@ -193,6 +193,13 @@ def _console():
     return Console()
 
 
+def say(text: str) -> None:
+    """One line about the run (which student was built, ...) on stderr, unwrapped, whatever the progress setting."""
+    from rich.console import Console
+
+    Console(stderr=True).print(text, highlight=False, soft_wrap=True)
+
+
 SHOWN = ("loss", "ce", "kd", "eval_loss", "eval_bpb", "learning_rate")
 
 
@@ -408,28 +415,28 @@ def card_metadata(recipe) -> dict:
     """Hugging Face model card front matter: ``base_model`` when the student starts from pretrained weights,
     ``datasets`` (the training data), ``license`` when the student's own card declares one."""
     meta: dict[str, Any] = {"library_name": "transformers", "tags": ["stillroom", "distillation"]}
-    if recipe.student_config is None and not recipe.from_scratch:
-        meta["base_model"] = recipe.student
+    spec = recipe.student
+    if spec.kind in ("pretrained", "cut"):
+        meta["base_model"] = spec.source
     meta["datasets"] = [recipe.data.train]
-    lic = _student_license(recipe.student)
+    lic = _student_license(spec.source) if spec.kind != "scratch" else None
     if lic:
         meta["license"] = lic
     return meta
 
 
-def model_card(recipe, metrics: dict, n_blocks: int) -> str:
+def model_card(recipe, metrics: dict, n_blocks: int, student=None) -> str:
     import yaml
+
+    from stillroom.student import describe_student
 
     teachers = "\n".join(f"- `{t.path}`" + (f" (offline cache `{t.cache}`)" if t.cache else "")
                          for t in recipe.teachers) or "- none (plain CE / EMO)"
     rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in metrics.items() if isinstance(v, (int, float)))
-    if recipe.student_config:
-        origin = f"built from scratch ({recipe.student_config}) with the tokenizer in `{recipe.student}`"
-    else:
-        origin = f"initialised from `{recipe.student}`" + (" (re-initialised)" if recipe.from_scratch else "")
+    origin = describe_student(recipe.student, student)
     front = yaml.safe_dump(card_metadata(recipe), sort_keys=False, allow_unicode=True)
     return (f"---\n{front}---\n\n# {recipe.name}\n\n"
-            f"Student {origin}, trained by stillroom.\n\n"
+            f"{origin[0].upper()}{origin[1:]}, trained by stillroom.\n\n"
             f"## Teachers\n\n{teachers}\n\nFusion: {recipe.fusion.method} at {recipe.fusion.level} level, "
             f"top-k {recipe.fusion.top_k}; loss: λ={recipe.loss.ce_weight} CE + (1−λ) {recipe.loss.kind}.\n\n"
             f"## Data\n\n- train: `{recipe.data.train}` ({n_blocks} blocks of ≤ {recipe.data.seq_len} tokens)\n"

@@ -163,3 +163,74 @@ def build_fixture_models(root: str | os.PathLike, text_chars: int = 200_000) -> 
         tiny_llama(len(spm), seed=2, bos_token_id=spm.bos_token_id, eos_token_id=spm.eos_token_id), spm,
         root / "llama-spm")
     return out
+
+
+# --- GGUF ---------------------------------------------------------------------------------------------------
+
+GGUF_SHAPE = {"hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 48}
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes (written out here, not imported)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def write_tiny_llama_gguf(path: str | os.PathLike, seed: int = 0) -> None:
+    """A tiny Llama written as a GGUF file (llama.cpp's format) with the ``gguf`` package: 2 layers, a byte-level
+    BPE vocabulary of 260 ids (256 bytes + 3 merges + end-of-text), f32 and f16 tensors. For tests: no download."""
+    import gguf
+    import numpy as np
+
+    HIDDEN, LAYERS, HEADS, KV_HEADS, FFN = (GGUF_SHAPE[k] for k in ("hidden", "layers", "heads", "kv_heads", "ffn"))
+    rng = np.random.default_rng(seed)
+    alphabet = _byte_alphabet()
+    tokens = alphabet + ["Ġt", "he", "Ġthe", "<|endoftext|>"]
+    merges = ["Ġ t", "h e", "Ġt he"]
+    vocab = len(tokens)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(64)
+    w.add_embedding_length(HIDDEN)
+    w.add_block_count(LAYERS)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (vocab - 1) + [3])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab - 1)
+    w.add_eos_token_id(vocab - 1)
+
+    def t(*shape, dtype="float32"):
+        return (rng.standard_normal(shape) * 0.2).astype(dtype)
+
+    head_dim = HIDDEN // HEADS
+    w.add_tensor("token_embd.weight", t(vocab, HIDDEN))
+    for i in range(LAYERS):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", 1 + t(HIDDEN))
+        w.add_tensor(f"blk.{i}.attn_q.weight", t(HIDDEN, HIDDEN))
+        w.add_tensor(f"blk.{i}.attn_k.weight", t(KV_HEADS * head_dim, HIDDEN))
+        w.add_tensor(f"blk.{i}.attn_v.weight", t(KV_HEADS * head_dim, HIDDEN))
+        w.add_tensor(f"blk.{i}.attn_output.weight", t(HIDDEN, HIDDEN))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + t(HIDDEN))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", t(FFN, HIDDEN, dtype="float16"))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", t(FFN, HIDDEN, dtype="float16"))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", t(HIDDEN, FFN, dtype="float16"))
+    w.add_tensor("output_norm.weight", 1 + t(HIDDEN))
+    w.add_tensor("output.weight", t(vocab, HIDDEN))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -24,6 +24,7 @@ Everything else — checkpoints, resume, logging backends, accelerate / DeepSpee
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +44,7 @@ from stillroom.blocks import (  # noqa: F401 - re-exported for existing imports
 from stillroom.fusion import fuse, fusion_weights, votes
 from stillroom.models import load_causal_lm
 from stillroom.preflight import check_recipe  # noqa: F401  (re-exported: validation runs before any model loads)
+from stillroom.student import build_student, describe_student, student_tokenizer
 from stillroom.targets import SparseTarget
 from stillroom.tokens import same_tokenizer
 
@@ -422,27 +424,7 @@ def build_teachers(recipe, toks: dict, device=None) -> list:
     return teachers
 
 
-def load_student(recipe, tokenizer):
-    """The student: from its folder, re-initialised (``from_scratch``), or built from ``student_config``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if recipe.student_config is not None:
-        cfg = dict(recipe.student_config)
-        kind = cfg.pop("model_type")
-        cfg.setdefault("vocab_size", len(tokenizer))
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if getattr(tokenizer, key, None) is not None:
-                cfg.setdefault(key, getattr(tokenizer, key))
-        config = AutoConfig.for_model(kind, **cfg)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if recipe.from_scratch:
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(recipe.student), dtype=torch.float32)
-    return load_causal_lm(recipe.student, "student", tokenizer=tokenizer)
-
-
 def training_arguments(recipe, has_eval: bool):
-    import os
-
     from transformers import TrainingArguments
 
     t = recipe.train
@@ -506,8 +488,10 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
         with runs.quiet_transformers_bars():
             set_seed(recipe.train.seed)
             with runs.phase("loading the student and teachers", enabled=show):
-                student = load_student(recipe, tok)
+                student = build_student(recipe.student, tok)
                 teachers = build_teachers(recipe, toks)
+            if runs.is_main_process():  # which kind of student: said once, never silent
+                runs.say(describe_student(recipe.student, student))
             if recipe.fusion.include_student:  # FuseLLM lets the target model's own distribution compete too
                 import copy
 
@@ -545,7 +529,7 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
                 trainer.save_model(str(out))
                 if trainer.is_world_process_zero():
                     tok.save_pretrained(out)
-                    runs.atomic_write_text(out / "README.md", runs.model_card(recipe, metrics, len(blocks)))
+                    runs.atomic_write_text(out / "README.md", runs.model_card(recipe, metrics, len(blocks), trainer.model))
                     history = [dict(h) for h in trainer.state.log_history]
                     if recipe.train.plot:
                         runs.plot_losses(history, out / "loss_curve.png")
@@ -576,11 +560,9 @@ def export_training_blocks(recipe, path, overwrite: bool = False) -> int:
     """Write the recipe's training blocks as JSONL ``{"id", "text"}``: build a teacher cache on exactly these
     texts with ``stillroom cache --data PATH`` and point ``teachers.N.cache`` at it (evaluation needs no
     teacher). An existing file is kept (:class:`~stillroom.errors.OutputExistsError`) unless ``overwrite``."""
-
     from stillroom.data_io import is_blocks_file
-    from stillroom.models import load_tokenizer
     from stillroom.outputs import check_output_file
 
     check_output_file(path, "--export-blocks", overwrite=overwrite, ours=is_blocks_file)
-    tok = load_tokenizer(recipe.student, "student", model=recipe.student_config is None)
+    tok = student_tokenizer(recipe.student)
     return export_blocks(training_blocks(recipe, tok), path)

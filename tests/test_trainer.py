@@ -167,15 +167,14 @@ def test_shipped_recipes_validate_and_run_a_few_steps(name, tiny_models, data_di
 
 def _trainer(tiny_models, data_dir, out, teachers=("gpt2-bpe-teacher",), overrides=()):
     """A DistillTrainer built by train()'s own pieces, without training."""
-    from transformers import AutoTokenizer
-
     from stillroom import trainer as T
+    from stillroom.student import build_student
 
     r = load_recipe(_base(tiny_models, data_dir, out, teachers), list(overrides))
     toks = T.check_recipe(r)
-    tok = AutoTokenizer.from_pretrained(r.student)
+    tok = toks["student"]
     blocks = T.make_blocks([("x", (data_dir / "train.txt").read_text())], tok, SEQ)
-    student = T.load_student(r, tok)
+    student = build_student(r.student, tok)
     ls = r.loss
     return T.DistillTrainer(
         model=student, args=T.training_arguments(r, False), train_dataset=T.BlockDataset(blocks),
