@@ -284,8 +284,8 @@ class DistillTrainer(Trainer):
 
     def loss_sum(self, model, inputs: dict[str, Any]) -> torch.Tensor:
         """Σ over labelled positions of λ·CE + (1−λ)·D (not yet divided by N). In training with λ < 1 or EMO,
-        Σ CE alone goes to ``_step_ce`` (one more chunked head pass, no gradient): logged as ``ce``, with ``kd``
-        = (loss − λ·ce) / (1 − λ)."""
+        Σ CE alone goes to ``_step_ce`` (from the same chunked pass; EMO: one more head pass, no gradient):
+        logged as ``ce``, with ``kd`` = (loss − λ·ce) / (1 − λ)."""
         from stillroom import losses
 
         hidden = _last_hidden(model, inputs)[:, :-1]
@@ -298,7 +298,8 @@ class DistillTrainer(Trainer):
             return losses.fused_linear_distill_loss(h, weight, labels=y, ce_weight=1.0, chunk_size=c.chunk_size,
                                                     reduction="sum")
         self._step_ce = None
-        if c.kind == "emo" or c.ce_weight < 1:  # the CE part on its own, for the logs (no gradient)
+        parts: dict[str, torch.Tensor] = {}  # the CE part on its own, for the logs, from the loss's own pass
+        if c.kind == "emo":  # (EMO's loss does not report it: one more head pass, no gradient)
             with torch.no_grad():
                 self._step_ce = losses.fused_linear_distill_loss(h.detach(), weight.detach(), labels=y, ce_weight=1.0,
                                                                  chunk_size=c.chunk_size, reduction="sum")
@@ -311,19 +312,26 @@ class DistillTrainer(Trainer):
             with torch.no_grad():
                 th = _last_hidden(t0.model, inputs)[:, :-1]
             tw = self.accelerator.unwrap_model(t0.model).get_output_embeddings().weight
-            return losses.fused_linear_distill_loss(
+            total = losses.fused_linear_distill_loss(
                 h, weight, teacher_hidden=th.reshape(h.shape[0], -1), teacher_weight=tw, labels=y,
                 ce_weight=c.ce_weight, kind=c.kind, temperature=c.temperature, beta=c.beta, alpha=c.alpha,
-                chunk_size=c.chunk_size, reduction="sum")
+                chunk_size=c.chunk_size, reduction="sum", parts=parts)
+            return self._keep_ce(total, parts)
         fused = self.fused_target(inputs)
         T = fused.ids.shape[1]
         tgt = SparseTarget(fused.ids[:, : T - 1].reshape(h.shape[0], -1),
                            fused.logprobs[:, : T - 1].reshape(h.shape[0], -1),
                            fused.tail[:, : T - 1].reshape(-1),
                            (fused.valid[:, : T - 1] & labels.ne(-100)).reshape(-1))
-        return losses.fused_linear_distill_loss(
+        total = losses.fused_linear_distill_loss(
             h, weight, target=tgt, labels=y, ce_weight=c.ce_weight, kind=c.kind, temperature=c.temperature,
-            beta=c.beta, alpha=c.alpha, chunk_size=c.chunk_size, reduction="sum")
+            beta=c.beta, alpha=c.alpha, chunk_size=c.chunk_size, reduction="sum", parts=parts)
+        return self._keep_ce(total, parts)
+
+    def _keep_ce(self, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.loss_cfg.ce_weight < 1:
+            self._step_ce = parts["ce"]
+        return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         total = self.loss_sum(model, inputs)

@@ -157,3 +157,26 @@ def test_errors():
         fused_linear_distill_loss(bad, w, target=target, chunk_size=4)
     with pytest.raises(ValueError, match="leading"):
         fused_linear_distill_loss(h[:5], w, target=target)
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3, 1.0])
+def test_parts_report_each_term_as_the_loss_normalises_it(ce_weight):
+    """``parts`` = the unweighted CE and divergence, each checked against materialised logits."""
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 23, 8, 41
+    hidden, weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+    t_hidden, t_weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[[2, 7]] = -100
+    parts = {}
+    total = fused_linear_distill_loss(hidden, weight, teacher_hidden=t_hidden, teacher_weight=t_weight, labels=labels,
+                                      ce_weight=ce_weight, kind="jsd", chunk_size=5, parts=parts)
+    z = hidden.double() @ weight.double().T
+    ce = F.cross_entropy(z, labels, ignore_index=-100)
+    d = distill_loss(z, t_hidden.double() @ t_weight.double().T, kind="jsd", mask=labels.ne(-100))
+    assert torch.allclose(parts["ce"], ce, atol=1e-5)
+    if ce_weight < 1:
+        assert torch.allclose(parts["d"], d, atol=1e-5)
+    else:
+        assert parts["d"].isnan()
+    assert torch.allclose(total.double(), ce_weight * ce + (1 - ce_weight) * (d if ce_weight < 1 else 0), atol=1e-5)

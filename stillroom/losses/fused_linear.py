@@ -53,6 +53,7 @@ class _Config:
     num_items: float | None
     sparse: bool
     dense_teacher: bool
+    parts: dict | None = None
 
 
 def _dense_grad(logq: torch.Tensor, logp: torch.Tensor, cfg: _Config) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,10 +109,14 @@ class _FusedLinearDistill(torch.autograd.Function):
         w_d = (1.0 - lam) * (cfg.temperature**2 if cfg.t2_scale else 1.0) / den_d
         w_ce = lam / den_ce
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=hidden.device)  # unweighted parts, for ``parts``
+        d_sum = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        # CE's value is cheap next to the matmuls: with ``parts`` it is computed even where λ = 0 (no gradient)
+        want_ce = use_ce or (cfg.parts is not None and labels is not None)
         for a in range(0, N, n):
             b = min(a + n, N)
             dm, cm = dmask[a:b], cmask[a:b]
-            do_d, do_ce = use_d and bool(dm.any()), use_ce and bool(cm.any())
+            do_d, do_ce = use_d and bool(dm.any()), want_ce and bool(cm.any())
             if not (do_d or do_ce):
                 continue  # fully masked chunk: no loss, no gradient
             h = hidden[a:b]
@@ -122,10 +127,12 @@ class _FusedLinearDistill(torch.autograd.Function):
                 y = torch.where(cm, labels[a:b], 0).unsqueeze(-1)
                 lse1 = torch.logsumexp(z, -1, keepdim=True)
                 ce = (lse1 - z.gather(-1, y)).squeeze(-1)
-                total += ce[cm].sum().double() * w_ce
-                wrow = (cm.to(z.dtype) * w_ce).unsqueeze(-1)
-                gz = z.sub(lse1).exp_().mul_(wrow)
-                gz.scatter_add_(-1, y, -wrow)
+                ce_sum += ce[cm].sum().double()
+                if use_ce:
+                    total += ce[cm].sum().double() * w_ce
+                    wrow = (cm.to(z.dtype) * w_ce).unsqueeze(-1)
+                    gz = z.sub(lse1).exp_().mul_(wrow)
+                    gz.scatter_add_(-1, y, -wrow)
             if do_d:
                 T = cfg.temperature
                 if T != 1.0:
@@ -145,17 +152,24 @@ class _FusedLinearDistill(torch.autograd.Function):
                 if T != 1.0:
                     gs.div_(T)  # ∂/∂z = ∂/∂s / T
                 total += loss[dm].sum().double() * w_d
+                d_sum += loss[dm].sum().double()
                 if bool(dm.all()):
                     gs.mul_(w_d)
                 else:  # where, not multiply: a masked row's values must not leak (0 · inf = nan)
                     gs = torch.where(dm.unsqueeze(-1), gs.mul_(w_d), torch.zeros((), dtype=gs.dtype))
                 gz = gs if gz is None else gz.add_(gs)
                 del gs
+            if gz is None:  # only CE's value was wanted here (λ = 0, for ``parts``)
+                continue
             if need_h:
                 grad_h[a:b] = gz.to(W.dtype) @ W
             if need_w:
                 grad_w[:V].addmm_(gz.T, h.to(acc))
             del gz
+        if cfg.parts is not None:  # each term normalised as in the loss, before λ: loss = λ·ce + (1−λ)·d
+            nan = torch.full((), float("nan"), dtype=torch.float64, device=hidden.device)
+            cfg.parts["ce"] = ce_sum / den_ce if want_ce else nan
+            cfg.parts["d"] = d_sum * (cfg.temperature**2 if cfg.t2_scale else 1.0) / den_d if use_d else nan
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total.to(acc)
@@ -175,7 +189,8 @@ def fused_linear_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, *, tar
                               ignore_index: int = -100, reduction: str = "mean",
                               mask: torch.Tensor | None = None, t2_scale: bool = False,
                               vocab_size: int | None = None,
-                              num_items: int | float | torch.Tensor | None = None) -> torch.Tensor:
+                              num_items: int | float | torch.Tensor | None = None,
+                              parts: dict | None = None) -> torch.Tensor:
     """``λ·CE(labels) + (1−λ)·D(teacher, student)`` from hidden states, chunked over rows (λ = ``ce_weight``).
 
     ``hidden [..., H]`` student hidden states (the LM head's input), ``weight [V, H]`` its LM head (no bias).
@@ -186,6 +201,11 @@ def fused_linear_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, *, tar
     real vocabulary when the student head is padded (rows ``>= vocab_size`` get zero gradient).
     ``chunk_size`` rows per chunk (default: about 16M logits per chunk). Values and gradients equal
     ``ce_weight·cross_entropy + (1−ce_weight)·distill_loss`` on materialised logits.
+
+    ``parts``: a dict that receives the two terms' values (0-dim float64 tensors, no gradient) before weighting,
+    normalised like the loss —
+    ``parts["ce"]`` (also when λ = 0, if labels are given; no gradient is spent on it) and ``parts["d"]``
+    (``nan`` for a term not computed) — so a trainer can log CE and the divergence from the same pass.
     """
     check_kind(kind, beta, alpha)
     if reduction not in ("mean", "sum"):
@@ -242,7 +262,7 @@ def fused_linear_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, *, tar
         th, tw = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach(), teacher_weight.detach()
     cfg = _Config(kind, float(temperature), float(beta), float(alpha), float(ce_weight),
                   int(chunk_size or auto_chunk_size(V)), V, bool(t2_scale), reduction,
-                  None if num_items is None else float(num_items), sparse, th is not None)
+                  None if num_items is None else float(num_items), sparse, th is not None, parts)
     if cfg.chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     return _FusedLinearDistill.apply(h, weight, th, tw, ids, logprobs, tail, y, dmask, cmask, cfg)
