@@ -354,7 +354,8 @@ def test_load_texts_formats(tmp_path):
     with pytest.raises(ValueError, match=r"latin1.txt: line 2 is not UTF-8 \(byte 0xe9\); DATA must be UTF-8"):
         load_texts(tmp_path / "latin1.txt")
     (tmp_path / "crlf.txt").write_bytes(b"a\r\n\r\nb\rc\n")  # universal newlines, as open() reads text
-    assert load_texts(tmp_path / "crlf.txt") == [("crlf:1", "a"), ("crlf:3", "b"), ("crlf:4", "c")]
+    assert load_texts(tmp_path / "crlf.txt", documents="line") == [("crlf:1", "a"), ("crlf:3", "b"), ("crlf:4", "c")]
+    assert load_texts(tmp_path / "crlf.txt") == [("crlf", "a\n\nb\nc\n")]  # default: a .txt is one document
 
 
 def test_teacher_output_target_shapes():
