@@ -45,8 +45,9 @@ def test_context_and_loggers(tiny_models, tmp_path):
     check_recipe(load_recipe(raw, ["data.seq_len=512"]))  # the tiny GPT-2's n_positions: allowed
     with pytest.raises(ConfigError, match=r"data.seq_len: got 513, but the student's context is 512"):
         check_recipe(load_recipe(raw, ["data.seq_len=513"]))
-    with pytest.raises(ConfigError, match=r"data.seq_len: got 300, .* context is 256"):  # from student_config
-        check_recipe(load_recipe(raw, ["student_config={model_type: gpt2, n_positions: 256}", "data.seq_len=300"]))
+    scratch = {**raw, "student": {"tokenizer": raw["student"], "config": {"model_type": "gpt2", "n_positions": 256}}}
+    with pytest.raises(ConfigError, match=r"data.seq_len: got 300, .* context is 256"):  # a from-scratch config
+        check_recipe(load_recipe(scratch, ["data.seq_len=300"]))
     absent = [n for n, m in (("wandb", "wandb"), ("mlflow", "mlflow")) if importlib.util.find_spec(m) is None]
     for name in absent:
         with pytest.raises(ConfigError, match=rf"train.report_to: '{name}' needs the {name} package"):

@@ -87,7 +87,7 @@ def test_a_foreign_output_dir_is_refused_and_left_byte_identical(tiny_models, da
     assert _snapshot(out) == before
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
     # --export-blocks onto an existing file
-    with pytest.raises(OutputExistsError, match=r"--export-blocks: .*README.md already exists"):
+    with pytest.raises(OutputExistsError, match=r"--export-blocks .*README.md already exists"):
         export_training_blocks(load_recipe(_raw(tiny_models, data_dir, out)), out / "README.md")
     assert _snapshot(out) == before
 
@@ -279,7 +279,8 @@ def test_model_card_front_matter(tiny_models, data_dir, tmp_path):
     assert meta["base_model"] == str(student)
     assert meta["datasets"] == [str(data_dir / "train.txt")]
     assert meta["license"] == "apache-2.0" and meta["library_name"] == "transformers"
-    scratch = model_card(load_recipe({**raw, "student_config": {"model_type": "gpt2", "n_layer": 1}}), {}, 8)
+    scratch = model_card(load_recipe({**raw, "student": {"tokenizer": str(student),
+                                                         "config": {"model_type": "gpt2", "n_layer": 1}}}), {}, 8)
     meta = yaml.safe_load(scratch.split("---")[1])
     assert "base_model" not in meta  # a student built from scratch has no base model
 

@@ -51,7 +51,7 @@ def test_student_kind_is_explicit(tiny_models, data_file, tmp_path):
     ({"init_from": "S"}, {}, r"init_from needs layers"),
     ({"path": "S", "layers": [0]}, {}, r"layers goes with init_from"),
     ({"tokenizer": "S"}, {}, r"config goes with tokenizer"),
-    ({"init_from": "/nowhere", "layers": [0]}, {}, r"student.init_from: /nowhere is not .* \.gguf"),
+    ({"init_from": "/nowhere", "layers": [0]}, {}, r"student.init_from: /nowhere does not exist.*\.gguf"),
 ])
 def test_ambiguous_or_incomplete_students_are_refused(tiny_models, data_file, tmp_path, student, extra, match):
     folder = str(tiny_models["gpt2-bpe"])
