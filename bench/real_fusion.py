@@ -17,7 +17,8 @@ two teachers and the cut student before training. Bar: fused < best single-teach
 than the seed-to-seed spread (half range), tested from 3 seeds on.
 
 Resumable: each arm writes ``OUT/seed{S}/{arm}/result.json`` and is skipped when it exists; teacher caches are
-written once (``stillroom.cache.write_cache`` skips finished shards). Writes ``OUT/report.md`` and
+written once (``stillroom.cache.write_cache`` skips finished shards). One OUT per setting (``OUT/options.json``;
+a rerun with other options into the same OUT is refused). Writes ``OUT/report.md`` and
 ``OUT/results.json``; ends with a ``SUMMARY:`` line.
 
     python -m bench.real_fusion --seeds 0 1 2                   # default scale
@@ -101,6 +102,25 @@ def verdicts(results: dict[str, dict[int, float]], min_seeds: int = 3) -> list[s
 
 
 # --- running ------------------------------------------------------------------------------------------------
+
+
+SCALE = ("steps", "batch_size", "seq_len", "lr", "ce_weight", "projection", "top_k", "eval_chars", "student_from",
+         "layers", "smollm2", "gemma3")
+
+
+def check_scale(args: argparse.Namespace, out: Path) -> None:
+    """One OUT per setting: finished arms and caches are reused only by a rerun with the same options."""
+    from stillroom.errors import ConfigError
+
+    want = {k: getattr(args, k) for k in SCALE}
+    path = out / "options.json"
+    if path.exists():
+        have = json.loads(path.read_text())
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if diff:
+            raise ConfigError(f"--out {out} holds a run with other options {diff} (was, now); pass another --out")
+    else:
+        path.write_text(json.dumps(want, indent=1))
 
 
 def prepare_data(corpus: Path, out: Path) -> dict[str, str]:
@@ -299,6 +319,7 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    check_scale(args, args.out)
     console.print(f"machine: {machine()}")
     data = prepare_data(args.corpus, args.out)
     texts = held_out_texts(data["test"], args.eval_chars)

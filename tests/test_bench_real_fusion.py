@@ -55,3 +55,17 @@ def test_verdict_holds_only_when_each_gap_exceeds_the_spread():
     (line,) = verdicts(two)
     assert "bar not yet tested (2 seeds < 3)" in line
     assert verdicts({"ce-only": {0: 3.0}}) == ["not enough arms finished for a verdict"]
+
+
+def test_an_out_folder_refuses_a_rerun_with_other_options(tmp_path):
+    import argparse
+
+    from bench.real_fusion import SCALE, check_scale
+    from stillroom.errors import ConfigError
+
+    args = argparse.Namespace(**{k: 1 for k in SCALE})
+    check_scale(args, tmp_path)
+    check_scale(args, tmp_path)  # same options: resumes
+    args.steps = 2
+    with pytest.raises(ConfigError, match=r"'steps': \(1, 2\)"):
+        check_scale(args, tmp_path)
