@@ -1,0 +1,344 @@
+"""Does fusion help on real pretrained models? FuseLLM's setting on this machine (issue 14, part 3).
+
+Target: a student cut from SmolLM2-135M-Instruct (6 of its 30 decoder layers, SmolLM2's tokenizer) — the
+target is one of the source families, as in FuseLLM. Sources, each cached offline once (top-k):
+SmolLM2-135M-Instruct itself (same tokenizer) and Gemma-3-270M (262k ids: exact byte alignment, projection
+``--projection``, default ``prefix`` as the shipped cross-tokenizer recipes and the demo; FuseLLM's own is
+``onehot``). Arms, with the same training blocks, steps and seed:
+
+- ``ce-only``: continual training with CE alone (λ = 1);
+- ``kd-smollm2``, ``kd-gemma3``: λ·CE + (1−λ)·KL(teacher ‖ student) from one teacher;
+- ``fused-min_ce``, ``fused-avg_ce``: both teachers fused per sequence (``--token-level`` adds token-level arms).
+
+λ = ``loss.ce_weight`` = 0.9 (FuseLLM's continual-training value and the project default). Data: the shared
+Shakespeare corpus split by whole works (fixed lists below; the test works are never trained on and never used
+for a choice); held-out bits per byte on the first ``--eval-chars`` characters of each test work, also for the
+two teachers and the cut student before training. Bar: fused < best single-teacher KD < CE-only, each gap larger
+than the seed-to-seed spread (half range), tested from 3 seeds on.
+
+Resumable: each arm writes ``OUT/seed{S}/{arm}/result.json`` and is skipped when it exists; teacher caches are
+written once (``stillroom.cache.write_cache`` skips finished shards). One OUT per setting (``OUT/options.json``;
+a rerun with other options into the same OUT is refused). Writes ``OUT/report.md`` and
+``OUT/results.json``; ends with a ``SUMMARY:`` line.
+
+    python -m bench.real_fusion --seeds 0 1 2                   # default scale
+    python -m bench.real_fusion --seeds 0 --steps 2 --batch-size 2 --eval-chars 300 --out runs/rf-smoke  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench.common import console, machine, summary  # noqa: E402
+
+SMOLLM2 = "/root/.cache/stillroom/models/gguf-b179c9523d0e6a0f"  # `stillroom models list`
+GEMMA3 = "/root/.cache/stillroom/models/gguf-a5fd3b62230aa5ec"
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "shakespeare"
+LAYERS = [0, 6, 12, 18, 24, 29]
+
+# Whole works, fixed once (chosen by name, before any result): tragedies, comedies, a history and poetry on
+# each side. Everything not listed here is training data.
+TEST_WORKS = ["hamlet_gut.txt", "twelfth_night_gut.txt", "richard_ii_gut.txt", "sonnets_gut.txt"]
+VALIDATION_WORKS = ["othello_gut.txt", "much_ado_about_nothing_gut.txt"]
+
+
+def split_works(names: list[str], test: list[str] = TEST_WORKS, validation: list[str] = VALIDATION_WORKS
+                ) -> dict[str, list[str]]:
+    """``{"train", "validation", "test"}`` → sorted file names; every work in exactly one split."""
+    missing = sorted(set(test + validation) - set(names))
+    if missing:
+        raise FileNotFoundError(f"corpus: works {missing} not found; pass --corpus with the shared Shakespeare folder")
+    held = set(test) | set(validation)
+    return {"train": sorted(n for n in names if n not in held), "validation": sorted(validation),
+            "test": sorted(test)}
+
+
+def spread(values: list[float]) -> float:
+    """Half the range: the seed-to-seed spread a gap is compared against (as bench.fusion)."""
+    return (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+
+
+def aggregate(results: dict[str, dict[int, float]]) -> dict[str, dict]:
+    """Per arm: mean, spread (half range) and the per-seed values, seeds in order."""
+    return {arm: {"mean": statistics.fmean(v.values()), "spread": spread(list(v.values())),
+                  "seeds": dict(sorted(v.items()))} for arm, v in results.items() if v}
+
+
+def paired(results: dict[str, dict[int, float]], arm: str, ref: str) -> dict[int, float]:
+    """Per-seed difference ``arm − ref`` over the seeds both have (negative: ``arm`` is better)."""
+    return {s: results[arm][s] - results[ref][s] for s in sorted(results[arm]) if s in results[ref]}
+
+
+def verdicts(results: dict[str, dict[int, float]], min_seeds: int = 3) -> list[str]:
+    """The bar per fused arm: fused < best KD < CE-only, each gap larger than the larger spread of the pair."""
+    agg = aggregate(results)
+    kd = {a: agg[a]["mean"] for a in agg if a.startswith("kd-")}
+    if "ce-only" not in agg or not kd:
+        return ["not enough arms finished for a verdict"]
+    best = min(kd, key=kd.get)
+    out = []
+    for f in (a for a in agg if a.startswith("fused-")):
+        n = min(len(agg[a]["seeds"]) for a in (f, best, "ce-only"))
+        g1, g2 = agg[best]["mean"] - agg[f]["mean"], agg["ce-only"]["mean"] - agg[best]["mean"]
+        s1 = max(agg[f]["spread"], agg[best]["spread"])
+        s2 = max(agg[best]["spread"], agg["ce-only"]["spread"])
+        holds = g1 > s1 and g2 > s2
+        state = (f"bar not yet tested ({n} seed{'s' if n != 1 else ''} < {min_seeds})" if n < min_seeds
+                 else f"bar {'HOLDS' if holds else 'does NOT hold'}")
+        d = paired(results, f, best)
+        out.append(f"{f} {agg[f]['mean']:.4f} vs best KD ({best}) {agg[best]['mean']:.4f} vs CE-only "
+                   f"{agg['ce-only']['mean']:.4f} bits/byte; gaps {g1:+.4f} (spread {s1:.4f}) and {g2:+.4f} "
+                   f"(spread {s2:.4f}); paired {f} − {best} per seed: "
+                   f"{', '.join(f'{s}: {v:+.4f}' for s, v in d.items())}: {state}")
+    return out
+
+
+# --- running ------------------------------------------------------------------------------------------------
+
+
+SCALE = ("steps", "batch_size", "seq_len", "lr", "ce_weight", "projection", "top_k", "eval_chars", "student_from",
+         "layers", "smollm2", "gemma3")
+
+
+def check_scale(args: argparse.Namespace, out: Path) -> None:
+    """One OUT per setting: finished arms and caches are reused only by a rerun with the same options."""
+    from stillroom.errors import ConfigError
+
+    want = {k: getattr(args, k) for k in SCALE}
+    path = out / "options.json"
+    if path.exists():
+        have = json.loads(path.read_text())
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if diff:
+            raise ConfigError(f"--out {out} holds a run with other options {diff} (was, now); pass another --out")
+    else:
+        path.write_text(json.dumps(want, indent=1))
+
+
+def prepare_data(corpus: Path, out: Path) -> dict[str, str]:
+    """Copy the works into ``OUT/data/{train,validation,test}`` (a DATA folder per split); returns the folders."""
+    split = split_works(sorted(p.name for p in corpus.glob("*.txt")))
+    folders = {}
+    for name, works in split.items():
+        d = out / "data" / name
+        d.mkdir(parents=True, exist_ok=True)
+        for w in works:
+            if not (d / w).exists():
+                (d / w).write_bytes((corpus / w).read_bytes())
+        folders[name] = str(d)
+    (out / "data" / "split.json").write_text(json.dumps(split, indent=1))
+    return folders
+
+
+def recipe(args: argparse.Namespace, data: dict[str, str], name: str, out_dir: Path, seed: int,
+           teachers: list[tuple[str, str, str]] = (), method: str = "min_ce", level: str = "sequence") -> dict:
+    """One arm's training recipe; ``teachers``: ``(name, model folder, cache folder)``."""
+    return {
+        "name": name,
+        "student": {"init_from": args.student_from, "layers": args.layers},
+        "teachers": [{"path": p, "cache": c, "name": n} for n, p, c in teachers],
+        "data": {"train": data["train"], "eval": data["validation"], "seq_len": args.seq_len,
+                 "max_blocks": args.steps * args.batch_size},  # every block trained on once
+        "loss": {"kind": "forward_kl", "ce_weight": args.ce_weight if teachers else 1.0, "temperature": 1.0},
+        "fusion": {"method": method, "level": level, "top_k": args.top_k, "projection": args.projection},
+        "train": {"output_dir": str(out_dir), "max_steps": args.steps, "batch_size": args.batch_size,
+                  "lr": args.lr, "warmup_steps": max(1, args.steps // 10), "seed": seed,
+                  "logging_steps": max(1, args.steps // 10), "eval_steps": None, "eval_max_blocks": 8,
+                  "threads": args.threads, "plot": False, "overwrite": True},
+    }
+
+
+def build_caches(args, data: dict[str, str], out: Path) -> dict[str, str]:
+    """Export the training blocks and cache each teacher over them once (finished shards are skipped)."""
+    from stillroom.cache import OnlineTeacher, write_cache
+    from stillroom.recipe import load_recipe
+    from stillroom.trainer import export_training_blocks
+
+    blocks = out / "train_blocks.jsonl"
+    if not blocks.exists():
+        n = export_training_blocks(load_recipe(recipe(args, data, "blocks", out / "unused", 0)), blocks)
+        console.print(f"{n} training blocks of ≤ {args.seq_len} student tokens → {blocks}")
+    caches = {}
+    for name, path in (("smollm2", args.smollm2), ("gemma3", args.gemma3)):
+        cache = out / "cache" / name
+        t = time.perf_counter()
+        teacher = OnlineTeacher(path, top_k=args.top_k)
+        s = write_cache(teacher, blocks, cache, console=console)
+        console.print(f"{name}: {s.tokens:,} teacher tokens cached in {time.perf_counter() - t:.0f} s "
+                      f"({s.shards_skipped} shards reused) → {cache}")
+        del teacher
+        caches[name] = str(cache)
+    return caches
+
+
+def bits_per_byte(model, tok, texts: list[str], name: str) -> float:
+    import torch
+
+    from stillroom.evaluate import evaluate
+    from stillroom.modeling import freeze_teacher
+
+    with torch.no_grad():
+        return evaluate(freeze_teacher(model), tok, texts, name=name).bits_per_byte
+
+
+def references(args, texts: list[str], out: Path) -> dict[str, float]:
+    """Held-out bits/byte of the two teachers and of the cut student before training (cached in OUT)."""
+    from stillroom.cut import cut_from
+    from stillroom.evaluate import load_model
+    from stillroom.models import load_tokenizer
+
+    path = out / "references.json"
+    ref = json.loads(path.read_text()) if path.exists() else {}
+    todo = [("teacher smollm2", args.smollm2), ("teacher gemma3", args.gemma3), ("cut student, untrained", None)]
+    for label, folder in todo:
+        if label in ref:
+            continue
+        t = time.perf_counter()
+        if folder is None:
+            model, tok = cut_from(args.student_from, args.layers), load_tokenizer(args.student_from)
+        else:
+            model, tok = load_model(folder)
+        ref[label] = bits_per_byte(model, tok, texts, label)
+        console.print(f"{label}: {ref[label]:.4f} bits/byte ({time.perf_counter() - t:.0f} s)")
+        path.write_text(json.dumps(ref, indent=1))
+        del model
+    return ref
+
+
+def arms(args, caches: dict[str, str]) -> dict[str, tuple[list[tuple[str, str, str]], str, str]]:
+    """Arm name → (teachers, fusion method, fusion level)."""
+    sm, gm = ("smollm2", args.smollm2, caches["smollm2"]), ("gemma3", args.gemma3, caches["gemma3"])
+    table = {"ce-only": ([], "min_ce", "sequence"), "kd-smollm2": ([sm], "min_ce", "sequence"),
+             "kd-gemma3": ([gm], "min_ce", "sequence"), "fused-min_ce": ([sm, gm], "min_ce", "sequence"),
+             "fused-avg_ce": ([sm, gm], "avg_ce", "sequence")}
+    if args.token_level:
+        table.update({"fused-min_ce-token": ([sm, gm], "min_ce", "token"),
+                      "fused-avg_ce-token": ([sm, gm], "avg_ce", "token")})
+    return table
+
+
+def run_arm(args, data, out: Path, seed: int, arm: str, spec, texts: list[str]) -> dict:
+    """Train one arm, evaluate it on the test works, write ``result.json``; reuse it when it exists."""
+    from stillroom.evaluate import load_model
+    from stillroom.trainer import train
+
+    folder = out / f"seed{seed}" / arm
+    done = folder / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    console.rule(f"seed {seed}: {arm}")
+    teachers, method, level = spec
+    t = time.perf_counter()
+    res = train(recipe(args, data, f"real-fusion-{arm}", folder / "model", seed, teachers, method, level))
+    train_s = time.perf_counter() - t
+    model, tok = load_model(res.output_dir)
+    t = time.perf_counter()
+    bpb = bits_per_byte(model, tok, texts, arm)
+    result = {"arm": arm, "seed": seed, "test_bpb": bpb, "validation_bpb": res.metrics.get("eval_bpb"),
+              "train_seconds": train_s, "eval_seconds": time.perf_counter() - t,
+              "train_tokens": args.steps * args.batch_size * args.seq_len}
+    if not args.keep_models:
+        for f in Path(res.output_dir).glob("*.safetensors"):
+            f.unlink()
+    done.write_text(json.dumps(result, indent=1))
+    console.print(f"{arm} seed {seed}: {bpb:.4f} bits/byte (train {train_s:.0f} s)")
+    return result
+
+
+def collect(out: Path) -> tuple[dict[str, dict[int, float]], dict[str, list[float]]]:
+    """Every finished arm under OUT: arm → {seed: test bits/byte}, arm → train seconds."""
+    bpb: dict[str, dict[int, float]] = {}
+    secs: dict[str, list[float]] = {}
+    for f in sorted(out.glob("seed*/*/result.json")):
+        r = json.loads(f.read_text())
+        bpb.setdefault(r["arm"], {})[r["seed"]] = r["test_bpb"]
+        secs.setdefault(r["arm"], []).append(r["train_seconds"])
+    return bpb, secs
+
+
+def report_md(args, results, secs, refs: dict[str, float], lines: list[str]) -> str:
+    """Markdown: the command, machine, scale, per arm mean ± spread and per-seed values, references, verdicts."""
+    agg = aggregate(results)
+    tokens = args.steps * args.batch_size * args.seq_len
+    out = [f"# bench.real_fusion report\n\nmachine: {machine()}\n\n`python -m bench.real_fusion --seeds "
+           f"{' '.join(map(str, args.seeds))} --steps {args.steps} --batch-size {args.batch_size} --seq-len "
+           f"{args.seq_len} --lr {args.lr} --ce-weight {args.ce_weight} --projection {args.projection} --top-k "
+           f"{args.top_k} --eval-chars {args.eval_chars}`\n\nstudent: layers {args.layers} of `{args.student_from}`; "
+           f"{tokens:,} training tokens per arm ({args.steps} steps × {args.batch_size} × {args.seq_len}); test: "
+           f"first {args.eval_chars:,} characters of {', '.join(TEST_WORKS)}\n",
+           "| arm | mean bits/byte | ± spread (half range) | per seed | train s / arm (median) |",
+           "|---|---|---|---|---|"]
+    for arm, a in agg.items():
+        out.append(f"| {arm} | {a['mean']:.4f} | {a['spread']:.4f} | "
+                   f"{' '.join(f'{s}: {v:.4f}' for s, v in a['seeds'].items())} | "
+                   f"{statistics.median(secs[arm]):.0f} |")
+    out.append("")
+    if refs:
+        out += ["| reference (same text) | bits/byte |", "|---|---|"]
+        out += [f"| {k} | {v:.4f} |" for k, v in refs.items()]
+        out.append("")
+    out += [f"- {v}" for v in lines]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per arm (each block seen once)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--ce-weight", type=float, default=0.9, help="λ (FuseLLM's continual-training value)")
+    ap.add_argument("--projection", default="prefix")
+    ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--token-level", action="store_true", help="also fused arms at token level")
+    ap.add_argument("--eval-chars", type=int, default=2000, help="characters of each test work evaluated")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--student-from", default=SMOLLM2)
+    ap.add_argument("--layers", type=int, nargs="+", default=LAYERS)
+    ap.add_argument("--smollm2", default=SMOLLM2)
+    ap.add_argument("--gemma3", default=GEMMA3)
+    ap.add_argument("--corpus", type=Path, default=CORPUS)
+    ap.add_argument("--keep-models", action="store_true", help="keep each trained student's weights")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-real-fusion"))
+    args = ap.parse_args()
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from stillroom.demo import held_out_texts
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    check_scale(args, args.out)
+    console.print(f"machine: {machine()}")
+    data = prepare_data(args.corpus, args.out)
+    texts = held_out_texts(data["test"], args.eval_chars)
+    t = time.perf_counter()
+    caches = build_caches(args, data, args.out)
+    console.print(f"caches ready in {time.perf_counter() - t:.0f} s")
+    refs = references(args, texts, args.out)
+    table = arms(args, caches)
+    for seed in args.seeds:
+        for arm, spec in table.items():
+            run_arm(args, data, args.out, seed, arm, spec, texts)
+            results, secs = collect(args.out)  # report after every arm: a killed run keeps what it finished
+            lines = verdicts(results)
+            (args.out / "report.md").write_text(report_md(args, results, secs, refs, lines), encoding="utf-8")
+            (args.out / "results.json").write_text(json.dumps({"test_bpb": results, "train_seconds": secs,
+                                                               "references": refs}, indent=1))
+    console.print((args.out / "report.md").read_text())
+    summary("; ".join(lines))
+
+
+if __name__ == "__main__":
+    main()
