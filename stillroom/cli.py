@@ -174,7 +174,7 @@ def cache(
     import os
 
     from stillroom.cache import OnlineTeacher, verify_cache, write_cache
-    from stillroom.data_io import load_texts
+    from stillroom.data_io import TextSource
     from stillroom.models import check_device, check_model_dir
     from stillroom.outputs import check_output_dir
 
@@ -201,7 +201,8 @@ def cache(
     _choice("--dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
     check_device(device)
     check_output_dir(out, "--out", marker="plan.json", create=False)
-    rows = load_texts(data, text_field, documents)
+    rows = TextSource(data, text_field, documents)  # streamed, never held; a bad row stops the first pass
+    next(iter(rows))  # the data opens and holds a first document (checked before the teacher loads)
     check_model_dir(teacher, "--teacher")
     if threads is not None:
         import torch

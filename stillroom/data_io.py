@@ -455,3 +455,34 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[tuple[str, str, bool]
             value = d["id"][j] if "id" in d else None
             yield _row_id(value, str(i)), _check_text(t, f"{path} row {i}"), value is not None
             i += 1
+
+
+class TextSource:
+    """DATA at a path as a re-iterable: every ``iter()`` is a fresh :func:`iter_texts` pass (e.g. one pass to
+    fingerprint the data, another to process it), so a corpus larger than memory can be read twice."""
+
+    def __init__(self, path: str | os.PathLike, text_field: str = "text", documents: str = "file"):
+        self.path, self.text_field, self.documents = Path(path), text_field, documents
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter_texts(self.path, self.text_field, self.documents)
+
+
+def scan_texts(rows, chunk: int) -> tuple[str, int, list[int]]:
+    """One pass over ``(id, text)`` pairs: their :func:`data_fingerprint`, their count and the characters in
+    each run of ``chunk`` rows (a cache shard), holding one row at a time. ``rows`` must be re-iterable (a list,
+    a :class:`TextSource`) when the caller reads it again."""
+    h = hashlib.sha256()
+    n, chars = 0, []
+    for ex_id, text in rows:
+        for part in (ex_id, text):
+            b = part.encode("utf-8")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+        if n % chunk == 0:
+            chars.append(0)
+        chars[-1] += len(text)
+        n += 1
+    if not n:
+        raise DataError("the data holds no examples; add some")
+    return h.hexdigest(), n, chars
