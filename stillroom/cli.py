@@ -149,8 +149,9 @@ def demo(
 @app.command()
 def cache(
     teacher: Optional[Path] = typer.Option(None, help="Teacher model folder (safetensors + tokenizer)."),
-    data: Optional[Path] = typer.Option(None, help="Text file, folder of .txt, JSONL with a text field, or a "
-                                                   "datasets folder."),
+    data: Optional[Path] = typer.Option(None, help="Text file, folder of .txt, JSONL with a text field, Parquet "
+                                                   "file with a text column, or a datasets folder (streamed: "
+                                                   "never held in memory)."),
     documents: str = typer.Option("file", help="What one example of a plain .txt is: file, paragraph or line."),
     out: Optional[Path] = typer.Option(None, help="Cache folder to write (rerun the same command to resume)."),
     top_k: int = typer.Option(16, "--top-k", min=1, help="Teacher entries kept per position."),
@@ -323,8 +324,8 @@ def generate(
 @app.command("eval")
 def eval_(
     model: list[Path] = typer.Option(..., "--model", help="Model folder(s) to evaluate (repeat to compare)."),
-    data: Path = typer.Option(..., "--data", help="Text file, folder of .txt, JSONL with a text field, or a "
-                                                  "datasets folder."),
+    data: Path = typer.Option(..., "--data", help="Text file, folder of .txt, JSONL with a text field, Parquet "
+                                                  "file with a text column, or a datasets folder."),
     documents: str = typer.Option("file", help="What one document of a plain .txt is: file, paragraph or line "
                                                "(as the recipe's data.documents)."),
     teacher: Optional[list[Path]] = typer.Option(None, "--teacher", help="Teacher folder(s): also report top-1 "
