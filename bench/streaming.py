@@ -70,11 +70,10 @@ def child_export(path: str, mode: str, max_seconds: float) -> dict:
                 return
             yield r
 
-    out = Path(tempfile.mkdtemp()) / "blocks.jsonl"
-    blocks = iter_blocks(rows(), tok, 128, warn_padding=False) if mode == "stream" else \
-        make_blocks(list(rows()), tok, 128, warn_padding=False)
-    n = export_blocks(blocks, out)
-    out.unlink()
+    with tempfile.TemporaryDirectory() as d:
+        blocks = iter_blocks(rows(), tok, 128, warn_padding=False) if mode == "stream" else \
+            make_blocks(list(rows()), tok, 128, warn_padding=False)
+        n = export_blocks(blocks, Path(d) / "blocks.jsonl")
     return {"rss_gb": peak_rss_gb(), "base_gb": base, "blocks": n, "mb_read": chars / 1e6, "cut": cut,
             "seconds": time.perf_counter() - t0, "marks": marks}
 
@@ -83,7 +82,8 @@ def child_train(path: str, mode: str) -> dict:
     from stillroom.demo import DEFAULT
     from stillroom.trainer import train
 
-    out = tempfile.mkdtemp()
+    tmp = tempfile.TemporaryDirectory()
+    out = tmp.name
     raw = {"student": {"tokenizer": str(DEFAULT / "student-tokenizer"),
                        "config": {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 256}},
            "data": {"train": path, "documents": "paragraph", "seq_len": 128, "streaming": mode == "stream"},
@@ -92,7 +92,9 @@ def child_train(path: str, mode: str) -> dict:
                      "threads": 1, "logging_steps": 1}}
     t0 = time.perf_counter()
     train(raw)
-    return {"rss_gb": peak_rss_gb(), "seconds": time.perf_counter() - t0}
+    res = {"rss_gb": peak_rss_gb(), "seconds": time.perf_counter() - t0}
+    tmp.cleanup()
+    return res
 
 
 def main() -> None:
