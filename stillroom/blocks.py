@@ -23,7 +23,9 @@ Block ids are ``"<document id>#<piece>"`` of the piece that starts the block: st
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,62 +70,76 @@ def make_blocks(rows: list[tuple[str, str]], tokenizer, seq_len: int, add_bos: b
     ``add_bos``: put :func:`separator_id` before every document. ``pack``: fill blocks across documents; off,
     every document starts a new block. Blocks with fewer than ``min_tokens`` tokens are dropped.
     """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        blocks = list(iter_blocks(rows, tokenizer, seq_len, add_bos, pack, min_tokens, warn_padding))
+    for w in caught:  # re-raised here, so that they point at make_blocks' caller
+        warnings.warn(w.message, w.category, stacklevel=2)
+    return blocks
+
+
+def iter_blocks(rows: Iterable[tuple[str, str]], tokenizer, seq_len: int, add_bos: bool = True, pack: bool = True,
+                min_tokens: int = 2, warn_padding: bool = True, batch_docs: int = 64) -> Iterator[Block]:
+    """:func:`make_blocks` as a generator over a document iterator (e.g. :func:`stillroom.data_io.iter_texts`):
+    the same blocks in the same order, holding one block and ``batch_docs`` documents at a time (documents are
+    tokenized ``batch_docs`` at a time: one call of the fast tokenizer instead of one per document)."""
     if seq_len < 4:
         raise ValueError(f"seq_len={seq_len} is too short; use at least 4 tokens")
     sep = separator_id(tokenizer) if add_bos else None
-    blocks: list[Block] = []
     cur = Block("", "", [], [], [])
-
-    def flush() -> None:
-        nonlocal cur
-        if len(cur.input_ids) >= min_tokens:
-            blocks.append(cur)
-        cur = Block("", "", [], [], [])
-
-    for doc_id, text in rows:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-        if not ids:
-            continue
-        ok = _cuttable(offsets)
-        if not pack and cur.input_ids:
-            flush()
-        k, char, piece, first = 0, 0, 0, True
-        while first or k < len(ids):
-            if len(cur.input_ids) >= seq_len:
-                flush()
-            head = [sep] if (first and sep is not None) else []
-            room = seq_len - len(cur.input_ids) - len(head)
-            end = min(k + room, len(ids))
-            while k < end < len(ids) and not ok[end]:  # cut where the characters of two tokens do not overlap
-                end -= 1
-            if end == k and not head:  # no clean cut in the room left
-                if not cur.input_ids:
-                    raise ValueError(f"document {doc_id!r}: no clean token boundary within {seq_len} tokens")
-                flush()
+    n_blocks = n_tokens = 0
+    docs = iter(rows)
+    while batch := list(itertools.islice(docs, batch_docs)):
+        encs = tokenizer([t for _, t in batch], add_special_tokens=False, return_offsets_mapping=True)
+        for (doc_id, text), ids, offs in zip(batch, encs["input_ids"], encs["offset_mapping"], strict=True):
+            ids, offsets = list(ids), [tuple(o) for o in offs]
+            if not ids:
                 continue
-            char_end = len(text) if end == len(ids) else (offsets[end][0] if end > k else char)
-            if not cur.input_ids:
-                cur.example_id = f"{doc_id}#{piece}"
-            cur.starts.append(len(cur.input_ids))
-            cur.text_starts.append(len(cur.text))
-            cur.input_ids += head + ids[k:end]
-            cur.text += text[char:char_end]
-            k, char, piece, first = end, char_end, piece + 1, False
-            if k < len(ids) and len(cur.input_ids) < seq_len:  # stopped short of a full block: end it here
-                flush()
-    flush()
-    if not blocks:
+            ok = _cuttable(offsets)
+            if not pack and cur.input_ids:
+                if len(cur.input_ids) >= min_tokens:
+                    n_blocks, n_tokens = n_blocks + 1, n_tokens + len(cur.input_ids)
+                    yield cur
+                cur = Block("", "", [], [], [])
+            k, char, piece, first = 0, 0, 0, True
+            while first or k < len(ids):
+                flush = len(cur.input_ids) >= seq_len
+                if not flush:
+                    head = [sep] if (first and sep is not None) else []
+                    room = seq_len - len(cur.input_ids) - len(head)
+                    end = min(k + room, len(ids))
+                    while k < end < len(ids) and not ok[end]:  # cut where two tokens' characters do not overlap
+                        end -= 1
+                    if end == k and not head:  # no clean cut in the room left
+                        if not cur.input_ids:
+                            raise ValueError(f"document {doc_id!r}: no clean token boundary within {seq_len} tokens")
+                        flush = True
+                if not flush:
+                    char_end = len(text) if end == len(ids) else (offsets[end][0] if end > k else char)
+                    if not cur.input_ids:
+                        cur.example_id = f"{doc_id}#{piece}"
+                    cur.starts.append(len(cur.input_ids))
+                    cur.text_starts.append(len(cur.text))
+                    cur.input_ids += head + ids[k:end]
+                    cur.text += text[char:char_end]
+                    k, char, piece, first = end, char_end, piece + 1, False
+                    flush = k < len(ids) and len(cur.input_ids) < seq_len  # stopped short of a full block
+                if flush:
+                    if len(cur.input_ids) >= min_tokens:
+                        n_blocks, n_tokens = n_blocks + 1, n_tokens + len(cur.input_ids)
+                        yield cur
+                    cur = Block("", "", [], [], [])
+    if len(cur.input_ids) >= min_tokens:
+        n_blocks, n_tokens = n_blocks + 1, n_tokens + len(cur.input_ids)
+        yield cur
+    if not n_blocks:
         raise ValueError("make_blocks: the data produced no blocks (all texts shorter than 2 tokens?)")
-    if warn_padding:
-        pad = padding_fraction(blocks, seq_len)
-        if pad > PADDING_WARN:
-            fix = (f"the data holds fewer tokens than a few blocks; lower data.seq_len (now {seq_len})" if pack else
-                   "pack documents (data.packing: true) or read a .txt as larger documents "
-                   "(data.documents: file or paragraph)")
-            warnings.warn(f"{pad:.0%} of the {len(blocks)} blocks' {seq_len} positions are padding; {fix}",
-                          stacklevel=2)
-    return blocks
+    pad = 1.0 - n_tokens / (n_blocks * seq_len)
+    if warn_padding and pad > PADDING_WARN:
+        fix = (f"the data holds fewer tokens than a few blocks; lower data.seq_len (now {seq_len})" if pack else
+               "pack documents (data.packing: true) or read a .txt as larger documents "
+               "(data.documents: file or paragraph)")
+        warnings.warn(f"{pad:.0%} of the {n_blocks} blocks' {seq_len} positions are padding; {fix}", stacklevel=2)
 
 
 def padding_fraction(blocks: list[Block], seq_len: int) -> float:
@@ -143,6 +159,45 @@ class BlockDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         b = self.blocks[i]
         return {"input_ids": b.input_ids, "text": b.text, "example_id": b.example_id, "starts": b.starts}
+
+
+class StreamingBlocks(torch.utils.data.IterableDataset):
+    """Iterable dataset of the blocks of a DATA path packed on the fly (:func:`~stillroom.data_io.iter_texts` →
+    :func:`iter_blocks`): memory stays flat whatever the corpus size; every pass re-reads the data.
+
+    Sharded by rank: rank r of ``world_size`` gets blocks ``i % world_size == r`` of the stream (and, inside a
+    DataLoader with workers, worker w of W gets every W-th of those), so across ranks every block comes exactly
+    once per pass. Every rank reads and packs the whole stream (a block's boundaries depend on all documents
+    before it) and keeps its share. ``max_blocks`` caps the stream before it is sharded. ``rank`` /
+    ``world_size`` default to ``torch.distributed`` (else one process)."""
+
+    def __init__(self, path, tokenizer, seq_len: int, *, text_field: str = "text", documents: str = "file",
+                 add_bos: bool = True, pack: bool = True, max_blocks: int | None = None, rank: int | None = None,
+                 world_size: int | None = None):
+        super().__init__()
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = rank if rank is not None else (torch.distributed.get_rank() if dist else 0)
+        self.world_size = world_size if world_size is not None else (torch.distributed.get_world_size() if dist else 1)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={self.rank} must be in [0, world_size={self.world_size})")
+        self.path, self.tokenizer, self.seq_len = path, tokenizer, seq_len
+        self.text_field, self.documents, self.add_bos, self.pack = text_field, documents, add_bos, pack
+        self.max_blocks = max_blocks
+
+    def blocks(self) -> Iterator[Block]:
+        """The whole stream (all ranks' blocks), capped at ``max_blocks``."""
+        from stillroom.data_io import iter_texts
+
+        rows = iter_texts(self.path, self.text_field, self.documents)
+        return itertools.islice(iter_blocks(rows, self.tokenizer, self.seq_len, self.add_bos, self.pack,
+                                            warn_padding=False), self.max_blocks)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        step, first = self.world_size * n_workers, self.rank + self.world_size * worker
+        for b in itertools.islice(self.blocks(), first, None, step):
+            yield {"input_ids": b.input_ids, "text": b.text, "example_id": b.example_id, "starts": b.starts}
 
 
 def position_ids(starts: list[int], n: int, seq_len: int) -> torch.Tensor:
@@ -192,9 +247,10 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
-def export_blocks(blocks: list[Block], path) -> int:
+def export_blocks(blocks: Iterable[Block], path) -> int:
     """Write blocks as JSONL ``{"id", "text"}`` (what ``stillroom cache --data`` reads), atomically (a crash
-    leaves no partial file and no temporary behind); returns the count."""
+    leaves no partial file and no temporary behind); returns the count. ``blocks`` may be a generator
+    (:func:`iter_blocks`): each block is written as it arrives."""
     import json
     import os
     from pathlib import Path
@@ -202,14 +258,16 @@ def export_blocks(blocks: list[Block], path) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    n = 0
     try:
         with tmp.open("w", encoding="utf-8") as f:
             for b in blocks:
                 f.write(json.dumps({"id": b.example_id, "text": b.text}) + "\n")
+                n += 1
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return len(blocks)
+    return n
 
 
 def cap_documents(docs: list[str], tokenizer, max_tokens: int) -> list[str]:

@@ -52,6 +52,7 @@ k + 1 bins (top-k plus tail) per token and the largest log-prob error; both go i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -65,7 +66,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from stillroom.data_io import data_fingerprint, load_texts, text_sha
+from stillroom.data_io import TextSource, scan_texts, text_sha
 from stillroom.errors import ConfigError, DataError, MissingPathError
 from stillroom.modeling import freeze_teacher
 from stillroom.models import check_device, load_causal_lm, load_tokenizer, resolve_model
@@ -516,25 +517,24 @@ class CacheSummary:
 def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_size: int = 1000,
                 text_field: str = "text", logprob_bits: int | None = None, rank: int | None = None,
                 world_size: int | None = None, progress: bool = True, console=None) -> CacheSummary:
-    """Run ``teacher`` over DATA (a path for :func:`~stillroom.data_io.load_texts` or ``[(id, text)]``) and
-    write the cache into ``out``; resumes an interrupted run of the same command (see module docstring)."""
+    """Run ``teacher`` over DATA (a path, streamed twice: to fingerprint, then shard by shard; or ``[(id, text)]``)
+    and write the cache into ``out``; resumes an interrupted run of the same command (see module docstring)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = load_texts(data, text_field) if isinstance(data, (str, os.PathLike)) else list(data)
-    if not rows:
-        raise DataError("no examples to cache")
+    rows = TextSource(data, text_field) if isinstance(data, (str, os.PathLike)) else data  # read twice below
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
     if shard_size < 1:
         raise ConfigError(f"shard_size (--shard-size) must be >= 1, got {shard_size}")
+    fingerprint, n_examples, shard_chars = scan_texts(rows, shard_size)  # DataError when there are none
     enc = Encoding.for_vocab(teacher.vocab_size, teacher.top_k, logprob_bits)
-    n_shards = math.ceil(len(rows) / shard_size)
+    n_shards = math.ceil(n_examples / shard_size)
     plan = {"format": FORMAT, "teacher": teacher.source, "teacher_hash": teacher.teacher_hash,
             "tokenizer_hash": teacher.tokenizer_hash, "top_k": teacher.top_k, "temperature": teacher.temperature,
             "max_length": teacher.max_length, "overlap": teacher.overlap, "vocab_size": enc.vocab_size,
             "id_bits": enc.id_bits, "logprob_bits": enc.logprob_bits, "logprob_step": logprob_step(enc.logprob_bits),
-            "data_fingerprint": data_fingerprint(rows), "n_examples": len(rows), "shard_size": shard_size,
+            "data_fingerprint": fingerprint, "n_examples": n_examples, "shard_size": shard_size,
             "n_shards": n_shards}
     out = check_output_dir(out, "cache folder", marker="plan.json")  # resumable: ours, or new, or empty
     plan_path = out / "plan.json"
@@ -547,7 +547,7 @@ def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_s
     for i in mine:  # leftovers of a killed run
         for tmp in out.glob(f".{_shard_name(i, n_shards)}*.tmp.*"):
             tmp.unlink(missing_ok=True)
-    todo_chars = sum(len(t) for i in todo for _, t in rows[i * shard_size:(i + 1) * shard_size])
+    todo_chars, it, at = sum(shard_chars[i] for i in todo), iter(rows), 0  # `at`: next shard `it` reaches
     schema = pa.schema([("id", pa.string()), ("text_sha", pa.string()), ("n_tokens", pa.int32()),
                         ("input_ids", pa.binary()), ("topk_ids", pa.binary()), ("topk_codes", pa.binary()),
                         ("tail", pa.binary()), ("gold_ce", pa.binary())])
@@ -556,7 +556,7 @@ def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_s
     with bar:
         task = bar.add_task(f"teacher pass (rank {rank}/{world_size})", total=max(1, todo_chars), tps="")
         for i in todo:
-            chunk = rows[i * shard_size:(i + 1) * shard_size]
+            chunk, at = list(itertools.islice(it, (i - at) * shard_size, (i - at + 1) * shard_size)), i + 1
             recs, kls, max_err, tokens = [], [], 0.0, 0
             g = max(1, min(64, 4 * teacher.batch_tokens // max(1, *(len(t) for _, t in chunk))))
             for j in range(0, len(chunk), g):  # groups of about one teacher forward (~4 chars/token); bar per group

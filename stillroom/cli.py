@@ -149,8 +149,9 @@ def demo(
 @app.command()
 def cache(
     teacher: Optional[Path] = typer.Option(None, help="Teacher model folder (safetensors + tokenizer)."),
-    data: Optional[Path] = typer.Option(None, help="Text file, folder of .txt, JSONL with a text field, or a "
-                                                   "datasets folder."),
+    data: Optional[Path] = typer.Option(None, help="Text file, folder of .txt, JSONL with a text field, Parquet "
+                                                   "file with a text column, or a datasets folder (streamed: "
+                                                   "never held in memory)."),
     documents: str = typer.Option("file", help="What one example of a plain .txt is: file, paragraph or line."),
     out: Optional[Path] = typer.Option(None, help="Cache folder to write (rerun the same command to resume)."),
     top_k: int = typer.Option(16, "--top-k", min=1, help="Teacher entries kept per position."),
@@ -174,7 +175,7 @@ def cache(
     import os
 
     from stillroom.cache import OnlineTeacher, verify_cache, write_cache
-    from stillroom.data_io import load_texts
+    from stillroom.data_io import TextSource
     from stillroom.models import check_device, check_model_dir
     from stillroom.outputs import check_output_dir
 
@@ -201,7 +202,8 @@ def cache(
     _choice("--dtype", dtype, ("auto", "float32", "bfloat16", "float16"))
     check_device(device)
     check_output_dir(out, "--out", marker="plan.json", create=False)
-    rows = load_texts(data, text_field, documents)
+    rows = TextSource(data, text_field, documents)  # streamed, never held; a bad row stops the first pass
+    next(iter(rows))  # the data opens and holds a first document (checked before the teacher loads)
     check_model_dir(teacher, "--teacher")
     if threads is not None:
         import torch
@@ -322,8 +324,8 @@ def generate(
 @app.command("eval")
 def eval_(
     model: list[Path] = typer.Option(..., "--model", help="Model folder(s) to evaluate (repeat to compare)."),
-    data: Path = typer.Option(..., "--data", help="Text file, folder of .txt, JSONL with a text field, or a "
-                                                  "datasets folder."),
+    data: Path = typer.Option(..., "--data", help="Text file, folder of .txt, JSONL with a text field, Parquet "
+                                                  "file with a text column, or a datasets folder."),
     documents: str = typer.Option("file", help="What one document of a plain .txt is: file, paragraph or line "
                                                "(as the recipe's data.documents)."),
     teacher: Optional[list[Path]] = typer.Option(None, "--teacher", help="Teacher folder(s): also report top-1 "

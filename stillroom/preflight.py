@@ -22,7 +22,7 @@ def check_recipe(recipe) -> dict:
     """Run every pre-training check; returns the loaded tokenizers (``student`` and one per teacher)."""
     from transformers import AutoConfig
 
-    from stillroom.data_io import load_texts
+    from stillroom.data_io import iter_texts, load_texts
 
     spec = recipe.student
     student_tok = student_tokenizer(spec)
@@ -38,7 +38,10 @@ def check_recipe(recipe) -> dict:
     if context is not None and recipe.data.seq_len > context:
         raise ConfigError(f"data.seq_len: got {recipe.data.seq_len}, but the student's context is {context} "
                           f"tokens; set data.seq_len={context} or less")
-    load_texts(recipe.data.train, recipe.data.text_field, recipe.data.documents)
+    if recipe.data.streaming:  # a stream is checked as it is read; here only that it opens and holds a document
+        next(iter_texts(recipe.data.train, recipe.data.text_field, recipe.data.documents))
+    else:
+        load_texts(recipe.data.train, recipe.data.text_field, recipe.data.documents)
     if recipe.data.eval:
         load_texts(recipe.data.eval, recipe.data.text_field, recipe.data.documents)
     for name in recipe.train.report_to:
@@ -71,7 +74,7 @@ def _check_cache(recipe, spec, i: int, student_tok) -> None:
     recipe's training blocks (``train --export-blocks``): every block's id must be in it, with the same text."""
     from stillroom.cache import CachedTeacher
     from stillroom.data_io import text_sha
-    from stillroom.trainer import training_blocks
+    from stillroom.trainer import streaming_blocks, training_blocks
 
     key = f"teachers.{i}.cache"
     try:
@@ -79,10 +82,15 @@ def _check_cache(recipe, spec, i: int, student_tok) -> None:
                                temperature=recipe.loss.temperature)
     except (ConfigError, ModelError, ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{key}: {e}") from None
-    blocks = training_blocks(recipe, student_tok)
+    d = recipe.data
+    blocks = streaming_blocks(recipe, student_tok).blocks() if d.streaming else training_blocks(recipe, student_tok)
     index = cached._index  # id -> (shard, row, text sha); read-only use
-    bad = [b for b in blocks if b.example_id not in index or index[b.example_id][2] != text_sha(b.text)]
+    n, bad = 0, []  # ids of the blocks the cache lacks
+    for b in blocks:  # a stream is read once, block by block
+        n += 1
+        if b.example_id not in index or index[b.example_id][2] != text_sha(b.text):
+            bad.append(b.example_id)
     if bad:
-        raise ConfigError(f"{key}: {spec.cache} was built over other texts ({len(bad)} of {len(blocks)} training "
-                          f"blocks, e.g. {bad[0].example_id!r}, are not in it); rebuild it: stillroom train RECIPE "
+        raise ConfigError(f"{key}: {spec.cache} was built over other texts ({len(bad)} of {n} training "
+                          f"blocks, e.g. {bad[0]!r}, are not in it); rebuild it: stillroom train RECIPE "
                           "--export-blocks blocks.jsonl, then stillroom cache --data blocks.jsonl")

@@ -73,6 +73,8 @@ class DataSpec(_Strict):
     isolate_documents: bool = Field(True, description="position ids restart at every document so attention "
                                     "does not cross documents in a packed block")
     max_blocks: int | None = Field(None, ge=1)
+    streaming: bool = Field(False, description="read and pack data.train on the fly (stillroom.blocks."
+                            "StreamingBlocks): memory stays flat whatever its size; needs train.max_steps")
 
 
 class LossSpec(_Strict):
@@ -213,6 +215,9 @@ class Recipe(_Strict):
             raise ValueError(f"data.train: {self.data.train} does not exist")
         if self.data.eval is not None and not Path(self.data.eval).exists():
             raise ValueError(f"data.eval: {self.data.eval} does not exist")
+        if self.data.streaming and "max_steps" not in self.train.model_fields_set:
+            raise ValueError("data.streaming: the number of blocks is unknown until the data is read, so set "
+                             "train.max_steps (e.g. train.max_steps=1000)")
         if self.loss.kind == "emo":
             if self.teachers:
                 raise ValueError("loss.kind: 'emo' trains without teachers; remove `teachers` or pick a "

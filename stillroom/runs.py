@@ -425,7 +425,7 @@ def card_metadata(recipe) -> dict:
     return meta
 
 
-def model_card(recipe, metrics: dict, n_blocks: int, student=None) -> str:
+def model_card(recipe, metrics: dict, n_blocks: int | str, student=None) -> str:
     import yaml
 
     from stillroom.student import describe_student

@@ -36,8 +36,10 @@ from stillroom.blocks import (  # noqa: F401 - re-exported for existing imports
     Block,
     BlockCollator,
     BlockDataset,
+    StreamingBlocks,
     cap_documents,
     export_blocks,
+    iter_blocks,
     make_blocks,
     model_inputs,
 )
@@ -447,6 +449,9 @@ def training_arguments(recipe, has_eval: bool):
         disable_tqdm=True, dataloader_num_workers=0, average_tokens_across_devices=True,
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1) else None,
+        # streamed blocks: each rank reads the stream and accelerate's IterableDatasetShard keeps its batches
+        # (dispatching from rank 0 would broadcast the batches' texts, which are not tensors)
+        accelerator_config={"dispatch_batches": False} if recipe.data.streaming else None,
     )
 
 
@@ -482,7 +487,7 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
     tok = toks["student"]
     seq = recipe.data.seq_len
     d = recipe.data
-    blocks = training_blocks(recipe, tok)
+    blocks = streaming_blocks(recipe, tok) if d.streaming else BlockDataset(training_blocks(recipe, tok))
     eval_docs = None
     if d.eval:
         eval_docs = [t for _, t in load_texts(d.eval, d.text_field, d.documents)]
@@ -512,7 +517,7 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
             loss = LossConfig(r.kind, r.ce_weight if teachers else 1.0, r.temperature, r.beta, r.alpha, r.chunk_size,
                               r.emo_mode, r.emo_cost)
             fusion = FusionConfig(recipe.fusion.method, recipe.fusion.level, recipe.fusion.weight_temperature, None)
-            trainer = DistillTrainer(model=student, args=args, train_dataset=BlockDataset(blocks),
+            trainer = DistillTrainer(model=student, args=args, train_dataset=blocks,
                                      eval_dataset=eval_docs,
                                      data_collator=BlockCollator(tok, seq, d.isolate_documents), processing_class=tok,
                                      teachers=teachers,
@@ -537,7 +542,7 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
                 trainer.save_model(str(out))
                 if trainer.is_world_process_zero():
                     tok.save_pretrained(out)
-                    runs.atomic_write_text(out / "README.md", runs.model_card(recipe, metrics, len(blocks), trainer.model))
+                    runs.atomic_write_text(out / "README.md", runs.model_card(recipe, metrics, "streamed" if d.streaming else len(blocks), trainer.model))
                     history = [dict(h) for h in trainer.state.log_history]
                     if recipe.train.plot:
                         runs.plot_losses(history, out / "loss_curve.png")
@@ -564,13 +569,27 @@ def training_blocks(recipe, tokenizer) -> list[Block]:
     return blocks[: d.max_blocks] if d.max_blocks else blocks
 
 
+def streaming_blocks(recipe, tokenizer) -> StreamingBlocks:
+    """The recipe's training blocks packed on the fly (``data.streaming``): the same blocks as
+    :func:`training_blocks`, never all in memory. One stream for all ranks: the Trainer's data loader
+    (accelerate) gives each rank its own batches of it."""
+    d = recipe.data
+    return StreamingBlocks(d.train, tokenizer, d.seq_len, text_field=d.text_field, documents=d.documents,
+                           add_bos=d.add_bos, pack=d.packing, max_blocks=d.max_blocks, rank=0, world_size=1)
+
+
 def export_training_blocks(recipe, path, overwrite: bool = False) -> int:
     """Write the recipe's training blocks as JSONL ``{"id", "text"}``: build a teacher cache on exactly these
     texts with ``stillroom cache --data PATH`` and point ``teachers.N.cache`` at it (evaluation needs no
-    teacher). An existing file is kept (:class:`~stillroom.errors.OutputExistsError`) unless ``overwrite``."""
-    from stillroom.data_io import is_blocks_file
+    teacher). Streamed: each block is written as it is packed, so any data size fits. An existing file is kept
+    (:class:`~stillroom.errors.OutputExistsError`) unless ``overwrite``."""
+    import itertools
+
+    from stillroom.data_io import is_blocks_file, iter_texts
     from stillroom.outputs import check_output_file
 
     check_output_file(path, "--export-blocks", overwrite=overwrite, ours=is_blocks_file)
     tok = student_tokenizer(recipe.student)
-    return export_blocks(training_blocks(recipe, tok), path)
+    d = recipe.data
+    blocks = iter_blocks(iter_texts(d.train, d.text_field, d.documents), tok, d.seq_len, d.add_bos, d.packing)
+    return export_blocks(itertools.islice(blocks, d.max_blocks), path)

@@ -118,3 +118,91 @@ def test_packed_documents_do_not_see_each_other(tiny_models, name):
             torch.testing.assert_close(packed[s:e], alone, atol=1e-4, rtol=1e-4)
         leaky = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0]
     assert (leaky[bounds[1]:bounds[2]] - packed[bounds[1]:bounds[2]]).abs().max() > 1e-3  # the mask matters
+
+
+# --- streaming ------------------------------------------------------------------------------------------------
+
+
+def _fields(blocks):
+    return [(b.example_id, b.text, b.input_ids, b.starts, b.text_starts) for b in blocks]
+
+
+@pytest.mark.parametrize(("documents", "seq", "pack", "add_bos"), [
+    ("paragraph", 32, True, True), ("line", 16, True, False), ("paragraph", 24, False, True), ("file", 64, True, True)])
+def test_streamed_blocks_equal_make_blocks(shared, shared_tokenizer, tmp_path, documents, seq, pack, add_bos):
+    import shutil
+
+    from stillroom.blocks import iter_blocks
+    from stillroom.data_io import iter_texts, load_texts
+
+    tok = shared_tokenizer("gpt2")
+    for f in sorted((shared / "corpus" / "shakespeare").glob("*.txt"))[:2]:  # two plays, as a folder DATA
+        shutil.copy(f, tmp_path / f.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = make_blocks(load_texts(tmp_path, documents=documents), tok, seq, add_bos, pack)
+        for batch_docs in (1, 7, 64):  # one tokenizer call per document, or batched
+            got = iter_blocks(iter_texts(tmp_path, documents=documents), tok, seq, add_bos, pack,
+                              batch_docs=batch_docs)
+            assert _fields(got) == _fields(ref)
+
+
+def test_streamed_multibyte_blocks_equal_make_blocks(shared_tokenizer, tmp_path):
+    from stillroom.blocks import iter_blocks
+    from stillroom.data_io import iter_texts, load_texts
+
+    tok = shared_tokenizer("gpt2")
+    p = tmp_path / "mixed.txt"
+    p.write_text("\n\n".join(f"東京 {i} — naïve 🙂 café " * (i % 5 + 1) for i in range(60)), encoding="utf-8")
+    ref = make_blocks(load_texts(p, documents="paragraph"), tok, 12)
+    assert _fields(iter_blocks(iter_texts(p, documents="paragraph"), tok, 12, batch_docs=5)) == _fields(ref)
+
+
+def test_streaming_dataset_shards_by_rank_disjoint_and_complete(gpt2_tok, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from stillroom.blocks import StreamingBlocks
+    from stillroom.data_io import load_texts
+
+    p = tmp_path / "c.txt"
+    p.write_text("\n".join(t for _, t in _docs()), encoding="utf-8")
+    ref = [b.example_id for b in make_blocks(load_texts(p, documents="line"), gpt2_tok, SEQ)]
+    assert len(ref) > 20
+    for world, cap in ((2, None), (3, None), (2, 11)):
+        want = ref[:cap] if cap else ref
+        shares = [[x["example_id"] for x in StreamingBlocks(p, gpt2_tok, SEQ, documents="line", max_blocks=cap,
+                                                             rank=r, world_size=world)] for r in range(world)]
+        assert sorted(sum(shares, [])) == sorted(want)  # every block once across ranks...
+        assert all(set(a).isdisjoint(b) for a, b in itertools.combinations(shares, 2))  # ...and on one rank only
+        for r in range(world):  # by hand: rank r takes blocks r, r + world, ...
+            assert shares[r] == want[r::world]
+    # two data-loader workers on rank 1 of 2 split that rank's share again
+    ds = StreamingBlocks(p, gpt2_tok, SEQ, documents="line", rank=1, world_size=2)
+    got = []
+    for w in range(2):
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda w=w: SimpleNamespace(num_workers=2, id=w))
+        got.append([x["example_id"] for x in ds])
+    assert got == [ref[1::4], ref[3::4]]
+    with pytest.raises(ValueError, match="rank=2"):
+        StreamingBlocks(p, gpt2_tok, SEQ, rank=2, world_size=2)
+    # a batch of streamed blocks collates as the in-memory dataset's does
+    collate = BlockCollator(gpt2_tok, SEQ)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: None)
+    one = next(iter(torch.utils.data.DataLoader(StreamingBlocks(p, gpt2_tok, SEQ, documents="line"), batch_size=4,
+                                                collate_fn=collate)))
+    two = collate([BlockDataset(make_blocks(load_texts(p, documents="line"), gpt2_tok, SEQ))[i] for i in range(4)])
+    assert torch.equal(one["input_ids"], two["input_ids"]) and torch.equal(one["position_ids"], two["position_ids"])
+    assert one["example_id"] == two["example_id"]
+
+
+def test_export_blocks_streams_a_generator(gpt2_tok, tmp_path):
+    import json
+
+    from stillroom.blocks import export_blocks, iter_blocks
+
+    docs = _docs()
+    n = export_blocks(iter_blocks(iter(docs), gpt2_tok, SEQ), tmp_path / "b.jsonl")
+    ref = make_blocks(docs, gpt2_tok, SEQ)
+    lines = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert n == len(ref) == len(lines)
+    assert lines == [{"id": b.example_id, "text": b.text} for b in ref]

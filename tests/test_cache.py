@@ -400,3 +400,20 @@ def test_student_targets_cross_tokenizer_online_equals_offline(tiny_models, tmp_
         assert torch.allclose(ca, cb, atol=5e-3, equal_nan=True)
         # the spread CE sums to the teacher's total over the aligned text (gold CE at rows 0..T-2)
         assert abs(float(ca.nansum()) - float(a.gold_ce[:-1].sum())) < 0.05 * float(a.gold_ce[:-1].sum())
+
+
+def test_streamed_data_path_builds_the_same_cache(teacher, built, tmp_path):
+    """A DATA path is streamed (fingerprint pass, then shard by shard, ranks skipping others' rows): the cache
+    equals the one built from the rows in memory."""
+    rows, out, _ = built
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in rows), encoding="utf-8")
+    assert load_texts(data) == rows
+    s1 = write_cache(teacher, data, tmp_path / "s", shard_size=5, rank=1, world_size=2, progress=False)
+    s0 = write_cache(teacher, data, tmp_path / "s", shard_size=5, rank=0, world_size=2, progress=False)
+    assert (s1.shards_written, s0.shards_written, s0.complete) == (1, 2, True)
+    a = json.loads((out / "manifest.json").read_text())
+    b = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert a["shards"] == b["shards"] and a["data_fingerprint"] == b["data_fingerprint"]
+    again = write_cache(teacher, data, tmp_path / "s", shard_size=5, progress=False)  # resumed: nothing to do
+    assert (again.shards_written, again.shards_skipped) == (0, 3)

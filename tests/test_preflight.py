@@ -52,3 +52,26 @@ def test_context_and_loggers(tiny_models, tmp_path):
     for name in absent:
         with pytest.raises(ConfigError, match=rf"train.report_to: '{name}' needs the {name} package"):
             check_recipe(load_recipe(raw, [f"train.report_to=[{name}]"]))
+
+
+def test_streaming_recipe_checks_its_first_document_and_the_cache_over_streamed_blocks(tiny_models, tmp_path):
+    from stillroom.errors import DataError
+    from stillroom.trainer import export_training_blocks
+
+    stream = ["data.streaming=true", "train.max_steps=2"]
+    r = load_recipe(_recipe(tiny_models, tmp_path), stream)
+    check_recipe(r)
+    blocks = tmp_path / "blocks.jsonl"
+    n = export_training_blocks(r, blocks)
+    teacher = OnlineTeacher(str(tiny_models["llama-spm"]), top_k=4)
+    write_cache(teacher, blocks, tmp_path / "cache", progress=False)
+    check_recipe(load_recipe(_recipe(tiny_models, tmp_path), [*stream, f"teachers.0.cache={tmp_path / 'cache'}"]))
+    lines = blocks.read_text().splitlines()
+    (tmp_path / "fewer.jsonl").write_text("\n".join(lines[1:]) + "\n")  # the first block missing
+    write_cache(teacher, tmp_path / "fewer.jsonl", tmp_path / "cache2", progress=False)
+    with pytest.raises(ConfigError, match=rf"built over other texts \(1 of {n} training blocks, e.g. 'train#0'"):
+        check_recipe(load_recipe(_recipe(tiny_models, tmp_path), [*stream, f"teachers.0.cache={tmp_path / 'cache2'}"]))
+    raw = _recipe(tiny_models, tmp_path)
+    (tmp_path / "train.txt").write_bytes(b"caf\xe9\n")  # the first document is not UTF-8
+    with pytest.raises(DataError, match=r"train.txt: line 1 is not UTF-8 \(byte 0xe9\)"):
+        check_recipe(load_recipe(raw, stream))
