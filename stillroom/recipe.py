@@ -51,11 +51,26 @@ class TeacherSpec(_Strict):
     path: str = Field(description="Hugging Face model folder of the teacher (model + tokenizer)")
     cache: str | None = Field(None, description="offline cache folder (stillroom cache) instead of running it")
     name: str | None = Field(None, description="label in metrics and the model card (default: the folder name)")
+    objective: Literal["kd", "alm", "uld"] = Field(
+        "kd", description="kd: projected onto the student vocabulary and fused into the (1 − λ)·D target; alm: "
+        "its own approximate-likelihood-matching term over aligned chunks; uld: its own universal logit "
+        "distillation term (see stillroom.objectives)")
+    weight: float | None = Field(None, ge=0.0, description="alm / uld only: w in λ·CE + Σ w·D (default 1 − λ)")
+    alm_temperature: float = Field(1.0, gt=0.0, description="alm only: binarisation temperature")
+    alm_divergence: Literal["bce", "kl", "reverse_kl"] = Field("bce", description="alm only: binarised divergence")
+    alm_chunks: Literal["exact", "all"] = Field("exact", description="alm only: chunks = exact alignment groups "
+                                                "or every group")
 
     @model_validator(mode="after")
     def _default_name(self) -> TeacherSpec:
         if self.name is None:
             self.name = Path(self.path).name
+        wrong = sorted(k for k in self.model_fields_set if (k == "weight" and self.objective == "kd")
+                       or (k.startswith("alm_") and self.objective != "alm"))
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} set but objective is {self.objective!r}: weight is for alm / uld "
+                             f"teachers (kd teachers share the fused (1 − λ) term), alm_* for alm teachers; remove "
+                             f"them or set objective")
         return self
 
 
@@ -211,6 +226,9 @@ class Recipe(_Strict):
             _check_model_path(t.path, f"teachers.{i}.path")
             if t.cache is not None and not Path(t.cache).is_dir():
                 raise ValueError(f"teachers.{i}.cache: {t.cache} is not a folder (build it with `stillroom cache`)")
+            if t.objective != "kd" and t.weight is None and self.loss.ce_weight == 1.0:
+                raise ValueError(f"teachers.{i}.weight: objective {t.objective!r} with loss.ce_weight=1.0 gives it the "
+                                 f"default weight 1 − λ = 0; set teachers.{i}.weight (e.g. 0.5) or lower loss.ce_weight")
         if not Path(self.data.train).exists():
             raise ValueError(f"data.train: {self.data.train} does not exist")
         if self.data.eval is not None and not Path(self.data.eval).exists():

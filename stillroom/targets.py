@@ -67,3 +67,23 @@ class SparseTarget:
         lp[..., 0] = torch.where(fill, torch.zeros_like(lp[..., 0]), lp[..., 0])
         tail[fill] = 0.0
         return SparseTarget(ids, lp, tail, self.valid | fill)
+
+
+def stack_rows(rows: list[SparseTarget], ces: list[torch.Tensor], seq_len: int
+               ) -> tuple[SparseTarget, torch.Tensor]:
+    """Pad per-example targets ``[T_r, k_r]`` to one ``[B, seq_len, k]`` batch (padding rows invalid)."""
+    k = max(t.k for t in rows)
+    B = len(rows)
+    ids = torch.zeros(B, seq_len, k, dtype=torch.long)
+    lp = torch.full((B, seq_len, k), float("-inf"))
+    tail = torch.zeros(B, seq_len)
+    valid = torch.zeros(B, seq_len, dtype=torch.bool)
+    ce = torch.full((B, seq_len), float("nan"))
+    for r, (t, c) in enumerate(zip(rows, ces, strict=True)):
+        n = min(t.ids.shape[0], seq_len)
+        ids[r, :n, : t.k] = torch.as_tensor(t.ids[:n])
+        lp[r, :n, : t.k] = torch.as_tensor(t.logprobs[:n]).float()
+        tail[r, :n] = torch.as_tensor(t.tail[:n]).float()
+        valid[r, :n] = torch.as_tensor(t.valid[:n])
+        ce[r, :n] = c[:n]
+    return SparseTarget(ids, lp, tail, valid), ce

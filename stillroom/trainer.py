@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import torch
 from transformers import Trainer
 
-from stillroom import modeling, runs
+from stillroom import modeling, objectives, runs
 from stillroom.blocks import (  # noqa: F401 - re-exported for existing imports
     Block,
     BlockCollator,
@@ -47,7 +47,7 @@ from stillroom.fusion import fuse, fusion_weights, votes
 from stillroom.models import load_causal_lm
 from stillroom.preflight import check_recipe  # noqa: F401  (re-exported: validation runs before any model loads)
 from stillroom.student import build_student, describe_student, student_tokenizer
-from stillroom.targets import SparseTarget
+from stillroom.targets import SparseTarget, stack_rows
 from stillroom.tokens import same_tokenizer
 
 # --- teachers -----------------------------------------------------------------------------------------------
@@ -126,27 +126,7 @@ class AlignedTeacher:
                                     fallback=self.fallback, fill=False)
             rows.append(t)
             ces.append(torch.as_tensor(ce, dtype=torch.float32))
-        return _stack_rows(rows, ces, ids.shape[1])
-
-
-def _stack_rows(rows: list[SparseTarget], ces: list[torch.Tensor], seq_len: int
-                ) -> tuple[SparseTarget, torch.Tensor]:
-    """Pad per-example targets ``[T_r, k_r]`` to one ``[B, seq_len, k]`` batch (padding rows invalid)."""
-    k = max(t.k for t in rows)
-    B = len(rows)
-    ids = torch.zeros(B, seq_len, k, dtype=torch.long)
-    lp = torch.full((B, seq_len, k), float("-inf"))
-    tail = torch.zeros(B, seq_len)
-    valid = torch.zeros(B, seq_len, dtype=torch.bool)
-    ce = torch.full((B, seq_len), float("nan"))
-    for r, (t, c) in enumerate(zip(rows, ces, strict=True)):
-        n = min(t.ids.shape[0], seq_len)
-        ids[r, :n, : t.k] = torch.as_tensor(t.ids[:n])
-        lp[r, :n, : t.k] = torch.as_tensor(t.logprobs[:n]).float()
-        tail[r, :n] = torch.as_tensor(t.tail[:n]).float()
-        valid[r, :n] = torch.as_tensor(t.valid[:n])
-        ce[r, :n] = c[:n]
-    return SparseTarget(ids, lp, tail, valid), ce
+        return stack_rows(rows, ces, ids.shape[1])
 
 
 # --- loss settings ------------------------------------------------------------------------------------------
@@ -218,10 +198,10 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if fast_activations:
             modeling.fast_activations(self.model)
-        self.teachers = list(teachers or [])
+        self.teachers, self.extra = objectives.split_teachers(list(teachers or []))  # kd (fused) / ALM, ULD terms
         self.loss_cfg = loss or LossConfig()
         self.fusion_cfg = fusion or FusionConfig()
-        if self.loss_cfg.kind != "emo" and not self.teachers and self.loss_cfg.ce_weight != 1.0:
+        if self.loss_cfg.kind != "emo" and not self.teachers + self.extra and self.loss_cfg.ce_weight != 1.0:
             raise ValueError("DistillTrainer: no teachers, so loss.ce_weight must be 1.0 (plain CE) "
                              "or loss.kind must be 'emo'")
         self.emo_cost = None
@@ -274,7 +254,7 @@ class DistillTrainer(Trainer):
             ce, total = (parts / max(1, self.state.global_step - self._parts_from)).tolist()
             logs["ce"] = ce
             lam = self.loss_cfg.ce_weight
-            if self.teachers and self.loss_cfg.kind != "emo" and lam < 1:
+            if self.teachers and not self.extra and self.loss_cfg.kind != "emo" and lam < 1:
                 logs["kd"] = (total - lam * ce) / (1 - lam)
             self._parts = self._parts_from = None
         if self._fusion_share is not None and "loss" in logs:
@@ -296,7 +276,7 @@ class DistillTrainer(Trainer):
         weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
         h, y = hidden.reshape(-1, H), labels.reshape(-1)
         c = self.loss_cfg
-        if not model.training or (not self.teachers and c.kind != "emo"):  # evaluation always reports CE
+        if not model.training or (not self.teachers + self.extra and c.kind != "emo"):  # evaluation reports CE
             return losses.fused_linear_distill_loss(h, weight, labels=y, ce_weight=1.0, chunk_size=c.chunk_size,
                                                     reduction="sum")
         self._step_ce = None
@@ -309,6 +289,12 @@ class DistillTrainer(Trainer):
             cost = self.emo_cost if c.emo_cost == "fixed" else None
             return losses.fused_linear_emo_loss(h, weight, cost, labels=y, mode=c.emo_mode,
                                                 chunk_size=c.chunk_size, reduction="sum")
+        extra = sum((t.loss_sum(hidden, weight, inputs) for t in self.extra), torch.zeros((), device=h.device))
+        if not self.teachers:  # only ALM / ULD teachers: λ·CE + Σ w·D
+            ce = losses.fused_linear_distill_loss(h, weight, labels=y, ce_weight=1.0, chunk_size=c.chunk_size,
+                                                  reduction="sum")
+            self._step_ce = ce.detach()
+            return c.ce_weight * ce + extra
         t0 = self.teachers[0]
         if len(self.teachers) == 1 and isinstance(t0, SameTokenizerTeacher) and t0.top_k is None:
             with torch.no_grad():
@@ -318,7 +304,7 @@ class DistillTrainer(Trainer):
                 h, weight, teacher_hidden=th.reshape(h.shape[0], -1), teacher_weight=tw, labels=y,
                 ce_weight=c.ce_weight, kind=c.kind, temperature=c.temperature, beta=c.beta, alpha=c.alpha,
                 chunk_size=c.chunk_size, reduction="sum", parts=parts)
-            return self._keep_ce(total, parts)
+            return self._keep_ce(total, parts) + extra
         fused = self.fused_target(inputs)
         T = fused.ids.shape[1]
         tgt = SparseTarget(fused.ids[:, : T - 1].reshape(h.shape[0], -1),
@@ -328,7 +314,7 @@ class DistillTrainer(Trainer):
         total = losses.fused_linear_distill_loss(
             h, weight, target=tgt, labels=y, ce_weight=c.ce_weight, kind=c.kind, temperature=c.temperature,
             beta=c.beta, alpha=c.alpha, chunk_size=c.chunk_size, reduction="sum", parts=parts)
-        return self._keep_ce(total, parts)
+        return self._keep_ce(total, parts) + extra
 
     def _keep_ce(self, total: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.loss_cfg.ce_weight < 1:
@@ -412,6 +398,9 @@ def build_teachers(recipe, toks: dict, device=None) -> list:
     student_tok = toks["student"]
     for i, (spec, tok) in enumerate(zip(recipe.teachers, toks["teachers"], strict=True)):
         name = spec.name or f"teacher{i}"
+        if spec.objective != "kd":  # its own ALM / ULD term, never projected or fused
+            teachers.append(objectives.build_teacher(spec, i, student_tok, tok, recipe))
+            continue
         if spec.cache is None and same_tokenizer(student_tok, tok):
             model = load_causal_lm(spec.path, f"teachers.{i}.path", tokenizer=tok)
             teachers.append(SameTokenizerTeacher(model, recipe.fusion.top_k, recipe.loss.temperature, name))

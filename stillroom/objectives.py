@@ -1,0 +1,209 @@
+"""Per-teacher cross-tokenizer objectives next to projected KD: ALM and ULD terms of the training loss.
+
+A recipe teacher has ``objective: kd | alm | uld``. ``kd`` teachers (the default) are projected onto the
+student's vocabulary and fused (``stillroom.fusion``) into the one target of the (1 − λ)·D term, as before.
+An ``alm`` or ``uld`` teacher is never fused or projected: it adds its own term, so the loss per optimizer step is
+
+    L = (1/N) · [ λ·ΣCE + (1 − λ)·ΣD(fused kd target ‖ q) + Σ_i w_i · ΣD_i ]      (w_i default 1 − λ)
+
+- ALM (``stillroom.losses.alm_loss``, Minixhofer et al. 2025): chunks are the ``exact`` alignment groups of the
+  teacher's and the student's tokenizations of the block text (``stillroom.align.align``); the teacher side is
+  its per-token log-prob of its own tokens (``−gold_ce``, online or from any cache — no top-k needed), the
+  student side its own next-token log-probs, gathered chunk by chunk from the logits (:func:`own_logprobs`).
+  Each chunk is weighted by its number of student tokens and summed, so ΣD_i is on the per-token scale of ΣCE.
+- ULD (``stillroom.losses.uld_loss``, Boizard et al. 2024): on the student rows paired with a teacher row
+  through a one-to-one exact group (both predict the same token text from the same byte prefix), the teacher's
+  top-k in its own vocabulary against the sorted student distribution; summed over the pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from stillroom.targets import SparseTarget
+
+OBJECTIVES = ("kd", "alm", "uld")
+
+
+@dataclass
+class ObjectiveConfig:
+    """One teacher's term: ``kind`` alm | uld, its weight w, and the ALM options (see ``alm_loss``)."""
+
+    kind: str = "alm"
+    weight: float = 0.5
+    alm_temperature: float = 1.0
+    alm_divergence: str = "bce"
+    alm_chunks: str = "exact"  # "exact": exact alignment groups only; "all": every group
+    uld_temperature: float = 1.0
+    chunk_size: int | None = None
+
+
+class ObjectiveTeacher:
+    """A teacher (online ``OnlineTeacher`` or ``CachedTeacher`` source) that contributes an ALM or ULD term."""
+
+    def __init__(self, source, student_table, teacher_table, config: ObjectiveConfig, name: str = "teacher"):
+        self.source, self.student_table, self.teacher_table = source, student_table, teacher_table
+        self.config, self.name = config, name
+        self.objective = config.kind
+
+    @torch.no_grad()
+    def aligned(self, batch: dict[str, Any]) -> list[tuple[Any, Any]]:
+        """Per batch row: (teacher output, alignment with the teacher as source and the student's unpadded ids)."""
+        from stillroom.align import align
+
+        outs = self.source.signal(batch["text"], batch["example_id"])
+        ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+        return [(out, align(out.input_ids.numpy(), ids[r][mask[r]].numpy(), self.teacher_table, self.student_table))
+                for r, out in enumerate(outs)]
+
+    def loss_sum(self, hidden: torch.Tensor, weight: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """w · ΣD of this teacher on the batch; ``hidden`` ``[B, T-1, H]`` (row j predicts student token j+1)."""
+        c = self.config
+        pairs = self.aligned(batch)
+        if c.kind == "alm":
+            d = alm_term(hidden, weight, batch["labels"], pairs, c)
+        else:
+            d = uld_term(hidden, weight, batch["labels"], pairs, c)
+        return c.weight * d
+
+
+class _OwnLogprob(torch.autograd.Function):
+    """``log softmax(h W^T)[y]`` per row without keeping [N, V]: forward and backward each rebuild one chunk of
+    logits at a time; ∂/∂z = onehot(y) − softmax(z)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk):
+        out = torch.full((hidden.shape[0],), float("nan"), dtype=torch.float32, device=hidden.device)
+        ok = labels != -100
+        for a in range(0, hidden.shape[0], chunk):
+            z = (hidden[a:a + chunk] @ weight.T).float()
+            y = labels[a:a + chunk].clamp_min(0)
+            lp = z.gather(1, y[:, None])[:, 0] - torch.logsumexp(z, -1)
+            out[a:a + chunk] = torch.where(ok[a:a + chunk], lp, torch.full_like(lp, float("nan")))
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels = ctx.saved_tensors
+        g = torch.nan_to_num(grad_out.float()) * (labels != -100)
+        gh, gw = torch.zeros_like(hidden, dtype=torch.float32), torch.zeros_like(weight, dtype=torch.float32)
+        for a in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[a:a + ctx.chunk]
+            z = (h @ weight.T).float()
+            gz = -torch.softmax(z, -1) * g[a:a + ctx.chunk, None]
+            gz.scatter_add_(1, labels[a:a + ctx.chunk].clamp_min(0)[:, None], g[a:a + ctx.chunk, None])
+            gh[a:a + ctx.chunk] = gz @ weight.float()
+            gw += gz.T @ h.float()
+        return gh.to(hidden.dtype), gw.to(weight.dtype), None, None
+
+
+def own_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                 chunk_size: int | None = None) -> torch.Tensor:
+    """``[N]`` log-probability of each row's label under ``softmax(hidden @ weight.T)`` (``nan`` where the label
+    is -100), differentiable, chunked: at most ``chunk_size`` × V logits exist at once."""
+    from stillroom.losses.fused_linear import auto_chunk_size
+
+    return _OwnLogprob.apply(hidden, weight, labels, int(chunk_size or auto_chunk_size(weight.shape[0])))
+
+
+def _padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), float("nan"), dtype=torch.float32)
+    for r, x in enumerate(rows):
+        out[r, : x.shape[0]] = x
+    return out
+
+
+def alm_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pairs, config: ObjectiveConfig
+             ) -> torch.Tensor:
+    """Σ over the batch of ALM (token-weighted sum over chunks) between the student's chunk likelihoods, from its
+    own-token log-probs, and the teacher's, from ``gold_ce``; chunks = alignment groups (exact ones by default)."""
+    from stillroom.losses import alm_loss, token_logprobs
+
+    B, R, H = hidden.shape
+    rows = own_logprobs(hidden.reshape(-1, H), weight, labels[:, 1:].reshape(-1), config.chunk_size).view(B, R)
+    nan = torch.full((B, 1), float("nan"), dtype=rows.dtype, device=rows.device)
+    student = token_logprobs(torch.cat([rows, nan], 1))  # token j's log-prob, from row j-1
+    width = max(len(out) for out, _ in pairs)
+    teacher = token_logprobs(_padded([-out.gold_ce.float() for out, _ in pairs], width)).to(rows.device)
+    masks = [al.exact for _, al in pairs] if config.alm_chunks == "exact" else None
+    return alm_loss(student, teacher, [al for _, al in pairs], chunk_mask=masks, temperature=config.alm_temperature,
+                    divergence=config.alm_divergence, weighting="tokens", reduction="sum")
+
+
+def uld_pairs(pairs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, SparseTarget]:
+    """(batch row, student row, teacher target) for every one-to-one exact group past token 0: student row
+    s0 − 1 and teacher row t0 − 1 both predict the group's token from the same text."""
+    b_idx, s_rows, ids, lps, tails = [], [], [], [], []
+    for b, (out, al) in enumerate(pairs):
+        g = np.asarray(al.groups)[al.one_to_one & al.exact]
+        g = g[(g[:, 0] >= 1) & (g[:, 2] >= 1)]
+        g = g[labels[b, g[:, 2]].cpu().numpy() != -100] if len(g) else g
+        t_rows = torch.as_tensor(g[:, 0] - 1, dtype=torch.long)
+        b_idx.append(torch.full((len(g),), b, dtype=torch.long))
+        s_rows.append(torch.as_tensor(g[:, 2] - 1, dtype=torch.long))
+        ids.append(out.topk_ids[t_rows])
+        lps.append(out.topk_logprobs[t_rows].float())
+        tails.append(out.tail[t_rows].float())
+    lp = torch.cat(lps)
+    target = SparseTarget(torch.cat(ids), lp, torch.cat(tails), torch.ones(lp.shape[0], dtype=torch.bool))
+    return torch.cat(b_idx), torch.cat(s_rows), target
+
+
+def uld_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pairs, config: ObjectiveConfig
+             ) -> torch.Tensor:
+    """Σ of ULD over the one-to-one exact pairs of the batch (:func:`uld_pairs`), ``chunk_size`` rows of student
+    logits at a time (each chunk recomputed in backward, so only one chunk × V exists at once)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from stillroom.losses import uld_loss
+    from stillroom.losses.fused_linear import auto_chunk_size
+
+    b, s, tgt = uld_pairs(pairs, labels)
+    dev = hidden.device
+    h = hidden[b.to(dev), s.to(dev)]
+    tgt = tgt.to(dev)
+    chunk = int(config.chunk_size or auto_chunk_size(weight.shape[0]))
+    total = hidden.sum() * 0.0
+
+    def piece(hc, w, ids, lp, tail, valid):
+        return uld_loss(hc @ w.T, SparseTarget(ids, lp, tail, valid), temperature=config.uld_temperature,
+                        reduction="sum")
+
+    for a in range(0, h.shape[0], chunk):
+        sl = slice(a, a + chunk)
+        total = total + checkpoint(piece, h[sl], weight, tgt.ids[sl], tgt.logprobs[sl], tgt.tail[sl], tgt.valid[sl],
+                                   use_reentrant=False)
+    return total
+
+
+def split_teachers(teachers: list) -> tuple[list, list]:
+    """(kd teachers, fused into one target; teachers with their own ALM / ULD term)."""
+    extra = [t for t in teachers if isinstance(t, ObjectiveTeacher)]
+    return [t for t in teachers if not isinstance(t, ObjectiveTeacher)], extra
+
+
+def build_teacher(spec, index: int, student_tok, teacher_tok, recipe) -> ObjectiveTeacher:
+    """The recipe's ``teachers[index]`` with ``objective: alm | uld``: online (top-1 is enough for ALM, which
+    reads only ``gold_ce``) or from its cache."""
+    from stillroom.tokens import TokenTable
+
+    if spec.cache is not None:
+        from stillroom.cache import CachedTeacher
+
+        source = CachedTeacher(spec.cache)
+    else:
+        from stillroom.cache import OnlineTeacher
+
+        k = 1 if spec.objective == "alm" else recipe.fusion.top_k
+        source = OnlineTeacher(spec.path, top_k=k, temperature=recipe.loss.temperature)
+    lam = recipe.loss.ce_weight
+    cfg = ObjectiveConfig(spec.objective, 1.0 - lam if spec.weight is None else spec.weight, spec.alm_temperature,
+                          spec.alm_divergence, spec.alm_chunks, recipe.loss.temperature, recipe.loss.chunk_size)
+    return ObjectiveTeacher(source, TokenTable.from_tokenizer(student_tok), TokenTable.from_tokenizer(teacher_tok),
+                            cfg, spec.name or f"teacher{index}")

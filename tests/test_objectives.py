@@ -1,0 +1,227 @@
+"""ALM / ULD teachers in the trainer (stillroom.objectives), against hand-written references on the same batch."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from stillroom.recipe import load_recipe
+from stillroom.testing import corpus_texts
+
+SEQ = 48
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("obj-data")
+    (d / "train.txt").write_text(corpus_texts("train")[0][:6000], encoding="utf-8")
+    (d / "val.txt").write_text(corpus_texts("validation")[0][:800], encoding="utf-8")
+    return d
+
+
+def _raw(tiny_models, data_dir, out, teachers, lam=0.5):
+    return {"student": str(tiny_models["gpt2-bpe"]), "teachers": teachers,
+            "data": {"train": str(data_dir / "train.txt"), "seq_len": SEQ},
+            "loss": {"ce_weight": lam},
+            "train": {"output_dir": str(out), "max_steps": 2, "batch_size": 3, "logging_steps": 1,
+                      "progress": False, "plot": False, "lr": 1e-3, "lr_scheduler": "constant"}}
+
+
+def _trainer(raw):
+    from stillroom import trainer as T
+    from stillroom.student import build_student
+
+    r = load_recipe(raw)
+    toks = T.check_recipe(r)
+    tok = toks["student"]
+    blocks = T.training_blocks(r, tok)
+    student = build_student(r.student, tok)
+    for m in student.modules():  # deterministic forwards (the fixture GPT-2 has dropout 0.1)
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    tr = T.DistillTrainer(model=student, args=T.training_arguments(r, False), train_dataset=T.BlockDataset(blocks),
+                          data_collator=T.BlockCollator(tok, SEQ), teachers=T.build_teachers(r, toks),
+                          loss=T.LossConfig(r.loss.kind, r.loss.ce_weight), fusion=T.FusionConfig())
+    batch = tr.data_collator([tr.train_dataset[i] for i in range(3)])
+    return tr, batch, toks
+
+
+def _dense(tr, batch):
+    m = tr.model.train()
+    return m(**{k: batch[k] for k in ("input_ids", "position_ids")}).logits.double().log_softmax(-1)
+
+
+def _teacher_rows(path, tok, text):
+    """Teacher token ids and dense log-probs [T, V] of its own tokenization of ``text`` (by hand)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor(tok(text)["input_ids"])
+    with torch.no_grad():
+        return ids, model(input_ids=ids[None]).logits[0].double().log_softmax(-1)
+
+
+def _alignments(batch, toks, t_tok):
+    from stillroom.align import align
+    from stillroom.tokens import TokenTable
+
+    st, tt = TokenTable.from_tokenizer(toks["student"]), TokenTable.from_tokenizer(t_tok)
+    out = []
+    for r, text in enumerate(batch["text"]):
+        sid = batch["input_ids"][r][batch["attention_mask"][r].bool()]
+        out.append(align(t_tok(text)["input_ids"], sid.numpy(), tt, st))
+    return out
+
+
+def _naive_alm(s_tok_lp, t_tok_lp, al, tau=1.0, eps=1e-6):
+    """Per-chunk loop: log-likelihood sums, Bernoulli BCE, weighted by student tokens; exact groups only."""
+    total = 0.0
+    for (t0, t1, s0, s1), ex in zip(al.groups.tolist(), al.exact.tolist(), strict=True):
+        if not ex or t1 <= t0 or s1 <= s0 or t0 == 0 or s0 == 0:  # token 0 has no prediction on either side
+            continue
+        lq = sum(s_tok_lp[j] for j in range(s0, s1)) / tau - eps
+        lp = float(sum(t_tok_lp[j] for j in range(t0, t1))) / tau - eps
+        p = math.exp(lp)
+        total = total - (p * lq + (1 - p) * torch.log(-torch.expm1(lq))) * (s1 - s0)
+    return total
+
+
+@pytest.mark.parametrize("lam,tau", [(0.0, 4.0), (0.5, 1.0)])
+def test_alm_training_step_equals_a_hand_computed_loss_and_its_gradient(lam, tau, tiny_models, data_dir, tmp_path):
+    """λ = 0 isolates the ALM term (pure distillation); τ = 4 makes its chunks' likelihoods large enough to matter
+    for these untrained models (at τ = 1 chunk probabilities are ~1e-3 and the term is small)."""
+    t = tiny_models["llama-spm"]
+    spec = {"path": str(t), "objective": "alm", "alm_temperature": tau, "weight": 1.0 - lam}
+    tr, batch, toks = _trainer(_raw(tiny_models, data_dir, tmp_path, [spec], lam=lam))
+    got = tr.compute_loss(tr.model.train(), batch)
+    got.backward()
+    g_got = tr.model.get_output_embeddings().weight.grad.clone()
+    tr.model.zero_grad()
+
+    t_tok = toks["teachers"][0]
+    logp = _dense(tr, batch)
+    ce, alm, n = 0.0, 0.0, 0
+    for r, al in enumerate(_alignments(batch, toks, t_tok)):
+        lab = batch["labels"][r]
+        s_tok = {j: logp[r, j - 1, lab[j]] for j in range(1, SEQ) if lab[j] != -100}
+        ce = ce - sum(s_tok.values())
+        n += len(s_tok)
+        ids, t_lp = _teacher_rows(t, t_tok, batch["text"][r])
+        t_tok_lp = {j: t_lp[j - 1, ids[j]] for j in range(1, len(ids))}
+        alm = alm + _naive_alm(s_tok, t_tok_lp, al, tau)
+    want = (lam * ce + (1 - lam) * alm) / n
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert float(alm) > 0
+    want.backward()
+    g_want = tr.model.get_output_embeddings().weight.grad
+    assert g_got.abs().sum() > 0
+    torch.testing.assert_close(g_got.double(), g_want.double(), rtol=1e-3, atol=1e-7)
+
+
+def test_alm_chunks_are_the_exact_alignment_groups(tiny_models, data_dir, tmp_path):
+    """The trainer's chunks are stillroom.align's groups of the teacher's and the student's tokenizations."""
+    tr, batch, toks = _trainer(_raw(tiny_models, data_dir, tmp_path,
+                                    [{"path": str(tiny_models["llama-spm"]), "objective": "alm"}]))
+    pairs = tr.extra[0].aligned(batch)
+    for r, ((out, al), ref) in enumerate(zip(pairs, _alignments(batch, toks, toks["teachers"][0]), strict=True)):
+        assert out.input_ids.tolist() == toks["teachers"][0](batch["text"][r])["input_ids"]
+        assert (al.groups == ref.groups).all() and (al.exact == ref.exact).all()
+        assert 0 < al.exact.sum() <= len(al.exact)
+
+
+def test_alm_from_the_cache_equals_alm_online(tiny_models, data_dir, tmp_path):
+    from stillroom.cache import OnlineTeacher, write_cache
+    from stillroom.trainer import export_training_blocks
+
+    t = str(tiny_models["llama-spm"])
+    raw = _raw(tiny_models, data_dir, tmp_path / "o", [{"path": t, "objective": "alm", "weight": 2.0}])
+    export_training_blocks(load_recipe(raw), tmp_path / "blocks.jsonl")
+    write_cache(OnlineTeacher(t, top_k=1), tmp_path / "blocks.jsonl", tmp_path / "cache", progress=False)
+    online, batch, _ = _trainer(raw)
+    raw["teachers"][0]["cache"] = str(tmp_path / "cache")
+    cached, _, _ = _trainer(raw)
+    cached.model.load_state_dict(online.model.state_dict())
+    a = online.compute_loss(online.model.train(), batch)
+    b = cached.compute_loss(cached.model.train(), batch)
+    assert float(a) == pytest.approx(float(b), rel=2e-3)  # the cache stores gold_ce in float16
+
+
+def test_uld_training_step_equals_a_naive_sorted_probability_loss(tiny_models, data_dir, tmp_path):
+    t = tiny_models["llama-spm"]
+    raw = _raw(tiny_models, data_dir, tmp_path, [{"path": str(t), "objective": "uld", "weight": 0.3}], lam=0.7)
+    raw["fusion"] = {"top_k": 5}
+    tr, batch, toks = _trainer(raw)
+    got = tr.compute_loss(tr.model.train(), batch)
+    t_tok = toks["teachers"][0]
+    logp = _dense(tr, batch)
+    ce, uld, n = 0.0, 0.0, 0
+    pairs = 0
+    for r, al in enumerate(_alignments(batch, toks, t_tok)):
+        lab = batch["labels"][r]
+        ce = ce - sum(logp[r, j - 1, lab[j]] for j in range(1, SEQ) if lab[j] != -100)
+        n += int((lab[1:] != -100).sum())
+        _, t_lp = _teacher_rows(t, t_tok, batch["text"][r])
+        for (t0, t1, s0, s1), ex in zip(al.groups.tolist(), al.exact.tolist(), strict=True):
+            if not ex or t1 - t0 != 1 or s1 - s0 != 1 or t0 == 0 or s0 == 0 or lab[s0] == -100:
+                continue
+            p = sorted(t_lp[t0 - 1].exp().tolist(), reverse=True)[:5]  # teacher top-5, rest = one tail bucket
+            q = sorted(logp[r, s0 - 1].exp().tolist(), reverse=True)
+            q_t = logp[r, s0 - 1].exp().sort(descending=True).values
+            head = sum(abs(q_t[i] - p[i]) for i in range(5))
+            uld = uld + head + abs((1 - sum(q[:5])) - (1 - sum(p)))
+            pairs += 1
+    assert pairs > 10
+    want = (0.7 * ce + 0.3 * uld) / n
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-4)
+    got.backward()
+    assert tr.model.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_own_logprobs_value_and_gradient_match_log_softmax():
+    from stillroom.objectives import own_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(13, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(50, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (13,), generator=g)
+    y[4] = -100
+    got = own_logprobs(h, w, y, chunk_size=5)
+    assert torch.isnan(got[4])
+    ref = (h @ w.T).log_softmax(-1).gather(1, y.clamp_min(0)[:, None])[:, 0]
+    keep = y != -100
+    torch.testing.assert_close(got[keep].double(), ref[keep], rtol=1e-5, atol=1e-5)
+    c = torch.randn(13, dtype=torch.float64, generator=g)
+    gh, gw = torch.autograd.grad((got[keep] * c[keep]).sum(), (h, w))
+    rh, rw = torch.autograd.grad((ref[keep] * c[keep]).sum(), (h, w))
+    torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-5)
+
+
+def test_alm_and_kd_teachers_train_together(tiny_models, data_dir, tmp_path):
+    from stillroom.trainer import train
+
+    t = str(tiny_models["llama-spm"])
+    raw = _raw(tiny_models, data_dir, tmp_path / "out", [{"path": t, "name": "kd"},
+                                                        {"path": t, "name": "alm", "objective": "alm",
+                                                         "alm_chunks": "all", "alm_divergence": "kl"}])
+    res = train(raw)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
+    assert res.metrics
+
+
+@pytest.mark.parametrize("teacher,lam,match", [
+    ({"weight": 0.5}, 0.5, r"weight set but objective is 'kd'"),
+    ({"objective": "uld", "alm_temperature": 2.0}, 0.5, r"alm_temperature set but objective is 'uld'"),
+    ({"objective": "alm"}, 1.0, r"teachers.0.weight: objective 'alm' with loss.ce_weight=1.0"),
+    ({"objective": "alm", "alm_chunks": "some"}, 0.5, r"alm_chunks"),
+    ({"objective": "ctc"}, 0.5, r"objective"),
+])
+def test_recipe_rejects_bad_objective_settings(teacher, lam, match, tiny_models, data_dir, tmp_path):
+    raw = _raw(tiny_models, data_dir, tmp_path, [{"path": str(tiny_models["llama-spm"]), **teacher}], lam=lam)
+    with pytest.raises(ValueError, match=match):
+        load_recipe(raw)
