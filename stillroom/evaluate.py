@@ -32,6 +32,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -322,12 +323,17 @@ def evaluate(model, tokenizer, texts: Sequence[str], *, name: str = "model", tea
         raise DataError(f"{name}: its tokenizer gives no tokens for any of the {len(texts)} text(s); check that the "
                         "model folder holds its real tokenizer")
 
-    bar = task = None
-    if progress:
-        from rich.progress import Progress
+    bar = task = console = None
+    t0 = time.perf_counter()
+    if progress:  # a live bar on a terminal; one closing line otherwise (a log gets no blank lines)
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        bar = Progress(transient=True)
-        bar.start()
+        console = Console(stderr=True)
+        if console.is_terminal:
+            bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                           console=console, transient=True)
+            bar.start()
     try:
         if not states:  # windows of all texts batched together
             jobs = [(seq, span) for _, seq, _ in work for span in window_spans(len(seq), context, stride)]
@@ -364,6 +370,9 @@ def evaluate(model, tokenizer, texts: Sequence[str], *, name: str = "model", tea
     finally:
         if bar is not None:
             bar.stop()
+    if console is not None:
+        console.print(f"eval {name}: {n_tokens:,} tokens in {time.perf_counter() - t0:.1f} s", highlight=False,
+                      soft_wrap=True)
     nll_bits = total_nats * LOG2E
     return EvalReport(
         model=name,
