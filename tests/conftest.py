@@ -28,6 +28,31 @@ def shared() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """``train.txt`` (12,000 characters) and ``val.txt`` (1,500) from the shipped corpus, for short training runs."""
+    from stillroom.testing import corpus_texts
+
+    d = tmp_path_factory.mktemp("train-data")
+    (d / "train.txt").write_text(corpus_texts("train")[0][:12000], encoding="utf-8")
+    (d / "val.txt").write_text(corpus_texts("validation")[0][:1500], encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="session")
+def nodrop_student(tiny_models, tmp_path_factory) -> Path:
+    """The fixture student with dropout off, so training-mode losses and runs with different micro-batching
+    can be recomputed and compared exactly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("nodrop")
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2-bpe"])
+    model.config.update({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"]).save_pretrained(out)
+    return out
+
+
 _TOKENIZER_CACHE: dict[str, object] = {}
 
 # Tokenizers committed under tests/data (small enough for git; see each folder's README), by name.

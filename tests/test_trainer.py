@@ -22,27 +22,6 @@ RECIPES = ROOT / "recipes"
 SEQ = 48
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("train-data")
-    (d / "train.txt").write_text(corpus_texts("train")[0][:12000], encoding="utf-8")
-    (d / "val.txt").write_text(corpus_texts("validation")[0][:1500], encoding="utf-8")
-    return d
-
-
-@pytest.fixture(scope="module")
-def nodrop_student(tiny_models, tmp_path_factory) -> Path:
-    """The fixture student with dropout off, so runs with different micro-batching are comparable."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("nodrop")
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2-bpe"])
-    model.config.update({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"]).save_pretrained(out)
-    return out
-
-
 def _base(tiny_models, data_dir, out, teachers=("gpt2-bpe-teacher",), **extra) -> dict:
     raw = {
         "student": str(tiny_models["gpt2-bpe"]),
