@@ -55,6 +55,30 @@ def reduce_rows(per_row: torch.Tensor, counted: torch.Tensor, reduction: str,
     return total / counted.sum().clamp_min(1)
 
 
+def student_rows(student_logits: torch.Tensor, mask: torch.Tensor | None, reduction: str, temperature: float
+                 ) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
+    """Checks shared by the logit losses, then ``(leading shape, logits [N, V] in fp32 or fp64, counted [N])``:
+    the reduction and temperature are valid, the logits floating point and finite, ``mask`` (True = counted)
+    has the logits' leading shape."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    leading = tuple(student_logits.shape[:-1])
+    logits = student_logits.reshape(-1, student_logits.shape[-1])
+    if not logits.dtype.is_floating_point:
+        raise ValueError(f"student_logits must be floating point, got {logits.dtype}")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    check_finite(logits, "student_logits")
+    counted = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    if mask is not None:
+        if tuple(mask.shape) != leading:
+            raise ValueError(f"mask shape {tuple(mask.shape)} must equal the student's leading shape {leading}")
+        counted = counted & mask.reshape(-1).bool()
+    return leading, logits, counted
+
+
 def distill_loss(student_logits: torch.Tensor, target: torch.Tensor | SparseTarget, *, kind: str = "forward_kl",
                  temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
                  mask: torch.Tensor | None = None, reduction: str = "mean", t2_scale: bool = False,
@@ -67,27 +91,12 @@ def distill_loss(student_logits: torch.Tensor, target: torch.Tensor | SparseTarg
     counted; combined with ``SparseTarget.valid``). Kinds: see ``stillroom.losses.divergences``.
     """
     check_kind(kind, beta, alpha)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r}; choose one of {', '.join(REDUCTIONS)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
-    leading = tuple(student_logits.shape[:-1])
     if vocab_size is not None:
         if vocab_size > student_logits.shape[-1]:
             raise ValueError(f"vocab_size={vocab_size} exceeds the student logits' width {student_logits.shape[-1]}")
         student_logits = student_logits[..., :vocab_size]
-    V = student_logits.shape[-1]
-    logits = student_logits.reshape(-1, V)
-    if not logits.dtype.is_floating_point:
-        raise ValueError(f"student_logits must be floating point, got {logits.dtype}")
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    check_finite(logits, "student_logits")
-    counted = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-    if mask is not None:
-        if tuple(mask.shape) != leading:
-            raise ValueError(f"mask shape {tuple(mask.shape)} must equal the student's leading shape {leading}")
-        counted = counted & mask.reshape(-1).bool()
+    leading, logits, counted = student_rows(student_logits, mask, reduction, temperature)
+    V = logits.shape[-1]
     s = logits / temperature
     lse = torch.logsumexp(s, -1, keepdim=True)
     logq = s - lse

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from stillroom.losses.distill import REDUCTIONS, check_finite, reduce_rows
+from stillroom.losses.distill import check_finite, reduce_rows, student_rows
 from stillroom.targets import SparseTarget
 
 
@@ -36,21 +36,7 @@ def uld_loss(student_logits: torch.Tensor, target: torch.Tensor | SparseTarget, 
     """Rank-wise L1 between sorted student ``softmax(student_logits / T)`` ``[..., V_s]`` and a teacher given as
     dense logits ``[..., V_t]`` or a ``SparseTarget`` with the same leading shape. ``mask [...]`` True = counted
     (combined with ``SparseTarget.valid``); reductions as in ``distill_loss``."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r}; choose one of {', '.join(REDUCTIONS)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
-    leading = tuple(student_logits.shape[:-1])
-    z = student_logits.reshape(-1, student_logits.shape[-1])
-    if not z.dtype.is_floating_point:
-        raise ValueError(f"student_logits must be floating point, got {z.dtype}")
-    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-    check_finite(z, "student_logits")
-    counted = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
-    if mask is not None:
-        if tuple(mask.shape) != leading:
-            raise ValueError(f"mask shape {tuple(mask.shape)} must equal the student's leading shape {leading}")
-        counted = counted & mask.reshape(-1).bool()
+    leading, z, counted = student_rows(student_logits, mask, reduction, temperature)
     q = torch.softmax(z / temperature, -1)
     if isinstance(target, SparseTarget):
         if tuple(target.ids.shape[:-1]) != leading:
