@@ -6,7 +6,7 @@ temporary working folder.
 Commands are the lines starting with ``stillroom`` in ```bash blocks of README.md and docs/ (backslash
 continuations joined). They run in order, one temporary working folder per page (with ``stillroom/`` and
 ``recipes/`` linked in, so shipped paths resolve), and with the documented variables ($TEACHER_A,
-$TEACHER_B, $STUDENT, $DATA, $HELDOUT) pointing at the tiny fixtures. Each command runs as written except
+$TEACHER_B, $STUDENT, $DATA, $HELDOUT, and the real models' $SMOL and $GEMMA) pointing at tiny fixtures. Each command runs as written except
 for its length: training and demo commands get options appended that cut them to a few steps (a repeated
 option's last value wins).
 """
@@ -97,7 +97,16 @@ def doc_env(tiny_models, tmp_path_factory):
     (data / "train.txt").write_text("\n".join(lines[:120]) + "\n", encoding="utf-8")
     held = [ln for ln in corpus_texts("test")[0].splitlines() if len(ln.strip()) > 20]
     (data / "heldout.txt").write_text("\n".join(held[:15]) + "\n", encoding="utf-8")
-    return {"TEACHER_A": str(tiny_models["gpt2-bpe-teacher"]), "TEACHER_B": str(tiny_models["llama-spm"]),
+    # stand-ins for the tutorial's real models: $SMOL a 30-layer byte-level-BPE Llama (layers [0, 6, ..., 29]
+    # can be cut from it), $GEMMA a model of another tokenizer family (SentencePiece-style)
+    from transformers import AutoTokenizer
+
+    from stillroom.testing import save_pair, tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe-teacher"])
+    smol = save_pair(tiny_llama(len(tok), n_layer=30, hidden=32, n_head=2, intermediate=64), tok, data / "smol")
+    return {"SMOL": str(smol), "GEMMA": str(tiny_models["llama-spm"]),
+            "TEACHER_A": str(tiny_models["gpt2-bpe-teacher"]), "TEACHER_B": str(tiny_models["llama-spm"]),
             "STUDENT": str(tiny_models["gpt2-bpe"]), "DATA": str(data / "train.txt"),
             "HELDOUT": str(data / "heldout.txt")}
 
