@@ -259,10 +259,10 @@ def train(
     r = load_recipe(recipe, list(overrides or []))  # the recipe first: pydantic only, no model, no torch
     if export_blocks is not None:  # a file written by a previous export is ours to replace
         check_output_file(export_blocks, "--export-blocks", overwrite=overwrite, ours=is_blocks_file)
-    from stillroom.preflight import check_recipe
+    if check:  # tokenizers, configs, data, caches: everything knowable before training (`train` runs it too)
+        from stillroom.preflight import check_recipe
 
-    check_recipe(r)  # tokenizers, configs, data, caches: everything knowable before training
-    if check:
+        check_recipe(r)
         console.print(f"recipe {recipe} is valid")
         return
     from stillroom.runs import TrainInterrupted
