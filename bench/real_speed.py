@@ -292,6 +292,30 @@ def summary_line(results: dict[str, dict]) -> str:
             f"{x('fused_cache')}; online KD / TRL GKD {x('sr_online')}; max peak RSS {rss:.2f} GB")
 
 
+def head_check(threads: int, repeats: int = 2, rows: int = 1024, hidden: int = 640, vocab: int = 262_144,
+               chunk: int = 256) -> dict[str, list[float]]:
+    """Seconds of Gemma-3's output layer (random weights) on ``rows`` hidden states: the matmul alone, the matmul
+    then ``topk_logsumexp`` (what the cache writer adds), and the same applied ``chunk`` rows at a time (no
+    [rows × vocab] logits tensor, but the head weight is streamed once per chunk)."""
+    import torch
+
+    from stillroom.cache import topk_logsumexp
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    w, h = torch.randn(vocab, hidden, generator=g) * 0.05, torch.randn(rows, hidden, generator=g)
+    runs = {"head": lambda: h @ w.T, "head + topk_logsumexp": lambda: topk_logsumexp(h @ w.T, TOP_K),
+            f"head + topk_logsumexp in {chunk}-row chunks": lambda: [topk_logsumexp(h[s:s + chunk] @ w.T, TOP_K)
+                                                                     for s in range(0, rows, chunk)]}
+    out: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):  # interleaved
+        for k, f in runs.items():
+            t = time.perf_counter()
+            f()
+            out[k].append(time.perf_counter() - t)
+    return out
+
+
 def machine_line(threads: int) -> str:
     """lscpu model name, avx512_bf16, torch version, threads, cores, load average now."""
     import platform
@@ -328,7 +352,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=None, help="write the per-run results here")
     ap.add_argument("--child", default=None)
     ap.add_argument("--root", default=None)
+    ap.add_argument("--head-check", action="store_true", help="only time Gemma's head with/without top-k, chunked")
     a = ap.parse_args(argv)
+    if a.head_check:
+        for k, v in head_check(a.threads, a.repeats).items():
+            print(f"{k}: {' '.join(f'{x:.2f}' for x in v)} s")
+        return {}
     if a.child:
         print(json.dumps(child(a.child, Path(a.root), a)), flush=True)
         return {}

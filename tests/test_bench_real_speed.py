@@ -58,3 +58,11 @@ def test_medians_ratios_and_table_by_hand():
     assert "gemma3 17.6%" in line  # 100 / 85 − 1
     assert "gemma3 41.0" in line and "smollm2 n/a" in line and "max peak RSS 3.20 GB" in line
     assert set(PEERS) <= set(CONFIGS) and set(PEERS.values()) <= set(CONFIGS)
+
+
+def test_head_check_times_the_three_variants_interleaved():
+    from bench.real_speed import head_check
+
+    out = head_check(1, repeats=2, rows=32, hidden=16, vocab=4096, chunk=8)
+    assert list(out) == ["head", "head + topk_logsumexp", "head + topk_logsumexp in 8-row chunks"]
+    assert all(len(v) == 2 and min(v) > 0 for v in out.values())
