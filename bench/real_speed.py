@@ -176,6 +176,7 @@ def train_child(config: str, root: Path, a) -> dict:
                 self.steps, self.t1 = state.global_step - warm, time.perf_counter()
 
     timer = StepTimer()
+    spent: dict[str, list[float]] = {}
     common = dict(output_dir=str(root / f"out-{config}-{os.getpid()}"), max_steps=a.steps,
                   per_device_train_batch_size=BATCH, learning_rate=1e-4, logging_steps=10_000, save_strategy="no",
                   report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0,
@@ -213,6 +214,8 @@ def train_child(config: str, root: Path, a) -> dict:
                 t_table = TokenTable.from_tokenizer(load_tokenizer(getattr(a, name), "teacher"))
                 teachers.append(AlignedTeacher(CachedTeacher(root / f"cache-{name}"), s_table, t_table,
                                                VocabMap.cached(t_table, s_table), fallback, name))
+            for t in teachers:  # time each teacher's per-batch work (read, decode, align, project) on the CPU
+                t.targets = timed(t.targets, spent.setdefault(t.name, []))
             loss, fusion = LossConfig(kind="forward_kl", ce_weight=0.9), FusionConfig("min_ce", "sequence",
                                                                                       top_k=TOP_K)
         for m in student.modules():  # as GKD's disable_dropout
@@ -222,7 +225,21 @@ def train_child(config: str, root: Path, a) -> dict:
                                  data_collator=collate, teachers=teachers, loss=loss, fusion=fusion,
                                  callbacks=[timer])
     trainer.train()
-    return {"tokens_per_s": timer.steps * BATCH * a.seq / (timer.t1 - timer.t0), "steps_timed": timer.steps}
+    step_s = (timer.t1 - timer.t0) / timer.steps
+    out = {"tokens_per_s": BATCH * a.seq / step_s, "steps_timed": timer.steps, "step_s": step_s}
+    for name, times in spent.items():  # one call per step; the timed steps are the last ones
+        out[f"targets_s_per_step/{name}"] = statistics.median(times[-timer.steps:])
+    return out
+
+
+def timed(fn, log: list[float]):
+    """``fn`` that appends the seconds of each call to ``log``."""
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        r = fn(*args, **kwargs)
+        log.append(time.perf_counter() - t)
+        return r
+    return wrapper
 
 
 def child(config: str, root: Path, a) -> dict:
@@ -249,8 +266,9 @@ def medians(runs: dict[str, list[dict]]) -> dict[str, dict]:
         out[config] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok),
                        "peak_rss_gb": max(r["peak_rss_gb"] for r in ok),
                        "all_tokens_per_s": [r["tokens_per_s"] for r in ok]}
-        if "bytes_per_token" in ok[0]:
-            out[config]["bytes_per_token"] = statistics.median(r["bytes_per_token"] for r in ok)
+        for key in ok[0]:
+            if key == "bytes_per_token" or key == "step_s" or key.startswith("targets_s_per_step/"):
+                out[config][key] = statistics.median(r[key] for r in ok)
     return out
 
 
@@ -286,10 +304,12 @@ def summary_line(results: dict[str, dict]) -> str:
     def bpt(c):
         return f"{results[c]['bytes_per_token']:.1f}" if "bytes_per_token" in results.get(c, {}) else "n/a"
 
+    f = results.get("fused_cache", {})
+    share = sum(v for k, v in f.items() if k.startswith("targets_s_per_step/")) / f["step_s"] if "step_s" in f else None
     rss = max((v["peak_rss_gb"] for v in results.values() if "peak_rss_gb" in v), default=float("nan"))
     return (f"cache overhead vs bare forward: smollm2 {pct('cache_smollm2')}, gemma3 {pct('cache_gemma3')}; "
             f"k=16 B/token: smollm2 {bpt('cache_smollm2')}, gemma3 {bpt('cache_gemma3')}; cached fused / CE "
-            f"{x('fused_cache')}; online KD / TRL GKD {x('sr_online')}; max peak RSS {rss:.2f} GB")
+            f"{x('fused_cache')} (teacher targets {'n/a' if share is None else f'{share:.0%}'} of its step); online KD / TRL GKD {x('sr_online')}; max peak RSS {rss:.2f} GB")
 
 
 def head_check(threads: int, repeats: int = 2, rows: int = 1024, hidden: int = 640, vocab: int = 262_144,

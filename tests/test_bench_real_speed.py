@@ -27,6 +27,9 @@ def test_small_run_measures_every_configuration(tmp_path, capsys):
     assert 0 < cache["bytes_per_token"] < 200 and cache["kl_mean"] < 1e-3
     for c in ("ce", "fused_cache", "trl_gkd", "sr_online"):  # 3 steps, the first untimed
         assert saved["runs"][c][0]["steps_timed"] == 2
+    fused = saved["runs"]["fused_cache"][0]  # each teacher's per-batch CPU work is timed, within the step
+    for name in ("smollm2", "gemma3"):
+        assert 0 < fused[f"targets_s_per_step/{name}"] < fused["step_s"]
     text = capsys.readouterr().out
     assert text.strip().splitlines()[-1].startswith("SUMMARY: cache overhead vs bare forward: smollm2 ")
     assert markdown(results) in text
