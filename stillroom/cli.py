@@ -261,7 +261,8 @@ def train(
         check_output_file(export_blocks, "--export-blocks", overwrite=overwrite, ours=is_blocks_file)
     from stillroom.preflight import check_recipe
 
-    check_recipe(r)  # tokenizers, configs, data, caches: everything knowable before training
+    for note in check_recipe(r)["warnings"]:  # tokenizers, configs, data, caches, switches: all knowable now
+        print(f"warning: {note}", file=sys.stderr)  # one unwrapped line each, like errors
     if check:
         console.print(f"recipe {recipe} is valid")
         return
