@@ -57,6 +57,19 @@ def machine() -> str:
            f"{torch.get_num_threads()} threads"
 
 
+def cpu_line() -> str:
+    """The machine a number was measured on, for docs/benchmarks.md: CPU model (as lscpu names it), whether it has
+    the instructions that decide bf16 speed, torch version and threads."""
+    import torch
+
+    from stillroom.precision import cpu_flags
+
+    name, flags = cpu_flags()
+    have = set(flags.split())
+    marks = ", ".join(f"{f} {'yes' if f in have else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    return f"{name} ({os.cpu_count()} cores; {marks}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     table = Table(title=title)
     for c in columns:
