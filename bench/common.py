@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -51,10 +50,8 @@ def run_child(module: str, args: Sequence[str], timeout: float = 1800) -> dict:
 
 
 def machine() -> str:
-    import torch
-
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
-           f"{torch.get_num_threads()} threads"
+    """The machine every benchmark table records (see :func:`cpu_line`)."""
+    return cpu_line()
 
 
 def cpu_line() -> str:
