@@ -64,7 +64,7 @@ def cpu_line() -> str:
     name, flags = cpu_flags()
     have = set(flags.split())
     marks = ", ".join(f"{f} {'yes' if f in have else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
-    return f"{name} ({os.cpu_count()} cores; {marks}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{name} ({os.cpu_count()} cores, {marks}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

@@ -7,8 +7,9 @@ The step is the trainer's plain-CE step: the student's forward up to its last hi
 as :class:`stillroom.trainer.DistillTrainer` runs it), the chunked fused-linear CE, backward and an AdamW step.
 Students: a tiny GPT-2 (2 layers, 128 wide, the fixture tokenizer's vocabulary) and, when SmolLM2-135M is
 converted here (``stillroom models get smollm2-135m-instruct``), the student cut from it to 6 of its 30 layers
-(``stillroom.cut``). Each arm: the first ``--warmup`` steps (compilation happens here) timed apart as the
-compile cost (their time minus as many eager steps), then the median of ``--steps`` steps.
+(``stillroom.cut``). Both arms are built and warmed up (``--warmup`` steps: compilation happens here; their time
+beyond as many steady steps is reported as the compile cost), then ``--steps`` steps of each run round robin,
+eager and compiled alternating, so that a busy machine slows both alike; medians.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def cut_student():
     return None if folder is None else cut_from(folder, CUT_LAYERS)
 
 
-def step_times(model, compile_: bool, batch: int, seq: int, warmup: int, steps: int) -> tuple[list[float], list[float]]:
-    """Seconds of each warm-up step and of each timed step of plain-CE training."""
+def make_step(model, compile_: bool, batch: int, seq: int):
+    """A function running one plain-CE training step of ``model`` (compiled per layer or not); returns seconds."""
     from stillroom import modeling
 
     modeling.fast_activations(model)
@@ -66,7 +67,7 @@ def step_times(model, compile_: bool, batch: int, seq: int, warmup: int, steps: 
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    return [step() for _ in range(warmup)], [step() for _ in range(steps)]
+    return step
 
 
 def main() -> None:
@@ -81,21 +82,23 @@ def main() -> None:
     for name, make in (("tiny GPT-2", tiny_student), ("SmolLM2 cut 6/30", cut_student)):
         if a.tiny_only and name != "tiny GPT-2":
             continue
-        tps = {}
-        for compile_ in (False, True):
-            model = make()
-            if model is None:
-                break
-            warm, timed = step_times(model, compile_, a.batch, a.seq, a.warmup, a.steps)
-            med = statistics.median(timed)
-            tps[compile_] = a.batch * a.seq / med
-            extra = sum(warm) - a.warmup * med
-            rows.append([name, "compiled" if compile_ else "eager", f"{tps[compile_]:.0f}",
-                         " ".join(f"{a.batch * a.seq / t:.0f}" for t in timed), f"{max(extra, 0):.1f}"])
+        models = [make(), make()]
+        if models[0] is None:
+            continue
+        steps = [make_step(m, c, a.batch, a.seq) for m, c in zip(models, (False, True), strict=True)]
+        warm = [[step() for _ in range(a.warmup)] for step in steps]  # compilation happens in the first calls
+        timed: list[list[float]] = [[], []]
+        for _ in range(a.steps):  # round robin: a busy machine slows both arms alike
+            for j, step in enumerate(steps):
+                timed[j].append(step())
+        med = [statistics.median(t) for t in timed]
+        for j, arm in enumerate(("eager", "compiled")):
+            extra = sum(warm[j]) - a.warmup * med[j]  # what the first steps cost beyond steady-state steps
+            rows.append([name, arm, f"{a.batch * a.seq / med[j]:.0f}",
+                         " ".join(f"{a.batch * a.seq / t:.0f}" for t in timed[j]), f"{max(extra, 0):.1f}"])
             print(rows[-1], flush=True)
-            del model
-        if len(tps) == 2:
-            ratios[name] = tps[True] / tps[False]
+        ratios[name] = med[0] / med[1]
+        del models, steps
     print_table(f"train.compile, batch {a.batch}x{a.seq} (machine: {cpu_line()})",
                 ["student", "arm", "tokens/s (median)", "per step", "compile s"], rows)
     summary(", ".join(f"{n}: compiled {r:.2f}x eager tokens/s" for n, r in ratios.items()) + f" [{cpu_line()}]")
