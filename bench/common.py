@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -51,10 +50,21 @@ def run_child(module: str, args: Sequence[str], timeout: float = 1800) -> dict:
 
 
 def machine() -> str:
+    """The machine every benchmark table records (see :func:`cpu_line`)."""
+    return cpu_line()
+
+
+def cpu_line() -> str:
+    """The machine a number was measured on, for docs/benchmarks.md: CPU model (as lscpu names it), whether it has
+    the instructions that decide bf16 speed, torch version and threads."""
     import torch
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
-           f"{torch.get_num_threads()} threads"
+    from stillroom.precision import cpu_flags
+
+    name, flags = cpu_flags()
+    have = set(flags.split())
+    marks = ", ".join(f"{f} {'yes' if f in have else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    return f"{name} ({os.cpu_count()} cores, {marks}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]]) -> None:

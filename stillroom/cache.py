@@ -68,7 +68,7 @@ import torch
 
 from stillroom.data_io import TextSource, scan_texts, text_sha
 from stillroom.errors import ConfigError, DataError, MissingPathError
-from stillroom.modeling import freeze_teacher
+from stillroom.modeling import freeze_teacher, frozen
 from stillroom.models import check_device, load_causal_lm, load_tokenizer, resolve_model
 from stillroom.outputs import check_output_dir
 from stillroom.targets import SparseTarget
@@ -364,7 +364,7 @@ class OnlineTeacher:
             raise ValueError(f"{len(texts)} texts but {len(ids)} example ids")
         return self.run_ids(self.tokenize(texts), ids)
 
-    @torch.no_grad()
+    @frozen()
     def run_ids(self, token_ids: Sequence[Sequence[int]], example_ids: Sequence[str]) -> list[TeacherOutput]:
         """Score already-tokenized examples (teacher tokenization)."""
         k, tau = self.top_k, self.temperature

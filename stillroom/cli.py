@@ -262,7 +262,8 @@ def train(
     if check:  # tokenizers, configs, data, caches: everything knowable before training (`train` runs it too)
         from stillroom.preflight import check_recipe
 
-        check_recipe(r)
+        for note in check_recipe(r)["warnings"]:  # tokenizers, configs, data, caches, switches
+            print(f"warning: {note}", file=sys.stderr)  # one unwrapped line each, like errors
         console.print(f"recipe {recipe} is valid")
         return
     from stillroom.runs import TrainInterrupted

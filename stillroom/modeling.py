@@ -1,4 +1,5 @@
-"""Model-level helpers shared by teachers and the trainer: equivalent fast activations, frozen teachers.
+"""Model-level helpers shared by teachers and the trainer: equivalent fast activations, frozen teachers that run
+in their own dtype.
 
 GPT-2-style models compute the tanh-approximate GELU, ``0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))``, as five
 Python-level tensor ops (transformers' ``NewGELUActivation`` / ``FastGELUActivation``), and autograd records
@@ -8,6 +9,8 @@ rounding (~1e-6), and autograd records one op instead of five.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -32,3 +35,12 @@ def freeze_teacher(model: torch.nn.Module) -> torch.nn.Module:
     model.eval().requires_grad_(False)
     fast_activations(model)
     return model
+
+
+@contextmanager
+def frozen():
+    """``torch.no_grad`` with autocast off: a teacher runs in its own dtype (``teachers[].dtype``) even inside the
+    student's bf16 / fp16 autocast (``train.precision``), which would otherwise lower an fp32 teacher's matmuls."""
+    gpu = torch.autocast("cuda", enabled=False) if torch.cuda.is_available() else nullcontext()
+    with torch.no_grad(), torch.autocast("cpu", enabled=False), gpu:
+        yield

@@ -201,7 +201,7 @@ def build_teacher(spec, index: int, student_tok, teacher_tok, recipe) -> Objecti
         from stillroom.cache import OnlineTeacher
 
         k = 1 if spec.objective == "alm" else recipe.fusion.top_k
-        source = OnlineTeacher(spec.path, top_k=k, temperature=recipe.loss.temperature)
+        source = OnlineTeacher(spec.path, top_k=k, temperature=recipe.loss.temperature, dtype=spec.dtype)
     lam = recipe.loss.ce_weight
     cfg = ObjectiveConfig(spec.objective, 1.0 - lam if spec.weight is None else spec.weight, spec.alm_temperature,
                           spec.alm_divergence, spec.alm_chunks, recipe.loss.temperature, recipe.loss.chunk_size)

@@ -6,6 +6,10 @@ matmul can run tens of times slower than fp32; with them it runs 2–4× faster.
 square matmul both ways once per machine (CPU model, flags, torch version, threads) and caches the ratio in
 ``$STILLROOM_CACHE/precision.json``; :func:`auto_dtype` picks bf16 only where it was measured to be at least
 ``MIN_SPEEDUP`` times faster. ``STILLROOM_DTYPE=float32|bfloat16|float16`` forces a choice everywhere "auto" is used.
+
+The student trains with fp32 master weights; :func:`student_precision` picks whether its forward and backward run
+under bf16 / fp16 autocast (recipe key ``train.precision``). Teachers run in their own dtype (``teachers[].dtype``)
+inside :func:`stillroom.modeling.frozen`, so a student's autocast does not silently lower an fp32 teacher's matmuls.
 """
 
 from __future__ import annotations
@@ -114,3 +118,45 @@ def auto_dtype(device: str | torch.device = "cpu", name: str = "auto") -> torch.
     if device.type == "cpu":
         return torch.bfloat16 if cpu_bf16_speedup() >= MIN_SPEEDUP else torch.float32
     return torch.float32
+
+
+def training_device() -> torch.device:
+    """Where ``stillroom train`` trains: the GPU when there is one (``TrainingArguments(use_cpu=...)``), else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def student_precision(name: str = "auto", device: str | torch.device | None = None) -> str:
+    """``fp32``, ``bf16`` or ``fp16``: the student's autocast for recipe key ``train.precision`` on ``device``.
+
+    ``auto``: bf16 where :func:`auto_dtype` picks bf16 (a GPU with bf16, a CPU measured faster at it), else fp32.
+    fp16 on CPU is refused: its 5-bit exponent needs loss scaling against underflowing gradients, while bf16 keeps
+    fp32's range and is at least as fast on every CPU with half-precision kernels (on CPUs without, both are
+    emulated: a 512² matmul ran 14x slower than fp32 in either on the AMD EPYC of docs/benchmarks.md)."""
+    device = torch.device(device) if device is not None else training_device()
+    if name not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision: {name!r} is not a precision; use auto, fp32, bf16 or fp16")
+    if name == "fp16" and device.type == "cpu":
+        raise ConfigError("train.precision: fp16 is for GPUs (its narrow range needs loss scaling; on CPU bf16 is "
+                          "as fast and keeps fp32's range); set train.precision=auto, bf16 or fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision: bf16 is not supported by this GPU; set train.precision=fp16 or auto")
+    if name != "auto":
+        return name
+    return "bf16" if auto_dtype(device) is torch.bfloat16 else "fp32"
+
+
+def slow_bf16_warning(key: str, fix: str, device: str | torch.device | None = None) -> str | None:
+    """One line when bf16 was asked for (``key``) on a CPU measured slower at it than :data:`MIN_SPEEDUP`, else
+    None: the run is allowed (the user asked), but it should not crawl without saying so."""
+    device = torch.device(device) if device is not None else training_device()
+    if device.type != "cpu":
+        return None
+    speedup = cpu_bf16_speedup()
+    if speedup >= MIN_SPEEDUP:
+        return None
+    name, flags = cpu_flags()
+    native = "native" if {"avx512_bf16", "amx_bf16", "bf16"} & set(flags.split()) else "no native"
+    how = f"{1 / speedup:.1f}x slower than" if speedup < 1 else f"only {speedup:.2f}x as fast as"
+    return (f"{key}: bf16 on this CPU ({name}, {native} bf16) measured {how} fp32 in a matmul; "
+            f"set {fix} to let stillroom pick")
+

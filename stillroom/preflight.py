@@ -4,13 +4,15 @@
 that would crash after the models load (or, worse, train on garbage) fails in seconds with one line naming the
 key and the fix: folders without weights or tokenizer, a tokenizer that does not fit its model's embedding,
 ``data.seq_len`` beyond the student's context, empty or unreadable data, a cache built for another teacher or
-over other texts, ``report_to`` loggers that are not installed.
+over other texts, ``report_to`` loggers that are not installed, speed switches that cannot work here
+(:mod:`stillroom.switches`; those that work but will be slow come back as warnings).
 """
 
 from __future__ import annotations
 
 import importlib.util
 
+from stillroom import switches
 from stillroom.errors import ConfigError, ModelError
 from stillroom.models import check_vocab_fits, load_tokenizer, model_context, resolve_model
 from stillroom.recipe import REPORTERS
@@ -19,7 +21,8 @@ from stillroom.tokens import same_tokenizer
 
 
 def check_recipe(recipe) -> dict:
-    """Run every pre-training check; returns the loaded tokenizers (``student`` and one per teacher)."""
+    """Run every pre-training check; returns the loaded tokenizers (``student`` and one per teacher) and
+    ``warnings``: one-line notes on switches that will work but slowly (printed by ``train --check``)."""
     from transformers import AutoConfig
 
     from stillroom.data_io import iter_texts, load_texts
@@ -29,6 +32,11 @@ def check_recipe(recipe) -> dict:
     if spec.kind == "scratch":
         cfg = spec.config
         context = next((int(cfg[k]) for k in ("max_position_embeddings", "n_positions", "n_ctx") if k in cfg), None)
+        try:
+            config = AutoConfig.for_model(**cfg)
+        except ValueError:
+            raise ConfigError(f"student.config.model_type: {cfg['model_type']!r} is not a model type transformers "
+                              "knows; use one it does (e.g. gpt2, llama)") from None
     else:
         key = "student.init_from" if spec.kind == "cut" else "student.path"
         folder = resolve_model(spec.source, key)  # a .gguf student is converted here, once
@@ -49,8 +57,10 @@ def check_recipe(recipe) -> dict:
     for name in recipe.train.report_to:
         modules = REPORTERS.get(name, ())
         if modules and not any(importlib.util.find_spec(m) for m in modules):
+            fix = "pip install 'stillroom[tensorboard]'" if name == "tensorboard" else f"pip install {modules[0]}"
             raise ConfigError(f"train.report_to: {name!r} needs the {modules[0]} package, which is not installed; "
-                              f"pip install {modules[0]}, or remove {name!r}")
+                              f"{fix}, or remove {name!r}")
+    warnings = switches.check(recipe, config)
     teacher_toks = []
     for i, spec in enumerate(recipe.teachers):
         key = f"teachers.{i}.path"
@@ -68,7 +78,7 @@ def check_recipe(recipe) -> dict:
                               "teacher with the student's tokenizer; set fusion.top_k to a number (e.g. 10)")
         if spec.cache is not None:
             _check_cache(recipe, spec, i, student_tok)
-    return {"student": student_tok, "teachers": teacher_toks}
+    return {"student": student_tok, "teachers": teacher_toks, "warnings": warnings}
 
 
 def _check_cache(recipe, spec, i: int, student_tok) -> None:

@@ -51,6 +51,9 @@ class TeacherSpec(_Strict):
     path: str = Field(description="Hugging Face model folder of the teacher (model + tokenizer)")
     cache: str | None = Field(None, description="offline cache folder (stillroom cache) instead of running it")
     name: str | None = Field(None, description="label in metrics and the model card (default: the folder name)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype an online teacher loads and runs in; auto: bfloat16 where this machine runs it "
+        "measurably faster (stillroom.precision), else float32")
     objective: Literal["kd", "alm", "uld"] = Field(
         "kd", description="kd: projected onto the student vocabulary and fused into the (1 − λ)·D target; alm: "
         "its own approximate-likelihood-matching term over aligned chunks; uld: its own universal logit "
@@ -152,6 +155,13 @@ class TrainSpec(_Strict):
                 raise ValueError(f"got {v!r}; use any of {', '.join(REPORTERS)}")
         return value
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="student compute: fp32, or bf16 / fp16 autocast over fp32 master weights; auto: bf16 "
+        "where stillroom.precision measured it faster (GPU with bf16, or a CPU with native bf16), else fp32")
+    gradient_checkpointing: bool = Field(False, description="recompute the student's layer activations in the "
+                                         "backward pass: less memory, ~30% more compute")
+    compile: bool = Field(False, description="torch.compile each decoder layer of the student (see "
+                          "docs/training.md: on CPU it did not pay here)")
     progress: bool = True
     plot: bool = True
 

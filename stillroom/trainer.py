@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from transformers import Trainer
 
-from stillroom import chat, modeling, objectives, runs
+from stillroom import chat, modeling, objectives, precision, runs, switches
 from stillroom.blocks import (  # noqa: F401 - re-exported for existing imports
     Block,
     BlockCollator,
@@ -96,7 +97,7 @@ class SameTokenizerTeacher:
         self.model = modeling.freeze_teacher(model)
         self.top_k, self.temperature, self.name = top_k, temperature, name
 
-    @torch.no_grad()
+    @modeling.frozen()  # no gradient, and the teacher's own dtype even under the student's autocast
     def targets(self, batch: dict[str, Any]) -> tuple[SparseTarget, torch.Tensor]:
         logits = self.model(**model_inputs(batch)).logits
         return topk_target(logits, batch["labels"], self.top_k, self.temperature)
@@ -300,7 +301,7 @@ class DistillTrainer(Trainer):
             return c.ce_weight * ce + extra
         t0 = self.teachers[0]
         if len(self.teachers) == 1 and isinstance(t0, SameTokenizerTeacher) and t0.top_k is None:
-            with torch.no_grad():
+            with modeling.frozen():
                 th = _last_hidden(t0.model, inputs)[:, :-1]
             tw = self.accelerator.unwrap_model(t0.model).get_output_embeddings().weight
             total = losses.fused_linear_distill_loss(
@@ -406,7 +407,8 @@ def build_teachers(recipe, toks: dict, device=None) -> list:
             teachers.append(objectives.build_teacher(spec, i, student_tok, tok, recipe))
             continue
         if spec.cache is None and same_tokenizer(student_tok, tok):
-            model = load_causal_lm(spec.path, f"teachers.{i}.path", tokenizer=tok)
+            dtype = precision.auto_dtype(device or precision.training_device(), spec.dtype)
+            model = load_causal_lm(spec.path, f"teachers.{i}.path", tokenizer=tok, dtype=dtype)
             teachers.append(SameTokenizerTeacher(model, recipe.fusion.top_k, recipe.loss.temperature, name))
             continue
         from stillroom.tokens import TokenTable
@@ -421,7 +423,8 @@ def build_teachers(recipe, toks: dict, device=None) -> list:
         else:
             from stillroom.cache import OnlineTeacher
 
-            source = OnlineTeacher(spec.path, top_k=recipe.fusion.top_k, temperature=recipe.loss.temperature)
+            source = OnlineTeacher(spec.path, top_k=recipe.fusion.top_k, temperature=recipe.loss.temperature,
+                                   dtype=spec.dtype)
         fallback = recipe.fusion.projection if recipe.fusion.projection != "none" else "onehot"
         teachers.append(AlignedTeacher(source, s_table, t_table, vmap, fallback, name))
     return teachers
@@ -445,6 +448,7 @@ def training_arguments(recipe, has_eval: bool):
         # streamed blocks: each rank reads the stream and accelerate's IterableDatasetShard keeps its batches
         # (dispatching from rank 0 would broadcast the batches' texts, which are not tensors)
         accelerator_config={"dispatch_batches": False} if recipe.data.streaming else None,
+        **switches.training_kwargs(t),  # precision, gradient checkpointing
     )
 
 
@@ -470,6 +474,9 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
     elif overrides:
         recipe = load_recipe(recipe.model_dump(), overrides)
     toks = check_recipe(recipe)
+    if runs.is_main_process():
+        for note in toks["warnings"]:  # switches that work but slowly: said before anything loads
+            print(f"warning: {note}", file=sys.stderr)
     out = Path(recipe.train.output_dir)
     done = runs.prepare_output_dir(recipe, overwrite)
     if done is not None:  # resuming a finished run: nothing to train, nothing to replace
@@ -500,7 +507,7 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
                 student = build_student(recipe.student, tok)
                 teachers = build_teachers(recipe, toks)
             if runs.is_main_process():  # which kind of student: said once, never silent
-                runs.say(describe_student(recipe.student, student))
+                runs.say(f"{describe_student(recipe.student, student)}; {switches.describe(recipe.train)}")
             if recipe.fusion.include_student:  # FuseLLM lets the target model's own distribution compete too
                 import copy
 
@@ -513,7 +520,7 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
             loss = LossConfig(r.kind, r.ce_weight if teachers else 1.0, r.temperature, r.beta, r.alpha, r.chunk_size,
                               r.emo_mode, r.emo_cost)
             fusion = FusionConfig(recipe.fusion.method, recipe.fusion.level, recipe.fusion.weight_temperature, None)
-            trainer = DistillTrainer(model=student, args=args, train_dataset=blocks,
+            trainer = DistillTrainer(model=switches.apply(student, recipe.train), args=args, train_dataset=blocks,
                                      eval_dataset=eval_docs,
                                      data_collator=collator, processing_class=tok,
                                      teachers=teachers,

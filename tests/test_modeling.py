@@ -38,3 +38,19 @@ def test_freeze_teacher():
     assert freeze_teacher(t) is t
     assert not t.training and not any(p.requires_grad for p in t.parameters())
     assert not any(isinstance(m, NewGELUActivation) for m in t.modules())
+
+
+def test_frozen_runs_a_teacher_in_its_own_dtype_inside_autocast():
+    from stillroom.modeling import frozen
+
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(64, 32), torch.randn(8, 64)
+    want = x.double() @ layer.weight.double().T + layer.bias.double()  # float64 reference
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lowered = layer(x)  # what an fp32 teacher would run in under the student's bf16 autocast
+        with frozen():
+            own = layer(x)
+    assert lowered.dtype == torch.bfloat16 and own.dtype == torch.float32
+    assert not own.requires_grad
+    assert torch.allclose(own.double(), want, atol=1e-5)
+    assert (lowered.double() - want).abs().max() > 1e-4  # bf16's 8-bit mantissa: visibly less exact

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from stillroom.cache import OnlineTeacher, write_cache
 from stillroom.errors import ConfigError
@@ -75,3 +76,51 @@ def test_streaming_recipe_checks_its_first_document_and_the_cache_over_streamed_
     (tmp_path / "train.txt").write_bytes(b"caf\xe9\n")  # the first document is not UTF-8
     with pytest.raises(DataError, match=r"train.txt: line 1 is not UTF-8 \(byte 0xe9\)"):
         check_recipe(load_recipe(raw, stream))
+
+
+def test_speed_switches_refused_or_warned_naming_the_key(tiny_models, tmp_path, monkeypatch):
+    from transformers import GPT2LMHeadModel
+
+    from stillroom import precision, switches
+
+    monkeypatch.setenv("STILLROOM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("STILLROOM_DTYPE", raising=False)
+    monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: 0.02)  # a CPU without native bf16
+    monkeypatch.setattr(precision, "training_device", lambda: torch.device("cpu"))
+    raw = _recipe(tiny_models, tmp_path)
+    assert check_recipe(load_recipe(raw))["warnings"] == []  # the defaults: nothing to say
+    with pytest.raises(ConfigError, match=r"^train.precision: fp16 is for GPUs"):
+        check_recipe(load_recipe(raw, ["train.precision=fp16"]))
+    (slow,) = check_recipe(load_recipe(raw, ["train.precision=bf16"]))["warnings"]  # allowed: the user asked
+    assert slow.startswith("train.precision: bf16 on this CPU") and "50.0x slower than fp32" in slow
+    (slow,) = check_recipe(load_recipe(raw, ["teachers.0.dtype=bfloat16"]))["warnings"]
+    assert slow.startswith("teachers.0.dtype: bf16") and slow.endswith("set teachers.0.dtype=auto to let stillroom pick")
+    with pytest.raises(Exception, match=r"teachers.0.dtype: got 'fp8'"):
+        load_recipe(raw, ["teachers.0.dtype=fp8"])
+    (note,) = check_recipe(load_recipe(raw, ["train.compile=true"]))["warnings"]
+    assert note.startswith("train.compile: on CPU")
+    check_recipe(load_recipe(raw, ["train.gradient_checkpointing=true"]))  # GPT-2 supports it
+    monkeypatch.setattr(GPT2LMHeadModel, "supports_gradient_checkpointing", False)
+    assert switches.student_class(GPT2LMHeadModel.config_class()) is GPT2LMHeadModel
+    with pytest.raises(ConfigError, match=r"^train.gradient_checkpointing: the student \(GPT2LMHeadModel\) does "
+                                          r"not support it .* set train.gradient_checkpointing=false$"):
+        check_recipe(load_recipe(raw, ["train.gradient_checkpointing=true"]))
+    monkeypatch.setattr(switches.shutil, "which", lambda name: None)  # no C++ compiler for inductor
+    with pytest.raises(ConfigError, match=r"train.compile: torch.compile on CPU needs a C\+\+ compiler"):
+        check_recipe(load_recipe(raw, ["train.compile=true"]))
+
+
+def test_missing_tensorboard_names_the_extra_to_install(tiny_models, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train.report_to: 'tensorboard' needs the tensorboard package, which is "
+                                          r"not installed; pip install 'stillroom\[tensorboard\]', or remove"):
+        check_recipe(load_recipe(_recipe(tiny_models, tmp_path), ["train.report_to=[tensorboard]"]))
+
+
+def test_unknown_scratch_model_type_fails_in_the_check(tiny_models, tmp_path):
+    raw = _recipe(tiny_models, tmp_path)
+    raw["student"] = {"tokenizer": raw["student"], "config": {"model_type": "gpt9"}}
+    with pytest.raises(ConfigError, match=r"student.config.model_type: 'gpt9' is not a model type transformers knows"):
+        check_recipe(load_recipe(raw))

@@ -301,6 +301,91 @@ def test_resume_matches_uninterrupted_run(tiny_models, nodrop_student, data_dir,
         torch.testing.assert_close(pf[k], pr[k], atol=1e-6, rtol=1e-5)
 
 
+# --- speed switches -----------------------------------------------------------------------------------------
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_weights(tiny_models, nodrop_student, data_dir, tmp_path):
+    """Recomputing activations in the backward pass changes memory, not maths: the same losses and weights."""
+    from stillroom.trainer import train
+
+    common = ["train.max_steps=2", "train.optimizer=sgd", "train.max_grad_norm=0", "train.lr=0.5"]
+    raw = _base(tiny_models, data_dir, tmp_path / "plain")
+    raw["student"] = str(nodrop_student)
+    a = train(load_recipe(raw, common))
+    raw["train"]["output_dir"] = str(tmp_path / "ckpt")
+    b = train(load_recipe(raw, [*common, "train.gradient_checkpointing=true"]))
+    recomputes = [getattr(m, "gradient_checkpointing", False) for m in b.model.modules()]
+    assert any(recomputes) and not any(getattr(m, "gradient_checkpointing", False) for m in a.model.modules())
+    la, lb = _losses(a.history), _losses(b.history)
+    assert sorted(la) == [1, 2] and all(lb[s] == pytest.approx(la[s], rel=1e-6) for s in la)
+    pa, pb = _params(a.model), _params(b.model)
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_precision_autocasts_over_fp32_master_weights(tiny_models, data_dir, tmp_path, monkeypatch):
+    from stillroom import precision
+    from stillroom.trainer import train
+
+    monkeypatch.setattr(precision, "training_device", lambda: torch.device("cpu"))
+    raw = _base(tiny_models, data_dir, tmp_path / "fp32")
+    a = train(load_recipe(raw, ["train.max_steps=2", "train.precision=fp32"]))
+    raw["train"]["output_dir"] = str(tmp_path / "bf16")
+    b = train(load_recipe(raw, ["train.max_steps=2", "train.precision=bf16"]))
+    assert {p.dtype for p in b.model.parameters()} == {torch.float32}  # master weights stay fp32
+    la, lb = _losses(a.history), _losses(b.history)
+    assert lb[1] != la[1]  # the forward really ran in bf16 ...
+    assert lb[1] == pytest.approx(la[1], rel=2e-2)  # ... and bf16's ~3 significant digits keep it close
+
+
+def test_teacher_dtype_is_the_dtype_online_teachers_run_in(tiny_models, data_dir, tmp_path, monkeypatch):
+    from stillroom import precision
+    from stillroom.preflight import check_recipe
+    from stillroom.trainer import build_teachers
+
+    monkeypatch.setenv("STILLROOM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("STILLROOM_DTYPE", raising=False)
+    monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: 0.02)  # bf16 measured slow: auto = fp32
+    raw = _base(tiny_models, data_dir, tmp_path / "o", teachers=("gpt2-bpe-teacher", "llama-spm"))
+    for dtype, want in (("bfloat16", torch.bfloat16), ("auto", torch.float32)):
+        r = load_recipe(raw, [f"teachers.0.dtype={dtype}", f"teachers.1.dtype={dtype}"])
+        same, aligned = build_teachers(r, check_recipe(r), device="cpu")
+        assert same.model.dtype == want and aligned.source.model.dtype == want
+
+
+def test_tensorboard_run_writes_event_files(tiny_models, data_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from stillroom.trainer import train
+
+    out = tmp_path / "tb"
+    res = train(load_recipe(_base(tiny_models, data_dir, out), ["train.max_steps=2", "train.report_to=[tensorboard]"]))
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events, f"no tensorboard event file under {out}"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    logged = [e.value for e in acc.Scalars("train/loss")]
+    assert logged == pytest.approx([_losses(res.history)[s] for s in (1, 2)], rel=1e-5)
+
+
+def test_cli_train_check_prints_a_switch_warning(tiny_models, data_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stillroom import precision
+    from stillroom.cli import app
+
+    monkeypatch.setenv("STILLROOM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: 0.02)
+    monkeypatch.setattr(precision, "training_device", lambda: torch.device("cpu"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_base(tiny_models, data_dir, tmp_path / "o")))
+    res = CliRunner().invoke(app, ["train", str(recipe), "--check", "train.precision=bf16"])
+    assert res.exit_code == 0, res.output
+    assert "warning: train.precision: bf16 on this CPU" in res.stderr and "50.0x slower" in res.stderr
+    res = CliRunner().invoke(app, ["train", str(recipe), "--check", "train.precision=fp16"])
+    assert res.exit_code != 0 and "error: train.precision: fp16 is for GPUs" in res.stderr
+
+
 # --- CLI and DDP --------------------------------------------------------------------------------------------
 
 
