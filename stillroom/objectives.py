@@ -49,6 +49,7 @@ class ObjectiveTeacher:
         self.source, self.student_table, self.teacher_table = source, student_table, teacher_table
         self.config, self.name = config, name
         self.objective = config.kind
+        self.last_sum: torch.Tensor | None = None  # ΣD_i of the last training micro-batch, unweighted (for the logs)
 
     @torch.no_grad()
     def aligned(self, batch: dict[str, Any]) -> list[tuple[Any, Any]]:
@@ -68,7 +69,26 @@ class ObjectiveTeacher:
             d = alm_term(hidden, weight, batch["labels"], pairs, c)
         else:
             d = uld_term(hidden, weight, batch["labels"], pairs, c)
+        self.last_sum = d.detach()
         return c.weight * d
+
+
+def term_sums(extra: list[ObjectiveTeacher], device) -> list[torch.Tensor]:
+    """ΣD_i of each ALM / ULD teacher on the last micro-batch (float64; 0 before any), for the step's logs."""
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    return [zero if t.last_sum is None else t.last_sum.to(device, torch.float64) for t in extra]
+
+
+def term_logs(extra: list[ObjectiveTeacher], terms: list[float], ce: float, loss: float, ce_weight: float,
+              fused: bool) -> dict[str, float]:
+    """The loss's distillation parts per labelled token, averaged like ``loss``: ``"alm/NAME"`` / ``"uld/NAME"``,
+    each teacher's unweighted term D_i, and (``fused``: there are kd teachers) ``"kd"``, the fused term, from
+    ``loss = λ·ce + (1 − λ)·kd + Σ_i w_i · D_i``."""
+    logs = {f"{t.objective}/{t.name}": v for t, v in zip(extra, terms, strict=True)}
+    if fused and ce_weight < 1:
+        own = sum(t.config.weight * v for t, v in zip(extra, terms, strict=True))
+        logs["kd"] = (loss - ce_weight * ce - own) / (1 - ce_weight)
+    return logs
 
 
 class _OwnLogprob(torch.autograd.Function):

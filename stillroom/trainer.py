@@ -251,11 +251,10 @@ class DistillTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._parts is not None and "loss" in logs:  # the loss's parts, averaged like HF averages `loss`
             parts = self._parts if self.args.world_size == 1 else self.accelerator.gather(self._parts[None]).mean(0)
-            ce, total = (parts / max(1, self.state.global_step - self._parts_from)).tolist()
-            logs["ce"] = ce
-            lam = self.loss_cfg.ce_weight
-            if self.teachers and not self.extra and self.loss_cfg.kind != "emo" and lam < 1:
-                logs["kd"] = (total - lam * ce) / (1 - lam)
+            ce, total, *terms = (parts / max(1, self.state.global_step - self._parts_from)).tolist()
+            logs["ce"] = ce  # then kd (the fused term) and alm/NAME, uld/NAME
+            logs.update(objectives.term_logs(self.extra, terms, ce, total, self.loss_cfg.ce_weight,
+                                             bool(self.teachers) and self.loss_cfg.kind != "emo"))
             self._parts = self._parts_from = None
         if self._fusion_share is not None and "loss" in logs:
             total = float(self._fusion_share.sum()) or 1.0
@@ -332,7 +331,7 @@ class DistillTrainer(Trainer):
         loss = total / den * scale
         if model.training:
             ce = total.detach() if self._step_ce is None else self._step_ce
-            part = torch.stack([ce.double() / den * scale, loss.detach().double()])
+            part = torch.stack([ce.double(), total.detach().double(), *objectives.term_sums(self.extra, ce.device)]) / den * scale
             if self._parts is None:
                 self._parts, self._parts_from = part, self.state.global_step
             else:
