@@ -11,6 +11,9 @@ An ``alm`` or ``uld`` teacher is never fused or projected: it adds its own term,
   its per-token log-prob of its own tokens (``−gold_ce``, online or from any cache — no top-k needed), the
   student side its own next-token log-probs, gathered chunk by chunk from the logits (:func:`own_logprobs`).
   Each chunk is weighted by its number of student tokens and summed, so ΣD_i is on the per-token scale of ΣCE.
+- Several ALM teachers are fused into one term (``stillroom.alm_fusion``): ``fusion.method`` min_ce / avg_ce /
+  mean weighs them on joint chunks, per sequence or per chunk (``fusion.level: token``); it is logged as
+  ``alm/fused``.
 - ULD (``stillroom.losses.uld_loss``, Boizard et al. 2024): on the student rows paired with a teacher row
   through a one-to-one exact group (both predict the same token text from the same byte prefix), the teacher's
   top-k in its own vocabulary against the sorted student distribution; summed over the pairs.
@@ -139,19 +142,33 @@ def _padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
+def student_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           chunk_size: int | None = None) -> torch.Tensor:
+    """``[B, T]`` token-indexed log-probs of the student's own tokens (entry j from row j − 1; ``nan`` at 0 and
+    where the label is -100), from ``hidden [B, T-1, H]`` chunk by chunk (:func:`own_logprobs`)."""
+    from stillroom.losses import token_logprobs
+
+    B, R, H = hidden.shape
+    rows = own_logprobs(hidden.reshape(-1, H), weight, labels[:, 1:].reshape(-1), chunk_size).view(B, R)
+    nan = torch.full((B, 1), float("nan"), dtype=rows.dtype, device=rows.device)
+    return token_logprobs(torch.cat([rows, nan], 1))
+
+
+def chunk_masks(pairs, config: ObjectiveConfig) -> list | None:
+    """Which alignment groups ALM scores, per batch row: ``exact`` ones, or all (``None``)."""
+    return [al.exact for _, al in pairs] if config.alm_chunks == "exact" else None
+
+
 def alm_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pairs, config: ObjectiveConfig
              ) -> torch.Tensor:
     """Σ over the batch of ALM (token-weighted sum over chunks) between the student's chunk likelihoods, from its
     own-token log-probs, and the teacher's, from ``gold_ce``; chunks = alignment groups (exact ones by default)."""
     from stillroom.losses import alm_loss, token_logprobs
 
-    B, R, H = hidden.shape
-    rows = own_logprobs(hidden.reshape(-1, H), weight, labels[:, 1:].reshape(-1), config.chunk_size).view(B, R)
-    nan = torch.full((B, 1), float("nan"), dtype=rows.dtype, device=rows.device)
-    student = token_logprobs(torch.cat([rows, nan], 1))  # token j's log-prob, from row j-1
+    student = student_token_logprobs(hidden, weight, labels, config.chunk_size)
     width = max(len(out) for out, _ in pairs)
-    teacher = token_logprobs(_padded([-out.gold_ce.float() for out, _ in pairs], width)).to(rows.device)
-    masks = [al.exact for _, al in pairs] if config.alm_chunks == "exact" else None
+    teacher = token_logprobs(_padded([-out.gold_ce.float() for out, _ in pairs], width)).to(student.device)
+    masks = chunk_masks(pairs, config)
     return alm_loss(student, teacher, [al for _, al in pairs], chunk_mask=masks, temperature=config.alm_temperature,
                     divergence=config.alm_divergence, weighting="tokens", reduction="sum")
 
@@ -202,9 +219,54 @@ def uld_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, p
     return total
 
 
-def split_teachers(teachers: list) -> tuple[list, list]:
-    """(kd teachers, fused into one target; teachers with their own ALM / ULD term)."""
+class FusedALM:
+    """Several ALM teachers as one term: on their joint chunks, ``fusion.method`` (min_ce / avg_ce / mean)
+    weighs the teachers per sequence or per chunk (``level="token"``); see :func:`stillroom.alm_fusion.fused_alm`.
+    The teachers share the weight and the ALM options (the recipe checks it)."""
+
+    objective = "alm"
+
+    def __init__(self, members: list[ObjectiveTeacher], method: str = "min_ce", level: str = "sequence",
+                 weight_temperature: float = 1.0, name: str = "fused"):
+        c = members[0].config
+        keys = [(m.config.weight, m.config.alm_temperature, m.config.alm_divergence, m.config.alm_chunks)
+                for m in members]
+        if len(set(keys)) > 1:
+            raise ValueError(f"fused ALM teachers {[m.name for m in members]} must share weight, alm_temperature, "
+                             f"alm_divergence and alm_chunks; got {keys}")
+        self.members, self.config, self.name = members, c, name
+        self.method, self.level, self.weight_temperature = method, level, weight_temperature
+        self.last_sum: torch.Tensor | None = None
+
+    def loss_sum(self, hidden: torch.Tensor, weight: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """w · Σ over the batch rows of the fused ALM term."""
+        from stillroom.alm_fusion import fused_alm
+        from stillroom.losses import token_logprobs
+
+        c = self.config
+        student = student_token_logprobs(hidden, weight, batch["labels"], c.chunk_size)
+        pairs = [m.aligned(batch) for m in self.members]  # [teacher][row] -> (out, alignment)
+        masks = [chunk_masks(p, c) or [None] * len(p) for p in pairs]
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for b in range(student.shape[0]):
+            n = pairs[0][b][1].tgt_len
+            teachers = [token_logprobs(-p[b][0].gold_ce.float()).to(student.device) for p in pairs]
+            d, _, _ = fused_alm(student[b, :n], teachers, [p[b][1].groups for p in pairs], [m[b] for m in masks],
+                                method=self.method, level=self.level, weight_temperature=self.weight_temperature,
+                                temperature=c.alm_temperature, divergence=c.alm_divergence)
+            total = total + d
+        self.last_sum = total.detach()
+        return c.weight * total
+
+
+def split_teachers(teachers: list, fusion=None) -> tuple[list, list]:
+    """(kd teachers, fused into one target; teachers with their own ALM / ULD term). With ``fusion`` (method,
+    level, weight_temperature) and several ALM teachers, those become one :class:`FusedALM` term."""
     extra = [t for t in teachers if isinstance(t, ObjectiveTeacher)]
+    alm = [t for t in extra if t.objective == "alm"]
+    if fusion is not None and len(alm) > 1:
+        extra = [FusedALM(alm, fusion.method, fusion.level, fusion.weight_temperature)] + [
+            t for t in extra if t.objective != "alm"]
     return [t for t in teachers if not isinstance(t, ObjectiveTeacher)], extra
 
 

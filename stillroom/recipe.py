@@ -229,6 +229,13 @@ class Recipe(_Strict):
             if t.objective != "kd" and t.weight is None and self.loss.ce_weight == 1.0:
                 raise ValueError(f"teachers.{i}.weight: objective {t.objective!r} with loss.ce_weight=1.0 gives it the "
                                  f"default weight 1 − λ = 0; set teachers.{i}.weight (e.g. 0.5) or lower loss.ce_weight")
+        alm = [(i, (t.weight, t.alm_temperature, t.alm_divergence, t.alm_chunks))
+               for i, t in enumerate(self.teachers) if t.objective == "alm"]
+        for i, opts in alm[1:]:  # several ALM teachers are fused into one term (stillroom.alm_fusion)
+            if opts != alm[0][1]:
+                raise ValueError(f"teachers.{i}: ALM teachers are fused into one term and share weight, alm_temperature, "
+                                 f"alm_divergence and alm_chunks; teachers.{alm[0][0]} has {alm[0][1]}, this one "
+                                 f"{opts}: set the same values")
         if not Path(self.data.train).exists():
             raise ValueError(f"data.train: {self.data.train} does not exist")
         if self.data.eval is not None and not Path(self.data.eval).exists():

@@ -198,9 +198,9 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if fast_activations:
             modeling.fast_activations(self.model)
-        self.teachers, self.extra = objectives.split_teachers(list(teachers or []))  # kd (fused) / ALM, ULD terms
-        self.loss_cfg = loss or LossConfig()
-        self.fusion_cfg = fusion or FusionConfig()
+        self.loss_cfg, self.fusion_cfg = loss or LossConfig(), fusion or FusionConfig()
+        # kd teachers (fused into one target) / ALM (several: fused into one term), ULD terms
+        self.teachers, self.extra = objectives.split_teachers(list(teachers or []), self.fusion_cfg)
         if self.loss_cfg.kind != "emo" and not self.teachers + self.extra and self.loss_cfg.ce_weight != 1.0:
             raise ValueError("DistillTrainer: no teachers, so loss.ce_weight must be 1.0 (plain CE) "
                              "or loss.kind must be 'emo'")

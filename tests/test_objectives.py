@@ -44,7 +44,8 @@ def _trainer(raw):
             m.p = 0.0
     tr = T.DistillTrainer(model=student, args=T.training_arguments(r, False), train_dataset=T.BlockDataset(blocks),
                           data_collator=T.BlockCollator(tok, SEQ), teachers=T.build_teachers(r, toks),
-                          loss=T.LossConfig(r.loss.kind, r.loss.ce_weight), fusion=T.FusionConfig())
+                          loss=T.LossConfig(r.loss.kind, r.loss.ce_weight),
+                          fusion=T.FusionConfig(r.fusion.method, r.fusion.level, r.fusion.weight_temperature))
     batch = tr.data_collator([tr.train_dataset[i] for i in range(3)])
     return tr, batch, toks
 
