@@ -40,17 +40,22 @@ class ObjectiveConfig:
     weight: float = 0.5
     alm_temperature: float = 1.0
     alm_divergence: str = "bce"
-    alm_chunks: str = "exact"  # "exact": exact alignment groups only; "all": every group
+    alm_chunks: str = "exact"  # "exact": exact alignment groups only; "all": every group; "unbiased" (see below)
     uld_temperature: float = 1.0
     chunk_size: int | None = None
+    alm_bias_threshold: float = 1e-4
 
 
 class ObjectiveTeacher:
     """A teacher (online ``OnlineTeacher`` or ``CachedTeacher`` source) that contributes an ALM or ULD term."""
 
-    def __init__(self, source, student_table, teacher_table, config: ObjectiveConfig, name: str = "teacher"):
+    def __init__(self, source, student_table, teacher_table, config: ObjectiveConfig, name: str = "teacher",
+                 bias_rule=None):
         self.source, self.student_table, self.teacher_table = source, student_table, teacher_table
         self.config, self.name = config, name
+        self.bias_rule = bias_rule  # stillroom.unbiased.BoundaryBias, for alm_chunks="unbiased"
+        if config.kind == "alm" and config.alm_chunks == "unbiased" and bias_rule is None:
+            raise ValueError(f"teacher {name}: alm_chunks='unbiased' needs a bias_rule (stillroom.unbiased.BoundaryBias)")
         self.objective = config.kind
         self.last_sum: torch.Tensor | None = None  # ΣD_i of the last training micro-batch, unweighted (for the logs)
 
@@ -69,11 +74,23 @@ class ObjectiveTeacher:
         c = self.config
         pairs = self.aligned(batch)
         if c.kind == "alm":
-            d = alm_term(hidden, weight, batch["labels"], pairs, c)
+            d = alm_term(hidden, weight, batch["labels"], pairs, c, self.chunks(pairs))
         else:
             d = uld_term(hidden, weight, batch["labels"], pairs, c)
         self.last_sum = d.detach()
         return c.weight * d
+
+    def chunks(self, pairs) -> tuple[list, list | None]:
+        """ALM's chunks per batch row: (groups, masks) — the alignment groups with the ``exact`` ones kept
+        (``alm_chunks="exact"``) or all kept (``"all"``, masks None), or the unbiased chunks (``"unbiased"``:
+        groups merged up to unbiased boundaries, exact ones kept; :func:`stillroom.unbiased.unbiased_chunks`)."""
+        kind = self.config.alm_chunks
+        if kind == "unbiased":
+            from stillroom.unbiased import unbiased_chunks
+
+            merged = [unbiased_chunks(al, self.bias_rule) for _, al in pairs]
+            return [g for g, _ in merged], [e for _, e in merged]
+        return [al.groups for _, al in pairs], ([al.exact for _, al in pairs] if kind == "exact" else None)
 
 
 def term_sums(extra: list[ObjectiveTeacher], device) -> list[torch.Tensor]:
@@ -154,22 +171,18 @@ def student_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     return token_logprobs(torch.cat([rows, nan], 1))
 
 
-def chunk_masks(pairs, config: ObjectiveConfig) -> list | None:
-    """Which alignment groups ALM scores, per batch row: ``exact`` ones, or all (``None``)."""
-    return [al.exact for _, al in pairs] if config.alm_chunks == "exact" else None
-
-
-def alm_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pairs, config: ObjectiveConfig
-             ) -> torch.Tensor:
+def alm_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pairs, config: ObjectiveConfig,
+             chunks: tuple[list, list | None] | None = None) -> torch.Tensor:
     """Σ over the batch of ALM (token-weighted sum over chunks) between the student's chunk likelihoods, from its
-    own-token log-probs, and the teacher's, from ``gold_ce``; chunks = alignment groups (exact ones by default)."""
+    own-token log-probs, and the teacher's, from ``gold_ce``; ``chunks``: (groups, masks) per row
+    (:meth:`ObjectiveTeacher.chunks`; default the alignment groups, exact ones kept)."""
     from stillroom.losses import alm_loss, token_logprobs
 
     student = student_token_logprobs(hidden, weight, labels, config.chunk_size)
     width = max(len(out) for out, _ in pairs)
     teacher = token_logprobs(_padded([-out.gold_ce.float() for out, _ in pairs], width)).to(student.device)
-    masks = chunk_masks(pairs, config)
-    return alm_loss(student, teacher, [al for _, al in pairs], chunk_mask=masks, temperature=config.alm_temperature,
+    groups, masks = chunks or ([al.groups for _, al in pairs], [al.exact for _, al in pairs])
+    return alm_loss(student, teacher, groups, chunk_mask=masks, temperature=config.alm_temperature,
                     divergence=config.alm_divergence, weighting="tokens", reduction="sum")
 
 
@@ -246,12 +259,13 @@ class FusedALM:
         c = self.config
         student = student_token_logprobs(hidden, weight, batch["labels"], c.chunk_size)
         pairs = [m.aligned(batch) for m in self.members]  # [teacher][row] -> (out, alignment)
-        masks = [chunk_masks(p, c) or [None] * len(p) for p in pairs]
+        chunks = [m.chunks(p) for m, p in zip(self.members, pairs, strict=True)]  # [teacher] -> (groups, masks)
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for b in range(student.shape[0]):
             n = pairs[0][b][1].tgt_len
             teachers = [token_logprobs(-p[b][0].gold_ce.float()).to(student.device) for p in pairs]
-            d, _, _ = fused_alm(student[b, :n], teachers, [p[b][1].groups for p in pairs], [m[b] for m in masks],
+            d, _, _ = fused_alm(student[b, :n], teachers, [g[b] for g, _ in chunks],
+                                [None if m is None else m[b] for _, m in chunks],
                                 method=self.method, level=self.level, weight_temperature=self.weight_temperature,
                                 temperature=c.alm_temperature, divergence=c.alm_divergence)
             total = total + d
@@ -286,6 +300,27 @@ def build_teacher(spec, index: int, student_tok, teacher_tok, recipe) -> Objecti
         source = OnlineTeacher(spec.path, top_k=k, temperature=recipe.loss.temperature)
     lam = recipe.loss.ce_weight
     cfg = ObjectiveConfig(spec.objective, 1.0 - lam if spec.weight is None else spec.weight, spec.alm_temperature,
-                          spec.alm_divergence, spec.alm_chunks, recipe.loss.temperature, recipe.loss.chunk_size)
-    return ObjectiveTeacher(source, TokenTable.from_tokenizer(student_tok), TokenTable.from_tokenizer(teacher_tok),
-                            cfg, spec.name or f"teacher{index}")
+                          spec.alm_divergence, spec.alm_chunks, recipe.loss.temperature, recipe.loss.chunk_size,
+                          spec.alm_bias_threshold)
+    s_table, t_table = TokenTable.from_tokenizer(student_tok), TokenTable.from_tokenizer(teacher_tok)
+    rule = None
+    if spec.objective == "alm" and spec.alm_chunks == "unbiased":
+        rule = bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, spec.alm_bias_threshold)
+    return ObjectiveTeacher(source, s_table, t_table, cfg, spec.name or f"teacher{index}", rule)
+
+
+def bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, threshold: float, sample_chars: int = 1_000_000):
+    """The unbiased-boundary rule of a teacher/student pair, with unigram probabilities counted on the first
+    ``sample_chars`` characters of the training data (``stillroom.unbiased``)."""
+    from stillroom.data_io import iter_texts
+    from stillroom.unbiased import BoundaryBias, unigram_probs
+
+    texts, n = [], 0
+    for _, text in iter_texts(recipe.data.train, recipe.data.text_field, recipe.data.documents):
+        texts.append(text[: sample_chars - n])
+        n += len(texts[-1])
+        if n >= sample_chars:
+            break
+    return BoundaryBias(t_table, s_table, unigram_probs(teacher_tok, texts, len(t_table.token_bytes)),
+                        unigram_probs(student_tok, texts, len(s_table.token_bytes)), teacher_tok, student_tok,
+                        threshold)

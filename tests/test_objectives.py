@@ -199,6 +199,46 @@ def test_kd_is_still_logged_next_to_an_alm_term(tiny_models, data_dir, tmp_path)
     assert logged["kd"] == pytest.approx(float(kd) / int(lab.ne(-100).sum()), rel=1e-3)
 
 
+def test_alm_unbiased_chunks_are_merged_groups_ending_at_unbiased_boundaries(tiny_models, data_dir, tmp_path):
+    """``alm_chunks: unbiased``: the chunks are the exact groups merged up to the boundaries a BoundaryBias built
+    here (unigram counts of the whole training text) calls unbiased, and the ALM step equals the naive loop on them."""
+    from types import SimpleNamespace
+
+    from stillroom.tokens import TokenTable
+    from stillroom.unbiased import BoundaryBias, unbiased_boundaries, unigram_probs
+
+    t = tiny_models["llama-spm"]
+    spec = {"path": str(t), "objective": "alm", "alm_chunks": "unbiased", "alm_temperature": 4.0, "weight": 1.0}
+    tr, batch, toks = _trainer(_raw(tiny_models, data_dir, tmp_path, [spec], lam=0.0))
+    s_tok, t_tok = toks["student"], toks["teachers"][0]
+    text = (data_dir / "train.txt").read_text(encoding="utf-8")
+    st, tt = TokenTable.from_tokenizer(s_tok), TokenTable.from_tokenizer(t_tok)
+    rule = BoundaryBias(tt, st, unigram_probs(t_tok, [text], len(tt.token_bytes)),
+                        unigram_probs(s_tok, [text], len(st.token_bytes)), t_tok, s_tok)
+    got = tr.compute_loss(tr.model.train(), batch)
+    logp = _dense(tr, batch)
+    pairs = tr.extra[0].aligned(batch)
+    groups, masks = tr.extra[0].chunks(pairs)
+    want, n, merged = 0.0, 0, 0
+    for r, (al, g, m) in enumerate(zip(_alignments(batch, toks, t_tok), groups, masks, strict=True)):
+        ok = unbiased_boundaries(al.groups, al.src_ids, al.tgt_ids, rule)
+        ends = {(int(a), int(b)) for (_, a, _, b), o in zip(al.groups, ok, strict=True) if o}
+        starts = {(0, 0)} | ends
+        assert 0 < len(g) < len(al.groups)  # merged: fewer chunks than groups, but some
+        for t0, t1, s0, s1 in g.tolist():  # each chunk runs from an unbiased boundary to the next one
+            assert (t0, s0) in starts and (t1, s1) in ends
+            assert not any(t0 < a < t1 for a, _ in ends)  # and none inside it
+            merged += 1
+        lab = batch["labels"][r]
+        s_lp = {j: logp[r, j - 1, lab[j]] for j in range(1, SEQ) if lab[j] != -100}
+        n += len(s_lp)
+        ids, t_lp = _teacher_rows(t, t_tok, batch["text"][r])
+        want = want + _naive_alm(s_lp, {j: t_lp[j - 1, ids[j]] for j in range(1, len(ids))},
+                                 SimpleNamespace(groups=g, exact=m), 4.0)
+    assert merged > 10 and float(want) > 0
+    assert float(got.detach()) == pytest.approx(float(want.detach()) / n, rel=1e-5)
+
+
 def test_alm_chunks_are_the_exact_alignment_groups(tiny_models, data_dir, tmp_path):
     """The trainer's chunks are stillroom.align's groups of the teacher's and the student's tokenizations."""
     tr, batch, toks = _trainer(_raw(tiny_models, data_dir, tmp_path,
