@@ -38,31 +38,34 @@ def joint_chunks(groups: Sequence[np.ndarray], keeps: Sequence[np.ndarray | None
     """Joint chunks of several teachers' alignments with one student sequence.
 
     ``groups[t]``: ``[G_t, 4]`` (teacher start, teacher end, student start, student end), teacher as source, in
-    order, partitioning the ``n_student`` student tokens; ``keeps[t]``: bool ``[G_t]`` (None: all kept). Returns
+    order (an alignment's groups, or chunks merged from them: student tokens no group covers, like the trailing
+    run of ``stillroom.unbiased.merge_chunks``, are in no joint chunk); ``keeps[t]``: bool ``[G_t]`` (None: all
+    kept). Returns
     ``student [C, 2]`` (s0, s1) and ``teacher [n, C, 2]`` (t0, t1 per teacher): the spans between consecutive
     boundaries shared by every teacher whose groups are all kept by every teacher. A teacher group without student
     tokens (a BOS) at a chunk's edge is left out of it, as ``alm_loss`` leaves such groups out."""
-    bounds, owners, bad_cums = [], [], []
+    bounds, owners, bad_cums, gap_cums = [], [], [], []
     for g, k in zip(groups, keeps, strict=True):
         g = np.asarray(g, dtype=np.int64).reshape(-1, 4)
         k = np.ones(len(g), dtype=bool) if k is None else np.asarray(k, dtype=bool)
         owner = np.full(n_student, -1, dtype=np.int64)
         for i, (s0, s1) in enumerate(g[:, 2:].tolist()):
             owner[s0:s1] = i
-        if n_student and (owner < 0).any():
-            raise ValueError(f"the groups leave student tokens {np.flatnonzero(owner < 0)[:5].tolist()} uncovered; "
-                             f"pass alignments of this student sequence with the teacher as source")
+        if len(g) and g[:, 3].max() > n_student:
+            raise ValueError(f"groups reach student token {int(g[:, 3].max())} of a sequence of {n_student}; pass "
+                             f"alignments of this student sequence with the teacher as source")
         nonempty = g[:, 3] > g[:, 2]
         bounds.append(set(g[nonempty, 2].tolist()) | set(g[nonempty, 3].tolist()))
         owners.append((g, owner))
         bad_cums.append(np.concatenate([[0], np.cumsum(~k)]))
+        gap_cums.append(np.concatenate([[0], np.cumsum(owner < 0)]))
     cuts = sorted(set.intersection(*bounds)) if bounds else []
     student, teacher = [], []
     for a, b in zip(cuts[:-1], cuts[1:], strict=True):
         ranges = []
-        for (g, owner), bad in zip(owners, bad_cums, strict=True):
+        for (g, owner), bad, gap in zip(owners, bad_cums, gap_cums, strict=True):
             lo, hi = owner[a], owner[b - 1]
-            if bad[hi + 1] - bad[lo]:
+            if gap[b] - gap[a] or bad[hi + 1] - bad[lo]:
                 break
             ranges.append((g[lo, 0], g[hi, 1]))
         else:

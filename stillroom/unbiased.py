@@ -130,12 +130,20 @@ class BoundaryBias:
 
 
 def unbiased_boundaries(groups: np.ndarray, teacher_ids, student_ids, rule: BoundaryBias) -> np.ndarray:
-    """bool ``[G]``: the boundary at the end of each group (teacher as source) is unbiased; groups empty on a side
-    are never a boundary."""
+    """bool ``[G]``: the boundary at the end of each group (teacher as source) is unbiased. A group empty on one
+    side (a special token only one tokenization has, e.g. a BOS) ends a boundary when its token is special."""
     g = np.asarray(groups, dtype=np.int64).reshape(-1, 4)
     t, s = np.asarray(teacher_ids), np.asarray(student_ids)
-    return np.array([t1 > t0 and s1 > s0 and rule.unbiased(int(t[t1 - 1]), int(s[s1 - 1]))
-                     for t0, t1, s0, s1 in g.tolist()], dtype=bool)
+    t_special, s_special = rule.teacher.table.is_special, rule.student.table.is_special
+
+    def ok(t0: int, t1: int, s0: int, s1: int) -> bool:
+        if t1 > t0 and s1 > s0:
+            return rule.unbiased(int(t[t1 - 1]), int(s[s1 - 1]))
+        if s1 > s0:
+            return bool(s_special[int(s[s1 - 1])])
+        return t1 > t0 and bool(t_special[int(t[t1 - 1])])
+
+    return np.array([ok(*row) for row in g.tolist()], dtype=bool)
 
 
 def merge_chunks(groups: np.ndarray, exact: np.ndarray, boundary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

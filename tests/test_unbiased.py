@@ -88,6 +88,17 @@ def test_unbiased_chunks_of_a_toy_alignment():
     assert groups.tolist() == [[0, 1, 0, 2]] and ex.tolist() == [True]
 
 
+def test_a_special_token_only_one_side_has_closes_its_own_chunk():
+    rule, t, s = _rule()
+    rule.student.table.is_special[1] = True  # pretend S's "b" is a special token (a BOS-like marker)
+    try:
+        # (teacher "", student [b]) then (abc | ab c): the special group is a boundary of its own
+        groups = np.array([[0, 0, 0, 1], [0, 1, 1, 3]])
+        assert unbiased_boundaries(groups, [5], [1, 3, 2], rule).tolist() == [True, True]
+    finally:
+        rule.student.table.is_special[1] = False
+
+
 def test_unigram_probs_count_the_tokenizers_ids():
     t = _toy(T_VOCAB, T_MERGES)
     p = unigram_probs(t, ["abcab", "c"], 6)  # abc ab | c
