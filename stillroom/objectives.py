@@ -11,6 +11,8 @@ An ``alm`` or ``uld`` teacher is never fused or projected: it adds its own term,
   its per-token log-prob of its own tokens (``−gold_ce``, online or from any cache — no top-k needed), the
   student side its own next-token log-probs, gathered chunk by chunk from the logits (:func:`own_logprobs`).
   Each chunk is weighted by its number of student tokens and summed, so ΣD_i is on the per-token scale of ΣCE.
+- ``alm_chunks: unbiased`` merges the exact groups up to boundaries whose tokenization bias is small on both
+  sides (``stillroom.unbiased``: the paper's outcome-chunk debiasing; unigram counts from the training data).
 - Several ALM teachers are fused into one term (``stillroom.alm_fusion``): ``fusion.method`` min_ce / avg_ce /
   mean weighs them on joint chunks, per sequence or per chunk (``fusion.level: token``); it is logged as
   ``alm/fused``.
@@ -40,7 +42,7 @@ class ObjectiveConfig:
     weight: float = 0.5
     alm_temperature: float = 1.0
     alm_divergence: str = "bce"
-    alm_chunks: str = "exact"  # "exact": exact alignment groups only; "all": every group; "unbiased" (see below)
+    alm_chunks: str = "exact"  # "exact" groups; "all" groups; "unbiased" chunks (ObjectiveTeacher.chunks)
     uld_temperature: float = 1.0
     chunk_size: int | None = None
     alm_bias_threshold: float = 1e-4
