@@ -1,5 +1,5 @@
 """Cross-tokenizer objectives on the embedded default: CE only, KD via MinED (onehot) and prefix projection,
-ULD, ALM, ALM + prefix KD — one cross-tokenizer teacher, same data, steps and seeds.
+ULD, ALM (exact / unbiased chunks), ALM + prefix KD — one cross-tokenizer teacher, same data, steps and seeds.
 
 Each arm trains the demo's from-scratch student (``stillroom.demo.DemoOptions``: λ = 0.5, lr 2e-3, batch 8,
 seq 128) from the teacher's offline cache, then scores held-out bits per byte on the test works. Also reports
@@ -44,6 +44,7 @@ def arms(teacher: str, cache: str, cache1: str) -> dict[str, list[dict]]:
         "kd-prefix": [kd],
         "uld": [{**kd, "name": "uld", "objective": "uld"}],
         "alm": [{"path": teacher, "cache": cache1, "name": "alm", "objective": "alm"}],
+        "alm-unbiased": [{"path": teacher, "cache": cache1, "name": "alm", "objective": "alm", "alm_chunks": "unbiased"}],
         "alm+kd-prefix": [kd, {"path": teacher, "cache": cache1, "name": "alm", "objective": "alm"}],
     }
 
@@ -82,7 +83,7 @@ def run(opts: DemoOptions, seeds: list[int], out: Path, teacher_index: int, only
             bpb = evaluate_folders([(res.output_dir, name)], texts)[0]["bits_per_byte"]
             row = {"arm": name, "seed": seed, "steps": opts.steps, "bpb": bpb,
                    "tokens_per_s": opts.steps * opts.batch_size * opts.seq_len / secs, "cache_bytes_per_token":
-                   0.0 if not teachers else sizes["top-1"] if name == "alm" else sizes["top-k"]}
+                   0.0 if not teachers else sizes["top-1"] if name in ("alm", "alm-unbiased") else sizes["top-k"]}
             rows.append(row)
             with open(out / "results.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")

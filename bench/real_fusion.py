@@ -10,6 +10,14 @@ SmolLM2-135M-Instruct itself (same tokenizer) and Gemma-3-270M (262k ids: exact 
 - ``kd-smollm2``, ``kd-gemma3``: λ·CE + (1−λ)·KL(teacher ‖ student) from one teacher;
 - ``fused-min_ce``, ``fused-avg_ce``: both teachers fused per sequence (``--token-level`` adds token-level arms).
 
+Cross-tokenizer objectives with Gemma-3 (issue 15; not run unless named in ``--arms``): ``kd-gemma3-mined`` (KD
+through FuseLLM's MinED map alone, projection ``onehot``), ``uld-gemma3`` (ULD on its top-k), ``alm-gemma3`` (ALM
+over the exact chunks), ``alm-unbiased-gemma3`` (ALM over the unbiased chunks), ``alm+kd-gemma3`` (ALM next to KD
+via ``--projection``), ``fused-alm-min_ce`` / ``fused-alm-avg_ce`` (both teachers as ALM terms fused per
+sequence). ALM reads only the teacher's log-prob of its own tokens, from a top-1 cache
+(``OUT/cache/gemma3-top1``); ULD and KD read the top-k cache. ``--cache-from DIR`` reads the top-k caches of
+another OUT with the same options (read only: nothing is written there).
+
 λ = ``loss.ce_weight`` = 0.9 (FuseLLM's continual-training value and the project default). Data: the shared
 Shakespeare corpus split by whole works (fixed lists below; the test works are never trained on and never used
 for a choice); held-out bits per byte on the first ``--eval-chars`` characters of each test work, also for the
@@ -23,6 +31,8 @@ a rerun with other options into the same OUT is refused). Writes ``OUT/report.md
 
     python -m bench.real_fusion --seeds 0 1 2                   # default scale
     python -m bench.real_fusion --seeds 0 --steps 2 --batch-size 2 --eval-chars 300 --out runs/rf-smoke  # smoke
+    python -m bench.real_fusion --seeds 0 --arms kd-gemma3-mined uld-gemma3 alm-gemma3 alm-unbiased-gemma3 \
+        alm+kd-gemma3 --cache-from runs/bench-real-fusion --out runs/bench-real-objectives
 """
 
 from __future__ import annotations
@@ -139,16 +149,19 @@ def prepare_data(corpus: Path, out: Path) -> dict[str, str]:
 
 
 def recipe(args: argparse.Namespace, data: dict[str, str], name: str, out_dir: Path, seed: int,
-           teachers: list[tuple[str, str, str]] = (), method: str = "min_ce", level: str = "sequence") -> dict:
-    """One arm's training recipe; ``teachers``: ``(name, model folder, cache folder)``."""
+           teachers: list[dict] = (), method: str = "min_ce", level: str = "sequence",
+           projection: str | None = None) -> dict:
+    """One arm's training recipe; ``teachers``: recipe teacher entries (name, path, cache, objective...);
+    ``projection`` overrides ``--projection`` for this arm."""
     return {
         "name": name,
         "student": {"init_from": args.student_from, "layers": args.layers},
-        "teachers": [{"path": p, "cache": c, "name": n} for n, p, c in teachers],
+        "teachers": [dict(t) for t in teachers],
         "data": {"train": data["train"], "eval": data["validation"], "seq_len": args.seq_len,
                  "max_blocks": args.steps * args.batch_size},  # every block trained on once
         "loss": {"kind": "forward_kl", "ce_weight": args.ce_weight if teachers else 1.0, "temperature": 1.0},
-        "fusion": {"method": method, "level": level, "top_k": args.top_k, "projection": args.projection},
+        "fusion": {"method": method, "level": level, "top_k": args.top_k,
+                   "projection": projection or args.projection},
         "train": {"output_dir": str(out_dir), "max_steps": args.steps, "batch_size": args.batch_size,
                   "lr": args.lr, "warmup_steps": max(1, args.steps // 10), "seed": seed,
                   "logging_steps": max(1, args.steps // 10), "eval_steps": None, "eval_max_blocks": 8,
@@ -156,27 +169,67 @@ def recipe(args: argparse.Namespace, data: dict[str, str], name: str, out_dir: P
     }
 
 
-def build_caches(args, data: dict[str, str], out: Path) -> dict[str, str]:
-    """Export the training blocks and cache each teacher over them once (finished shards are skipped)."""
+def cache_source(args, out: Path) -> Path:
+    """Where the top-k caches are read: ``--cache-from`` (another OUT run with the same options; checked) or OUT."""
+    from stillroom.errors import ConfigError, MissingPathError
+
+    src = args.cache_from
+    if src is None:
+        return out
+    opts = src / "options.json"
+    if not opts.exists():
+        raise MissingPathError(f"--cache-from {src}: no options.json there; point it at a bench.real_fusion OUT")
+    have, want = json.loads(opts.read_text()), {k: getattr(args, k) for k in SCALE}
+    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    if diff:
+        raise ConfigError(f"--cache-from {src} was built with other options {diff} (there, here); its caches cover "
+                          f"other blocks: drop --cache-from or use the same options")
+    for name in ("smollm2", "gemma3"):
+        if not (src / "cache" / name / "manifest.json").exists():
+            raise MissingPathError(f"--cache-from {src}: cache/{name} is not finished; run that benchmark first")
+    return src
+
+
+def build_caches(args, data: dict[str, str], out: Path, top1: bool = False) -> dict[str, str]:
+    """Export the training blocks and cache each teacher over them once (finished shards are skipped); with
+    ``--cache-from`` the top-k caches are read there and only the blocks file (to build a top-1 cache) is
+    copied. ``top1``: also a top-1 cache of Gemma-3 (all ALM reads) in ``OUT/cache/gemma3-top1``."""
+    import shutil
+
     from stillroom.cache import OnlineTeacher, write_cache
     from stillroom.recipe import load_recipe
     from stillroom.trainer import export_training_blocks
 
+    src = cache_source(args, out)
     blocks = out / "train_blocks.jsonl"
     if not blocks.exists():
-        n = export_training_blocks(load_recipe(recipe(args, data, "blocks", out / "unused", 0)), blocks)
-        console.print(f"{n} training blocks of ≤ {args.seq_len} student tokens → {blocks}")
+        if src != out:
+            shutil.copyfile(src / "train_blocks.jsonl", blocks)
+        else:
+            n = export_training_blocks(load_recipe(recipe(args, data, "blocks", out / "unused", 0)), blocks)
+            console.print(f"{n} training blocks of ≤ {args.seq_len} student tokens → {blocks}")
     caches = {}
-    for name, path in (("smollm2", args.smollm2), ("gemma3", args.gemma3)):
-        cache = out / "cache" / name
+    todo = [("smollm2", args.smollm2, args.top_k, src), ("gemma3", args.gemma3, args.top_k, src)]
+    if top1:
+        todo.append(("gemma3-top1", args.gemma3, 1, out))
+    for name, path, k, where in todo:
+        cache = where / "cache" / name
+        caches[name] = str(cache)
+        if where != out:
+            continue  # read only
         t = time.perf_counter()
-        teacher = OnlineTeacher(path, top_k=args.top_k)
+        teacher = OnlineTeacher(path, top_k=k)
         s = write_cache(teacher, blocks, cache, console=console)
         console.print(f"{name}: {s.tokens:,} teacher tokens cached in {time.perf_counter() - t:.0f} s "
                       f"({s.shards_skipped} shards reused) → {cache}")
         del teacher
-        caches[name] = str(cache)
     return caches
+
+
+def cache_bytes_per_token(cache: str | Path) -> float:
+    """Bytes of a cache's shards per teacher token (from its manifest)."""
+    m = json.loads((Path(cache) / "manifest.json").read_text())
+    return sum(int(s["bytes"]) for s in m["shards"]) / max(sum(int(s["tokens"]) for s in m["shards"]), 1)
 
 
 def bits_per_byte(model, tok, texts: list[str], name: str) -> float:
@@ -196,6 +249,8 @@ def references(args, texts: list[str], out: Path) -> dict[str, float]:
     from stillroom.models import load_tokenizer
 
     path = out / "references.json"
+    if not path.exists() and args.cache_from is not None and (args.cache_from / "references.json").exists():
+        path.write_text((args.cache_from / "references.json").read_text())  # same options: same text and models
     ref = json.loads(path.read_text()) if path.exists() else {}
     todo = [("teacher smollm2", args.smollm2), ("teacher gemma3", args.gemma3), ("cut student, untrained", None)]
     for label, folder in todo:
@@ -213,16 +268,41 @@ def references(args, texts: list[str], out: Path) -> dict[str, float]:
     return ref
 
 
-def arms(args, caches: dict[str, str]) -> dict[str, tuple[list[tuple[str, str, str]], str, str]]:
-    """Arm name → (teachers, fusion method, fusion level)."""
-    sm, gm = ("smollm2", args.smollm2, caches["smollm2"]), ("gemma3", args.gemma3, caches["gemma3"])
-    table = {"ce-only": ([], "min_ce", "sequence"), "kd-smollm2": ([sm], "min_ce", "sequence"),
-             "kd-gemma3": ([gm], "min_ce", "sequence"), "fused-min_ce": ([sm, gm], "min_ce", "sequence"),
-             "fused-avg_ce": ([sm, gm], "avg_ce", "sequence")}
-    if args.token_level:
-        table.update({"fused-min_ce-token": ([sm, gm], "min_ce", "token"),
-                      "fused-avg_ce-token": ([sm, gm], "avg_ce", "token")})
-    return table
+FUSION_ARMS = ("ce-only", "kd-smollm2", "kd-gemma3", "fused-min_ce", "fused-avg_ce")
+TOKEN_ARMS = ("fused-min_ce-token", "fused-avg_ce-token")
+OBJECTIVE_ARMS = ("kd-gemma3-mined", "uld-gemma3", "alm-gemma3", "alm-unbiased-gemma3", "alm+kd-gemma3",
+                  "fused-alm-min_ce", "fused-alm-avg_ce")
+ALL_ARMS = FUSION_ARMS + TOKEN_ARMS + OBJECTIVE_ARMS
+
+
+def arms(args, caches: dict[str, str]) -> dict[str, dict]:
+    """Arm name → ``{"teachers": [recipe teacher entries], "method", "level", "projection"}`` for the arms asked
+    for (``--arms``; default the fusion arms, plus the token-level ones with ``--token-level``)."""
+    sm = {"name": "smollm2", "path": args.smollm2, "cache": caches["smollm2"]}
+    gm = {"name": "gemma3", "path": args.gemma3, "cache": caches["gemma3"]}
+    alm = {"name": "gemma3-alm", "path": args.gemma3, "cache": caches.get("gemma3-top1"), "objective": "alm"}
+
+    def arm(teachers, method="min_ce", level="sequence", projection=None):
+        return {"teachers": teachers, "method": method, "level": level, "projection": projection}
+
+    table = {"ce-only": arm([]), "kd-smollm2": arm([sm]), "kd-gemma3": arm([gm]),
+             "fused-min_ce": arm([sm, gm]), "fused-avg_ce": arm([sm, gm], "avg_ce"),
+             "fused-min_ce-token": arm([sm, gm], level="token"),
+             "fused-avg_ce-token": arm([sm, gm], "avg_ce", "token"),
+             "kd-gemma3-mined": arm([gm], projection="onehot"),
+             "uld-gemma3": arm([{**gm, "name": "gemma3-uld", "objective": "uld"}]),
+             "alm-gemma3": arm([alm]), "alm-unbiased-gemma3": arm([{**alm, "alm_chunks": "unbiased"}]),
+             "alm+kd-gemma3": arm([gm, alm]),
+             # both teachers as ALM terms, fused per sequence (stillroom.alm_fusion); SmolLM2's from its top-k cache
+             "fused-alm-min_ce": arm([{**sm, "name": "smollm2-alm", "objective": "alm"}, alm]),
+             "fused-alm-avg_ce": arm([{**sm, "name": "smollm2-alm", "objective": "alm"}, alm], "avg_ce")}
+    names = args.arms or list(FUSION_ARMS) + (list(TOKEN_ARMS) if args.token_level else [])
+    return {a: table[a] for a in names}
+
+
+def arm_cache_bytes(spec: dict) -> float:
+    """Bytes per teacher token of the caches an arm reads (0 for CE only)."""
+    return sum(cache_bytes_per_token(t["cache"]) for t in spec["teachers"])
 
 
 def run_arm(args, data, out: Path, seed: int, arm: str, spec, texts: list[str]) -> dict:
@@ -235,16 +315,17 @@ def run_arm(args, data, out: Path, seed: int, arm: str, spec, texts: list[str]) 
     if done.exists():
         return json.loads(done.read_text())
     console.rule(f"seed {seed}: {arm}")
-    teachers, method, level = spec
     t = time.perf_counter()
-    res = train(recipe(args, data, f"real-fusion-{arm}", folder / "model", seed, teachers, method, level))
+    res = train(recipe(args, data, f"real-fusion-{arm}", folder / "model", seed, spec["teachers"], spec["method"],
+                       spec["level"], spec["projection"]))
     train_s = time.perf_counter() - t
     model, tok = load_model(res.output_dir)
     t = time.perf_counter()
     bpb = bits_per_byte(model, tok, texts, arm)
     result = {"arm": arm, "seed": seed, "test_bpb": bpb, "validation_bpb": res.metrics.get("eval_bpb"),
               "train_seconds": train_s, "eval_seconds": time.perf_counter() - t,
-              "train_tokens": args.steps * args.batch_size * args.seq_len}
+              "train_tokens": args.steps * args.batch_size * args.seq_len,
+              "cache_bytes_per_token": arm_cache_bytes(spec)}
     if not args.keep_models:
         for f in Path(res.output_dir).glob("*.safetensors"):
             f.unlink()
@@ -253,18 +334,22 @@ def run_arm(args, data, out: Path, seed: int, arm: str, spec, texts: list[str]) 
     return result
 
 
-def collect(out: Path) -> tuple[dict[str, dict[int, float]], dict[str, list[float]]]:
-    """Every finished arm under OUT: arm → {seed: test bits/byte}, arm → train seconds."""
+def collect(out: Path) -> tuple[dict[str, dict[int, float]], dict[str, list[float]], dict[str, float]]:
+    """Every finished arm under OUT: arm → {seed: test bits/byte}, arm → train seconds, arm → cache bytes per
+    teacher token (``nan`` for results written before it was recorded)."""
     bpb: dict[str, dict[int, float]] = {}
     secs: dict[str, list[float]] = {}
+    sizes: dict[str, float] = {}
     for f in sorted(out.glob("seed*/*/result.json")):
         r = json.loads(f.read_text())
         bpb.setdefault(r["arm"], {})[r["seed"]] = r["test_bpb"]
         secs.setdefault(r["arm"], []).append(r["train_seconds"])
-    return bpb, secs
+        sizes[r["arm"]] = r.get("cache_bytes_per_token", float("nan"))
+    return bpb, secs, sizes
 
 
-def report_md(args, results, secs, refs: dict[str, float], lines: list[str]) -> str:
+def report_md(args, results, secs, refs: dict[str, float], lines: list[str], sizes: dict[str, float] | None = None
+              ) -> str:
     """Markdown: the command, machine, scale, per arm mean ± spread and per-seed values, references, verdicts."""
     agg = aggregate(results)
     tokens = args.steps * args.batch_size * args.seq_len
@@ -274,12 +359,12 @@ def report_md(args, results, secs, refs: dict[str, float], lines: list[str]) -> 
            f"{args.top_k} --eval-chars {args.eval_chars}`\n\nstudent: layers {args.layers} of `{args.student_from}`; "
            f"{tokens:,} training tokens per arm ({args.steps} steps × {args.batch_size} × {args.seq_len}); test: "
            f"first {args.eval_chars:,} characters of {', '.join(TEST_WORKS)}\n",
-           "| arm | mean bits/byte | ± spread (half range) | per seed | train s / arm (median) |",
-           "|---|---|---|---|---|"]
+           "| arm | mean bits/byte | ± spread (half range) | per seed | train s / arm (median) | cache B/token |",
+           "|---|---|---|---|---|---|"]
     for arm, a in agg.items():
         out.append(f"| {arm} | {a['mean']:.4f} | {a['spread']:.4f} | "
                    f"{' '.join(f'{s}: {v:.4f}' for s, v in a['seeds'].items())} | "
-                   f"{statistics.median(secs[arm]):.0f} |")
+                   f"{statistics.median(secs[arm]):.0f} | {(sizes or {}).get(arm, float('nan')):.2f} |")
     out.append("")
     if refs:
         out += ["| reference (same text) | bits/byte |", "|---|---|"]
@@ -300,6 +385,10 @@ def main() -> None:
     ap.add_argument("--projection", default="prefix")
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--token-level", action="store_true", help="also fused arms at token level")
+    ap.add_argument("--arms", nargs="+", choices=ALL_ARMS, default=None,
+                    help="arms to run (default: the fusion arms; the objective arms run only when named)")
+    ap.add_argument("--cache-from", type=Path, default=None,
+                    help="read the top-k teacher caches of this OUT (same options; read only)")
     ap.add_argument("--eval-chars", type=int, default=2000, help="characters of each test work evaluated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--student-from", default=SMOLLM2)
@@ -324,18 +413,20 @@ def main() -> None:
     data = prepare_data(args.corpus, args.out)
     texts = held_out_texts(data["test"], args.eval_chars)
     t = time.perf_counter()
-    caches = build_caches(args, data, args.out)
+    table_names = args.arms or []
+    caches = build_caches(args, data, args.out, top1=any("alm" in a for a in table_names))
     console.print(f"caches ready in {time.perf_counter() - t:.0f} s")
     refs = references(args, texts, args.out)
     table = arms(args, caches)
     for seed in args.seeds:
         for arm, spec in table.items():
             run_arm(args, data, args.out, seed, arm, spec, texts)
-            results, secs = collect(args.out)  # report after every arm: a killed run keeps what it finished
+            results, secs, sizes = collect(args.out)  # report after every arm: a killed run keeps what it finished
             lines = verdicts(results)
-            (args.out / "report.md").write_text(report_md(args, results, secs, refs, lines), encoding="utf-8")
+            (args.out / "report.md").write_text(report_md(args, results, secs, refs, lines, sizes), encoding="utf-8")
             (args.out / "results.json").write_text(json.dumps({"test_bpb": results, "train_seconds": secs,
-                                                               "references": refs}, indent=1))
+                                                               "cache_bytes_per_token": sizes, "references": refs},
+                                                              indent=1))
     console.print((args.out / "report.md").read_text())
     summary("; ".join(lines))
 

@@ -64,7 +64,8 @@ def teacher_scores(ces: list[torch.Tensor], vote: torch.Tensor, level: Level) ->
     At sequence level the score is the teacher's mean CE over every position of the sequence where its CE is
     known, voting or not: a position whose distribution could not be transferred still says how well the
     teacher predicted those bytes, and every teacher is then scored on the same text."""
-    ce = torch.stack([c.float() for c in ces])
+    dt = torch.float64 if any(c.dtype == torch.float64 for c in ces) else torch.float32  # float64 stays float64
+    ce = torch.stack([c.to(dt) for c in ces])
     if level == "sequence":
         seq = sequence_ce(ce)  # [n, ...leading without T]
         ce = seq.unsqueeze(-1).expand_as(ce)

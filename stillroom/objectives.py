@@ -11,6 +11,11 @@ An ``alm`` or ``uld`` teacher is never fused or projected: it adds its own term,
   its per-token log-prob of its own tokens (``−gold_ce``, online or from any cache — no top-k needed), the
   student side its own next-token log-probs, gathered chunk by chunk from the logits (:func:`own_logprobs`).
   Each chunk is weighted by its number of student tokens and summed, so ΣD_i is on the per-token scale of ΣCE.
+- ``alm_chunks: unbiased`` merges the exact groups up to boundaries whose tokenization bias is small on both
+  sides (``stillroom.unbiased``: the paper's outcome-chunk debiasing; unigram counts from the training data).
+- Several ALM teachers are fused into one term (``stillroom.alm_fusion``): ``fusion.method`` min_ce / avg_ce /
+  mean weighs them on joint chunks, per sequence or per chunk (``fusion.level: token``); it is logged as
+  ``alm/fused``.
 - ULD (``stillroom.losses.uld_loss``, Boizard et al. 2024): on the student rows paired with a teacher row
   through a one-to-one exact group (both predict the same token text from the same byte prefix), the teacher's
   top-k in its own vocabulary against the sorted student distribution; summed over the pairs.
@@ -37,18 +42,24 @@ class ObjectiveConfig:
     weight: float = 0.5
     alm_temperature: float = 1.0
     alm_divergence: str = "bce"
-    alm_chunks: str = "exact"  # "exact": exact alignment groups only; "all": every group
+    alm_chunks: str = "exact"  # "exact" groups; "all" groups; "unbiased" chunks (ObjectiveTeacher.chunks)
     uld_temperature: float = 1.0
     chunk_size: int | None = None
+    alm_bias_threshold: float = 1e-4
 
 
 class ObjectiveTeacher:
     """A teacher (online ``OnlineTeacher`` or ``CachedTeacher`` source) that contributes an ALM or ULD term."""
 
-    def __init__(self, source, student_table, teacher_table, config: ObjectiveConfig, name: str = "teacher"):
+    def __init__(self, source, student_table, teacher_table, config: ObjectiveConfig, name: str = "teacher",
+                 bias_rule=None):
         self.source, self.student_table, self.teacher_table = source, student_table, teacher_table
         self.config, self.name = config, name
+        self.bias_rule = bias_rule  # stillroom.unbiased.BoundaryBias, for alm_chunks="unbiased"
+        if config.kind == "alm" and config.alm_chunks == "unbiased" and bias_rule is None:
+            raise ValueError(f"teacher {name}: alm_chunks='unbiased' needs a bias_rule (stillroom.unbiased.BoundaryBias)")
         self.objective = config.kind
+        self.last_sum: torch.Tensor | None = None  # ΣD_i of the last training micro-batch, unweighted (for the logs)
 
     @torch.no_grad()
     def aligned(self, batch: dict[str, Any]) -> list[tuple[Any, Any]]:
@@ -65,10 +76,41 @@ class ObjectiveTeacher:
         c = self.config
         pairs = self.aligned(batch)
         if c.kind == "alm":
-            d = alm_term(hidden, weight, batch["labels"], pairs, c)
+            d = alm_term(hidden, weight, batch["labels"], pairs, c, self.chunks(pairs))
         else:
             d = uld_term(hidden, weight, batch["labels"], pairs, c)
+        self.last_sum = d.detach()
         return c.weight * d
+
+    def chunks(self, pairs) -> tuple[list, list | None]:
+        """ALM's chunks per batch row: (groups, masks) — the alignment groups with the ``exact`` ones kept
+        (``alm_chunks="exact"``) or all kept (``"all"``, masks None), or the unbiased chunks (``"unbiased"``:
+        groups merged up to unbiased boundaries, exact ones kept; :func:`stillroom.unbiased.unbiased_chunks`)."""
+        kind = self.config.alm_chunks
+        if kind == "unbiased":
+            from stillroom.unbiased import unbiased_chunks
+
+            merged = [unbiased_chunks(al, self.bias_rule) for _, al in pairs]
+            return [g for g, _ in merged], [e for _, e in merged]
+        return [al.groups for _, al in pairs], ([al.exact for _, al in pairs] if kind == "exact" else None)
+
+
+def term_sums(extra: list[ObjectiveTeacher], device) -> list[torch.Tensor]:
+    """ΣD_i of each ALM / ULD teacher on the last micro-batch (float64; 0 before any), for the step's logs."""
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    return [zero if t.last_sum is None else t.last_sum.to(device, torch.float64) for t in extra]
+
+
+def term_logs(extra: list[ObjectiveTeacher], terms: list[float], ce: float, loss: float, ce_weight: float,
+              fused: bool) -> dict[str, float]:
+    """The loss's distillation parts per labelled token, averaged like ``loss``: ``"alm/NAME"`` / ``"uld/NAME"``,
+    each teacher's unweighted term D_i, and (``fused``: there are kd teachers) ``"kd"``, the fused term, from
+    ``loss = λ·ce + (1 − λ)·kd + Σ_i w_i · D_i``."""
+    logs = {f"{t.objective}/{t.name}": v for t, v in zip(extra, terms, strict=True)}
+    if fused and ce_weight < 1:
+        own = sum(t.config.weight * v for t, v in zip(extra, terms, strict=True))
+        logs["kd"] = (loss - ce_weight * ce - own) / (1 - ce_weight)
+    return logs
 
 
 class _OwnLogprob(torch.autograd.Function):
@@ -119,20 +161,30 @@ def _padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
-def alm_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pairs, config: ObjectiveConfig
-             ) -> torch.Tensor:
-    """Σ over the batch of ALM (token-weighted sum over chunks) between the student's chunk likelihoods, from its
-    own-token log-probs, and the teacher's, from ``gold_ce``; chunks = alignment groups (exact ones by default)."""
-    from stillroom.losses import alm_loss, token_logprobs
+def student_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           chunk_size: int | None = None) -> torch.Tensor:
+    """``[B, T]`` token-indexed log-probs of the student's own tokens (entry j from row j − 1; ``nan`` at 0 and
+    where the label is -100), from ``hidden [B, T-1, H]`` chunk by chunk (:func:`own_logprobs`)."""
+    from stillroom.losses import token_logprobs
 
     B, R, H = hidden.shape
-    rows = own_logprobs(hidden.reshape(-1, H), weight, labels[:, 1:].reshape(-1), config.chunk_size).view(B, R)
+    rows = own_logprobs(hidden.reshape(-1, H), weight, labels[:, 1:].reshape(-1), chunk_size).view(B, R)
     nan = torch.full((B, 1), float("nan"), dtype=rows.dtype, device=rows.device)
-    student = token_logprobs(torch.cat([rows, nan], 1))  # token j's log-prob, from row j-1
+    return token_logprobs(torch.cat([rows, nan], 1))
+
+
+def alm_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pairs, config: ObjectiveConfig,
+             chunks: tuple[list, list | None] | None = None) -> torch.Tensor:
+    """Σ over the batch of ALM (token-weighted sum over chunks) between the student's chunk likelihoods, from its
+    own-token log-probs, and the teacher's, from ``gold_ce``; ``chunks``: (groups, masks) per row
+    (:meth:`ObjectiveTeacher.chunks`; default the alignment groups, exact ones kept)."""
+    from stillroom.losses import alm_loss, token_logprobs
+
+    student = student_token_logprobs(hidden, weight, labels, config.chunk_size)
     width = max(len(out) for out, _ in pairs)
-    teacher = token_logprobs(_padded([-out.gold_ce.float() for out, _ in pairs], width)).to(rows.device)
-    masks = [al.exact for _, al in pairs] if config.alm_chunks == "exact" else None
-    return alm_loss(student, teacher, [al for _, al in pairs], chunk_mask=masks, temperature=config.alm_temperature,
+    teacher = token_logprobs(_padded([-out.gold_ce.float() for out, _ in pairs], width)).to(student.device)
+    groups, masks = chunks or ([al.groups for _, al in pairs], [al.exact for _, al in pairs])
+    return alm_loss(student, teacher, groups, chunk_mask=masks, temperature=config.alm_temperature,
                     divergence=config.alm_divergence, weighting="tokens", reduction="sum")
 
 
@@ -182,9 +234,55 @@ def uld_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, p
     return total
 
 
-def split_teachers(teachers: list) -> tuple[list, list]:
-    """(kd teachers, fused into one target; teachers with their own ALM / ULD term)."""
+class FusedALM:
+    """Several ALM teachers as one term: on their joint chunks, ``fusion.method`` (min_ce / avg_ce / mean)
+    weighs the teachers per sequence or per chunk (``level="token"``); see :func:`stillroom.alm_fusion.fused_alm`.
+    The teachers share the weight and the ALM options (the recipe checks it)."""
+
+    objective = "alm"
+
+    def __init__(self, members: list[ObjectiveTeacher], method: str = "min_ce", level: str = "sequence",
+                 weight_temperature: float = 1.0, name: str = "fused"):
+        c = members[0].config
+        keys = [(m.config.weight, m.config.alm_temperature, m.config.alm_divergence, m.config.alm_chunks)
+                for m in members]
+        if len(set(keys)) > 1:
+            raise ValueError(f"fused ALM teachers {[m.name for m in members]} must share weight, alm_temperature, "
+                             f"alm_divergence and alm_chunks; got {keys}")
+        self.members, self.config, self.name = members, c, name
+        self.method, self.level, self.weight_temperature = method, level, weight_temperature
+        self.last_sum: torch.Tensor | None = None
+
+    def loss_sum(self, hidden: torch.Tensor, weight: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """w · Σ over the batch rows of the fused ALM term."""
+        from stillroom.alm_fusion import fused_alm
+        from stillroom.losses import token_logprobs
+
+        c = self.config
+        student = student_token_logprobs(hidden, weight, batch["labels"], c.chunk_size)
+        pairs = [m.aligned(batch) for m in self.members]  # [teacher][row] -> (out, alignment)
+        chunks = [m.chunks(p) for m, p in zip(self.members, pairs, strict=True)]  # [teacher] -> (groups, masks)
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for b in range(student.shape[0]):
+            n = pairs[0][b][1].tgt_len
+            teachers = [token_logprobs(-p[b][0].gold_ce.float()).to(student.device) for p in pairs]
+            d, _, _ = fused_alm(student[b, :n], teachers, [g[b] for g, _ in chunks],
+                                [None if m is None else m[b] for _, m in chunks],
+                                method=self.method, level=self.level, weight_temperature=self.weight_temperature,
+                                temperature=c.alm_temperature, divergence=c.alm_divergence)
+            total = total + d
+        self.last_sum = total.detach()
+        return c.weight * total
+
+
+def split_teachers(teachers: list, fusion=None) -> tuple[list, list]:
+    """(kd teachers, fused into one target; teachers with their own ALM / ULD term). With ``fusion`` (method,
+    level, weight_temperature) and several ALM teachers, those become one :class:`FusedALM` term."""
     extra = [t for t in teachers if isinstance(t, ObjectiveTeacher)]
+    alm = [t for t in extra if t.objective == "alm"]
+    if fusion is not None and len(alm) > 1:
+        extra = [FusedALM(alm, fusion.method, fusion.level, fusion.weight_temperature)] + [
+            t for t in extra if t.objective != "alm"]
     return [t for t in teachers if not isinstance(t, ObjectiveTeacher)], extra
 
 
@@ -204,6 +302,27 @@ def build_teacher(spec, index: int, student_tok, teacher_tok, recipe) -> Objecti
         source = OnlineTeacher(spec.path, top_k=k, temperature=recipe.loss.temperature, dtype=spec.dtype)
     lam = recipe.loss.ce_weight
     cfg = ObjectiveConfig(spec.objective, 1.0 - lam if spec.weight is None else spec.weight, spec.alm_temperature,
-                          spec.alm_divergence, spec.alm_chunks, recipe.loss.temperature, recipe.loss.chunk_size)
-    return ObjectiveTeacher(source, TokenTable.from_tokenizer(student_tok), TokenTable.from_tokenizer(teacher_tok),
-                            cfg, spec.name or f"teacher{index}")
+                          spec.alm_divergence, spec.alm_chunks, recipe.loss.temperature, recipe.loss.chunk_size,
+                          spec.alm_bias_threshold)
+    s_table, t_table = TokenTable.from_tokenizer(student_tok), TokenTable.from_tokenizer(teacher_tok)
+    rule = None
+    if spec.objective == "alm" and spec.alm_chunks == "unbiased":
+        rule = bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, spec.alm_bias_threshold)
+    return ObjectiveTeacher(source, s_table, t_table, cfg, spec.name or f"teacher{index}", rule)
+
+
+def bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, threshold: float, sample_chars: int = 1_000_000):
+    """The unbiased-boundary rule of a teacher/student pair, with unigram probabilities counted on the first
+    ``sample_chars`` characters of the training data (``stillroom.unbiased``)."""
+    from stillroom.data_io import iter_texts
+    from stillroom.unbiased import BoundaryBias, unigram_probs
+
+    texts, n = [], 0
+    for _, text in iter_texts(recipe.data.train, recipe.data.text_field, recipe.data.documents):
+        texts.append(text[: sample_chars - n])
+        n += len(texts[-1])
+        if n >= sample_chars:
+            break
+    return BoundaryBias(t_table, s_table, unigram_probs(teacher_tok, texts, len(t_table.token_bytes)),
+                        unigram_probs(student_tok, texts, len(s_table.token_bytes)), teacher_tok, student_tok,
+                        threshold)

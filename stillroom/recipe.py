@@ -61,8 +61,11 @@ class TeacherSpec(_Strict):
     weight: float | None = Field(None, ge=0.0, description="alm / uld only: w in λ·CE + Σ w·D (default 1 − λ)")
     alm_temperature: float = Field(1.0, gt=0.0, description="alm only: binarisation temperature")
     alm_divergence: Literal["bce", "kl", "reverse_kl"] = Field("bce", description="alm only: binarised divergence")
-    alm_chunks: Literal["exact", "all"] = Field("exact", description="alm only: chunks = exact alignment groups "
-                                                "or every group")
+    alm_chunks: Literal["exact", "all", "unbiased"] = Field(
+        "exact", description="alm only: chunks = exact alignment groups, every group, or unbiased chunks (exact "
+        "groups merged up to boundaries whose tokenization bias is within alm_bias_threshold; stillroom.unbiased)")
+    alm_bias_threshold: float = Field(1e-4, ge=0.0, description="alm_chunks: unbiased only: the largest unigram "
+                                      "probability of crossing tokens one side has and the other lacks")
 
     @model_validator(mode="after")
     def _default_name(self) -> TeacherSpec:
@@ -242,6 +245,13 @@ class Recipe(_Strict):
             if t.objective != "kd" and t.weight is None and self.loss.ce_weight == 1.0:
                 raise ValueError(f"teachers.{i}.weight: objective {t.objective!r} with loss.ce_weight=1.0 gives it the "
                                  f"default weight 1 − λ = 0; set teachers.{i}.weight (e.g. 0.5) or lower loss.ce_weight")
+        alm = [(i, (t.weight, t.alm_temperature, t.alm_divergence, t.alm_chunks, t.alm_bias_threshold))
+               for i, t in enumerate(self.teachers) if t.objective == "alm"]
+        for i, opts in alm[1:]:  # several ALM teachers are fused into one term (stillroom.alm_fusion)
+            if opts != alm[0][1]:
+                raise ValueError(f"teachers.{i}: ALM teachers are fused into one term and share weight, alm_temperature, "
+                                 f"alm_divergence, alm_chunks and alm_bias_threshold; teachers.{alm[0][0]} has {alm[0][1]}, this one "
+                                 f"{opts}: set the same values")
         if not Path(self.data.train).exists():
             raise ValueError(f"data.train: {self.data.train} does not exist")
         if self.data.eval is not None and not Path(self.data.eval).exists():

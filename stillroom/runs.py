@@ -201,6 +201,7 @@ def say(text: str) -> None:
 
 
 SHOWN = ("loss", "ce", "kd", "eval_loss", "eval_bpb", "learning_rate")
+TERMS = ("alm/", "uld/")  # each ALM / ULD teacher's term (stillroom.objectives.term_logs)
 
 
 class RichProgressCallback(TrainerCallback):
@@ -235,7 +236,8 @@ class RichProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        parts = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if k in SHOWN and isinstance(v, (int, float)))
+        parts = " ".join(f"{k}={v:.4g}" for k, v in logs.items() if (k in SHOWN or k.startswith(TERMS))
+                         and isinstance(v, (int, float)))
         if not parts:
             return
         if self.progress is not None:
@@ -343,11 +345,15 @@ def points(history: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 def loss_panels(history: list[dict]) -> dict[str, Series]:
     """One run's curves, grouped so each panel holds one quantity in one unit: cross-entropy of the gold
-    token (training ``ce`` and held-out ``eval_loss``, nats/token), the distillation term ``kd`` and held-out
-    bits per byte. Empty series and panels are left out."""
+    token (training ``ce`` and held-out ``eval_loss``, nats/token), the distillation term ``kd``, each ALM
+    teacher's term ``alm/NAME`` (binary divergence per student token), each ULD teacher's ``uld/NAME`` (L1
+    between sorted distributions, per token) and held-out bits per byte. Empty series and panels are left out."""
+    keys = sorted({k for h in history for k in h})
     panels = {"cross-entropy (nats/token)": {"train CE": points(history, "ce"),
                                              "held-out CE": points(history, "eval_loss")},
               "distillation term D (nats/token)": {"train D": points(history, "kd")},
+              "ALM term (per token)": {k[4:]: points(history, k) for k in keys if k.startswith("alm/")},
+              "ULD term (per token)": {k[4:]: points(history, k) for k in keys if k.startswith("uld/")},
               "held-out bits per byte": {"held-out": points(history, "eval_bpb")}}
     return _nonempty(panels)
 

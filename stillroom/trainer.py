@@ -202,9 +202,9 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if fast_activations:
             modeling.fast_activations(self.model)
-        self.teachers, self.extra = objectives.split_teachers(list(teachers or []))  # kd (fused) / ALM, ULD terms
-        self.loss_cfg = loss or LossConfig()
-        self.fusion_cfg = fusion or FusionConfig()
+        self.loss_cfg, self.fusion_cfg = loss or LossConfig(), fusion or FusionConfig()
+        # kd teachers (fused into one target) / ALM (several: fused into one term), ULD terms
+        self.teachers, self.extra = objectives.split_teachers(list(teachers or []), self.fusion_cfg)
         if self.loss_cfg.kind != "emo" and not self.teachers + self.extra and self.loss_cfg.ce_weight != 1.0:
             raise ValueError("DistillTrainer: no teachers, so loss.ce_weight must be 1.0 (plain CE) "
                              "or loss.kind must be 'emo'")
@@ -255,11 +255,10 @@ class DistillTrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._parts is not None and "loss" in logs:  # the loss's parts, averaged like HF averages `loss`
             parts = self._parts if self.args.world_size == 1 else self.accelerator.gather(self._parts[None]).mean(0)
-            ce, total = (parts / max(1, self.state.global_step - self._parts_from)).tolist()
-            logs["ce"] = ce
-            lam = self.loss_cfg.ce_weight
-            if self.teachers and not self.extra and self.loss_cfg.kind != "emo" and lam < 1:
-                logs["kd"] = (total - lam * ce) / (1 - lam)
+            ce, total, *terms = (parts / max(1, self.state.global_step - self._parts_from)).tolist()
+            logs["ce"] = ce  # then kd (the fused term) and alm/NAME, uld/NAME
+            logs.update(objectives.term_logs(self.extra, terms, ce, total, self.loss_cfg.ce_weight,
+                                             bool(self.teachers) and self.loss_cfg.kind != "emo"))
             self._parts = self._parts_from = None
         if self._fusion_share is not None and "loss" in logs:
             total = float(self._fusion_share.sum()) or 1.0
@@ -336,7 +335,7 @@ class DistillTrainer(Trainer):
         loss = total / den * scale
         if model.training:
             ce = total.detach() if self._step_ce is None else self._step_ce
-            part = torch.stack([ce.double() / den * scale, loss.detach().double()])
+            part = torch.stack([ce.double(), total.detach().double(), *objectives.term_sums(self.extra, ce.device)]) / den * scale
             if self._parts is None:
                 self._parts, self._parts_from = part, self.state.global_step
             else:

@@ -69,3 +69,112 @@ def test_an_out_folder_refuses_a_rerun_with_other_options(tmp_path):
     args.steps = 2
     with pytest.raises(ConfigError, match=r"'steps': \(1, 2\)"):
         check_scale(args, tmp_path)
+
+
+def _args(**kw):
+    import argparse
+
+    from bench.real_fusion import SCALE
+
+    base = {k: 1 for k in SCALE} | {"smollm2": "/m/smollm2", "gemma3": "/m/gemma3", "arms": None, "token_level": False,
+                                     "cache_from": None}
+    return argparse.Namespace(**(base | kw))
+
+
+CACHES = {"smollm2": "/c/smollm2", "gemma3": "/c/gemma3", "gemma3-top1": "/c/gemma3-top1"}
+
+
+def test_default_arms_are_the_fusion_arms_and_objective_arms_run_only_when_named():
+    from bench.real_fusion import FUSION_ARMS, arms
+
+    assert list(arms(_args(), CACHES)) == list(FUSION_ARMS)
+    assert list(arms(_args(token_level=True), CACHES))[-2:] == ["fused-min_ce-token", "fused-avg_ce-token"]
+    picked = arms(_args(arms=["kd-gemma3-mined", "uld-gemma3", "alm-gemma3", "alm-unbiased-gemma3", "alm+kd-gemma3",
+                              "fused-alm-avg_ce"]), CACHES)
+    assert list(picked) == ["kd-gemma3-mined", "uld-gemma3", "alm-gemma3", "alm-unbiased-gemma3", "alm+kd-gemma3",
+                            "fused-alm-avg_ce"]
+    mined = picked["kd-gemma3-mined"]
+    assert mined["projection"] == "onehot" and mined["teachers"] == [
+        {"name": "gemma3", "path": "/m/gemma3", "cache": "/c/gemma3"}]
+    assert picked["uld-gemma3"]["teachers"][0] == {"name": "gemma3-uld", "path": "/m/gemma3", "cache": "/c/gemma3",
+                                                         "objective": "uld"}
+    alm = {"name": "gemma3-alm", "path": "/m/gemma3", "cache": "/c/gemma3-top1", "objective": "alm"}
+    assert picked["alm-gemma3"]["teachers"] == [alm]  # ALM reads the top-1 cache
+    assert picked["alm-unbiased-gemma3"]["teachers"] == [alm | {"alm_chunks": "unbiased"}]
+    assert [t.get("objective", "kd") for t in picked["alm+kd-gemma3"]["teachers"]] == ["kd", "alm"]
+    assert picked["alm+kd-gemma3"]["projection"] is None  # KD beside ALM uses --projection
+    fused = picked["fused-alm-avg_ce"]
+    assert fused["method"] == "avg_ce" and [t["objective"] for t in fused["teachers"]] == ["alm", "alm"]
+
+
+def test_recipe_carries_each_arms_teachers_and_projection(tmp_path):
+    from bench.real_fusion import arms, recipe
+
+    args = _args(projection="prefix", layers=[0, 1], threads=1, arms=["kd-gemma3-mined", "alm-unbiased-gemma3"])
+    data = {"train": "/d/train", "validation": "/d/val"}
+    table = arms(args, CACHES)
+    r = recipe(args, data, "x", tmp_path / "o", 0, **table["kd-gemma3-mined"])
+    assert r["fusion"]["projection"] == "onehot" and r["teachers"][0]["cache"] == "/c/gemma3"
+    r = recipe(args, data, "x", tmp_path / "o", 0, **table["alm-unbiased-gemma3"])
+    assert r["fusion"]["projection"] == "prefix"
+    assert r["teachers"] == [{"name": "gemma3-alm", "path": "/m/gemma3", "cache": "/c/gemma3-top1", "objective": "alm",
+                              "alm_chunks": "unbiased"}]
+    assert r["loss"]["ce_weight"] == 1
+
+
+def _manifest(folder, shards):
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"shards": [{"bytes": b, "tokens": t} for b, t in shards]}))
+
+
+def test_cache_bytes_per_token_and_per_arm(tmp_path):
+    from bench.real_fusion import arm_cache_bytes, cache_bytes_per_token
+
+    _manifest(tmp_path / "k", [(3000, 100), (1000, 60)])  # 4000 B / 160 tokens
+    _manifest(tmp_path / "one", [(640, 100)])
+    assert cache_bytes_per_token(tmp_path / "k") == 25.0
+    spec = {"teachers": [{"cache": str(tmp_path / "k")}, {"cache": str(tmp_path / "one")}]}
+    assert arm_cache_bytes(spec) == 25.0 + 6.4
+    assert arm_cache_bytes({"teachers": []}) == 0.0
+
+
+def test_cache_from_reads_another_run_only_with_the_same_options(tmp_path):
+    import json
+
+    from bench.real_fusion import SCALE, cache_source
+    from stillroom.errors import ConfigError, MissingPathError
+
+    src = tmp_path / "main"
+    src.mkdir()
+    with pytest.raises(MissingPathError, match="no options.json"):
+        cache_source(_args(cache_from=src), tmp_path / "mine")
+    (src / "options.json").write_text(json.dumps({k: getattr(_args(), k) for k in SCALE}))
+    with pytest.raises(MissingPathError, match="cache/smollm2 is not finished"):
+        cache_source(_args(cache_from=src), tmp_path / "mine")
+    for name in ("smollm2", "gemma3"):
+        _manifest(src / "cache" / name, [(1, 1)])
+    assert cache_source(_args(cache_from=src), tmp_path / "mine") == src
+    assert cache_source(_args(), tmp_path / "mine") == tmp_path / "mine"
+    with pytest.raises(ConfigError, match=r"'steps': \(1, 2\)"):
+        cache_source(_args(cache_from=src, steps=2), tmp_path / "mine")
+
+
+def test_report_lists_cache_bytes_per_arm(tmp_path):
+    import json
+
+    from bench.real_fusion import collect, report_md
+
+    for arm, seed, bpb, size in [("ce-only", 0, 3.2, 0.0), ("alm-gemma3", 0, 3.1, 6.5), ("alm-gemma3", 1, 3.0, 6.5)]:
+        d = tmp_path / f"seed{seed}" / arm
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({"arm": arm, "seed": seed, "test_bpb": bpb, "train_seconds": 10.0,
+                                                   "cache_bytes_per_token": size}))
+    results, secs, sizes = collect(tmp_path)
+    assert results == {"alm-gemma3": {0: 3.1, 1: 3.0}, "ce-only": {0: 3.2}} and sizes["alm-gemma3"] == 6.5
+    args = _args(seeds=[0, 1], lr=1e-3, ce_weight=0.9, projection="prefix", top_k=10, eval_chars=100, layers=[0],
+                 student_from="/m/s")
+    md = report_md(args, results, secs, {}, [], sizes)
+    assert "| alm-gemma3 | 3.0500 | 0.0500 | 0: 3.1000 1: 3.0000 | 10 | 6.50 |" in md
+    assert "| ce-only | 3.2000 | 0.0000 | 0: 3.2000 | 10 | 0.00 |" in md

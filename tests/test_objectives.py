@@ -44,7 +44,8 @@ def _trainer(raw):
             m.p = 0.0
     tr = T.DistillTrainer(model=student, args=T.training_arguments(r, False), train_dataset=T.BlockDataset(blocks),
                           data_collator=T.BlockCollator(tok, SEQ), teachers=T.build_teachers(r, toks),
-                          loss=T.LossConfig(r.loss.kind, r.loss.ce_weight), fusion=T.FusionConfig())
+                          loss=T.LossConfig(r.loss.kind, r.loss.ce_weight),
+                          fusion=T.FusionConfig(r.fusion.method, r.fusion.level, r.fusion.weight_temperature))
     batch = tr.data_collator([tr.train_dataset[i] for i in range(3)])
     return tr, batch, toks
 
@@ -121,6 +122,123 @@ def test_alm_training_step_equals_a_hand_computed_loss_and_its_gradient(lam, tau
     torch.testing.assert_close(g_got.double(), g_want.double(), rtol=1e-3, atol=1e-7)
 
 
+def _naive_uld(logp, batch, toks, t, k):
+    """Σ over one-to-one exact pairs of L1 between sorted teacher top-k (+ tail bucket) and sorted student."""
+    total, pairs = 0.0, 0
+    t_tok = toks["teachers"][0]
+    for r, al in enumerate(_alignments(batch, toks, t_tok)):
+        lab = batch["labels"][r]
+        _, t_lp = _teacher_rows(t, t_tok, batch["text"][r])
+        for (t0, t1, s0, s1), ex in zip(al.groups.tolist(), al.exact.tolist(), strict=True):
+            if not ex or t1 - t0 != 1 or s1 - s0 != 1 or t0 == 0 or s0 == 0 or lab[s0] == -100:
+                continue
+            p = sorted(t_lp[t0 - 1].exp().tolist(), reverse=True)[:k]  # teacher top-k, rest = one tail bucket
+            q = logp[r, s0 - 1].exp().sort(descending=True).values
+            total = total + sum(abs(q[i] - p[i]) for i in range(k)) + abs((1 - q[:k].sum()) - (1 - sum(p)))
+            pairs += 1
+    return total, pairs
+
+
+def test_each_alm_and_uld_term_is_logged_per_token_next_to_ce(tiny_models, data_dir, tmp_path):
+    """``alm/NAME`` and ``uld/NAME`` are each teacher's unweighted term per labelled token, computed here by the
+    naive loops; with ``ce`` they add up to ``loss`` (λ·ce + Σ w_i·D_i)."""
+    t = tiny_models["llama-spm"]
+    raw = _raw(tiny_models, data_dir, tmp_path, [
+        {"path": str(t), "objective": "alm", "alm_temperature": 4.0, "weight": 0.3, "name": "spm-alm"},
+        {"path": str(t), "objective": "uld", "weight": 0.2, "name": "spm-uld"}], lam=0.5)
+    raw["fusion"] = {"top_k": 5}
+    tr, batch, toks = _trainer(raw)
+    loss = tr.compute_loss(tr.model.train(), batch)
+    tr.log({"loss": float(loss.detach())})
+    logged = tr.state.log_history[-1]
+
+    logp = _dense(tr, batch)
+    ce, alm, n = 0.0, 0.0, 0
+    t_tok = toks["teachers"][0]
+    for r, al in enumerate(_alignments(batch, toks, t_tok)):
+        lab = batch["labels"][r]
+        s_tok = {j: logp[r, j - 1, lab[j]] for j in range(1, SEQ) if lab[j] != -100}
+        ce, n = ce - sum(s_tok.values()), n + len(s_tok)
+        ids, t_lp = _teacher_rows(t, t_tok, batch["text"][r])
+        alm = alm + _naive_alm(s_tok, {j: t_lp[j - 1, ids[j]] for j in range(1, len(ids))}, al, 4.0)
+    uld, pairs = _naive_uld(logp, batch, toks, t, 5)
+    assert pairs > 10 and float(alm) > 0
+    assert logged["ce"] == pytest.approx(float(ce) / n, rel=1e-5)
+    assert logged["alm/spm-alm"] == pytest.approx(float(alm) / n, rel=1e-5)
+    assert logged["uld/spm-uld"] == pytest.approx(float(uld) / n, rel=1e-4)
+    assert logged["loss"] == pytest.approx(0.5 * logged["ce"] + 0.3 * logged["alm/spm-alm"]
+                                           + 0.2 * logged["uld/spm-uld"], rel=1e-5)
+    assert "kd" not in logged  # no kd teacher: no fused term
+
+
+def test_kd_is_still_logged_next_to_an_alm_term(tiny_models, data_dir, tmp_path):
+    """kd = (loss − λ·ce − w·alm) / (1 − λ), recomputed from the logged parts and from the fused target alone."""
+    from stillroom.losses import fused_linear_distill_loss
+    from stillroom.targets import SparseTarget
+
+    t = str(tiny_models["llama-spm"])
+    tr, batch, _ = _trainer(_raw(tiny_models, data_dir, tmp_path, [
+        {"path": t, "name": "kd"}, {"path": t, "objective": "alm", "weight": 0.25, "alm_temperature": 4.0, "name": "a"}], lam=0.6))
+    loss = tr.compute_loss(tr.model.train(), batch)
+    tr.log({"loss": float(loss.detach())})
+    logged = tr.state.log_history[-1]
+    assert logged["loss"] == pytest.approx(0.6 * logged["ce"] + 0.4 * logged["kd"] + 0.25 * logged["alm/a"],
+                                           rel=1e-5)
+    with torch.no_grad():  # the fused term alone (ce_weight 0), on the same batch and weights
+        fused = tr.fused_target(batch)
+        hidden = tr.model(**{k: batch[k] for k in ("input_ids", "position_ids")}, output_hidden_states=True
+                          ).hidden_states[-1][:, :-1]
+        B, T = batch["labels"].shape
+        lab = batch["labels"][:, 1:]
+        tgt = SparseTarget(fused.ids[:, : T - 1].reshape(B * (T - 1), -1),
+                           fused.logprobs[:, : T - 1].reshape(B * (T - 1), -1), fused.tail[:, : T - 1].reshape(-1),
+                           (fused.valid[:, : T - 1] & lab.ne(-100)).reshape(-1))
+        kd = fused_linear_distill_loss(hidden.reshape(B * (T - 1), -1), tr.model.get_output_embeddings().weight,
+                                       target=tgt, labels=lab.reshape(-1), ce_weight=0.0, kind="forward_kl",
+                                       reduction="sum")
+    assert logged["kd"] == pytest.approx(float(kd) / int(lab.ne(-100).sum()), rel=1e-3)
+
+
+def test_alm_unbiased_chunks_are_merged_groups_ending_at_unbiased_boundaries(tiny_models, data_dir, tmp_path):
+    """``alm_chunks: unbiased``: the chunks are the exact groups merged up to the boundaries a BoundaryBias built
+    here (unigram counts of the whole training text) calls unbiased, and the ALM step equals the naive loop on them."""
+    from types import SimpleNamespace
+
+    from stillroom.tokens import TokenTable
+    from stillroom.unbiased import BoundaryBias, unbiased_boundaries, unigram_probs
+
+    t = tiny_models["llama-spm"]
+    spec = {"path": str(t), "objective": "alm", "alm_chunks": "unbiased", "alm_temperature": 4.0, "weight": 1.0}
+    tr, batch, toks = _trainer(_raw(tiny_models, data_dir, tmp_path, [spec], lam=0.0))
+    s_tok, t_tok = toks["student"], toks["teachers"][0]
+    text = (data_dir / "train.txt").read_text(encoding="utf-8")
+    st, tt = TokenTable.from_tokenizer(s_tok), TokenTable.from_tokenizer(t_tok)
+    rule = BoundaryBias(tt, st, unigram_probs(t_tok, [text], len(tt.token_bytes)),
+                        unigram_probs(s_tok, [text], len(st.token_bytes)), t_tok, s_tok)
+    got = tr.compute_loss(tr.model.train(), batch)
+    logp = _dense(tr, batch)
+    pairs = tr.extra[0].aligned(batch)
+    groups, masks = tr.extra[0].chunks(pairs)
+    want, n, merged = 0.0, 0, 0
+    for r, (al, g, m) in enumerate(zip(_alignments(batch, toks, t_tok), groups, masks, strict=True)):
+        ok = unbiased_boundaries(al.groups, al.src_ids, al.tgt_ids, rule)
+        ends = {(int(a), int(b)) for (_, a, _, b), o in zip(al.groups, ok, strict=True) if o}
+        starts = {(0, 0)} | ends
+        assert 0 < len(g) < len(al.groups)  # merged: fewer chunks than groups, but some
+        for t0, t1, s0, s1 in g.tolist():  # each chunk runs from an unbiased boundary to the next one
+            assert (t0, s0) in starts and (t1, s1) in ends
+            assert not any(t0 < a < t1 for a, _ in ends)  # and none inside it
+            merged += 1
+        lab = batch["labels"][r]
+        s_lp = {j: logp[r, j - 1, lab[j]] for j in range(1, SEQ) if lab[j] != -100}
+        n += len(s_lp)
+        ids, t_lp = _teacher_rows(t, t_tok, batch["text"][r])
+        want = want + _naive_alm(s_lp, {j: t_lp[j - 1, ids[j]] for j in range(1, len(ids))},
+                                 SimpleNamespace(groups=g, exact=m), 4.0)
+    assert merged > 10 and float(want) > 0
+    assert float(got.detach()) == pytest.approx(float(want.detach()) / n, rel=1e-5)
+
+
 def test_alm_chunks_are_the_exact_alignment_groups(tiny_models, data_dir, tmp_path):
     """The trainer's chunks are stillroom.align's groups of the teacher's and the student's tokenizations."""
     tr, batch, toks = _trainer(_raw(tiny_models, data_dir, tmp_path,
@@ -155,24 +273,13 @@ def test_uld_training_step_equals_a_naive_sorted_probability_loss(tiny_models, d
     raw["fusion"] = {"top_k": 5}
     tr, batch, toks = _trainer(raw)
     got = tr.compute_loss(tr.model.train(), batch)
-    t_tok = toks["teachers"][0]
     logp = _dense(tr, batch)
-    ce, uld, n = 0.0, 0.0, 0
-    pairs = 0
-    for r, al in enumerate(_alignments(batch, toks, t_tok)):
+    ce, n = 0.0, 0
+    for r in range(len(batch["text"])):
         lab = batch["labels"][r]
         ce = ce - sum(logp[r, j - 1, lab[j]] for j in range(1, SEQ) if lab[j] != -100)
         n += int((lab[1:] != -100).sum())
-        _, t_lp = _teacher_rows(t, t_tok, batch["text"][r])
-        for (t0, t1, s0, s1), ex in zip(al.groups.tolist(), al.exact.tolist(), strict=True):
-            if not ex or t1 - t0 != 1 or s1 - s0 != 1 or t0 == 0 or s0 == 0 or lab[s0] == -100:
-                continue
-            p = sorted(t_lp[t0 - 1].exp().tolist(), reverse=True)[:5]  # teacher top-5, rest = one tail bucket
-            q = sorted(logp[r, s0 - 1].exp().tolist(), reverse=True)
-            q_t = logp[r, s0 - 1].exp().sort(descending=True).values
-            head = sum(abs(q_t[i] - p[i]) for i in range(5))
-            uld = uld + head + abs((1 - sum(q[:5])) - (1 - sum(p)))
-            pairs += 1
+    uld, pairs = _naive_uld(logp, batch, toks, t, 5)
     assert pairs > 10
     want = (0.7 * ce + 0.3 * uld) / n
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-4)

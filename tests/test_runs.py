@@ -239,6 +239,17 @@ def test_plots_draw_like_with_like():
     assert 1.2 not in drawn and 1.0 not in drawn
 
 
+def test_alm_and_uld_terms_get_a_panel_each_one_series_per_teacher():
+    from stillroom.runs import loss_panels
+
+    hist = [{"step": 1, "loss": 2.0, "ce": 3.0, "alm/gemma": 0.7, "alm/llama": 0.9, "uld/qwen": 0.2},
+            {"step": 2, "loss": 1.8, "ce": 2.8, "alm/gemma": 0.6, "alm/llama": 0.8, "uld/qwen": 0.15}]
+    panels = loss_panels(hist)
+    assert panels["ALM term (per token)"] == {"gemma": ([1, 2], [0.7, 0.6]), "llama": ([1, 2], [0.9, 0.8])}
+    assert panels["ULD term (per token)"] == {"qwen": ([1, 2], [0.2, 0.15])}
+    assert "distillation term D (nats/token)" not in panels  # no kd teacher, no empty panel
+
+
 # --- model card ---------------------------------------------------------------------------------------------
 
 
