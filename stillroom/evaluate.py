@@ -436,6 +436,40 @@ def _accumulate(st: _TeacherState, s_lp: torch.Tensor, t_lp: torch.Tensor) -> No
     p = t_lp.exp()
     st.kl += torch.where(p > 0, p * (t_lp - s_lp), torch.zeros_like(p)).sum().item()
 
+@torch.no_grad()
+def completion_sums(model, tokenizer, examples: Sequence, *, max_len: int, batch_size: int = 8,
+                    device: str | torch.device = "cpu") -> tuple[float, int, int]:
+    """``(Σ bits, tokens, bytes)`` of the completions of :class:`stillroom.chat.Example` s: each row as training
+    sees it (``stillroom.chat.CompletionCollator(tokenizer, max_len)``: the model's own prompt rendering, the
+    completion and its end token), scored on the completion tokens only (end token included); bytes are the
+    UTF-8 bytes of the completion text those tokens spell. bits / bytes is the completion's bits per byte."""
+    from stillroom.chat import CompletionCollator
+
+    collate = CompletionCollator(tokenizer, max_len)
+    bits, tokens, nbytes = 0.0, 0, 0
+    for i in range(0, len(examples), batch_size):
+        b = collate(list(examples[i:i + batch_size]))
+        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        labels = b["labels"][:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100,
+                                                reduction="sum")
+        bits += float(nll) / math.log(2)
+        tokens += int(labels.ne(-100).sum())
+        nbytes += sum(len(c.encode("utf-8")) for c in b["completion"])
+    return bits, tokens, nbytes
+
+
+def document_sums(model, tokenizer, doc, *, batch_size: int = 8, device: str | torch.device = "cpu",
+                  max_len: int | None = None) -> tuple[float, int, int]:
+    """``(Σ bits, tokens, bytes)`` of one evaluation document: a text (:func:`evaluate`) or a
+    :class:`stillroom.chat.Example` (:func:`completion_sums`, rows of at most ``max_len`` tokens)."""
+    if isinstance(doc, str):
+        r = evaluate(model, tokenizer, [doc], batch_size=batch_size, device=device)
+        return r.nll_bits, r.tokens, r.bytes
+    return completion_sums(model, tokenizer, [doc], max_len=max_len or model_context(model), batch_size=batch_size,
+                           device=device)
+
+
 def evaluate_paths(models: Sequence[str | os.PathLike], data: str | os.PathLike, *,
                    teachers: Sequence[str | os.PathLike] = (), context: int | None = None,
                    stride: int | None = None, batch_size: int = 8, device: str = "cpu",

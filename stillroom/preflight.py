@@ -38,11 +38,13 @@ def check_recipe(recipe) -> dict:
     if context is not None and recipe.data.seq_len > context:
         raise ConfigError(f"data.seq_len: got {recipe.data.seq_len}, but the student's context is {context} "
                           f"tokens; set data.seq_len={context} or less")
-    if recipe.data.streaming:  # a stream is checked as it is read; here only that it opens and holds a document
+    if recipe.data.format != "text":
+        _check_completion_data(recipe)
+    elif recipe.data.streaming:  # a stream is checked as it is read; here only that it opens and holds a document
         next(iter_texts(recipe.data.train, recipe.data.text_field, recipe.data.documents))
     else:
         load_texts(recipe.data.train, recipe.data.text_field, recipe.data.documents)
-    if recipe.data.eval:
+    if recipe.data.eval and recipe.data.format == "text":
         load_texts(recipe.data.eval, recipe.data.text_field, recipe.data.documents)
     for name in recipe.train.report_to:
         modules = REPORTERS.get(name, ())
@@ -94,3 +96,31 @@ def _check_cache(recipe, spec, i: int, student_tok) -> None:
         raise ConfigError(f"{key}: {spec.cache} was built over other texts ({len(bad)} of {n} training "
                           f"blocks, e.g. {bad[0]!r}, are not in it); rebuild it: stillroom train RECIPE "
                           "--export-blocks blocks.jsonl, then stillroom cache --data blocks.jsonl")
+
+
+def _check_completion_data(recipe) -> None:
+    """``data.format`` prompt_completion / chat: records of that form, and only what trains on them."""
+    from stillroom.chat import load_examples
+
+    d = recipe.data
+    for key in ("streaming", "packing"):
+        if getattr(d, key) and key in d.model_fields_set:
+            raise ConfigError(f"data.{key}: does not apply to data.format {d.format!r} (one record per row, "
+                              f"completion-only loss); remove data.{key}")
+    for key, path in (("data.train", d.train), ("data.eval", d.eval)):
+        if path is None:
+            continue
+        examples = load_examples(path)
+        form = "chat" if examples[0].messages is not None else "prompt_completion"
+        other = next((e for e in examples if (e.messages is not None) != (form == "chat")), None)
+        if form != d.format or other is not None:
+            raise ConfigError(f"{key}: {path} holds {form if form != d.format else 'mixed'} records but "
+                              f"data.format is {d.format!r}; set data.format={form} or fix the file")
+    for i, t in enumerate(recipe.teachers):
+        if t.objective != "kd":
+            raise ConfigError(f"teachers.{i}.objective: {t.objective!r} does not support data.format {d.format!r} "
+                              "yet; use objective kd for this teacher")
+        if t.cache is not None:
+            raise ConfigError(f"teachers.{i}.cache: the offline cache does not support data.format {d.format!r} "
+                              "yet (each teacher renders the prompt with its own template); remove the cache to "
+                              "run the teacher online")

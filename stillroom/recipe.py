@@ -77,6 +77,9 @@ class TeacherSpec(_Strict):
 class DataSpec(_Strict):
     train: str = Field(description="DATA: text file, folder of .txt, .jsonl with 'text', or datasets folder")
     eval: str | None = None
+    format: Literal["text", "prompt_completion", "chat"] = Field(
+        "text", description="'text': documents packed into blocks; 'prompt_completion' / 'chat': JSONL records "
+        "trained on their completions only (stillroom.chat)")
     text_field: str = "text"
     documents: Literal["file", "paragraph", "line"] = Field(
         "file", description="what one document of a plain .txt is: the whole file, each blank-line-separated "

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import torch
 from transformers import Trainer
 
-from stillroom import modeling, objectives, runs
+from stillroom import chat, modeling, objectives, runs
 from stillroom.blocks import (  # noqa: F401 - re-exported for existing imports
     Block,
     BlockCollator,
@@ -117,6 +117,8 @@ class AlignedTeacher:
     def targets(self, batch: dict[str, Any]) -> tuple[SparseTarget, torch.Tensor]:
         from stillroom.cache import student_targets
 
+        if "prompt_len" in batch:  # completion data: its own rendering, completion regions aligned
+            return chat.aligned_targets(self, batch)
         outs = self.source.signal(batch["text"], batch["example_id"])
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
         rows, ces = [], []
@@ -342,15 +344,16 @@ class DistillTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Student CE per token (nats) and bits per byte of the evaluation *documents* (a list of texts), scored
         exactly as ``stillroom eval`` scores them (:func:`stillroom.evaluate.evaluate`: whole documents, first
-        token conditioned on BOS, sliding windows over the model's context), so the two numbers agree."""
-        from stillroom.evaluate import evaluate as score
+        token conditioned on BOS, sliding windows over the model's context), so the two numbers agree; of
+        completion tokens and bytes for :class:`stillroom.chat.Example` s (:func:`~stillroom.evaluate.completion_sums`)."""
+        from stillroom.evaluate import document_sums as score
 
         docs = eval_dataset if eval_dataset is not None else self.eval_dataset
         if docs is None:
             return {}
-        if not all(isinstance(d, str) for d in docs):
+        if not all(isinstance(d, (str, chat.Example)) for d in docs):
             raise TypeError("DistillTrainer.evaluate: eval_dataset must be a list of document texts "
-                            "(stillroom.data_io.load_texts(...) -> [text for _, text in rows])")
+                            "(stillroom.data_io.load_texts(...) -> [text for _, text in rows]) or chat.Examples")
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
@@ -358,10 +361,10 @@ class DistillTrainer(Trainer):
         mine = list(docs)[rank::world]
         sums = torch.zeros(3, dtype=torch.float64, device=self.args.device)
         with runs.eval_phase(self, len(mine)) as advance:
-            for doc in mine:  # one document at a time: the same sums as one call, with progress
-                r = score(model, self.processing_class, [doc], batch_size=self.args.per_device_eval_batch_size,
-                          device=self.args.device)
-                sums += torch.tensor([r.nll_bits, r.tokens, r.bytes], dtype=torch.float64, device=self.args.device)
+            for doc in mine:  # one document (record: completion only) at a time: the same sums as one call
+                r = score(model, self.processing_class, doc, batch_size=self.args.per_device_eval_batch_size,
+                          device=self.args.device, max_len=getattr(self.data_collator, "max_len", None))
+                sums += torch.tensor(r, dtype=torch.float64, device=self.args.device)
                 advance()
         if world > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
@@ -476,9 +479,12 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
     tok = toks["student"]
     seq = recipe.data.seq_len
     d = recipe.data
-    blocks = streaming_blocks(recipe, tok) if d.streaming else BlockDataset(training_blocks(recipe, tok))
-    eval_docs = None
-    if d.eval:
+    if d.format != "text":  # prompt/completion or chat records: completion-only batches (stillroom.chat)
+        blocks, collator, eval_docs = chat.training_data(recipe, tok)
+    else:
+        blocks = streaming_blocks(recipe, tok) if d.streaming else BlockDataset(training_blocks(recipe, tok))
+        collator, eval_docs = BlockCollator(tok, seq, d.isolate_documents), None
+    if d.eval and d.format == "text":
         eval_docs = [t for _, t in load_texts(d.eval, d.text_field, d.documents)]
         if recipe.train.eval_max_blocks:
             eval_docs = cap_documents(eval_docs, tok, recipe.train.eval_max_blocks * seq)
@@ -508,7 +514,7 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
             fusion = FusionConfig(recipe.fusion.method, recipe.fusion.level, recipe.fusion.weight_temperature, None)
             trainer = DistillTrainer(model=student, args=args, train_dataset=blocks,
                                      eval_dataset=eval_docs,
-                                     data_collator=BlockCollator(tok, seq, d.isolate_documents), processing_class=tok,
+                                     data_collator=collator, processing_class=tok,
                                      teachers=teachers,
                                      loss=loss, fusion=fusion, callbacks=cbs)
             trainer.remove_callback(PrinterCallback)
