@@ -21,13 +21,17 @@ longest prefix of whole tokens that is valid UTF-8, and ``ended`` is False: ``id
 
 from __future__ import annotations
 
+import json
+import os
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from stillroom.errors import ConfigError
+from stillroom.errors import ConfigError, DataError, OutputExistsError
 
 
 @dataclass
@@ -180,3 +184,180 @@ def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, t
     table, stops = _table(tokenizer), set(stop_ids)
     return [Sample(*completion_text(table, p, row, bool(row) and row[-1] in stops))
             for p, row in zip(prompts, rows, strict=True)]
+
+
+# --- sequence-level KD data: `stillroom generate --data` ------------------------------------------------------
+
+
+@dataclass
+class GenerateSummary:
+    """What :func:`generate_file` did: records written now, already in OUT, skipped as empty, in all."""
+
+    written: int
+    done_before: int
+    empty: int
+    total: int
+    tokens: int
+    seconds: float
+
+
+def meta_path(out: str | os.PathLike) -> Path:
+    """The settings sidecar of a generated file: ``OUT.meta.json``."""
+    return Path(f"{out}.meta.json")
+
+
+def read_done(out: Path) -> set[str]:
+    """The ids already in ``out``. A last line without its newline (the run was killed while writing it) is cut
+    off the file; any other unreadable line is a :class:`DataError`."""
+    if not out.exists():
+        return set()
+    raw = out.read_bytes()
+    whole = raw.rfind(b"\n") + 1
+    if whole < len(raw):  # a torn last line: never read, never duplicated
+        with open(out, "rb+") as f:
+            f.truncate(whole)
+            os.fsync(f.fileno())
+    done = set()
+    for n, line in enumerate(raw[:whole].splitlines(), 1):
+        try:
+            done.add(str(json.loads(line)["id"]))
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"--out {out}:{n} is not a record this command wrote; pass --overwrite to start over, "
+                            "or another --out") from None
+    return done
+
+
+def _check_meta(out: Path, settings: dict, overwrite: bool) -> dict:
+    """The sidecar to continue with: a fresh one, or the existing one when its settings are these."""
+    meta = meta_path(out)
+    fresh = {"format": "stillroom.generate", "settings": settings, "empty": []}
+    if overwrite:
+        out.unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
+        return fresh
+    if not meta.exists():
+        if out.exists():
+            raise OutputExistsError(f"--out {out} already exists and stillroom did not write it (no {meta.name}); "
+                                    "choose another path or pass --overwrite to replace it")
+        return fresh
+    try:
+        old = json.loads(meta.read_text(encoding="utf-8"))
+        assert old["format"] == "stillroom.generate" and isinstance(old["settings"], dict)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise OutputExistsError(f"--out {out}: {meta} is not a stillroom generate record; pass --overwrite to "
+                                "start over") from None
+    diff = [f"{k} {old['settings'].get(k)!r} vs {v!r}" for k, v in settings.items() if old["settings"].get(k) != v]
+    if diff:
+        raise OutputExistsError(f"--out {out} was written with other settings ({'; '.join(diff)}: before vs now); "
+                                "rerun with the earlier settings to resume, or pass --overwrite to start over")
+    return old
+
+
+def generate_file(model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
+                  max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                  batch_size: int = 8, seed: int = 0, overwrite: bool = False, device: str | None = None,
+                  progress: bool = True) -> GenerateSummary:
+    """Complete every prompt of ``data`` (:func:`stillroom.chat.load_examples`, completions optional and
+    ignored) with ``model``, each rendered by the model's own template (:func:`stillroom.chat.prompt_ids`), and
+    append one JSONL record per example to ``out``: ``{"id", "prompt", "completion", "ended"}`` or ``{"id",
+    "messages" (ending with the generated assistant turn), "ended"}`` — prompt/completion or chat training data
+    for sequence-level KD (Kim & Rush 2016).
+
+    Resumable: lines are appended, flushed and fsynced batch by batch; a rerun skips the ids already in ``out``
+    (a torn last line is dropped). Batches are fixed by position in ``data`` and batch ``k`` samples with seed
+    ``seed + k``, so a resumed file equals an uninterrupted one. ``out.meta.json`` keeps the settings (another
+    run with other settings is refused unless ``overwrite``) and the ids whose completion came out empty
+    (the model ended at once): those are not written, as training data needs a completion.
+    """
+    from stillroom.chat import load_examples, prompt_ids
+    from stillroom.models import load_causal_lm, load_tokenizer, model_context, resolve_model
+    from stillroom.outputs import atomic_write, check_output_file
+
+    out = check_output_file(out, "--out", overwrite=True)  # a folder is refused here; files by the sidecar
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if do_sample and not temperature > 0:
+        raise ConfigError(f"--temperature must be > 0, got {temperature}")
+    if do_sample and not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
+    examples = load_examples(data, need_completion=False)
+    folder = resolve_model(model, "--model")
+    settings = {"model": str(Path(folder).resolve()), "data": str(Path(data).resolve()),
+                "max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature if do_sample
+                else None, "top_p": top_p if do_sample else None, "seed": seed, "batch_size": batch_size}
+    meta = _check_meta(out, settings, overwrite)
+    tok = load_tokenizer(folder, "--model")
+    prompts = [prompt_ids(tok, ex) for ex in examples]
+    from transformers import AutoConfig
+
+    context = model_context(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+    if context is not None:
+        long = next((i for i, p in enumerate(prompts) if len(p) + max_new_tokens > context), None)
+        if long is not None:
+            raise DataError(f"DATA {data}: example {examples[long].example_id!r} renders to {len(prompts[long])} "
+                            f"prompt tokens; with --max-new-tokens {max_new_tokens} that exceeds the model's "
+                            f"context of {context}; shorten the prompt or lower --max-new-tokens")
+    lm = load_causal_lm(folder, "--model", tokenizer=tok, device=device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(meta_path(out), json.dumps(meta, indent=1))
+    done = read_done(out) | set(meta["empty"])
+    before = sum(ex.example_id in done for ex in examples)
+    written = tokens = 0
+    t0 = time.perf_counter()
+    bar = _bar(progress, len(examples), before)
+    try:
+        with open(out, "ab") as f:
+            for k, start in enumerate(range(0, len(examples), batch_size)):
+                rows = list(range(start, min(start + batch_size, len(examples))))
+                if all(examples[i].example_id in done for i in rows):
+                    continue
+                samples = sample(lm, tok, [prompts[i] for i in rows], max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, do_sample=do_sample, generator_seed=seed + k)
+                empty = []
+                for i, s in zip(rows, samples, strict=True):
+                    ex = examples[i]
+                    if ex.example_id in done:
+                        continue
+                    if not s.text.strip():
+                        empty.append(ex.example_id)
+                        continue
+                    f.write((json.dumps(_record(ex, s), ensure_ascii=False) + "\n").encode("utf-8"))
+                    f.flush()
+                    written += 1
+                    tokens += len(s.ids)
+                os.fsync(f.fileno())
+                if empty:
+                    meta["empty"] += empty
+                    atomic_write(meta_path(out), json.dumps(meta, indent=1))
+                done.update(examples[i].example_id for i in rows)
+                if bar is not None:
+                    bar[0].update(bar[1], completed=sum(ex.example_id in done for ex in examples))
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    return GenerateSummary(written, before, len(meta["empty"]), len(examples), tokens, time.perf_counter() - t0)
+
+
+def _record(ex, s: Sample) -> dict:
+    if ex.messages is not None:
+        return {"id": ex.example_id, "messages": [*ex.messages, {"role": "assistant", "content": s.text}],
+                "ended": s.ended}
+    return {"id": ex.example_id, "prompt": ex.prompt, "completion": s.text, "ended": s.ended}
+
+
+def _bar(progress: bool, total: int, completed: int):
+    """A Rich bar over records on a terminal (None otherwise: the caller prints one closing line)."""
+    if not progress:
+        return None
+    import rich.progress as rp
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return None
+    bar = rp.Progress(rp.TextColumn("generating"), rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
+                      rp.TimeRemainingColumn(), console=console)
+    bar.start()
+    return bar, bar.add_task("generate", total=total, completed=completed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -140,3 +142,130 @@ def test_bad_settings_fail_with_one_line_naming_them(tiny_models):
     with pytest.raises(ConfigError, match="prompt 1 has no tokens"):
         sample(model, tok, [[1], []], max_new_tokens=2)
     assert sample(model, tok, [], max_new_tokens=2) == []
+
+
+# --- stillroom generate --data (sequence-level KD data) -------------------------------------------------------
+
+LINES = ["To be, or not to be", "My lord, I", "Now is the winter", "O Romeo, Romeo", "Friends, Romans",
+         "All the world's a stage", "If music be the food", "Double, double toil"]
+
+
+def _prompt_file(path, n=24):
+    """Prompt/completion records (completions ignored) and prompt-only chat records, mixed in one file."""
+    rows = []
+    for i in range(n):
+        line = LINES[i % len(LINES)] + " " * (i // len(LINES))
+        if i % 3 == 2:
+            rows.append({"id": f"c{i}", "messages": [{"role": "user", "content": line}]})
+        else:
+            rows.append({"id": f"p{i}", "prompt": line, **({"completion": "ignored"} if i % 2 else {})})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _records(path):
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_generated_file_is_trainable_data_with_the_models_own_completions(tiny_models, tmp_path):
+    """Each record holds the prompt (or the conversation + the generated assistant turn) and exactly what
+    sample() gives for that prompt rendered by chat.prompt_ids; load_examples reads it back as training data."""
+    from stillroom.chat import end_ids, load_examples, prompt_ids
+    from stillroom.rollout import generate_file
+
+    data = _prompt_file(tmp_path / "prompts.jsonl", n=6)
+    out = tmp_path / "out.jsonl"
+    s = generate_file(tiny_models["gpt2-bpe"], data, out, max_new_tokens=8, batch_size=4, progress=False)
+    model, tok = _load(tiny_models["gpt2-bpe"])
+    src = load_examples(data, need_completion=False)
+    recs = {r["id"]: r for r in _records(out)}
+    empty = []
+    for ex in src:
+        ref = sample(model, tok, [prompt_ids(tok, ex)], max_new_tokens=8, do_sample=False, stop_ids=end_ids(tok))[0]
+        if not ref.text.strip():  # left out (training needs a completion), listed in the sidecar
+            empty.append(ex.example_id)
+            continue
+        rec = recs.pop(ex.example_id)
+        if ex.messages is not None:
+            assert rec["messages"] == [*ex.messages, {"role": "assistant", "content": ref.text}]
+        else:
+            assert (rec["prompt"], rec["completion"]) == (ex.prompt, ref.text)
+        assert rec["ended"] == ref.ended
+    assert not recs
+    assert json.loads((tmp_path / "out.jsonl.meta.json").read_text())["empty"] == empty
+    assert (s.written, s.empty, s.done_before, s.total) == (6 - len(empty), len(empty), 0, 6)
+    assert s.written >= 3
+    back = load_examples(out)
+    assert [e.completion for e in back] == [r.get("completion") or r["messages"][-1]["content"]
+                                            for r in _records(out)]
+
+
+def test_generate_resumes_after_sigkill_without_duplicates(tiny_models, tmp_path):
+    """`stillroom generate --data` killed (SIGKILL) mid-run, a torn half line appended as a kill mid-write would
+    leave, then rerun: every id exactly once, the file byte-equal to an uninterrupted greedy run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from stillroom.rollout import generate_file
+
+    data = _prompt_file(tmp_path / "prompts.jsonl", n=40)
+    kw = dict(max_new_tokens=24, batch_size=2)
+    full = tmp_path / "full.jsonl"
+    generate_file(tiny_models["gpt2-bpe"], data, full, progress=False, **kw)
+    out = tmp_path / "out.jsonl"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "stillroom", "generate", "--model", str(tiny_models["gpt2-bpe"]),
+                             "--data", str(data), "--out", str(out), "--max-new-tokens", "24", "--batch-size", "2",
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 5:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # still running: killed mid-run
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    part = out.read_bytes()
+    assert 5 <= part.count(b"\n") < len(full.read_bytes().splitlines())
+    with open(out, "ab") as f:
+        f.write(b'{"id": "p9", "prompt": "torn')  # a line cut by the kill
+    empty_before = json.loads((tmp_path / "out.jsonl.meta.json").read_text())["empty"]
+    s = generate_file(tiny_models["gpt2-bpe"], data, out, progress=False, **kw)
+    assert s.done_before == part.count(b"\n") + len(empty_before)
+    assert s.written + s.done_before + s.empty - len(empty_before) == 40
+    ids = [r["id"] for r in _records(out)]
+    empty = json.loads((tmp_path / "out.jsonl.meta.json").read_text())["empty"]
+    assert len(ids) == len(set(ids)) and sorted(ids + empty) == sorted(r["id"] for r in _records(data))
+    assert out.read_bytes() == full.read_bytes()
+
+
+def test_sampled_generation_resumes_to_the_same_file_and_other_settings_are_refused(tiny_models, tmp_path):
+    """Batch k samples with seed + k, batches fixed by position: cut a sampled file to its first 5 lines, rerun,
+    and it is the uninterrupted file again. Other settings are refused naming them; --overwrite starts over;
+    a file stillroom did not write is never touched."""
+    from stillroom.errors import OutputExistsError
+    from stillroom.rollout import generate_file
+
+    data = _prompt_file(tmp_path / "prompts.jsonl", n=12)
+    out = tmp_path / "out.jsonl"
+    kw = dict(max_new_tokens=10, batch_size=4, do_sample=True, temperature=1.5, top_p=0.9, seed=3, progress=False)
+    generate_file(tiny_models["gpt2-bpe"], data, out, **kw)
+    full = out.read_bytes()
+    n = full.count(b"\n")
+    assert n >= 7
+    out.write_bytes(b"".join(full.splitlines(keepends=True)[:5]))
+    s = generate_file(tiny_models["gpt2-bpe"], data, out, **kw)
+    assert (s.done_before, s.written) == (5 + s.empty, n - 5) and out.read_bytes() == full
+    with pytest.raises(OutputExistsError, match=r"other settings \(temperature 1.5 vs 0.7: before vs now\)"):
+        generate_file(tiny_models["gpt2-bpe"], data, out, **{**kw, "temperature": 0.7})
+    other = generate_file(tiny_models["gpt2-bpe"], data, out, overwrite=True, **{**kw, "seed": 4})
+    assert other.written + other.empty == 12 and out.read_bytes() != full
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"mine": 1}\n')
+    with pytest.raises(OutputExistsError, match="stillroom did not write it"):
+        generate_file(tiny_models["gpt2-bpe"], data, mine, **kw)
+    assert mine.read_text() == '{"mine": 1}\n'
