@@ -159,11 +159,16 @@ _TOLD: set[str] = set()  # tokenizers already told that they use the fallback te
 _END: dict[int, tuple[Any, str, int | None]] = {}  # id(tokenizer) -> (tokenizer, template, end-of-turn id)
 
 
-def chat_template(tokenizer) -> str:
-    """The tokenizer's chat template, or :data:`FALLBACK_TEMPLATE` (said once per tokenizer on stderr)."""
+def _own_template(tokenizer) -> str | None:
     tmpl = getattr(tokenizer, "chat_template", None)
     if isinstance(tmpl, dict):  # several named templates: the default one
         tmpl = tmpl.get("default")
+    return tmpl or None
+
+
+def chat_template(tokenizer) -> str:
+    """The tokenizer's chat template, or :data:`FALLBACK_TEMPLATE` (said once per tokenizer on stderr)."""
+    tmpl = _own_template(tokenizer)
     if tmpl:
         return tmpl
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
@@ -191,7 +196,7 @@ def prompt_ids(tokenizer, ex: Example) -> list[int]:
 def end_of_turn_id(tokenizer) -> int | None:
     """The token the chat template puts right after an assistant turn's content when it is a special (added)
     token (``<|im_end|>``, ``<end_of_turn>``); else EOS; None when the tokenizer has neither."""
-    tmpl = chat_template(tokenizer)
+    tmpl = _own_template(tokenizer) or FALLBACK_TEMPLATE
     hit = _END.get(id(tokenizer))
     if hit is not None and hit[0] is tokenizer and hit[1] == tmpl:
         return hit[2]
@@ -203,8 +208,9 @@ def end_of_turn_id(tokenizer) -> int | None:
     if at >= 0:
         after = text[at + len(sentinel):].lstrip(" ")
         ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-        added = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-        if ids and ids[0] in added:
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        special = set(tokenizer.all_special_ids) | {i for i, a in added.items() if getattr(a, "special", False)}
+        if ids and ids[0] in special:
             end = ids[0]
     _END[id(tokenizer)] = (tokenizer, tmpl, end)
     return end

@@ -43,6 +43,7 @@ from stillroom.blocks import (  # noqa: F401 - re-exported for existing imports
     make_blocks,
     model_inputs,
 )
+from stillroom.errors import ConfigError
 from stillroom.fusion import fuse, fusion_weights, votes
 from stillroom.models import load_causal_lm
 from stillroom.preflight import check_recipe  # noqa: F401  (re-exported: validation runs before any model loads)
@@ -586,8 +587,10 @@ def export_training_blocks(recipe, path, overwrite: bool = False) -> int:
     from stillroom.data_io import is_blocks_file, iter_texts
     from stillroom.outputs import check_output_file
 
+    d = recipe.data
+    if d.format != "text":  # completion records are rendered per model: no text blocks to cache
+        raise ConfigError(f"--export-blocks: data.format {d.format!r} has no text blocks; its teachers run online")
     check_output_file(path, "--export-blocks", overwrite=overwrite, ours=is_blocks_file)
     tok = student_tokenizer(recipe.student)
-    d = recipe.data
     blocks = iter_blocks(iter_texts(d.train, d.text_field, d.documents), tok, d.seq_len, d.add_bos, d.packing)
     return export_blocks(itertools.islice(blocks, d.max_blocks), path)
