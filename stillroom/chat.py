@@ -183,8 +183,15 @@ def prompt_ids(tokenizer, ex: Example) -> list[int]:
     """The model's own rendering of the prompt, ending exactly where the completion begins: chat records through
     its chat template with the generation prompt, plain prompts tokenized with its special tokens (BOS)."""
     if ex.messages is not None:
-        text = tokenizer.apply_chat_template(list(ex.messages), chat_template=chat_template(tokenizer),
-                                             add_generation_prompt=True, tokenize=False)
+        from jinja2 import TemplateError
+
+        try:
+            text = tokenizer.apply_chat_template(list(ex.messages), chat_template=chat_template(tokenizer),
+                                                 add_generation_prompt=True, tokenize=False)
+        except TemplateError as e:  # e.g. "roles must alternate user/assistant", "system role not supported"
+            name = getattr(tokenizer, "name_or_path", "") or "the model"
+            raise DataError(f"example {ex.example_id}: the chat template of {name} refuses its messages "
+                            f"({e}); fix the record (roles, order) for this model") from None
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     else:
         ids = list(tokenizer(ex.prompt, add_special_tokens=True)["input_ids"])

@@ -465,3 +465,25 @@ def test_train_check_refuses_a_cached_teacher(tiny_models, tmp_path):
     raw["teachers"][0]["cache"] = str(tmp_path / "cache")
     with pytest.raises(ConfigError, match="teachers.0.cache: the offline cache does not support"):
         check_recipe(load_recipe(raw))
+
+
+def test_export_blocks_refuses_completion_data(tiny_models, tmp_path):
+    from stillroom.recipe import load_recipe
+    from stillroom.trainer import export_training_blocks
+
+    r = load_recipe(_recipe(tiny_models, _chat_file(tmp_path / "c.jsonl"), tmp_path / "o"))
+    with pytest.raises(ConfigError, match="--export-blocks: data.format 'chat' has no text blocks"):
+        export_training_blocks(r, tmp_path / "blocks.jsonl")
+    assert not (tmp_path / "blocks.jsonl").exists()
+
+
+def test_a_template_that_refuses_a_conversation_names_the_example():
+    tok = _smollm2()
+    strict = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}" \
+             "{% endif %}{{ m['content'] }}{% endfor %}"
+    old, tok.chat_template = tok.chat_template, strict
+    try:
+        with pytest.raises(DataError, match=r"example x: the chat template of .* refuses its messages \(no system"):
+            chat.prompt_ids(tok, chat.Example("x", None, ({"role": "system", "content": "s"},), "c"))
+    finally:
+        tok.chat_template = old

@@ -312,3 +312,29 @@ def test_shipped_default_teachers():
     student = TokenTable.from_tokenizer(AutoTokenizer.from_pretrained(root / "student-tokenizer"))
     teachers = {TokenTable.from_tokenizer(AutoTokenizer.from_pretrained(root / n)).hash for n in kinds}
     assert student.hash not in teachers
+
+
+def test_completion_sums_are_completion_tokens_only(tiny_models):
+    """completion_sums over a padded batch = per record, a plain forward on prompt + completion + EOS (the
+    fallback template's end) summing -log2 p over the completion tokens only; bytes = the completions' UTF-8."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stillroom.chat import Example
+    from stillroom.evaluate import completion_sums
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2-bpe"]).eval()
+    exs = [Example("a", "To be, or not to be:", None, " that is the question."),
+           Example("b", "Whether", None, " 'tis nobler — in the mind"),
+           Example("c", "Or to take arms against a sea of troubles, and by opposing", None, " end them.")]
+    bits, tokens, nbytes = completion_sums(model, tok, exs, max_len=64, batch_size=2)
+    want_bits, want_tokens = 0.0, 0
+    for ex in exs:
+        p = tok(ex.prompt)["input_ids"]
+        c = tok(ex.completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([p + c])).logits[0].log_softmax(-1)
+        want_bits -= sum(float(logp[len(p) + i - 1, t]) for i, t in enumerate(c)) / math.log(2)
+        want_tokens += len(c)
+    assert tokens == want_tokens and nbytes == sum(len(e.completion.encode("utf-8")) for e in exs)
+    assert math.isclose(bits, want_bits, rel_tol=1e-5)
