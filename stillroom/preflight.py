@@ -120,7 +120,8 @@ def _check_completion_data(recipe) -> None:
     for key, path in (("data.train", d.train), ("data.eval", d.eval)):
         if path is None:
             continue
-        examples = load_examples(path)
+        on = recipe.onpolicy  # λ = 1: every completion is the student's, so prompt-only records do
+        examples = load_examples(path, need_completion=key != "data.train" or on is None or on.lambda_ < 1)
         form = "chat" if examples[0].messages is not None else "prompt_completion"
         other = next((e for e in examples if (e.messages is not None) != (form == "chat")), None)
         if form != d.format or other is not None:

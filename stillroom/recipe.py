@@ -169,6 +169,21 @@ class TrainSpec(_Strict):
     plot: bool = True
 
 
+class OnPolicySpec(_Strict):
+    """On-policy distillation (GKD, Agarwal et al. 2024): with probability λ an optimizer step's completions are
+    the student's own samples for the batch's prompts, graded by the teachers (stillroom.onpolicy)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+    lambda_: float = Field(0.5, alias="lambda", ge=0.0, le=1.0, description="λ: the fraction of steps trained on "
+                           "student samples (0 = the data's completions only, 1 = always sampled; prompt-only "
+                           "data needs 1)")
+    temperature: float = Field(1.0, gt=0.0, description="sampling temperature of the student's completions")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass of the student's sampling (1 = all)")
+    max_new_tokens: int = Field(64, ge=1, description="longest sampled completion, in student tokens (the prompt "
+                                "keeps its last data.seq_len − max_new_tokens tokens)")
+    seed: int | None = Field(None, description="seed of the λ coin and the samples (default: train.seed)")
+
+
 class StudentSpec(_Strict):
     """Where the student comes from — exactly one kind:
 
@@ -235,6 +250,8 @@ class Recipe(_Strict):
     loss: LossSpec = Field(default_factory=LossSpec)
     fusion: FusionSpec = Field(default_factory=FusionSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
+    onpolicy: OnPolicySpec | None = Field(None, description="on-policy distillation on the student's own samples "
+                                          "(prompt/completion or chat data; see docs/training.md)")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -266,6 +283,16 @@ class Recipe(_Strict):
         elif not self.teachers and not self.fusion.include_student and self.loss.ce_weight != 1.0:
             raise ValueError("loss.ce_weight: with no teachers it must be 1.0 (plain CE); add teachers or set "
                              "loss.ce_weight=1.0")
+        if self.onpolicy is not None:
+            if self.data.format == "text":
+                raise ValueError("onpolicy: the student completes prompts, so data.format must be prompt_completion "
+                                 "or chat (JSONL records), not 'text'")
+            if self.onpolicy.max_new_tokens >= self.data.seq_len:
+                raise ValueError(f"onpolicy.max_new_tokens: got {self.onpolicy.max_new_tokens}, but a row is "
+                                 f"data.seq_len={self.data.seq_len} tokens, prompt included; lower it or raise "
+                                 "data.seq_len")
+            if not self.teachers:
+                raise ValueError("onpolicy: the student's samples need a teacher to grade them; add teachers")
         return self
 
 

@@ -487,7 +487,9 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
     seq = recipe.data.seq_len
     d = recipe.data
     if d.format != "text":  # prompt/completion or chat records: completion-only batches (stillroom.chat)
-        blocks, collator, eval_docs = chat.training_data(recipe, tok)
+        from stillroom import onpolicy  # chat.training_data, or prompts for the student's samples (onpolicy)
+
+        blocks, collator, eval_docs = onpolicy.training_data(recipe, tok)
     else:
         blocks = streaming_blocks(recipe, tok) if d.streaming else BlockDataset(training_blocks(recipe, tok))
         collator, eval_docs = BlockCollator(tok, seq, d.isolate_documents), None
@@ -519,7 +521,8 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
             loss = LossConfig(r.kind, r.ce_weight if teachers else 1.0, r.temperature, r.beta, r.alpha, r.chunk_size,
                               r.emo_mode, r.emo_cost)
             fusion = FusionConfig(recipe.fusion.method, recipe.fusion.level, recipe.fusion.weight_temperature, None)
-            trainer = DistillTrainer(model=switches.apply(student, recipe.train), args=args, train_dataset=blocks,
+            cls = onpolicy.trainer_class(recipe) if d.format != "text" else DistillTrainer
+            trainer = cls(model=switches.apply(student, recipe.train), args=args, train_dataset=blocks,
                                      eval_dataset=eval_docs,
                                      data_collator=collator, processing_class=tok,
                                      teachers=teachers,

@@ -64,6 +64,7 @@ def tree(tiny_models, tmp_path_factory) -> dict[str, Path]:
     (root / "no-field.jsonl").write_text('{"body": "the text is under another key"}\n')
     (root / "user.safetensors").write_bytes(b"my own file, not a vocabulary map")
     (root / "user.jsonl").write_text('{"mine": 1}\n')
+    (root / "prompts.jsonl").write_text('{"prompt": "To be"}\n')
     (root / "user-folder").mkdir()
     (root / "user-folder" / "notes.txt").write_text("my notes\n")
     (root / "empty-folder").mkdir()
@@ -89,6 +90,8 @@ def _cases(t: dict[str, Path]) -> list[tuple[str, list[str], str]]:
     cache = ["cache", "--teacher", tch, "--data", good, "--out", out, "--no-progress"]
     ev = ["eval", "--model", m, "--data", good]
     gen = ["generate", "--model", m, "--prompt", "To be"]
+    prompts = str(root / "prompts.jsonl")
+    gd = ["generate", "--model", m, "--data", prompts, "--out", str(root / "new-out.jsonl"), "--no-progress"]
     vm = ["vocab-map", "--source", m, "--target", tch, "--out", str(root / "new.safetensors")]
     al = ["align", "--source", m, "--target", tch]
     cases = [
@@ -166,6 +169,17 @@ def _cases(t: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("generate-bad-number", [*gen, "--max-new-tokens", "0"], "--max-new-tokens"),
         ("generate-empty-prompt", [*gen[:3], "--prompt", ""], "--prompt is empty"),
         ("generate-missing-option", gen[:3], "--prompt"),
+        ("generate-prompt-and-data", [*gen, "--data", prompts], "exactly one of --prompt"),
+        ("generate-data-without-out", [*gen[:3], "--data", prompts], "--data needs --out"),
+        ("generate-batch-option-with-prompt", [*gen, "--batch-size", "4"], "--batch-size is for batch mode"),
+        ("generate-heal-with-data", [*gd, "--no-heal"], "applies to --prompt only"),
+        ("generate-temperature-greedy", [*gd, "--temperature", "0.5"], "only with --sample"),
+        ("generate-top-p-out-of-range", [*gd, "--sample", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        ("generate-data-missing", [*gd[:3], "--data", miss, *gd[5:]], "absent does not exist"),
+        ("generate-data-not-jsonl", [*gd[:3], "--data", good, *gd[5:]], "must be a .jsonl file"),
+        ("generate-data-bad-record", [*gd[:3], "--data", str(root / "user.jsonl"), *gd[5:]],
+         "user.jsonl:1: record has no 'prompt' or 'messages' field"),
+        ("generate-out-user-file", [*gd[:5], "--out", str(root / "user.jsonl")], "stillroom did not write it"),
         # eval: zero tokens scored is an error, never a result
         ("eval-missing-model", [ev[0], "--model", miss, *ev[3:]], "--model"),
         ("eval-no-tokenizer", [ev[0], "--model", no_tok, *ev[3:]], "no tokenizer files"),
