@@ -27,12 +27,12 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from transformers import Trainer
 
-from stillroom import chat, modeling, objectives, precision, runs, switches
+from stillroom import chat, modeling, objectives, runs, switches
 from stillroom.blocks import (  # noqa: F401 - re-exported for existing imports
     Block,
     BlockCollator,
@@ -46,92 +46,17 @@ from stillroom.blocks import (  # noqa: F401 - re-exported for existing imports
 )
 from stillroom.errors import ConfigError
 from stillroom.fusion import fuse, fusion_weights, votes
-from stillroom.models import load_causal_lm
 from stillroom.preflight import check_recipe  # noqa: F401  (re-exported: validation runs before any model loads)
 from stillroom.student import build_student, describe_student, student_tokenizer
-from stillroom.targets import SparseTarget, stack_rows
-from stillroom.tokens import same_tokenizer
-
-# --- teachers -----------------------------------------------------------------------------------------------
-
-
-class Teacher(Protocol):
-    """Anything that gives, for a collated batch, a target over the student's positions and vocabulary
-    ``[B, T, k]`` (row j predicts student token j+1) and the teacher's gold CE per student position ``[B, T]``
-    (``nan`` where unknown)."""
-
-    name: str
-
-    def targets(self, batch: dict[str, Any]) -> tuple[SparseTarget, torch.Tensor]: ...
-
-
-def next_labels(labels: torch.Tensor) -> torch.Tensor:
-    """``[B, T]``: at row j the gold token that row j predicts (``labels[:, j+1]``), ``-100`` where there is none."""
-    nxt = torch.full_like(labels, -100)
-    nxt[:, :-1] = labels[:, 1:]
-    return nxt
-
-
-def topk_target(logits: torch.Tensor, labels: torch.Tensor, top_k: int | None, temperature: float = 1.0
-                ) -> tuple[SparseTarget, torch.Tensor]:
-    """Top-k target (``None``: all V) and gold CE from dense logits ``[B, T, V]`` on the student's own tokens."""
-    logp = torch.log_softmax(logits.float() / temperature, -1)
-    top = logp.topk(min(top_k or logp.shape[-1], logp.shape[-1]), -1)
-    tail = (1 - top.values.exp().sum(-1)).clamp_min(0)
-    nxt = next_labels(labels)
-    has = nxt != -100
-    logp1 = logp if temperature == 1.0 else torch.log_softmax(logits.float(), -1)  # gold CE is at tau = 1
-    gold = logp1.gather(-1, nxt.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    ce = torch.where(has, -gold, torch.full_like(gold, float("nan")))
-    return SparseTarget(top.indices, top.values, tail, has), ce
-
-
-class SameTokenizerTeacher:
-    """A teacher that shares the student's tokenizer: run it on the student's ids directly (no alignment).
-
-    ``top_k=None`` with a single teacher: the full (dense) teacher distribution, computed chunk by chunk from
-    the teacher's hidden states inside the fused-linear loss (teacher logits are never materialised either).
-    """
-
-    def __init__(self, model, top_k: int | None = 10, temperature: float = 1.0, name: str = "teacher"):
-        self.model = modeling.freeze_teacher(model)
-        self.top_k, self.temperature, self.name = top_k, temperature, name
-
-    @modeling.frozen()  # no gradient, and the teacher's own dtype even under the student's autocast
-    def targets(self, batch: dict[str, Any]) -> tuple[SparseTarget, torch.Tensor]:
-        logits = self.model(**model_inputs(batch)).logits
-        return topk_target(logits, batch["labels"], self.top_k, self.temperature)
-
-
-class AlignedTeacher:
-    """A teacher with its own tokenizer (online, ``stillroom.cache.OnlineTeacher``) or read from the offline
-    cache (``CachedTeacher``): its top-k signal is aligned and projected onto the student's positions and
-    vocabulary by ``stillroom.cache.student_targets``. Rows the projection cannot transfer (the fallback's
-    one-hot rows) come back ``valid=False``: the trainer fills them after fusion, so that another teacher's
-    distribution is used there when it has one."""
-
-    def __init__(self, source, student_table, teacher_table, vocab_map, fallback: str = "onehot",
-                 name: str = "teacher"):
-        self.source, self.student_table, self.teacher_table = source, student_table, teacher_table
-        self.vocab_map, self.fallback, self.name = vocab_map, fallback, name
-
-    @torch.no_grad()
-    def targets(self, batch: dict[str, Any]) -> tuple[SparseTarget, torch.Tensor]:
-        from stillroom.cache import student_targets
-
-        if "prompt_len" in batch:  # completion data: its own rendering, completion regions aligned
-            return chat.aligned_targets(self, batch)
-        outs = self.source.signal(batch["text"], batch["example_id"])
-        ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
-        rows, ces = [], []
-        for r, out in enumerate(outs):
-            sid = ids[r][mask[r]].numpy()
-            t, ce = student_targets(out, sid, self.student_table, self.teacher_table, self.vocab_map,
-                                    fallback=self.fallback, fill=False)
-            rows.append(t)
-            ces.append(torch.as_tensor(ce, dtype=torch.float32))
-        return stack_rows(rows, ces, ids.shape[1])
-
+from stillroom.targets import SparseTarget
+from stillroom.teachers import (  # noqa: F401 - re-exported for existing imports
+    AlignedTeacher,
+    SameTokenizerTeacher,
+    Teacher,
+    build_teachers,
+    next_labels,
+    topk_target,
+)
 
 # --- loss settings ------------------------------------------------------------------------------------------
 
@@ -396,37 +321,6 @@ class TrainResult:
 # --- recipe -> run ------------------------------------------------------------------------------------------
 
 
-def build_teachers(recipe, toks: dict, device=None) -> list:
-    """One :class:`Teacher` per ``recipe.teachers`` entry: same-tokenizer fast path, online-aligned, or cached."""
-    teachers = []
-    student_tok = toks["student"]
-    for i, (spec, tok) in enumerate(zip(recipe.teachers, toks["teachers"], strict=True)):
-        name = spec.name or f"teacher{i}"
-        if spec.objective != "kd":  # its own ALM / ULD term, never projected or fused
-            teachers.append(objectives.build_teacher(spec, i, student_tok, tok, recipe))
-            continue
-        if spec.cache is None and same_tokenizer(student_tok, tok):
-            dtype = precision.auto_dtype(device or precision.training_device(), spec.dtype)
-            model = load_causal_lm(spec.path, f"teachers.{i}.path", tokenizer=tok, dtype=dtype)
-            teachers.append(SameTokenizerTeacher(model, recipe.fusion.top_k, recipe.loss.temperature, name))
-            continue
-        from stillroom.tokens import TokenTable
-        from stillroom.vocab import VocabMap
-
-        s_table, t_table = TokenTable.from_tokenizer(student_tok), TokenTable.from_tokenizer(tok)
-        vmap = VocabMap.cached(t_table, s_table)
-        if spec.cache is not None:
-            from stillroom.cache import CachedTeacher
-
-            source = CachedTeacher(spec.cache)
-        else:
-            from stillroom.cache import OnlineTeacher
-
-            source = OnlineTeacher(spec.path, top_k=recipe.fusion.top_k, temperature=recipe.loss.temperature,
-                                   dtype=spec.dtype)
-        fallback = recipe.fusion.projection if recipe.fusion.projection != "none" else "onehot"
-        teachers.append(AlignedTeacher(source, s_table, t_table, vmap, fallback, name))
-    return teachers
 
 
 def training_arguments(recipe, has_eval: bool):
