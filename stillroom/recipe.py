@@ -414,8 +414,11 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     return raw
 
 
-def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override, resolve paths and validate a recipe (YAML path or dict). Loads no model."""
+def load_recipe(source: str | os.PathLike | dict | Recipe, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, resolve paths and validate a recipe (YAML path, dict, or a loaded :class:`Recipe` to
+    override: only the keys it was given are carried, so derived defaults are derived again). Loads no model."""
+    if isinstance(source, Recipe):
+        source = source.model_dump(exclude_unset=True)
     if isinstance(source, dict):
         raw, base, name = dict(source), Path.cwd(), "<dict>"
     else:

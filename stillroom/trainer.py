@@ -362,10 +362,8 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
     from stillroom.data_io import load_texts
     from stillroom.recipe import Recipe, load_recipe
 
-    if not isinstance(recipe, Recipe):
+    if not isinstance(recipe, Recipe) or overrides:
         recipe = load_recipe(recipe, overrides)
-    elif overrides:
-        recipe = load_recipe(recipe.model_dump(), overrides)
     toks = check_recipe(recipe)
     if runs.is_main_process():
         for note in toks["warnings"]:  # switches that work but slowly: said before anything loads
