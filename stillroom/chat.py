@@ -63,6 +63,7 @@ class Example:
     prompt: str | None
     messages: tuple[dict, ...] | None  # the conversation BEFORE the final assistant turn
     completion: str | None
+    ended: bool = True  # False: the completion was cut (``"ended": false`` in generated data), no end token
 
 
 # --- records ------------------------------------------------------------------------------------------------
@@ -109,6 +110,10 @@ def _example(rec, where: str, default_id: str, need_completion: bool) -> Example
         raise DataError(f"DATA {where}: a record must be a JSON object, got {type(rec).__name__}; write "
                         "{\"prompt\": ..., \"completion\": ...} or {\"messages\": [...]}")
     ex_id = default_id if rec.get("id") is None else str(rec["id"])
+    ended = rec.get("ended", True)
+    if not isinstance(ended, bool):
+        raise DataError(f"DATA {where}: field 'ended' must be true or false, got {ended!r:.40}; it says whether "
+                        "the completion finished (false: it was cut, so it gets no end token)")
     if "messages" in rec:
         if "prompt" in rec or "completion" in rec:
             raise DataError(f"DATA {where}: record has both 'messages' and 'prompt'/'completion'; keep one form")
@@ -140,7 +145,7 @@ def _example(rec, where: str, default_id: str, need_completion: bool) -> Example
         if not checked:
             raise DataError(f"DATA {where}: field 'messages' holds only the assistant's turn; add the user "
                             "message it answers")
-        return Example(ex_id, None, tuple(checked), completion)
+        return Example(ex_id, None, tuple(checked), completion, ended)
     if "prompt" not in rec:
         raise DataError(f"DATA {where}: record has no 'prompt' or 'messages' field (fields: {sorted(rec)}); "
                         "write {\"prompt\": ..., \"completion\": ...} or {\"messages\": [...]}")
@@ -150,7 +155,7 @@ def _example(rec, where: str, default_id: str, need_completion: bool) -> Example
             raise DataError(f"DATA {where}: record has no 'completion' field; training needs one (add "
                             "\"completion\": \"...\")")
         return Example(ex_id, prompt, None, None)
-    return Example(ex_id, prompt, None, _text_field(rec, "completion", where, "write the completion text"))
+    return Example(ex_id, prompt, None, _text_field(rec, "completion", where, "write the completion text"), ended)
 
 
 # --- each model's own rendering -----------------------------------------------------------------------------
@@ -269,8 +274,8 @@ def encode_example(tokenizer, ex: Example, max_len: int, table=None) -> dict[str
     if ex.completion is None:
         raise DataError(f"example {ex.example_id}: has no completion; training needs one")
     p = prompt_ids(tokenizer, ex)
-    c = completion_ids(tokenizer, ex.completion)
-    ended = end_of_turn_id(tokenizer) is not None
+    c = completion_ids(tokenizer, ex.completion, end=ex.ended)
+    ended = ex.ended and end_of_turn_id(tokenizer) is not None
     text = ex.completion
     budget = max_len - min(len(p), max_len // 2)
     if len(c) > budget:

@@ -88,6 +88,25 @@ def test_gemma_style_mask_by_hand():
         tok.chat_template = None
 
 
+def test_a_cut_generated_completion_gets_no_end_token(tmp_path):
+    """``"ended": false`` (what ``stillroom generate --data`` writes for a completion cut by --max-new-tokens):
+    the reply is trained without <|im_end|>, by hand on ChatML; a finished one keeps it."""
+    tok = _smollm2()
+    recs = [{"id": "cut", "messages": [{"role": "user", "content": "Count."},
+                                       {"role": "assistant", "content": "One, two"}], "ended": False},
+            {"id": "done", "messages": [{"role": "user", "content": "Count."},
+                                        {"role": "assistant", "content": "One, two"}]}]
+    cut, done = chat.load_examples(_write(tmp_path / "gen.jsonl", recs))
+    assert (cut.ended, done.ended) == (False, True)
+    b = chat.CompletionCollator(tok, 64)([cut, done])
+    labels = [[t for t in row if t != -100] for row in b["labels"].tolist()]
+    assert tok.convert_ids_to_tokens(labels[0]) == ["One", ",", "Ġtwo"]
+    assert tok.convert_ids_to_tokens(labels[1]) == ["One", ",", "Ġtwo", "<|im_end|>"]
+    assert b["ended"] == [False, True]
+    with pytest.raises(DataError, match=r"gen2.jsonl:1: field 'ended' must be true or false"):
+        chat.load_examples(_write(tmp_path / "gen2.jsonl", [{"prompt": "a", "completion": "b", "ended": "no"}]))
+
+
 def test_prompt_completion_records_and_padding():
     """Plain prompts are tokenized with special tokens (Gemma: BOS); rows are right-padded, pads are -100."""
     tok = load_shared_tokenizer("gemma3")
