@@ -401,8 +401,12 @@ def eval_(
     """Bits per byte (comparable across tokenizers), token perplexity, and agreement with teachers."""
     import json
 
+    from transformers.utils import logging as hf_logging
+
     from stillroom.evaluate import evaluate_paths, report_table
     from stillroom.models import check_device, check_model_dir
+
+    hf_logging.disable_progress_bar()  # ours, not a transformers bar per weight load (as cache and generate)
 
     for option, paths in (("--model", model), ("--teacher", teacher or [])):
         for p in paths:
