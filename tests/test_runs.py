@@ -135,15 +135,17 @@ def test_final_evaluation_is_computed_and_logged_once(tiny_models, data_dir, tmp
 def test_ctrl_c_says_where_it_stopped_and_resume_keeps_one_record_per_step(tiny_models, data_dir, tmp_path):
     out = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
-    # many steps: on a loaded machine this process may be descheduled for seconds between seeing step 5 and the
-    # signal landing, and a tiny run of 40 steps could finish in that time
+    # many steps, so a test process descheduled for a while on a loaded machine cannot see the run finish first
     raw = _raw(tiny_models, data_dir, out, max_steps=200, save_steps=3, batch_size=2, progress=True)
     raw["data"]["max_blocks"] = 80
     recipe.write_text(yaml.safe_dump(raw))
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "stillroom", "train", str(recipe)]
     with (tmp_path / "out1").open("w") as so, (tmp_path / "err1").open("w") as se:
-        proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=env, cwd=tmp_path)
+        # SIGINT back to its default in the child: a test run started in the background (`make test &`) has it
+        # ignored, the child would inherit that, and Python then installs no KeyboardInterrupt handler
+        proc = subprocess.Popen(cmd, stdout=so, stderr=se, env=env, cwd=tmp_path,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             done = (out / "checkpoint-3" / "trainer_state.json").exists() and (out / "metrics.jsonl").exists()
