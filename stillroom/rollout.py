@@ -25,7 +25,7 @@ import json
 import os
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +151,18 @@ def generate_ids(model, prompts: list[list[int]], stop_ids: Sequence[int], pad_i
     return rows
 
 
+def check_sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, *,
+                   option: Callable[[str], str] = str) -> None:
+    """The sampling settings :func:`sample` and :func:`generate_file` share, each named as the caller's user
+    knows it (``option("top_p")``: a keyword, or ``--top-p`` on the command line)."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"{option('max_new_tokens')} must be >= 1, got {max_new_tokens}")
+    if do_sample and not temperature > 0:
+        raise ConfigError(f"{option('temperature')} must be > 0 when sampling, got {temperature}")
+    if do_sample and not 0 < top_p <= 1:
+        raise ConfigError(f"{option('top_p')} must be in (0, 1], got {top_p}")
+
+
 def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, do_sample: bool = True, generator_seed: int | None = None,
            stop_ids: Sequence[int] | None = None) -> list[Sample]:
@@ -162,12 +174,7 @@ def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, t
     """
     if not prompts:
         return []
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if do_sample and not temperature > 0:
-        raise ConfigError(f"temperature must be > 0 when sampling, got {temperature}")
-    if do_sample and not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(max_new_tokens, do_sample, temperature, top_p)
     empty = [i for i, p in enumerate(prompts) if len(p) == 0]
     if empty:
         raise ConfigError(f"prompt {empty[0]} has no tokens; every prompt needs at least one (e.g. BOS)")
@@ -274,14 +281,9 @@ def generate_file(model: str | os.PathLike, data: str | os.PathLike, out: str | 
     from stillroom.outputs import atomic_write, check_output_file
 
     out = check_output_file(out, "--out", overwrite=True)  # a folder is refused here; files by the sidecar
-    if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    check_sampling(max_new_tokens, do_sample, temperature, top_p, option=lambda k: "--" + k.replace("_", "-"))
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if do_sample and not temperature > 0:
-        raise ConfigError(f"--temperature must be > 0, got {temperature}")
-    if do_sample and not 0 < top_p <= 1:
-        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
     examples = load_examples(data, need_completion=False)
     folder = resolve_model(model, "--model")
     settings = {"model": str(Path(folder).resolve()), "data": str(Path(data).resolve()),

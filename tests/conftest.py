@@ -83,3 +83,22 @@ def shared_tokenizer():
 
 
 __all__ = ["LOCAL_TOKENIZERS", "SHARED_TOKENIZERS", "load_shared_tokenizer"]
+
+
+def torchrun_train(tmp_path: Path, raw: dict, script: str, *overrides: str, timeout: int = 300) -> None:
+    """Write ``raw`` as ``tmp_path/r.yaml`` and ``script`` as ``tmp_path/ddp.py``, then run the script under
+    ``torchrun --standalone --nproc_per_node 2`` (CPU, gloo) with the recipe and ``overrides``; it must succeed."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    (tmp_path / "ddp.py").write_text(script)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(root))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(tmp_path / "ddp.py"), str(recipe), *overrides],
+                         capture_output=True, text=True, env=env, timeout=timeout, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import torchrun_train
 
 from stillroom import chat, onpolicy
 from stillroom.recipe import RecipeError, load_recipe
@@ -255,15 +253,7 @@ def test_two_process_ddp_on_policy_with_same_and_cross_tokenizer_teachers(tiny_m
     student's samples: it finishes, both ranks took the same coins and end with identical weights."""
     raw = _raw(tiny_models, nodrop_student, chat_data["full"], tmp_path / "o", {"lambda": 0.5, "seed": 1},
                teachers=("gpt2-bpe-teacher", "llama-spm"))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(recipe), "train.batch_size=2", "train.max_steps=4"],
-                         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun_train(tmp_path, raw, DDP_SCRIPT, "train.batch_size=2", "train.max_steps=4", timeout=600)
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
     assert r0 == r1
     assert r0["coins"] == [float(onpolicy.coin(1, s, 0.5)) for s in range(4)] and 0 < sum(r0["coins"]) < 4

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import torchrun_train
 
 from stillroom.recipe import RecipeError, load_recipe
 from stillroom.testing import corpus_texts
@@ -432,15 +430,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tiny_models, nodrop_
     raw = _base(tiny_models, data_dir, tmp_path / "o")
     raw["student"] = str(nodrop_student)
     common = ["train.max_steps=2", "train.optimizer=sgd", "train.max_grad_norm=0", "train.lr=0.5"]
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(recipe), "train.batch_size=2", *common],
-                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun_train(tmp_path, raw, DDP_SCRIPT, "train.batch_size=2", *common)
     h0, h1 = (tmp_path / "rank0.sha").read_text(), (tmp_path / "rank1.sha").read_text()
     assert h0 == h1
     from transformers import AutoModelForCausalLM
@@ -525,15 +515,7 @@ def test_two_process_ddp_streaming_equals_one_process(tiny_models, nodrop_studen
     raw = _base(tiny_models, data_dir, tmp_path / "o", data={"streaming": True})
     raw["student"] = str(nodrop_student)
     common = ["train.max_steps=2", "train.optimizer=sgd", "train.max_grad_norm=0", "train.lr=0.5"]
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(recipe), "train.batch_size=2", *common],
-                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun_train(tmp_path, raw, DDP_SCRIPT, "train.batch_size=2", *common)
     assert (tmp_path / "rank0.sha").read_text() == (tmp_path / "rank1.sha").read_text()
     from transformers import AutoModelForCausalLM
 
