@@ -387,14 +387,10 @@ def teacher_rows(tokenizer, batch: dict[str, Any]) -> tuple[list[list[int]], lis
     return rows, plens
 
 
-@torch.no_grad()
-def aligned_targets(teacher, batch: dict[str, Any]):
-    """:class:`stillroom.trainer.AlignedTeacher` on a completion batch: run its online source on its own
-    rendering of each row, align the completion regions at byte level and project (``student_targets``);
-    rows outside the completion are invalid (``nan`` CE). Returns ``(SparseTarget [B, T, k], CE [B, T])``."""
-    from stillroom.cache import student_targets
-    from stillroom.targets import stack_rows
-
+def _regions(teacher, batch: dict[str, Any]):
+    """Run ``teacher``'s online source on its own rendering of each completion row; yield per row
+    ``(r, teacher region output, student region ids, student prompt length)`` (:func:`region_output`,
+    :func:`region_ids`: token 0 of both regions is a special marker)."""
     src = teacher.source
     if not hasattr(src, "run_ids") or getattr(src, "tokenizer", None) is None:
         raise ConfigError(f"teacher {teacher.name}: prompt/completion and chat data need an online teacher (its "
@@ -403,16 +399,38 @@ def aligned_targets(teacher, batch: dict[str, Any]):
     outs = src.run_ids(rows, [str(i) for i in batch["example_id"]])
     ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
     s_mark, t_mark = marker_id(teacher.student_table), marker_id(teacher.teacher_table)
-    targets, ces = [], []
     for r, out in enumerate(outs):
         sp = int(batch["prompt_len"][r])
-        sid = region_ids(ids[r][mask[r]].numpy(), sp, s_mark)
-        t, ce = student_targets(region_output(out, t_plens[r], t_mark), sid, teacher.student_table,
-                                teacher.teacher_table, teacher.vocab_map, fallback=teacher.fallback, fill=False)
+        yield r, region_output(out, t_plens[r], t_mark), region_ids(ids[r][mask[r]].numpy(), sp, s_mark), sp
+
+
+@torch.no_grad()
+def aligned_targets(teacher, batch: dict[str, Any]):
+    """:class:`stillroom.trainer.AlignedTeacher` on a completion batch: run its online source on its own
+    rendering of each row, align the completion regions at byte level and project (``student_targets``);
+    rows outside the completion are invalid (``nan`` CE). Returns ``(SparseTarget [B, T, k], CE [B, T])``."""
+    from stillroom.cache import student_targets
+    from stillroom.targets import stack_rows
+
+    targets, ces = [], []
+    for _, out, sid, sp in _regions(teacher, batch):
+        t, ce = student_targets(out, sid, teacher.student_table, teacher.teacher_table, teacher.vocab_map,
+                                fallback=teacher.fallback, fill=False)
         t, ce = place(t, torch.as_tensor(ce), sp - 1)
         targets.append(t)
         ces.append(ce)
-    return stack_rows(targets, ces, ids.shape[1])
+    return stack_rows(targets, ces, batch["input_ids"].shape[1])
+
+
+@torch.no_grad()
+def aligned_regions(teacher, batch: dict[str, Any]) -> list[tuple[Any, Any]]:
+    """An ALM / ULD teacher (:class:`stillroom.objectives.ObjectiveTeacher`) on a completion batch: per row,
+    (its output over its own rendering cut to the completion region, the byte alignment of that region with
+    the student's, teacher as source). Region token i of the student is row token ``prompt_len - 1 + i``."""
+    from stillroom.align import align
+
+    return [(out, align(out.input_ids.numpy(), sid, teacher.teacher_table, teacher.student_table))
+            for _, out, sid, _ in _regions(teacher, batch)]
 
 
 # --- recipes ------------------------------------------------------------------------------------------------

@@ -63,8 +63,15 @@ class ObjectiveTeacher:
 
     @torch.no_grad()
     def aligned(self, batch: dict[str, Any]) -> list[tuple[Any, Any]]:
-        """Per batch row: (teacher output, alignment with the teacher as source and the student's unpadded ids)."""
+        """Per batch row: (teacher output, alignment with the teacher as source and the student's unpadded ids).
+        On a completion batch (``prompt_len``; :mod:`stillroom.chat`) both are the completion regions'
+        (:func:`stillroom.chat.aligned_regions`: each model renders the prompt with its own template)."""
         from stillroom.align import align
+
+        if "prompt_len" in batch:
+            from stillroom.chat import aligned_regions
+
+            return aligned_regions(self, batch)
 
         outs = self.source.signal(batch["text"], batch["example_id"])
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
@@ -74,11 +81,11 @@ class ObjectiveTeacher:
     def loss_sum(self, hidden: torch.Tensor, weight: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """w · ΣD of this teacher on the batch; ``hidden`` ``[B, T-1, H]`` (row j predicts student token j+1)."""
         c = self.config
-        pairs = self.aligned(batch)
+        pairs, offsets = self.aligned(batch), region_offsets(batch)
         if c.kind == "alm":
-            d = alm_term(hidden, weight, batch["labels"], pairs, c, self.chunks(pairs))
+            d = alm_term(hidden, weight, batch["labels"], pairs, c, self.chunks(pairs), offsets)
         else:
-            d = uld_term(hidden, weight, batch["labels"], pairs, c)
+            d = uld_term(hidden, weight, batch["labels"], pairs, c, offsets)
         self.last_sum = d.detach()
         return c.weight * d
 
@@ -154,6 +161,24 @@ def own_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     return _OwnLogprob.apply(hidden, weight, labels, int(chunk_size or auto_chunk_size(weight.shape[0])))
 
 
+def region_offsets(batch: dict[str, Any]) -> list[int] | None:
+    """Where each row's alignment starts in the student's row: ``prompt_len − 1`` on a completion batch (the
+    region's marker sits on the last prompt token), None (0) on text blocks."""
+    if "prompt_len" not in batch:
+        return None
+    return [int(p) - 1 for p in batch["prompt_len"]]
+
+
+def region_view(x: torch.Tensor, offsets: list[int], lengths: list[int]) -> torch.Tensor:
+    """``[B, max(lengths)]``: row b is ``x[b, offsets[b] : offsets[b] + lengths[b]]`` then ``nan`` (differentiable)."""
+    width = max(lengths)
+    off = torch.as_tensor(offsets, device=x.device)[:, None]
+    j = torch.arange(width, device=x.device)[None]
+    idx = (off + j).clamp_max(x.shape[1] - 1)
+    inside = j < torch.as_tensor(lengths, device=x.device)[:, None]
+    return torch.where(inside, x.gather(1, idx), torch.full_like(idx, float("nan"), dtype=x.dtype))
+
+
 def _padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     out = torch.full((len(rows), width), float("nan"), dtype=torch.float32)
     for r, x in enumerate(rows):
@@ -174,13 +199,16 @@ def student_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: t
 
 
 def alm_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pairs, config: ObjectiveConfig,
-             chunks: tuple[list, list | None] | None = None) -> torch.Tensor:
+             chunks: tuple[list, list | None] | None = None, offsets: list[int] | None = None) -> torch.Tensor:
     """Σ over the batch of ALM (token-weighted sum over chunks) between the student's chunk likelihoods, from its
     own-token log-probs, and the teacher's, from ``gold_ce``; ``chunks``: (groups, masks) per row
-    (:meth:`ObjectiveTeacher.chunks`; default the alignment groups, exact ones kept)."""
+    (:meth:`ObjectiveTeacher.chunks`; default the alignment groups, exact ones kept); ``offsets``: where each
+    alignment starts in the student's row (:func:`region_offsets`)."""
     from stillroom.losses import alm_loss, token_logprobs
 
     student = student_token_logprobs(hidden, weight, labels, config.chunk_size)
+    if offsets is not None:
+        student = region_view(student, offsets, [al.tgt_len for _, al in pairs])
     width = max(len(out) for out, _ in pairs)
     teacher = token_logprobs(_padded([-out.gold_ce.float() for out, _ in pairs], width)).to(student.device)
     groups, masks = chunks or ([al.groups for _, al in pairs], [al.exact for _, al in pairs])
@@ -188,13 +216,17 @@ def alm_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, p
                     divergence=config.alm_divergence, weighting="tokens", reduction="sum")
 
 
-def uld_pairs(pairs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, SparseTarget]:
+def uld_pairs(pairs, labels: torch.Tensor, offsets: list[int] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, SparseTarget]:
     """(batch row, student row, teacher target) for every one-to-one exact group past token 0: student row
-    s0 − 1 and teacher row t0 − 1 both predict the group's token from the same text."""
+    s0 − 1 and teacher row t0 − 1 both predict the group's token from the same text (student token indices
+    shifted by ``offsets[b]`` where the alignment covers a region of the row)."""
     b_idx, s_rows, ids, lps, tails = [], [], [], [], []
     for b, (out, al) in enumerate(pairs):
         g = np.asarray(al.groups)[al.one_to_one & al.exact]
         g = g[(g[:, 0] >= 1) & (g[:, 2] >= 1)]
+        if offsets is not None and len(g):
+            g = g + np.array([0, 0, offsets[b], offsets[b]])
         g = g[labels[b, g[:, 2]].cpu().numpy() != -100] if len(g) else g
         t_rows = torch.as_tensor(g[:, 0] - 1, dtype=torch.long)
         b_idx.append(torch.full((len(g),), b, dtype=torch.long))
@@ -207,8 +239,8 @@ def uld_pairs(pairs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     return torch.cat(b_idx), torch.cat(s_rows), target
 
 
-def uld_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pairs, config: ObjectiveConfig
-             ) -> torch.Tensor:
+def uld_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pairs, config: ObjectiveConfig,
+             offsets: list[int] | None = None) -> torch.Tensor:
     """Σ of ULD over the one-to-one exact pairs of the batch (:func:`uld_pairs`), ``chunk_size`` rows of student
     logits at a time (each chunk recomputed in backward, so only one chunk × V exists at once)."""
     from torch.utils.checkpoint import checkpoint
@@ -216,7 +248,7 @@ def uld_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, p
     from stillroom.losses import uld_loss
     from stillroom.losses.fused_linear import auto_chunk_size
 
-    b, s, tgt = uld_pairs(pairs, labels)
+    b, s, tgt = uld_pairs(pairs, labels, offsets)
     dev = hidden.device
     h = hidden[b.to(dev), s.to(dev)]
     tgt = tgt.to(dev)
@@ -262,11 +294,12 @@ class FusedALM:
         student = student_token_logprobs(hidden, weight, batch["labels"], c.chunk_size)
         pairs = [m.aligned(batch) for m in self.members]  # [teacher][row] -> (out, alignment)
         chunks = [m.chunks(p) for m, p in zip(self.members, pairs, strict=True)]  # [teacher] -> (groups, masks)
+        offsets = region_offsets(batch) or [0] * student.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for b in range(student.shape[0]):
-            n = pairs[0][b][1].tgt_len
+            n, o = pairs[0][b][1].tgt_len, offsets[b]
             teachers = [token_logprobs(-p[b][0].gold_ce.float()).to(student.device) for p in pairs]
-            d, _, _ = fused_alm(student[b, :n], teachers, [g[b] for g, _ in chunks],
+            d, _, _ = fused_alm(student[b, o:o + n], teachers, [g[b] for g, _ in chunks],
                                 [None if m is None else m[b] for _, m in chunks],
                                 method=self.method, level=self.level, weight_temperature=self.weight_temperature,
                                 temperature=c.alm_temperature, divergence=c.alm_divergence)
@@ -311,14 +344,28 @@ def build_teacher(spec, index: int, student_tok, teacher_tok, recipe) -> Objecti
     return ObjectiveTeacher(source, s_table, t_table, cfg, spec.name or f"teacher{index}", rule)
 
 
+def _sample_texts(recipe):
+    """The training data's texts: documents, or on completion data each record's prompt text and completion."""
+    from stillroom.data_io import iter_texts
+
+    d = recipe.data
+    if d.format == "text":
+        yield from (text for _, text in iter_texts(d.train, d.text_field, d.documents))
+        return
+    from stillroom.chat import load_examples
+
+    for ex in load_examples(d.train, need_completion=False):
+        parts = [m.get("content") for m in ex.messages] if ex.messages is not None else [ex.prompt]
+        yield "\n".join(p for p in [*parts, ex.completion] if isinstance(p, str) and p)
+
+
 def bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, threshold: float, sample_chars: int = 1_000_000):
     """The unbiased-boundary rule of a teacher/student pair, with unigram probabilities counted on the first
     ``sample_chars`` characters of the training data (``stillroom.unbiased``)."""
-    from stillroom.data_io import iter_texts
     from stillroom.unbiased import BoundaryBias, unigram_probs
 
     texts, n = [], 0
-    for _, text in iter_texts(recipe.data.train, recipe.data.text_field, recipe.data.documents):
+    for text in _sample_texts(recipe):
         texts.append(text[: sample_chars - n])
         n += len(texts[-1])
         if n >= sample_chars:

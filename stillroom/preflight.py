@@ -128,9 +128,6 @@ def _check_completion_data(recipe) -> None:
             raise ConfigError(f"{key}: {path} holds {form if form != d.format else 'mixed'} records but "
                               f"data.format is {d.format!r}; set data.format={form} or fix the file")
     for i, t in enumerate(recipe.teachers):
-        if t.objective != "kd":
-            raise ConfigError(f"teachers.{i}.objective: {t.objective!r} does not support data.format {d.format!r} "
-                              "yet; use objective kd for this teacher")
         if t.cache is not None:
             raise ConfigError(f"teachers.{i}.cache: the offline cache does not support data.format {d.format!r} "
                               "yet (each teacher renders the prompt with its own template); remove the cache to "
