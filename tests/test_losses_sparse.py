@@ -259,3 +259,32 @@ def test_emo_padding_only_row_is_zero_with_zero_gradient(mode):
         got, grad = value_and_grad(fn, z)
         assert abs(got) < 1e-15
         assert grad.abs().max().item() < 1e-15
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_tail_bucket_across_student_tail_masses(kind, dtype):
+    """The fused path takes the student's tail mass as 1 − Σ support q (exact complement logsumexp only where
+    that would cancel): across rows whose student tail runs from ~0.9 down to ~1e-13 (both sides of the
+    switch, in one chunk), its value matches the naive bucket loop and its gradient the autograd sparse path,
+    which always takes the complement logsumexp."""
+    n, v, k = 14, 40, 5
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(n, v, generator=g, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    for r in range(n):  # lift the support: row r keeps a tail of roughly e^(-2.2 r)
+        z[r, ids[r]] += 2.2 * r
+    probs = torch.softmax(torch.randn(n, k, generator=g, dtype=torch.float64), -1) * 0.8
+    rows = [(ids[r].tolist(), probs[r].tolist(), 0.2) for r in range(n)]
+    target = make_target(rows)
+    q_tail = 1 - torch.softmax(z, -1).gather(-1, ids).sum(-1)
+    assert q_tail.max() > 0.1 and q_tail.min() < 1e-11
+    zc = z.to(dtype)
+    tgt = SparseTarget(target.ids, target.logprobs.to(dtype), target.tail.to(dtype), target.valid)
+    eye = torch.eye(v, dtype=dtype)
+    got, grad = value_and_grad(lambda x: fused_linear_distill_loss(x, eye, target=tgt, kind=kind, reduction="sum",
+                                                                   chunk_size=n), zc)
+    _, ref = value_and_grad(lambda x: distill_loss(x, tgt, kind=kind, reduction="sum"), zc)
+    tight = dtype == torch.float64
+    assert got == pytest.approx(naive_loss(z, rows, kind, 1.0), rel=1e-10 if tight else 2e-5)
+    torch.testing.assert_close(grad, ref, rtol=1e-9 if tight else 1e-4, atol=1e-12 if tight else 1e-6)

@@ -37,6 +37,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from stillroom.losses.sparse import log1mexp
+
 ALM_DIVERGENCES = ("bce", "kl", "reverse_kl")
 
 
@@ -48,15 +50,10 @@ def token_logprobs(next_token_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.cat([pad, x[..., :-1]], -1)
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 − exp(x))`` for x < 0, stable at both ends (log1p near −inf, expm1 near 0)."""
-    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
-
-
 def binary_divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str = "bce") -> torch.Tensor:
     """Elementwise divergence between Bernoullis {p, 1 − p} (teacher) and {q, 1 − q} (student) from log p, log q < 0."""
     p, q = log_p.exp(), log_q.exp()
-    l1p, l1q = _log1mexp(log_p), _log1mexp(log_q)
+    l1p, l1q = log1mexp(log_p), log1mexp(log_q)
     if divergence == "bce":
         return -(p * log_q + (1 - p) * l1q)
     if divergence == "kl":

@@ -23,7 +23,7 @@ import torch
 
 from stillroom.losses.distill import check_finite
 from stillroom.losses.divergences import check_kind, row_divergence_grad
-from stillroom.losses.sparse import buckets, check_sparse, target_rows
+from stillroom.losses.sparse import check_sparse, support_buckets, target_rows
 from stillroom.targets import SparseTarget
 
 CHUNK_ELEMENTS = 1 << 24  # auto chunk: at most about 16M logits (64 MB in fp32) per chunk_size × V buffer
@@ -63,18 +63,30 @@ def _dense_grad(logq: torch.Tensor, logp: torch.Tensor, cfg: _Config) -> tuple[t
 
 
 def _sparse_grad(s: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,
-                 cfg: _Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row D and ∂D/∂s against k + 1 buckets (``stillroom.losses.sparse``); ``s`` is consumed."""
-    lse = torch.logsumexp(s, -1, keepdim=True)
+                 cfg: _Config, lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row D and ∂D/∂s against k + 1 buckets (``stillroom.losses.sparse``); ``s`` is consumed (``lse``: its
+    logsumexp when already known).
+
+    With ``g = ∂ℓ/∂log q_b`` per bucket: ``∂ℓ/∂s_i = g_b(i)·q_i/q_b(i) − q_i·Σg``, i.e. ``g_j − q_j·Σg`` on a
+    support id and ``q_i·(g_tail/q_tail − Σg)`` elsewhere — one exp over V, the support fixed up by a scatter.
+    Rows with a tiny tail (:func:`support_buckets`' exact rows) take the complement softmax from their masked copy.
+    """
+    if lse is None:
+        lse = torch.logsumexp(s, -1, keepdim=True)
     reverse = cfg.kind == "reverse_kl" or (cfg.kind == "jsd" and cfg.beta == 1.0)
-    bq, bp, live, s_tail = buckets(s, lse, ids, logprobs, tail, reverse)
+    bq, bp, live, log_qt, (rows, s_tail) = support_buckets(s, lse, ids, logprobs, tail, reverse)
     loss, g, _ = row_divergence_grad(bq, bp, cfg.kind, cfg.beta, cfg.alpha, live)
     g_support, g_tail = g[:, :-1], g[:, -1:]
-    lse_tail = torch.logsumexp(s_tail, -1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)
-    # ∂ℓ/∂s = scatter(g_support) + g_tail · softmax over the complement − q · Σ g
-    r = s_tail.sub_(lse_tail).exp_().mul_(g_tail)
+    c = torch.where(torch.isfinite(log_qt), g_tail * torch.exp(-log_qt), torch.zeros((), dtype=s.dtype))
+    if rows is not None:
+        c[rows] = 0.0  # their complement term comes from s_tail below
     q = s.sub_(lse).exp_()
-    return loss, r.sub_(q.mul_(g.sum(-1, keepdim=True))).scatter_add_(-1, ids, g_support)
+    fix = g_support - torch.where(live[:, :-1], q.gather(-1, ids) * c, torch.zeros((), dtype=s.dtype))
+    grad = q.mul_(c - g.sum(-1, keepdim=True)).scatter_add_(-1, ids, fix)
+    if rows is not None:
+        lse_tail = (log_qt[rows] + lse[rows]).clamp_min(torch.finfo(s.dtype).min)
+        grad[rows] += s_tail.sub_(lse_tail).exp_().mul_(g_tail[rows])
+    return loss, grad
 
 
 def _scaled(grad: torch.Tensor | None, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -122,7 +134,7 @@ class _FusedLinearDistill(torch.autograd.Function):
             h = hidden[a:b]
             z = (h @ W.T).to(acc)
             check_finite(z, f"student logits (rows {a}..{b - 1})")
-            gz = None
+            gz = lse1 = None
             if do_ce:  # CE at T = 1 on the raw logits: ∂/∂z = softmax(z) − onehot(y)
                 y = torch.where(cm, labels[a:b], 0).unsqueeze(-1)
                 lse1 = torch.logsumexp(z, -1, keepdim=True)
@@ -147,7 +159,7 @@ class _FusedLinearDistill(torch.autograd.Function):
                     loss, gs = _dense_grad(logq, logp, cfg)
                     del logq, logp
                 else:
-                    loss, gs = _sparse_grad(z, ids[a:b], logprobs[a:b], tail[a:b], cfg)
+                    loss, gs = _sparse_grad(z, ids[a:b], logprobs[a:b], tail[a:b], cfg, lse1 if T == 1.0 else None)
                     del z
                 if T != 1.0:
                     gs.div_(T)  # ∂/∂z = ∂/∂s / T
