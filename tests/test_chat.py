@@ -3,6 +3,7 @@ batches, teachers on completion regions, training and evaluation on them."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -640,3 +641,29 @@ def test_a_template_that_refuses_a_conversation_names_the_example():
             chat.prompt_ids(tok, chat.Example("x", None, ({"role": "system", "content": "s"},), "c"))
     finally:
         tok.chat_template = old
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "qwen2.5", "deepseek-coder", "mistral-spm", "gemma3",
+                                  "t5-unigram-1k", "bert-uncased"])
+@pytest.mark.parametrize("template", ["fallback", "gemma"])
+def test_no_token_crosses_the_template_boundary(name, template):
+    """Why chat rows need no token healing: tokenizing each shipped record's rendered prompt *and* completion as
+    one text, no token spans the byte where the template ends (the prompt ends in a newline or a special token,
+    where every family's tokenizer ends a token), so a model reading its own rendering never sees a
+    completion start inside a token."""
+    from stillroom.data_io import PACKAGE_DATA
+
+    tok = load_shared_tokenizer(name)
+    if template == "gemma":
+        tok = copy.copy(tok)
+        tok.chat_template = GEMMA_TEMPLATE
+    examples = chat.load_examples(PACKAGE_DATA / "chat" / "validation.jsonl")
+    crossed = []
+    for ex in examples:
+        prompt = tok.apply_chat_template(list(ex.messages), chat_template=chat.chat_template(tok),
+                                         add_generation_prompt=True, tokenize=False)  # as chat.prompt_ids
+        enc = tok(prompt + ex.completion, add_special_tokens=False, return_offsets_mapping=True)
+        cut = len(prompt)
+        text = prompt + ex.completion  # (T5 / BERT fold the newline into the next word's offsets: not a crossing)
+        crossed += [ex.example_id for a, b in enc["offset_mapping"] if a < cut < b and text[a:cut].strip()]
+    assert not crossed, crossed
