@@ -108,7 +108,8 @@ def support_buckets(s: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, logpr
     ``[n, k]`` gather instead of a ``[n, V]`` masked copy and a second logsumexp over V. Rows whose tail mass is
     below ``CANCEL[dtype]`` (the difference would cancel) take the exact complement logsumexp, as
     :func:`buckets`. Returns ``logq, logp, live`` (as :func:`buckets`), ``log_qt [n, 1]`` (log q_tail, −inf when
-    the support holds everything) and ``(rows, s_tail)``: the exact rows' indices and their masked copies.
+    the support holds everything) and ``(rows, s_tail)``: the exact rows (indices, or ``slice(None)`` for all) and
+    their masked copies.
     """
     live_s = torch.isfinite(logprobs)
     lq = s.gather(-1, ids) - lse
@@ -116,7 +117,11 @@ def support_buckets(s: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, logpr
     log_qt = log1mexp(inside)
     low = (log_qt < math.log(CANCEL.get(s.dtype, 1e-2))).squeeze(-1)
     rows, s_tail = None, None
-    if bool(low.any()):
+    if bool(low.all()):  # every row exact: no row gather, no indexed writes
+        rows = slice(None)
+        s_tail = outside_support(s, ids, live_s)
+        log_qt = torch.logsumexp(s_tail, -1, keepdim=True) - lse
+    elif bool(low.any()):
         rows = low.nonzero().squeeze(-1)
         s_tail = outside_support(s[rows], ids[rows], live_s[rows])
         log_qt[rows] = torch.logsumexp(s_tail, -1, keepdim=True) - lse[rows]
