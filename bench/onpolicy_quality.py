@@ -5,16 +5,26 @@
 Setting (cross-tokenizer, stillroom's point): the teacher is the shipped ``teacher-spm`` (a 4-layer Llama,
 SentencePiece with byte fallback, 3,200 ids); the student is a GPT-2 (2 × 128) on the demo's byte-level BPE
 student tokenizer. Neither tokenizer ships a chat template, so both render the chat records with stillroom's
-:data:`~stillroom.chat.FALLBACK_TEMPLATE`. Per seed, the student is first warm-started by plain CE on the
-shipped corpus's training works (``--warm-steps`` steps, seeded by the seed, so the seed spread includes the
-initialisation), then distilled from that same warm start by every arm with the same steps, batch, lr,
-schedule and seed, on the prompts of ``stillroom/data/chat/train.jsonl``:
+:data:`~stillroom.chat.FALLBACK_TEMPLATE`.
+
+The shipped teachers are plain-text LMs that never saw this format (greedy, teacher-spm answers only spaces),
+so the teacher is first made a task teacher: teacher-spm fine-tuned by CE on the completions of
+``stillroom/data/chat/train.jsonl`` (``teacher_steps``, seed 1234). The student is warm-started once by plain CE
+on the shipped corpus's training works (``warm_steps``, seed 0; the same warm start for every arm and seed, so
+the seed spread is the distillation's own: data order, λ coins, samples), then distilled from that warm start by
+every arm with the same steps, batch, lr, schedule and seed, on the prompts of ``stillroom/data/chat/train.jsonl``:
 
 - ``off-policy KD``: the data's completions, teacher-graded (``stillroom.trainer.DistillTrainer``);
 - ``seq-KD``: the teacher's own greedy completions of the train prompts (``stillroom.rollout.generate_file``,
   produced once), teacher-graded — Kim & Rush's sequence-level data with the same token-level loss;
 - ``on-policy λ=0.5`` / ``λ=1``: ``stillroom.onpolicy.OnPolicyTrainer``; sampled steps train on the student's
   own samples (temperature 1, top-p 1, ``--new`` tokens), the others on the data's completions.
+
+The teacher's texts (the seq-KD data, its greedy references) lose one leading space: a SentencePiece
+tokenizer with a dummy prefix spells a completion tokenized on its own (``stillroom.chat.completion_ids``, what
+the teacher was fine-tuned on) as ``▁The …``, but ``stillroom.rollout`` decodes a generated completion's first
+``▁`` as a real space, so every teacher completion comes back as `` The …``, which the teacher would re-tokenize
+with an extra ``▁`` token (:func:`drop_dummy_space`).
 
 Every arm uses the generalised JSD (β = 0.5, no CE term: GKD's loss) against the teacher's top-10 distribution
 aligned at byte level to the student's tokens (projection ``prefix``).
@@ -100,6 +110,15 @@ def greedy(model, tokenizer, examples, new: int, batch: int = 16) -> list:
     return out
 
 
+def drop_dummy_space(tokenizer, text: str) -> str:
+    """``text`` without the one leading space a SentencePiece "dummy prefix" put there (see the module docstring):
+    when the tokenizer spells a lone word with a leading ``▁``, the first ``▁`` of a generated completion is that
+    prefix, not a space the model chose."""
+    ids = tokenizer("a", add_special_tokens=False)["input_ids"]
+    dummy = bool(ids) and tokenizer.convert_ids_to_tokens(ids[0]).startswith("▁")
+    return text[1:] if dummy and text.startswith(" ") else text
+
+
 def teacher_scores(teacher, tokenizer, examples, texts: list[str], ended: list[bool]) -> list[tuple[float, int, int]]:
     """Per example ``(sum of the teacher's log-probs of the completion tokens, teacher tokens, bytes)``: the
     teacher renders the prompt itself and tokenizes ``text`` (+ its end token when ``ended``); bytes are the
@@ -143,8 +162,8 @@ def quality(student, s_tok, teacher, t_tok, examples, teacher_texts: list[str], 
 def teacher_recipe(sz: dict, teacher: str, data: Path, out: Path, threads: int) -> dict:
     """The task teacher: the shipped teacher fine-tuned by CE on the train split's completions (seed 1234,
     the same for every arm and seed). The shipped teachers are plain-text LMs that never saw the chat format
-    (greedy, teacher-spm answers only spaces and teacher-bpe stage directions), so a teacher's own completions
-    and its grades would say nothing about continuing verse."""
+    (greedy, teacher-spm answers only spaces, teacher-bpe stage directions), so their own completions and their
+    grades would say nothing about continuing verse."""
     steps = sz["teacher_steps"]
     return {"name": "teacher-sft", "student": {"path": teacher},
             "data": {"train": str(data), "format": "chat", "seq_len": 128},
@@ -154,12 +173,15 @@ def teacher_recipe(sz: dict, teacher: str, data: Path, out: Path, threads: int) 
                       "logging_steps": max(1, steps // 5), "progress": False, "plot": False, "overwrite": True}}
 
 
-def student_recipe(sz: dict, out: Path, seed: int, threads: int) -> dict:
+WARM_SEED = 0
+
+
+def student_recipe(sz: dict, out: Path, threads: int, seed: int = WARM_SEED) -> dict:
     """The CE warm start: the student from scratch on the corpus's training works."""
     from stillroom.demo import CORPUS, DEFAULT
 
     layers, width, heads = sz["student"]
-    return {"name": f"warm-s{seed}",
+    return {"name": "warm",
             "student": {"tokenizer": str(DEFAULT / "student-tokenizer"),
                         "config": {"model_type": "gpt2", "n_layer": layers, "n_embd": width, "n_head": heads,
                                    "n_positions": 256}},
@@ -229,7 +251,7 @@ def run(out: Path, seeds: list[int], size: str, teacher: str, threads: int, log=
     torch.set_num_threads(threads)
     sz = SIZES[size]
     out.mkdir(parents=True, exist_ok=True)
-    check_settings(out, {"size": size, "teacher": str(teacher), **sz})
+    check_settings(out, {"size": size, "teacher": str(teacher), "warm_seed": WARM_SEED, **sz})
     train_file, val_file = out / "train.jsonl", out / "validation.jsonl"
     for src, dst, n in ((PACKAGE_DATA / "chat" / "train.jsonl", train_file, sz["train_prompts"]),
                         (PACKAGE_DATA / "chat" / "validation.jsonl", val_file, sz["val_prompts"])):
@@ -243,13 +265,18 @@ def run(out: Path, seeds: list[int], size: str, teacher: str, threads: int, log=
     teacher = str(out / "teacher")
     t_model, t_tok = load_model(teacher, what="teacher")
     teacher_val = greedy(t_model, t_tok, val, sz["new"])
-    teacher_texts = [s.text for s in teacher_val]
-    seqkd = out / "seqkd.jsonl"  # the teacher's greedy completions of the train prompts (resumable)
+    teacher_texts = [drop_dummy_space(t_tok, s.text) for s in teacher_val]
+    raw = out / "seqkd-raw.jsonl"  # the teacher's greedy completions of the train prompts (resumable)
     t0 = time.perf_counter()
-    g = rollout.generate_file(teacher, train_file, seqkd, max_new_tokens=sz["new"], do_sample=False,
+    g = rollout.generate_file(teacher, train_file, raw, max_new_tokens=sz["new"], do_sample=False,
                               progress=False)
-    log(f"seq-KD data: {g.written} new + {g.done_before} earlier teacher completions ({g.empty} empty) → {seqkd} "
+    log(f"seq-KD data: {g.written} new + {g.done_before} earlier teacher completions ({g.empty} empty) → {raw} "
         f"({time.perf_counter() - t0:.1f} s)")
+    seqkd = out / "seqkd.jsonl"
+    recs = [json.loads(x) for x in raw.read_text(encoding="utf-8").splitlines()]
+    for r in recs:
+        r["messages"][-1]["content"] = drop_dummy_space(t_tok, r["messages"][-1]["content"])
+    seqkd.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
     results_path = out / "results.jsonl"
     results = read_results(results_path)
     if ("teacher (reference)", -1) not in results:  # references: the teacher's own text, and the data's
@@ -270,15 +297,15 @@ def run(out: Path, seeds: list[int], size: str, teacher: str, threads: int, log=
             for r in refs:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
                 results[(r["arm"], -1)] = r
+    warm = out / "warm"
     for seed in seeds:
-        warm = out / f"warm-s{seed}"
         todo = [a for a in (REFERENCE, *ARMS) if (a, seed) not in results]
         if not todo:
             continue
         if not finished(warm):
             t0 = time.perf_counter()
-            train(student_recipe(sz, warm, seed, threads))
-            log(f"seed {seed}: warm start ({sz['warm_steps']} CE steps) in {time.perf_counter() - t0:.1f} s")
+            train(student_recipe(sz, warm, threads))
+            log(f"warm start ({sz['warm_steps']} CE steps) in {time.perf_counter() - t0:.1f} s")
         for arm in todo:
             t0 = time.perf_counter()
             if arm == REFERENCE:

@@ -11,6 +11,7 @@ from bench.onpolicy_quality import (
     ARMS,
     REFERENCE,
     agreement,
+    drop_dummy_space,
     edit_similarity,
     first_word_match,
     main,
@@ -71,6 +72,25 @@ def test_teacher_scores_equal_the_models_own_loss(tiny_models):
     assert ll == pytest.approx(-ce * len(c), rel=1e-5)
     ll2, n2, b2 = teacher_scores(model, tok, [ex], [text], [False])[0]  # cut: no end token
     assert n2 == len(c) - 1 and b2 == 13 and ll2 > ll
+
+
+def test_dummy_prefix_space_is_dropped_for_spm_only(tiny_models):
+    """A ▁ tokenizer with a dummy prefix generates "▁The" for a completion "The" (what it was trained on, each
+    completion tokenized alone), which rollout decodes as " The": one space is that prefix. A byte-level BPE
+    has no such prefix and keeps its spaces."""
+    from transformers import AutoTokenizer
+
+    from stillroom import rollout
+
+    spm = AutoTokenizer.from_pretrained(tiny_models["llama-spm"])
+    bpe = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
+    prompt = spm("user:\nhi\n\nassistant:\n", add_special_tokens=True)["input_ids"]
+    done = spm("The king", add_special_tokens=False)["input_ids"]
+    text = rollout.completion_text(rollout._table(spm), prompt, done, False)[1]
+    assert text == " The king"  # the round trip adds the space ...
+    assert drop_dummy_space(spm, text) == "The king"  # ... and the benchmark takes it off again
+    assert drop_dummy_space(spm, "The") == "The"
+    assert drop_dummy_space(bpe, " The king") == " The king"
 
 
 def _r(arm, seed, ll, agree):
