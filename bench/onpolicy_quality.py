@@ -65,9 +65,9 @@ ARMS = ("off-policy KD", "seq-KD", "on-policy λ=0.5", "on-policy λ=1")
 LAMBDA = {"on-policy λ=0.5": 0.5, "on-policy λ=1": 1.0}
 REFERENCE = "student before distillation"
 SIZES = {  # "toy": the smoke test's size
-    "full": dict(teacher_steps=200, student=(2, 128, 4), warm_steps=300, steps=100, batch=8, lr=1e-3, new=24, train_prompts=None,
+    "full": dict(teacher_steps=200, student=(2, 128, 4), warm_steps=300, steps=100, batch=8, lr=2e-3, new=24, train_prompts=None,
                  val_prompts=None),
-    "toy": dict(teacher_steps=3, student=(1, 32, 2), warm_steps=4, steps=2, batch=4, lr=1e-3, new=6, train_prompts=8,
+    "toy": dict(teacher_steps=1, student=(1, 32, 2), warm_steps=2, steps=2, batch=2, lr=1e-3, new=4, train_prompts=4,
                 val_prompts=4),
 }
 
@@ -168,7 +168,7 @@ def teacher_recipe(sz: dict, teacher: str, data: Path, out: Path, threads: int) 
     return {"name": "teacher-sft", "student": {"path": teacher},
             "data": {"train": str(data), "format": "chat", "seq_len": 128},
             "loss": {"ce_weight": 1.0},
-            "train": {"output_dir": str(out), "max_steps": steps, "batch_size": 8, "lr": 1e-3,
+            "train": {"output_dir": str(out), "max_steps": steps, "batch_size": sz["batch"], "lr": 1e-3,
                       "warmup_steps": max(1, steps // 10), "seed": 1234, "threads": threads,
                       "logging_steps": max(1, steps // 5), "progress": False, "plot": False, "overwrite": True}}
 
@@ -185,9 +185,9 @@ def student_recipe(sz: dict, out: Path, threads: int, seed: int = WARM_SEED) -> 
             "student": {"tokenizer": str(DEFAULT / "student-tokenizer"),
                         "config": {"model_type": "gpt2", "n_layer": layers, "n_embd": width, "n_head": heads,
                                    "n_positions": 256}},
-            "data": {"train": str(CORPUS / "train"), "seq_len": 128, "max_blocks": sz["warm_steps"] * 8},
+            "data": {"train": str(CORPUS / "train"), "seq_len": 128, "max_blocks": sz["warm_steps"] * sz["batch"]},
             "loss": {"ce_weight": 1.0},
-            "train": {"output_dir": str(out), "max_steps": sz["warm_steps"], "batch_size": 8, "lr": 2e-3,
+            "train": {"output_dir": str(out), "max_steps": sz["warm_steps"], "batch_size": sz["batch"], "lr": 2e-3,
                       "warmup_steps": max(1, sz["warm_steps"] // 10), "seed": seed, "threads": threads,
                       "logging_steps": max(1, sz["warm_steps"] // 5), "progress": False, "plot": False,
                       "overwrite": True}}
@@ -231,6 +231,7 @@ def finished(folder: Path) -> bool:
 
 def check_settings(out: Path, settings: dict) -> None:
     path = out / "settings.json"
+    settings = json.loads(json.dumps(settings))  # as read back (tuples become lists)
     if path.exists():
         old = json.loads(path.read_text(encoding="utf-8"))
         if old != settings:
