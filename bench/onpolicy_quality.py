@@ -26,6 +26,12 @@ the teacher was fine-tuned on) as ``▁The …``, but ``stillroom.rollout`` deco
 ``▁`` as a real space, so every teacher completion comes back as `` The …``, which the teacher would re-tokenize
 with an extra ``▁`` token (:func:`drop_dummy_space`).
 
+Diagnostic arm ``on-policy λ=1, no self-fill`` (only with ``--arms``): stillroom fills the student rows that no
+teacher distribution reaches (alignment groups the projection cannot transfer) with the one-hot *gold next
+token* (FuseLLM's fallback, ``SparseTarget.fill_onehot``). On the student's own samples that gold token is the
+student's sample, so those rows train the student to repeat itself. This arm drops them from the loss instead
+(``fill_onehot`` is the identity while it trains): every sampled row it learns from is teacher-graded.
+
 Every arm uses the generalised JSD (β = 0.5, no CE term: GKD's loss) against the teacher's top-10 distribution
 aligned at byte level to the student's tokens (projection ``prefix``).
 
@@ -50,6 +56,7 @@ with other settings is refused).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -62,7 +69,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 AGREE_CHARS = 32
 ARMS = ("off-policy KD", "seq-KD", "on-policy λ=0.5", "on-policy λ=1")
-LAMBDA = {"on-policy λ=0.5": 0.5, "on-policy λ=1": 1.0}
+NO_FILL = "on-policy λ=1, no self-fill"  # a diagnostic arm (``--arms``), see the module docstring
+LAMBDA = {"on-policy λ=0.5": 0.5, "on-policy λ=1": 1.0, NO_FILL: 1.0}
 REFERENCE = "student before distillation"
 SIZES = {  # "toy": the smoke test's size
     "full": dict(teacher_steps=200, student=(2, 128, 4), warm_steps=300, steps=100, batch=8, lr=2e-3, new=24, train_prompts=None,
@@ -240,7 +248,21 @@ def check_settings(out: Path, settings: dict) -> None:
         path.write_text(json.dumps(settings, indent=1), encoding="utf-8")
 
 
-def run(out: Path, seeds: list[int], size: str, teacher: str, threads: int, log=print) -> dict:
+@contextlib.contextmanager
+def no_self_fill():
+    """While inside: rows without a teacher distribution stay out of the loss (no one-hot fill)."""
+    from stillroom.targets import SparseTarget
+
+    keep = SparseTarget.fill_onehot
+    SparseTarget.fill_onehot = lambda self, next_ids: self
+    try:
+        yield
+    finally:
+        SparseTarget.fill_onehot = keep
+
+
+def run(out: Path, seeds: list[int], size: str, teacher: str, threads: int, log=print,
+        arms: tuple[str, ...] = ARMS) -> dict:
     """Every (arm, seed) not yet in ``out/results.jsonl``, appended as it finishes; returns them all."""
     import torch
 
@@ -277,7 +299,9 @@ def run(out: Path, seeds: list[int], size: str, teacher: str, threads: int, log=
     recs = [json.loads(x) for x in raw.read_text(encoding="utf-8").splitlines()]
     for r in recs:
         r["messages"][-1]["content"] = drop_dummy_space(t_tok, r["messages"][-1]["content"])
-    seqkd.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
+    if not seqkd.exists() or seqkd.read_text(encoding="utf-8") != text:
+        seqkd.write_text(text, encoding="utf-8")
     results_path = out / "results.jsonl"
     results = read_results(results_path)
     if ("teacher (reference)", -1) not in results:  # references: the teacher's own text, and the data's
@@ -300,7 +324,7 @@ def run(out: Path, seeds: list[int], size: str, teacher: str, threads: int, log=
                 results[(r["arm"], -1)] = r
     warm = out / "warm"
     for seed in seeds:
-        todo = [a for a in (REFERENCE, *ARMS) if (a, seed) not in results]
+        todo = [a for a in (REFERENCE, *arms) if (a, seed) not in results]
         if not todo:
             continue
         if not finished(warm):
@@ -313,8 +337,9 @@ def run(out: Path, seeds: list[int], size: str, teacher: str, threads: int, log=
                 folder = warm
             else:
                 folder = out / "runs" / f"{arm.replace(' ', '_').replace('λ=', 'l')}-s{seed}"
-                train(arm_recipe(arm, sz, warm, teacher, seqkd if arm == "seq-KD" else train_file, folder, seed,
-                                 threads))
+                with no_self_fill() if arm == NO_FILL else contextlib.nullcontext():
+                    train(arm_recipe(arm, sz, warm, teacher, seqkd if arm == "seq-KD" else train_file, folder,
+                                     seed, threads))
             trained = time.perf_counter() - t0
             s_model, s_tok = load_model(folder)
             q = quality(s_model, s_tok, t_model, t_tok, val, teacher_texts, sz["new"])
@@ -344,7 +369,7 @@ def rows_and_verdict(results: dict, seeds: list[int]) -> tuple[list[list[str]], 
         if r:
             rows.append([key, f"{r['ll_per_byte']:.4f}", f"{r['ll_per_token']:.4f}", f"{r['agree']:.4f}",
                          f"{r['word1']:.3f}", "", f"{r['mean_bytes']:.1f}"])
-    for arm in (REFERENCE, *ARMS):
+    for arm in (REFERENCE, *ARMS, NO_FILL):
         rs = [results[(arm, s)] for s in seeds if (arm, s) in results]
         if not rs:
             continue
@@ -356,7 +381,7 @@ def rows_and_verdict(results: dict, seeds: list[int]) -> tuple[list[list[str]], 
         rows.append(cells)
     paired, wins = [], {}
     base = "off-policy KD"
-    for arm in ("on-policy λ=0.5", "on-policy λ=1", "seq-KD"):
+    for arm in ("on-policy λ=0.5", "on-policy λ=1", NO_FILL, "seq-KD"):
         ss = [s for s in seeds if (arm, s) in results and (base, s) in results]
         if not ss:
             continue
@@ -367,8 +392,8 @@ def rows_and_verdict(results: dict, seeds: list[int]) -> tuple[list[list[str]], 
             paired.append(f"{arm} − {base}, {k}: per seed {' '.join(f'{x:+.4f}' for x in d)}; mean "
                           f"{statistics.fmean(d):+.4f}; larger seed half-range {half:.4f}; "
                           f"{'beats' if wins[(arm, k)] else 'does not beat'} the spread")
-    on = [a for a in LAMBDA if wins.get((a, "ll_per_byte")) and wins.get((a, "agree"))]
-    some = [f"{a} on {k}" for (a, k), w in wins.items() if w and a in LAMBDA]
+    on = [a for a in LAMBDA if a != NO_FILL and wins.get((a, "ll_per_byte")) and wins.get((a, "agree"))]
+    some = [f"{a} on {k}" for (a, k), w in wins.items() if w and a in LAMBDA and a != NO_FILL]
     if on:
         verdict = f"goal met: {', '.join(on)} beat off-policy KD by more than the seed spread on both metrics"
     elif some:
@@ -385,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", default="full", choices=sorted(SIZES))
     ap.add_argument("--teacher", default=None, help="teacher folder (default: the shipped teacher-spm)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"arms to run (also: {NO_FILL!r})")
     a = ap.parse_args(argv)
 
     from bench.common import console, machine, print_table, summary
@@ -393,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [int(s) for s in a.seeds.split(",")]
     teacher = a.teacher or str(DEFAULT / "teacher-spm")
     t0 = time.perf_counter()
-    results = run(Path(a.out), seeds, a.size, teacher, a.threads, log=console.print)
+    results = run(Path(a.out), seeds, a.size, teacher, a.threads, log=console.print, arms=tuple(a.arms.split(",")))
     sz = SIZES[a.size]
     rows, paired, verdict = rows_and_verdict(results, seeds)
     print_table(f"held-out quality, {len(seeds)} seeds, {sz['steps']} steps × {sz['batch']}, greedy ≤ {sz['new']} "
@@ -405,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("teacher (reference)",):
         for e in results.get((key, -1), {}).get("examples", []):
             console.print(f"teacher   {e['id']}: {e['teacher']!r}")
-    for arm in (REFERENCE, *ARMS):
+    for arm in (REFERENCE, *ARMS, NO_FILL):
         for e in results.get((arm, seeds[0]), {}).get("examples", [])[:1]:
             console.print(f"{arm:>28} {e['id']}: {e['student']!r}")
 
