@@ -15,6 +15,7 @@ from bench.onpolicy_quality import (
     edit_similarity,
     first_word_match,
     main,
+    no_self_fill,
     rows_and_verdict,
     teacher_scores,
 )
@@ -91,6 +92,20 @@ def test_dummy_prefix_space_is_dropped_for_spm_only(tiny_models):
     assert drop_dummy_space(spm, text) == "The king"  # ... and the benchmark takes it off again
     assert drop_dummy_space(spm, "The") == "The"
     assert drop_dummy_space(bpe, " The king") == " The king"
+
+
+def test_no_self_fill_leaves_uncovered_rows_out_only_inside():
+    import torch
+
+    from stillroom.targets import SparseTarget
+
+    t = SparseTarget(torch.zeros(1, 2, 1, dtype=torch.long), torch.zeros(1, 2, 1), torch.zeros(1, 2),
+                     torch.tensor([[True, False]]))
+    nxt = torch.tensor([[5, 7]])
+    with no_self_fill():
+        assert t.fill_onehot(nxt).valid.tolist() == [[True, False]]  # row 1: no teacher, stays out
+    filled = t.fill_onehot(nxt)  # outside: FuseLLM's one-hot on the next token again
+    assert filled.valid.tolist() == [[True, True]] and int(filled.ids[0, 1, 0]) == 7
 
 
 def _r(arm, seed, ll, agree):
