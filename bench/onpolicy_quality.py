@@ -26,7 +26,7 @@ the teacher was fine-tuned on) as ``▁The …``, but ``stillroom.rollout`` deco
 ``▁`` as a real space, so every teacher completion comes back as `` The …``, which the teacher would re-tokenize
 with an extra ``▁`` token (:func:`drop_dummy_space`).
 
-Diagnostic arm ``on-policy λ=1, no self-fill`` (only with ``--arms``): stillroom fills the student rows that no
+Diagnostic arm ``on-policy λ=1 (no self-fill)`` (only with ``--arms``): stillroom fills the student rows that no
 teacher distribution reaches (alignment groups the projection cannot transfer) with the one-hot *gold next
 token* (FuseLLM's fallback, ``SparseTarget.fill_onehot``). On the student's own samples that gold token is the
 student's sample, so those rows train the student to repeat itself. This arm drops them from the loss instead
@@ -69,7 +69,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 AGREE_CHARS = 32
 ARMS = ("off-policy KD", "seq-KD", "on-policy λ=0.5", "on-policy λ=1")
-NO_FILL = "on-policy λ=1, no self-fill"  # a diagnostic arm (``--arms``), see the module docstring
+NO_FILL = "on-policy λ=1 (no self-fill)"  # a diagnostic arm (``--arms``), see the module docstring
 LAMBDA = {"on-policy λ=0.5": 0.5, "on-policy λ=1": 1.0, NO_FILL: 1.0}
 REFERENCE = "student before distillation"
 SIZES = {  # "toy": the smoke test's size
