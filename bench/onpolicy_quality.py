@@ -75,7 +75,7 @@ REFERENCE = "student before distillation"
 SIZES = {  # "toy": the smoke test's size
     "full": dict(teacher_steps=200, student=(2, 128, 4), warm_steps=300, steps=100, batch=8, lr=2e-3, new=24, train_prompts=None,
                  val_prompts=None),
-    "toy": dict(teacher_steps=1, student=(1, 32, 2), warm_steps=2, steps=2, batch=2, lr=1e-3, new=4, train_prompts=4,
+    "toy": dict(teacher_steps=3, student=(1, 32, 2), warm_steps=2, steps=2, batch=4, lr=1e-3, new=6, train_prompts=8,
                 val_prompts=4),
 }
 
