@@ -20,17 +20,9 @@ every arm with the same steps, batch, lr, schedule and seed, on the prompts of `
 - ``on-policy λ=0.5`` / ``λ=1``: ``stillroom.onpolicy.OnPolicyTrainer``; sampled steps train on the student's
   own samples (temperature 1, top-p 1, ``--new`` tokens), the others on the data's completions.
 
-The teacher's texts (the seq-KD data, its greedy references) lose one leading space: a SentencePiece
-tokenizer with a dummy prefix spells a completion tokenized on its own (``stillroom.chat.completion_ids``, what
-the teacher was fine-tuned on) as ``▁The …``, but ``stillroom.rollout`` decodes a generated completion's first
-``▁`` as a real space, so every teacher completion comes back as `` The …``, which the teacher would re-tokenize
-with an extra ``▁`` token (:func:`drop_dummy_space`).
-
-Diagnostic arm ``on-policy λ=1 (no self-fill)`` (only with ``--arms``): stillroom fills the student rows that no
-teacher distribution reaches (alignment groups the projection cannot transfer) with the one-hot *gold next
-token* (FuseLLM's fallback, ``SparseTarget.fill_onehot``). On the student's own samples that gold token is the
-student's sample, so those rows train the student to repeat itself. This arm drops them from the loss instead
-(``fill_onehot`` is the identity while it trains): every sampled row it learns from is teacher-graded.
+Rows of a sampled batch that no teacher distribution reaches stay out of the loss (``stillroom.onpolicy``: the
+one-hot *gold next token* FuseLLM fills in elsewhere would be the student's own sample there, training it to
+repeat itself). Runs before that fix (session 6, ``docs/benchmarks.md``) had that self-fill and collapsed.
 
 Every arm uses the generalised JSD (β = 0.5, no CE term: GKD's loss) against the teacher's top-10 distribution
 aligned at byte level to the student's tokens (projection ``prefix``).
@@ -56,7 +48,6 @@ with other settings is refused).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -69,8 +60,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 AGREE_CHARS = 32
 ARMS = ("off-policy KD", "seq-KD", "on-policy λ=0.5", "on-policy λ=1")
-NO_FILL = "on-policy λ=1 (no self-fill)"  # a diagnostic arm (``--arms``), see the module docstring
-LAMBDA = {"on-policy λ=0.5": 0.5, "on-policy λ=1": 1.0, NO_FILL: 1.0}
+LAMBDA = {"on-policy λ=0.5": 0.5, "on-policy λ=1": 1.0}
 REFERENCE = "student before distillation"
 SIZES = {  # "toy": the smoke test's size
     "full": dict(teacher_steps=200, student=(2, 128, 4), warm_steps=300, steps=100, batch=8, lr=2e-3, new=24, train_prompts=None,
@@ -116,15 +106,6 @@ def greedy(model, tokenizer, examples, new: int, batch: int = 16) -> list:
         prompts = [chat.prompt_ids(tokenizer, ex) for ex in examples[i:i + batch]]
         out += rollout.sample(model, tokenizer, prompts, max_new_tokens=new, do_sample=False)
     return out
-
-
-def drop_dummy_space(tokenizer, text: str) -> str:
-    """``text`` without the one leading space a SentencePiece "dummy prefix" put there (see the module docstring):
-    when the tokenizer spells a lone word with a leading ``▁``, the first ``▁`` of a generated completion is that
-    prefix, not a space the model chose."""
-    ids = tokenizer("a", add_special_tokens=False)["input_ids"]
-    dummy = bool(ids) and tokenizer.convert_ids_to_tokens(ids[0]).startswith("▁")
-    return text[1:] if dummy and text.startswith(" ") else text
 
 
 def teacher_scores(teacher, tokenizer, examples, texts: list[str], ended: list[bool]) -> list[tuple[float, int, int]]:
@@ -248,19 +229,6 @@ def check_settings(out: Path, settings: dict) -> None:
         path.write_text(json.dumps(settings, indent=1), encoding="utf-8")
 
 
-@contextlib.contextmanager
-def no_self_fill():
-    """While inside: rows without a teacher distribution stay out of the loss (no one-hot fill)."""
-    from stillroom.targets import SparseTarget
-
-    keep = SparseTarget.fill_onehot
-    SparseTarget.fill_onehot = lambda self, next_ids: self
-    try:
-        yield
-    finally:
-        SparseTarget.fill_onehot = keep
-
-
 def run(out: Path, seeds: list[int], size: str, teacher: str, threads: int, log=print,
         arms: tuple[str, ...] = ARMS) -> dict:
     """Every (arm, seed) not yet in ``out/results.jsonl``, appended as it finishes; returns them all."""
@@ -288,7 +256,7 @@ def run(out: Path, seeds: list[int], size: str, teacher: str, threads: int, log=
     teacher = str(out / "teacher")
     t_model, t_tok = load_model(teacher, what="teacher")
     teacher_val = greedy(t_model, t_tok, val, sz["new"])
-    teacher_texts = [drop_dummy_space(t_tok, s.text) for s in teacher_val]
+    teacher_texts = [s.text for s in teacher_val]
     raw = out / "seqkd-raw.jsonl"  # the teacher's greedy completions of the train prompts (resumable)
     t0 = time.perf_counter()
     g = rollout.generate_file(teacher, train_file, raw, max_new_tokens=sz["new"], do_sample=False,
@@ -297,8 +265,6 @@ def run(out: Path, seeds: list[int], size: str, teacher: str, threads: int, log=
         f"({time.perf_counter() - t0:.1f} s)")
     seqkd = out / "seqkd.jsonl"
     recs = [json.loads(x) for x in raw.read_text(encoding="utf-8").splitlines()]
-    for r in recs:
-        r["messages"][-1]["content"] = drop_dummy_space(t_tok, r["messages"][-1]["content"])
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
     if not seqkd.exists() or seqkd.read_text(encoding="utf-8") != text:
         seqkd.write_text(text, encoding="utf-8")
@@ -337,9 +303,8 @@ def run(out: Path, seeds: list[int], size: str, teacher: str, threads: int, log=
                 folder = warm
             else:
                 folder = out / "runs" / f"{arm.replace(' ', '_').replace('λ=', 'l')}-s{seed}"
-                with no_self_fill() if arm == NO_FILL else contextlib.nullcontext():
-                    train(arm_recipe(arm, sz, warm, teacher, seqkd if arm == "seq-KD" else train_file, folder,
-                                     seed, threads))
+                train(arm_recipe(arm, sz, warm, teacher, seqkd if arm == "seq-KD" else train_file, folder, seed,
+                                 threads))
             trained = time.perf_counter() - t0
             s_model, s_tok = load_model(folder)
             q = quality(s_model, s_tok, t_model, t_tok, val, teacher_texts, sz["new"])
@@ -369,7 +334,7 @@ def rows_and_verdict(results: dict, seeds: list[int]) -> tuple[list[list[str]], 
         if r:
             rows.append([key, f"{r['ll_per_byte']:.4f}", f"{r['ll_per_token']:.4f}", f"{r['agree']:.4f}",
                          f"{r['word1']:.3f}", "", f"{r['mean_bytes']:.1f}"])
-    for arm in (REFERENCE, *ARMS, NO_FILL):
+    for arm in (REFERENCE, *ARMS):
         rs = [results[(arm, s)] for s in seeds if (arm, s) in results]
         if not rs:
             continue
@@ -381,7 +346,7 @@ def rows_and_verdict(results: dict, seeds: list[int]) -> tuple[list[list[str]], 
         rows.append(cells)
     paired, wins = [], {}
     base = "off-policy KD"
-    for arm in ("on-policy λ=0.5", "on-policy λ=1", NO_FILL, "seq-KD"):
+    for arm in ("on-policy λ=0.5", "on-policy λ=1", "seq-KD"):
         ss = [s for s in seeds if (arm, s) in results and (base, s) in results]
         if not ss:
             continue
@@ -392,8 +357,8 @@ def rows_and_verdict(results: dict, seeds: list[int]) -> tuple[list[list[str]], 
             paired.append(f"{arm} − {base}, {k}: per seed {' '.join(f'{x:+.4f}' for x in d)}; mean "
                           f"{statistics.fmean(d):+.4f}; larger seed half-range {half:.4f}; "
                           f"{'beats' if wins[(arm, k)] else 'does not beat'} the spread")
-    on = [a for a in LAMBDA if a != NO_FILL and wins.get((a, "ll_per_byte")) and wins.get((a, "agree"))]
-    some = [f"{a} on {k}" for (a, k), w in wins.items() if w and a in LAMBDA and a != NO_FILL]
+    on = [a for a in LAMBDA if wins.get((a, "ll_per_byte")) and wins.get((a, "agree"))]
+    some = [f"{a} on {k}" for (a, k), w in wins.items() if w and a in LAMBDA]
     if on:
         verdict = f"goal met: {', '.join(on)} beat off-policy KD by more than the seed spread on both metrics"
     elif some:
@@ -410,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--size", default="full", choices=sorted(SIZES))
     ap.add_argument("--teacher", default=None, help="teacher folder (default: the shipped teacher-spm)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--arms", default=",".join(ARMS), help=f"arms to run (also: {NO_FILL!r})")
+    ap.add_argument("--arms", default=",".join(ARMS), help="arms to run")
     a = ap.parse_args(argv)
 
     from bench.common import console, machine, print_table, summary
@@ -431,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key in ("teacher (reference)",):
         for e in results.get((key, -1), {}).get("examples", []):
             console.print(f"teacher   {e['id']}: {e['teacher']!r}")
-    for arm in (REFERENCE, *ARMS, NO_FILL):
+    for arm in (REFERENCE, *ARMS):
         for e in results.get((arm, seeds[0]), {}).get("examples", [])[:1]:
             console.print(f"{arm:>28} {e['id']}: {e['student']!r}")
 

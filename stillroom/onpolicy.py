@@ -71,10 +71,12 @@ def batch_prompts(batch: dict[str, Any], keep: int | None = None) -> list[list[i
 def student_batch(batch: dict[str, Any], prompts: list[list[int]], samples: list[rollout.Sample],
                   pad_id: int) -> dict[str, Any]:
     """The batch rebuilt on the student's samples (issue 16's format): ``prompt + sample.ids``, labels on the
-    sampled tokens (the end token included when the sample ended), the sampled text as ``completion``."""
+    sampled tokens (the end token included when the sample ended), the sampled text as ``completion``, and
+    ``sampled: True`` — so rows no teacher reaches stay out of the divergence instead of getting the one-hot on
+    the gold next token (here the student's own sample: that fill would teach it to copy itself)."""
     rows = [{"prompt_ids": p, "completion_ids": s.ids, "completion": s.text, "ended": s.ended, "example": ex}
             for p, s, ex in zip(prompts, samples, batch["example"], strict=True)]
-    return chat.collate_rows(rows, pad_id)
+    return {**chat.collate_rows(rows, pad_id), "sampled": True}
 
 
 class OnPolicyTrainer(DistillTrainer):

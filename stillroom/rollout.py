@@ -13,8 +13,10 @@ with its own ``torch.Generator`` when seeded, so a seeded call repeats exactly a
 (the trainer's dropout and data order stay as they were). A row stops at the first end id (end-of-turn or EOS,
 :func:`stillroom.chat.end_ids`), the batch when every row has stopped or after ``max_new_tokens``.
 
-A completion's text is exactly the bytes its tokens spell (``stillroom.tokens.TokenTable``), decoded in the
-context of its prompt (a SentencePiece completion's leading ``▁`` is a real space). A completion cut inside a
+A completion's text is exactly the bytes its tokens spell (``stillroom.tokens.TokenTable``) after its prompt, read
+as a text of its own as :func:`stillroom.chat.completion_ids` tokenizes it (a tokenizer with a dummy prefix,
+e.g. SentencePiece's ``▁``, puts a virtual space before it: the first token's leading space is that, not text), so
+the text round-trips to the same tokens. A completion cut inside a
 multi-byte character (``max_new_tokens`` reached, or the model stopped mid-character) is shortened to its
 longest prefix of whole tokens that is valid UTF-8, and ``ended`` is False: ``ids`` and ``text`` always agree.
 """
@@ -75,10 +77,14 @@ def next_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float 
 
 def completion_text(table, prompt: Sequence[int], ids: list[int], ended: bool) -> tuple[list[int], str, bool]:
     """``(ids, text, ended)`` with ``text`` the bytes of ``ids`` (without the end token) decoded after the
-    prompt; a cut multi-byte character drops the last tokens until the rest is valid UTF-8 (``ended`` False)."""
+    prompt, as a text of its own: where the tokenizer adds a dummy prefix (SentencePiece ``▁``), the first
+    token's leading space is that prefix, so ``chat.completion_ids(text)`` spells the same tokens again; a cut
+    multi-byte character drops the last tokens until the rest is valid UTF-8 (``ended`` False)."""
     body = ids[:-1] if ended else ids
     stream, off = table.pieces(list(prompt) + body)
     start = int(off[len(prompt)])
+    if body and table.prefix_space and start < len(stream) and stream[start] == 0x20 and table.lead_space[body[0]]:
+        start += 1  # the virtual space a tokenizer with a dummy prefix puts before a text it tokenizes alone
     data = stream[start:].tobytes()
     try:
         return ids, data.decode("utf-8"), ended

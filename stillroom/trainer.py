@@ -162,7 +162,8 @@ class DistillTrainer(Trainer):
 
     def fused_target(self, inputs: dict[str, Any]) -> SparseTarget:
         """Every teacher's target over the student's positions, fused (``stillroom.fusion.fuse``); rows no
-        teacher reached get the one-hot gold next token (FuseLLM's fallback)."""
+        teacher reached get the one-hot gold next token (FuseLLM's fallback), except on the student's own
+        samples (``sampled`` batches, :mod:`stillroom.onpolicy`), where they stay invalid (no divergence)."""
         targets, ces = [], []
         for t in self.teachers:
             tgt, ce = t.targets(inputs)
@@ -175,7 +176,7 @@ class DistillTrainer(Trainer):
             share = w.flatten(1).sum(1).cpu()
             self._fusion_share = share if self._fusion_share is None else self._fusion_share + share
         fused = fuse(targets, ces, f.method, f.level, weight_temperature=f.weight_temperature, top_k=f.top_k)
-        return fused.fill_onehot(next_labels(inputs["labels"]))
+        return fused if inputs.get("sampled") else fused.fill_onehot(next_labels(inputs["labels"]))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._parts is not None and "loss" in logs:  # the loss's parts, averaged like HF averages `loss`

@@ -11,11 +11,9 @@ from bench.onpolicy_quality import (
     ARMS,
     REFERENCE,
     agreement,
-    drop_dummy_space,
     edit_similarity,
     first_word_match,
     main,
-    no_self_fill,
     rows_and_verdict,
     teacher_scores,
 )
@@ -73,39 +71,6 @@ def test_teacher_scores_equal_the_models_own_loss(tiny_models):
     assert ll == pytest.approx(-ce * len(c), rel=1e-5)
     ll2, n2, b2 = teacher_scores(model, tok, [ex], [text], [False])[0]  # cut: no end token
     assert n2 == len(c) - 1 and b2 == 13 and ll2 > ll
-
-
-def test_dummy_prefix_space_is_dropped_for_spm_only(tiny_models):
-    """A ▁ tokenizer with a dummy prefix generates "▁The" for a completion "The" (what it was trained on, each
-    completion tokenized alone), which rollout decodes as " The": one space is that prefix. A byte-level BPE
-    has no such prefix and keeps its spaces."""
-    from transformers import AutoTokenizer
-
-    from stillroom import rollout
-
-    spm = AutoTokenizer.from_pretrained(tiny_models["llama-spm"])
-    bpe = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
-    prompt = spm("user:\nhi\n\nassistant:\n", add_special_tokens=True)["input_ids"]
-    done = spm("The king", add_special_tokens=False)["input_ids"]
-    text = rollout.completion_text(rollout._table(spm), prompt, done, False)[1]
-    assert text == " The king"  # the round trip adds the space ...
-    assert drop_dummy_space(spm, text) == "The king"  # ... and the benchmark takes it off again
-    assert drop_dummy_space(spm, "The") == "The"
-    assert drop_dummy_space(bpe, " The king") == " The king"
-
-
-def test_no_self_fill_leaves_uncovered_rows_out_only_inside():
-    import torch
-
-    from stillroom.targets import SparseTarget
-
-    t = SparseTarget(torch.zeros(1, 2, 1, dtype=torch.long), torch.zeros(1, 2, 1), torch.zeros(1, 2),
-                     torch.tensor([[True, False]]))
-    nxt = torch.tensor([[5, 7]])
-    with no_self_fill():
-        assert t.fill_onehot(nxt).valid.tolist() == [[True, False]]  # row 1: no teacher, stays out
-    filled = t.fill_onehot(nxt)  # outside: FuseLLM's one-hot on the next token again
-    assert filled.valid.tolist() == [[True, True]] and int(filled.ids[0, 1, 0]) == 7
 
 
 def _r(arm, seed, ll, agree):

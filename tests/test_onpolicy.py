@@ -111,12 +111,12 @@ def test_coin_is_a_function_of_seed_and_step_with_rate_lambda():
 # --- one on-policy batch ------------------------------------------------------------------------------------
 
 
-def _trainer(tiny_models, student, data, out, onpol):
+def _trainer(tiny_models, student, data, out, onpol, teachers=("gpt2-bpe-teacher",)):
     """An OnPolicyTrainer built by train()'s own pieces, without training."""
     from stillroom import trainer as T
     from stillroom.student import build_student
 
-    r = load_recipe(_raw(tiny_models, student, data, out, onpol))
+    r = load_recipe(_raw(tiny_models, student, data, out, onpol, teachers))
     toks = T.check_recipe(r)
     tok = toks["student"]
     dataset, collator, _ = onpolicy.training_data(r, tok)
@@ -165,6 +165,28 @@ def test_a_sampled_batch_labels_exactly_the_samples_and_the_teacher_scores_them_
         torch.testing.assert_close(ce[r, P - 1:P + n - 1], gold, atol=1e-5, rtol=1e-5)
     n_labels = sum(len(s.ids) for s in ref)
     assert int(new["labels"][:, 1:].ne(-100).sum()) == n_labels
+
+
+def test_rows_no_teacher_reaches_on_a_sample_stay_out_of_the_divergence(tiny_models, nodrop_student, chat_data,
+                                                                        tmp_path):
+    """On the student's own samples a row the cross-tokenizer teacher does not reach gets no target (the
+    one-hot fallback there would be the student's own sampled token: training it to copy itself); the same
+    rows of a data batch still get FuseLLM's one-hot on the gold next token."""
+    trainer, dataset, collator, _ = _trainer(tiny_models, nodrop_student, chat_data["full"], tmp_path / "o",
+                                             {"lambda": 1.0, "temperature": 1.5}, teachers=("llama-spm",))
+    new = trainer.rollout(collator([dataset[i] for i in range(8)]), seed=3)
+    assert new["sampled"] is True
+    own, _ = trainer.teachers[0].targets(new)
+    nxt = new["labels"][:, 1:]
+    missed = ~own.valid[:, :-1] & nxt.ne(-100)  # labelled rows the teacher gave nothing
+    assert int(missed.sum()) > 0
+    kept = trainer.fused_target(new)
+    assert not (kept.valid[:, :-1] & missed).any()
+    assert torch.equal(kept.valid, own.valid)
+    filled = trainer.fused_target({k: v for k, v in new.items() if k != "sampled"})
+    assert filled.valid[:, :-1][missed].all()
+    assert torch.equal(filled.ids[:, :-1, 0][missed], nxt[missed])
+    assert (filled.logprobs[:, :-1, 0][missed] == 0).all()
 
 
 def test_get_batch_samples_replaces_every_micro_batch_and_recounts_the_labels(tiny_models, nodrop_student,
