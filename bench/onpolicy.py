@@ -248,9 +248,14 @@ def medians(runs: dict[str, list[dict]]) -> dict[str, dict]:
         results[config] = rs[0] if not ok else {
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok),
             "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in ok),
-            "all": [round(r["tokens_per_s"]) for r in ok], "sampled": ok[0]["sampled_steps"],
+            "all": [r["tokens_per_s"] for r in ok], "sampled": ok[0]["sampled_steps"],
             "timed": ok[0]["steps_timed"]}
     return results
+
+
+def fmt(tps: float) -> str:
+    """Tokens/s for the table: one decimal below 100 (the real size trains a few tokens per second here)."""
+    return f"{tps:.1f}" if tps < 100 else f"{tps:.0f}"
 
 
 def table_rows(results: dict[str, dict]) -> list[list]:
@@ -262,7 +267,7 @@ def table_rows(results: dict[str, dict]) -> list[list]:
             continue
         peer = results.get(peer_of(c) or "", {})
         ok = "tokens_per_s" in peer
-        rows.append([c, round(r["tokens_per_s"]), " ".join(map(str, r["all"])), f"{r['sampled']}/{r['timed']}",
+        rows.append([c, fmt(r["tokens_per_s"]), " ".join(map(fmt, r["all"])), f"{r['sampled']}/{r['timed']}",
                      f"{r['peak_rss_gb']:.2f}", f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}×" if ok else "",
                      f"{peer['peak_rss_gb'] / r['peak_rss_gb']:.2f}×" if ok else ""])
     return rows
@@ -277,10 +282,10 @@ def summary_line(results: dict[str, dict]) -> str:
             continue
         peer = results.get(p, {})
         if "error" in peer or "tokens_per_s" not in peer:
-            parts.append(f"{c} {r['tokens_per_s']:.0f} tok/s {r['peak_rss_gb']:.2f} GB ({p}: no number)")
+            parts.append(f"{c} {fmt(r['tokens_per_s'])} tok/s {r['peak_rss_gb']:.2f} GB ({p}: no number)")
             continue
-        parts.append(f"{c} {r['tokens_per_s']:.0f} tok/s {r['peak_rss_gb']:.2f} GB vs {p} "
-                     f"{peer['tokens_per_s']:.0f} tok/s {peer['peak_rss_gb']:.2f} GB "
+        parts.append(f"{c} {fmt(r['tokens_per_s'])} tok/s {r['peak_rss_gb']:.2f} GB vs {p} "
+                     f"{fmt(peer['tokens_per_s'])} tok/s {peer['peak_rss_gb']:.2f} GB "
                      f"({r['tokens_per_s'] / peer['tokens_per_s']:.2f}x)")
     for c, r in results.items():
         if "error" in r:
