@@ -193,8 +193,9 @@ def train_child(config: str, root: Path, a) -> dict:
 
         # bf16=False: TRL's default bf16 autocast runs ~50x slower on a CPU without avx512_bf16 (137 s per step here,
         # 7.5 tokens/s); fp32 is TRL's best on such a machine and the same precision stillroom trains in
+        # fp32 and no activation checkpointing, as stillroom trains here (GKDConfig defaults to bf16 + checkpointing)
         args = GKDConfig(**common, lmbda=0.0, beta=0.5, temperature=1.0, max_length=a.seq, disable_dropout=True,
-                         bf16=False)
+                         bf16=False, gradient_checkpointing=False)
         ds = Dataset.from_list([{"input_ids": b.input_ids, "text": b.text, "example_id": b.example_id}
                                 for b in blocks])
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
