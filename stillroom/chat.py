@@ -389,7 +389,7 @@ def teacher_rows(tokenizer, batch: dict[str, Any]) -> tuple[list[list[int]], lis
 
 def _regions(teacher, batch: dict[str, Any]):
     """Run ``teacher``'s online source on its own rendering of each completion row; yield per row
-    ``(r, teacher region output, student region ids, student prompt length)`` (:func:`region_output`,
+    ``(teacher region output, student region ids, student prompt length)`` (:func:`region_output`,
     :func:`region_ids`: token 0 of both regions is a special marker)."""
     src = teacher.source
     if not hasattr(src, "run_ids") or getattr(src, "tokenizer", None) is None:
@@ -401,7 +401,7 @@ def _regions(teacher, batch: dict[str, Any]):
     s_mark, t_mark = marker_id(teacher.student_table), marker_id(teacher.teacher_table)
     for r, out in enumerate(outs):
         sp = int(batch["prompt_len"][r])
-        yield r, region_output(out, t_plens[r], t_mark), region_ids(ids[r][mask[r]].numpy(), sp, s_mark), sp
+        yield region_output(out, t_plens[r], t_mark), region_ids(ids[r][mask[r]].numpy(), sp, s_mark), sp
 
 
 @torch.no_grad()
@@ -413,7 +413,7 @@ def aligned_targets(teacher, batch: dict[str, Any]):
     from stillroom.targets import stack_rows
 
     targets, ces = [], []
-    for _, out, sid, sp in _regions(teacher, batch):
+    for out, sid, sp in _regions(teacher, batch):
         t, ce = student_targets(out, sid, teacher.student_table, teacher.teacher_table, teacher.vocab_map,
                                 fallback=teacher.fallback, fill=False)
         t, ce = place(t, torch.as_tensor(ce), sp - 1)
@@ -430,7 +430,7 @@ def aligned_regions(teacher, batch: dict[str, Any]) -> list[tuple[Any, Any]]:
     from stillroom.align import align
 
     return [(out, align(out.input_ids.numpy(), sid, teacher.teacher_table, teacher.student_table))
-            for _, out, sid, _ in _regions(teacher, batch)]
+            for out, sid, _ in _regions(teacher, batch)]
 
 
 # --- recipes ------------------------------------------------------------------------------------------------

@@ -83,10 +83,7 @@ def _sparse_grad(s: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tai
     q = s.sub_(lse).exp_()
     fix = g_support - torch.where(live[:, :-1], q.gather(-1, ids) * c, torch.zeros((), dtype=s.dtype))
     grad = q.mul_(c - g.sum(-1, keepdim=True)).scatter_add_(-1, ids, fix)
-    if isinstance(rows, slice):
-        lse_tail = (log_qt + lse).clamp_min(torch.finfo(s.dtype).min)
-        grad.add_(s_tail.sub_(lse_tail).exp_().mul_(g_tail))
-    elif rows is not None:
+    if rows is not None:
         lse_tail = (log_qt[rows] + lse[rows]).clamp_min(torch.finfo(s.dtype).min)
         grad[rows] += s_tail.sub_(lse_tail).exp_().mul_(g_tail[rows])
     return loss, grad

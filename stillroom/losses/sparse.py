@@ -117,12 +117,8 @@ def support_buckets(s: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, logpr
     log_qt = log1mexp(inside)
     low = (log_qt < math.log(CANCEL.get(s.dtype, 1e-2))).squeeze(-1)
     rows, s_tail = None, None
-    if bool(low.all()):  # every row exact: no row gather, no indexed writes
-        rows = slice(None)
-        s_tail = outside_support(s, ids, live_s)
-        log_qt = torch.logsumexp(s_tail, -1, keepdim=True) - lse
-    elif bool(low.any()):
-        rows = low.nonzero().squeeze(-1)
+    if bool(low.any()):  # all rows: a slice, so s[rows] is a view and no row is copied
+        rows = slice(None) if bool(low.all()) else low.nonzero().squeeze(-1)
         s_tail = outside_support(s[rows], ids[rows], live_s[rows])
         log_qt[rows] = torch.logsumexp(s_tail, -1, keepdim=True) - lse[rows]
     t = tail.to(logprobs.dtype).unsqueeze(-1)
