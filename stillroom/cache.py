@@ -52,6 +52,7 @@ k + 1 bins (top-k plus tail) per token and the largest log-prob error; both go i
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -347,6 +348,7 @@ class OnlineTeacher:
         # padded tokens per forward: the [tokens, V] fp32 logits dominate memory (1024 x 128k = 0.5 GB)
         self.batch_tokens = int(batch_tokens or (4096 if self.device.type == "cuda" else 1024))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters  # head on a suffix only
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         for i, t in enumerate(texts):
@@ -365,14 +367,19 @@ class OnlineTeacher:
         return self.run_ids(self.tokenize(texts), ids)
 
     @frozen()
-    def run_ids(self, token_ids: Sequence[Sequence[int]], example_ids: Sequence[str]) -> list[TeacherOutput]:
-        """Score already-tokenized examples (teacher tokenization)."""
+    def run_ids(self, token_ids: Sequence[Sequence[int]], example_ids: Sequence[str],
+                starts: Sequence[int] | None = None) -> list[TeacherOutput]:
+        """Score already-tokenized examples (teacher tokenization). ``starts[i]``: the first position of example
+        i whose signal is wanted (a completion's region); rows before it are left empty (ids 0, log-probs
+        −inf, CE nan) and, where every row of a forward starts late, the head never computes their logits —
+        at a 262k vocabulary the head costs more than the body."""
         k, tau = self.top_k, self.temperature
         arrs = [torch.as_tensor(list(t), dtype=torch.long) for t in token_ids]
-        res = [(torch.empty(len(a), k, dtype=torch.long), torch.empty(len(a), k), torch.empty(len(a)),
-                torch.full((len(a),), float("nan"))) for a in arrs]
-        wins = [(ex, a, e, s) for ex, arr in enumerate(arrs) for (a, e, s) in _windows(len(arr), self.max_length,
-                                                                                         self.overlap)]
+        first = [0] * len(arrs) if starts is None else [max(0, int(x)) for x in starts]
+        res = [(torch.zeros(len(a), k, dtype=torch.long), torch.full((len(a), k), float("-inf")),
+                torch.zeros(len(a)), torch.full((len(a),), float("nan"))) for a in arrs]
+        wins = [(ex, a, e, max(s, first[ex])) for ex, arr in enumerate(arrs)
+                for (a, e, s) in _windows(len(arr), self.max_length, self.overlap) if e > first[ex]]
         wins.sort(key=lambda w: (-(w[2] - w[1]), w[0], w[1]))  # longest first: less padding, stable order
         i = 0
         while i < len(wins):
@@ -384,9 +391,11 @@ class OnlineTeacher:
             for r, (ex, a, e, _) in enumerate(batch):
                 x[r, :e - a] = arrs[ex][a:e]
                 mask[r, :e - a] = 1
-            z = self.model(input_ids=x.to(self.device), attention_mask=mask.to(self.device)).logits
+            lo = min(s - a for _, a, _, s in batch) if self._keep else 0  # columns before lo: no logits
+            keep = {"logits_to_keep": width - lo} if lo else {}
+            z = self.model(input_ids=x.to(self.device), attention_mask=mask.to(self.device), **keep).logits
             for r, (ex, a, e, s) in enumerate(batch):  # only positions s..e-1 are kept: no padding, no overlap
-                zr = z[r, s - a:e - a].float()
+                zr = z[r, s - a - lo:e - a - lo].float()
                 top_vals, top_ids, lse1, lse_tau = topk_logsumexp(zr, k, tau)  # the same ids at any tau > 0
                 lp = (top_vals / tau - lse_tau[:, None]).cpu()
                 ids_out, lp_out, tail_out, ce_out = res[ex]

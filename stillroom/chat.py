@@ -396,7 +396,7 @@ def _regions(teacher, batch: dict[str, Any]):
         raise ConfigError(f"teacher {teacher.name}: prompt/completion and chat data need an online teacher (its "
                           "own chat template renders each prompt); remove teachers.N.cache")
     rows, t_plens = teacher_rows(src.tokenizer, batch)
-    outs = src.run_ids(rows, [str(i) for i in batch["example_id"]])
+    outs = src.run_ids(rows, [str(i) for i in batch["example_id"]], starts=[p - 1 for p in t_plens])
     ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
     s_mark, t_mark = marker_id(teacher.student_table), marker_id(teacher.teacher_table)
     for r, out in enumerate(outs):

@@ -160,6 +160,34 @@ def test_online_matches_naive_forward_and_chunks_long_text(teacher, tiny_models)
     assert torch.isfinite(outs[1].gold_ce[:-1]).all()
 
 
+
+def test_starts_skip_the_head_before_each_region(teacher, tiny_models):
+    """``run_ids(starts=)`` (a completion region per example): positions from the start equal the naive forward
+    of the whole window, earlier ones are empty, and the head sees only the columns some row needs."""
+    d = tiny_models["gpt2-bpe-teacher"]
+    texts = ["To be, or not to be: that is the question.", corpus_texts("validation")[0][:700]]
+    ids = [teacher.tokenizer(t)["input_ids"] for t in texts]
+    starts = [5, 130]  # the long text's start lies in its second window ([80, 176), kept from 96)
+    widths = []
+    hook = teacher.model.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: widths.append(args[0].shape[1]))
+    try:
+        outs = teacher.run_ids(ids, ["a", "b"], starts=starts)
+    finally:
+        hook.remove()
+    top, lp, _, ce = _naive(d, ids[0], 8)
+    assert torch.equal(outs[0].topk_ids[5:], top[5:]) and torch.allclose(outs[0].topk_logprobs[5:], lp[5:], atol=1e-4)
+    assert torch.allclose(outs[0].gold_ce[5:-1], ce[5:], atol=1e-4)
+    assert (outs[0].topk_ids[:5] == 0).all() and torch.isnan(outs[0].gold_ce[:5]).all()
+    top, lp, _, ce = _naive(d, ids[1], 8, 80, 176)
+    assert torch.equal(outs[1].topk_ids[130:176], top[50:])
+    assert torch.allclose(outs[1].gold_ce[130:176], ce[50:], atol=1e-4)
+    assert torch.isinf(outs[1].topk_logprobs[:130]).all()
+    # one forward of width 96 (the long text's windows from [80, 176) on; [0, 96) is never run, nothing of it is
+    # wanted) and the short text: the earliest column any row wants is the short text's 5, so the head gets 91
+    assert len(ids[1]) > 176 and widths == [96 - 5]
+
+
 # --- online vs offline ----------------------------------------------------------------------------------------
 def test_offline_agrees_with_online_and_reads_are_identical(teacher, built):
     rows, out, summary = built

@@ -180,3 +180,25 @@ def test_parts_report_each_term_as_the_loss_normalises_it(ce_weight):
     else:
         assert parts["d"].isnan()
     assert torch.allclose(total.double(), ce_weight * ce + (1 - ce_weight) * (d if ce_weight < 1 else 0), atol=1e-5)
+
+
+@pytest.mark.parametrize("use_sparse", [False, True])
+def test_rows_without_a_term_never_reach_the_head(use_sparse):
+    """Prompt / padding rows (label ignored) are dropped before the head: an inf hidden state there is never
+    multiplied (it would fail the finite-logits check), the loss equals the one on the kept rows alone, and
+    their gradient is exactly 0."""
+    h, w, th, tw, labels, target = make()
+    dead = labels == -100
+    h_bad = h.detach().clone()
+    h_bad[dead] = float("inf")
+    h_bad.requires_grad_(True)
+    th_bad = th.clone()
+    th_bad[dead] = float("inf")
+    kw = dict(target=target) if use_sparse else dict(teacher_hidden=th_bad, teacher_weight=tw)
+    loss = fused_linear_distill_loss(h_bad, w, labels=labels, ce_weight=0.3, kind="jsd", beta=0.3, chunk_size=4, **kw)
+    gh, gw = torch.autograd.grad(loss, (h_bad, w))
+    assert (gh[dead] == 0).all() and torch.isfinite(gh).all() and torch.isfinite(gw).all()
+    live = ~dead
+    sub = SparseTarget(target.ids[live], target.logprobs[live], target.tail[live], target.valid[live])
+    want = reference(h[live], w, th[live], tw, labels[live], sub, "jsd", 0.3, 1.0, "mean", use_sparse)
+    torch.testing.assert_close(loss, want)

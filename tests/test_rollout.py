@@ -9,7 +9,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stillroom.errors import ConfigError
-from stillroom.rollout import Sample, completion_text, generate_ids, next_tokens, sample
+from stillroom.rollout import (
+    Sample,
+    completion_text,
+    generate_ids,
+    next_tokens,
+    next_tokens_draw,
+    sample,
+    skinny_linears,
+)
+from stillroom.testing import tiny_llama
 from stillroom.tokens import TokenTable
 
 TEXTS = ["To be, or not to be", "My lord", "Now is the winter of our discontent made glorious summer by this sun",
@@ -295,3 +304,41 @@ def test_sampled_generation_resumes_to_the_same_file_and_other_settings_are_refu
     with pytest.raises(OutputExistsError, match="stillroom did not write it"):
         generate_file(tiny_models["gpt2-bpe"], data, mine, **kw)
     assert mine.read_text() == '{"mine": 1}\n'
+
+
+def test_inverse_cdf_draws_follow_the_probabilities_and_never_a_zero():
+    """``next_tokens_draw`` vs the distribution written out: zero-mass ids (first, inner, last) are never drawn,
+    the others at their probabilities; a seeded generator repeats."""
+    p = torch.tensor([0.0, 0.5, 0.0, 0.25, 0.125, 0.125, 0.0]) * 3.0  # unnormalised on purpose
+    probs = p[None].repeat(40000, 1)
+    draws = next_tokens_draw(probs, torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws, minlength=7).float() / len(draws)
+    assert freq[[0, 2, 6]].sum() == 0
+    assert torch.allclose(freq, p / p.sum(), atol=0.01)
+    again = next_tokens_draw(probs, torch.Generator().manual_seed(1))
+    assert torch.equal(draws, again)
+
+
+def test_skinny_linears_compute_the_same_logits_and_restore_the_model():
+    """Inside ``skinny_linears`` a forward of a few rows (decoding) gives the plain forward's logits; longer inputs
+    take the ordinary path; on exit (also after an error) no module keeps a replaced ``forward``, and a module
+    whose ``forward`` someone else replaced is left alone."""
+    model = tiny_llama(300, n_layer=2, hidden=64, seed=0).eval()
+    x = torch.randint(0, 300, (4, 1))
+    long_x = torch.randint(0, 300, (2, 40))
+    other = model.lm_head
+    marker = other.forward
+    other.forward = marker  # an instance-level forward, as accelerate's hooks install
+    with torch.no_grad():
+        want, want_long = model(x).logits, model(long_x).logits
+        with skinny_linears(model):
+            patched = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" in m.__dict__]
+            assert len(patched) == 2 * 7 + 1  # q k v o gate up down per layer, and the head (its own forward)
+            assert other.forward is marker
+            got, got_long = model(x).logits, model(long_x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_long, want_long, rtol=0, atol=0)
+    assert [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" in m.__dict__] == [other]
+    with pytest.raises(RuntimeError, match="boom"), skinny_linears(model):
+        raise RuntimeError("boom")
+    assert [m for m in model.modules() if isinstance(m, torch.nn.Linear) and "forward" in m.__dict__] == [other]

@@ -212,7 +212,9 @@ def fused_linear_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, *, tar
     term (``ignore_index`` skipped; also masks D). ``mask [...]`` extra bool mask for D. ``vocab_size``: the
     real vocabulary when the student head is padded (rows ``>= vocab_size`` get zero gradient).
     ``chunk_size`` rows per chunk (default: about 16M logits per chunk). Values and gradients equal
-    ``ce_weight·cross_entropy + (1−ce_weight)·distill_loss`` on materialised logits.
+    ``ce_weight·cross_entropy + (1−ce_weight)·distill_loss`` on materialised logits. Rows where neither term
+    applies (prompt, padding) are dropped before the head: on completion data their logits, and the dense
+    teacher's, are never computed.
 
     ``parts``: a dict that receives the two terms' values (0-dim float64 tensors, no gradient) before weighting,
     normalised like the loss —
@@ -272,6 +274,14 @@ def fused_linear_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, *, tar
             raise ValueError(f"teacher head has {teacher_weight.shape[0]} rows, fewer than the student's {V}; "
                              f"this loss needs a same-vocabulary teacher (use a SparseTarget otherwise)")
         th, tw = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach(), teacher_weight.detach()
+    keep = dmask | cmask  # rows with no term (prompt, padding) cost nothing: not even their logits
+    if not bool(keep.all()):
+        rows = keep.nonzero().squeeze(1)
+        h, y, dmask, cmask = h.index_select(0, rows), y[rows], dmask[rows], cmask[rows]
+        if sparse:
+            ids, logprobs, tail = ids[rows], logprobs[rows], tail[rows]
+        if th is not None:
+            th = th.index_select(0, rows)
     cfg = _Config(kind, float(temperature), float(beta), float(alpha), float(ce_weight),
                   int(chunk_size or auto_chunk_size(V)), V, bool(t2_scale), reduction,
                   None if num_items is None else float(num_items), sparse, th is not None, parts)
