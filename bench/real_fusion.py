@@ -14,7 +14,8 @@ Cross-tokenizer objectives with Gemma-3 (issue 15; not run unless named in ``--a
 through FuseLLM's MinED map alone, projection ``onehot``), ``uld-gemma3`` (ULD on its top-k), ``alm-gemma3`` (ALM
 over the exact chunks), ``alm-unbiased-gemma3`` (ALM over the unbiased chunks), ``alm+kd-gemma3`` (ALM next to KD
 via ``--projection``), ``fused-alm-min_ce`` / ``fused-alm-avg_ce`` (both teachers as ALM terms fused per
-sequence). ALM reads only the teacher's log-prob of its own tokens, from a top-1 cache
+sequence), ``fused-min_ce-mined`` (the two teachers fused per sequence, Gemma through the MinED map: fusion with
+the best single-teacher cross-tokenizer objective). ALM reads only the teacher's log-prob of its own tokens, from a top-1 cache
 (``OUT/cache/gemma3-top1``); ULD and KD read the top-k cache. ``--cache-from DIR`` reads the top-k caches of
 another OUT with the same options (read only: nothing is written there).
 
@@ -271,7 +272,7 @@ def references(args, texts: list[str], out: Path) -> dict[str, float]:
 FUSION_ARMS = ("ce-only", "kd-smollm2", "kd-gemma3", "fused-min_ce", "fused-avg_ce")
 TOKEN_ARMS = ("fused-min_ce-token", "fused-avg_ce-token")
 OBJECTIVE_ARMS = ("kd-gemma3-mined", "uld-gemma3", "alm-gemma3", "alm-unbiased-gemma3", "alm+kd-gemma3",
-                  "fused-alm-min_ce", "fused-alm-avg_ce")
+                  "fused-alm-min_ce", "fused-alm-avg_ce", "fused-min_ce-mined")
 ALL_ARMS = FUSION_ARMS + TOKEN_ARMS + OBJECTIVE_ARMS
 
 
@@ -295,7 +296,9 @@ def arms(args, caches: dict[str, str]) -> dict[str, dict]:
              "alm+kd-gemma3": arm([gm, alm]),
              # both teachers as ALM terms, fused per sequence (stillroom.alm_fusion); SmolLM2's from its top-k cache
              "fused-alm-min_ce": arm([{**sm, "name": "smollm2-alm", "objective": "alm"}, alm]),
-             "fused-alm-avg_ce": arm([{**sm, "name": "smollm2-alm", "objective": "alm"}, alm], "avg_ce")}
+             "fused-alm-avg_ce": arm([{**sm, "name": "smollm2-alm", "objective": "alm"}, alm], "avg_ce"),
+             # the two teachers fused with Gemma projected by FuseLLM's MinED map (the best single-teacher objective)
+             "fused-min_ce-mined": arm([sm, gm], projection="onehot")}
     names = args.arms or list(FUSION_ARMS) + (list(TOKEN_ARMS) if args.token_level else [])
     return {a: table[a] for a in names}
 

@@ -124,8 +124,8 @@ def _skinny_forward(m: torch.nn.Linear, max_rows: int):
 @contextlib.contextmanager
 def skinny_linears(model, max_rows: int = 32):
     """While decoding, each step feeds one token per row, so every linear layer multiplies a few rows by a large
-    weight. On CPU, PyTorch computes such ``x @ Wᵀ`` 2–4× slower than the same product as ``(W @ xᵀ)ᵀ`` (4 rows
-    × SmolLM2's 49k head: 43 vs 14 ms; Gemma-3's 262k head: 281 vs 70 ms; ``bench/decode_kernels.py``), so within
+    weight. On CPU, PyTorch computes such ``x @ Wᵀ`` 2–5× slower than the same product as ``(W @ xᵀ)ᵀ`` (4 rows
+    × SmolLM2's 49k head: 54 vs 15 ms; Gemma-3's 262k head: 406 vs 81 ms; ``bench/decode_kernels.py``), so within
     this context every ``nn.Linear`` of a CPU model takes that form for inputs of at most ``max_rows`` rows
     (same values up to float rounding). Modules whose ``forward`` is already replaced (e.g. accelerate hooks)
     are left alone."""

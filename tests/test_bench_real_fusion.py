@@ -105,6 +105,10 @@ def test_default_arms_are_the_fusion_arms_and_objective_arms_run_only_when_named
     assert picked["alm+kd-gemma3"]["projection"] is None  # KD beside ALM uses --projection
     fused = picked["fused-alm-avg_ce"]
     assert fused["method"] == "avg_ce" and [t["objective"] for t in fused["teachers"]] == ["alm", "alm"]
+    both = arms(_args(arms=["fused-min_ce-mined"]), CACHES)["fused-min_ce-mined"]
+    assert both["projection"] == "onehot" and both["method"] == "min_ce" and both["level"] == "sequence"
+    assert [t["name"] for t in both["teachers"]] == ["smollm2", "gemma3"]
+    assert all("objective" not in t for t in both["teachers"])  # both KD, Gemma through the MinED map
 
 
 def test_recipe_carries_each_arms_teachers_and_projection(tmp_path):
