@@ -20,24 +20,13 @@ Ends with a ``SUMMARY:`` line of the ratios.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from bench.common import machine, median_seconds
+
 SHAPES = {"smollm2 head 576→49152": (49152, 576), "mlp up 576→1536": (1536, 576), "mlp down 1536→576": (576, 1536),
           "attn 576→576": (576, 576), "gemma3 head 640→262144": (262144, 640)}
-
-
-def timed(fn, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 def linear_rows(repeats: int, rows: tuple[int, ...] = (1, 4, 8, 16)) -> list[dict]:
@@ -48,8 +37,8 @@ def linear_rows(repeats: int, rows: tuple[int, ...] = (1, 4, 8, 16)) -> list[dic
         for m in rows:
             x = torch.randn(m, k, generator=g)
             torch.testing.assert_close((w @ x.T).T, torch.nn.functional.linear(x, w), rtol=1e-4, atol=1e-4)
-            plain = timed(lambda: torch.nn.functional.linear(x, w), repeats)  # noqa: B023
-            skinny = timed(lambda: (w @ x.T).T.contiguous(), repeats)  # noqa: B023
+            plain = median_seconds(lambda: torch.nn.functional.linear(x, w), repeats, warmup=2)  # noqa: B023
+            skinny = median_seconds(lambda: (w @ x.T).T.contiguous(), repeats, warmup=2)  # noqa: B023
             res.append({"shape": name, "rows": m, "linear_ms": plain * 1e3, "skinny_ms": skinny * 1e3,
                         "ratio": plain / skinny})
     return res
@@ -62,8 +51,8 @@ def draw_rows(repeats: int) -> list[dict]:
     for v in (49152, 262144):
         p = torch.softmax(torch.randn(4, v), -1)
         g = torch.Generator().manual_seed(0)
-        multi = timed(lambda: torch.multinomial(p, 1, generator=g), repeats)  # noqa: B023
-        inv = timed(lambda: next_tokens_draw(p, g), repeats)  # noqa: B023
+        multi = median_seconds(lambda: torch.multinomial(p, 1, generator=g), repeats, warmup=2)  # noqa: B023
+        inv = median_seconds(lambda: next_tokens_draw(p, g), repeats, warmup=2)  # noqa: B023
         res.append({"vocab": v, "multinomial_ms": multi * 1e3, "inverse_cdf_ms": inv * 1e3, "ratio": multi / inv})
     return res
 
@@ -78,30 +67,14 @@ def decode_row(repeats: int) -> dict:
     def run():
         return rollout.generate_ids(model, prompts, [], 0, max_new_tokens=32, do_sample=False)
 
-    skinny = timed(run, repeats)
+    skinny = median_seconds(run, repeats, warmup=2)
     original = rollout.skinny_linears
     rollout.skinny_linears = lambda m: original(m, max_rows=0)  # every linear on nn.Linear's own path
     try:
-        plain = timed(run, repeats)
+        plain = median_seconds(run, repeats, warmup=2)
     finally:
         rollout.skinny_linears = original
     return {"plain_s": plain, "skinny_s": skinny, "ratio": plain / skinny}
-
-
-def machine_line(threads: int) -> str:
-    import platform
-
-    model = "unknown"
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        flags = open("/proc/cpuinfo", encoding="utf-8").read()
-        bf16 = "yes" if "avx512_bf16" in flags else "no"
-    except OSError:
-        bf16 = "unknown"
-    return f"machine: {model} ({platform.machine()}), avx512_bf16 {bf16}, torch {torch.__version__}, {threads} threads"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -112,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-decode", action="store_true", help="kernels only (a test)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    print(machine_line(a.threads))
+    print("machine:", machine())
     lin = linear_rows(a.repeats, tuple(a.rows))
     print("| weight | rows | F.linear ms | (W @ xᵀ)ᵀ ms | speed-up |\n|---|---|---|---|---|")
     for r in lin:

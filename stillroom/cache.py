@@ -52,7 +52,6 @@ k + 1 bins (top-k plus tail) per token and the largest log-prob error; both go i
 from __future__ import annotations
 
 import hashlib
-import inspect
 import itertools
 import json
 import math
@@ -69,7 +68,7 @@ import torch
 
 from stillroom.data_io import TextSource, scan_texts, text_sha
 from stillroom.errors import ConfigError, DataError, MissingPathError
-from stillroom.modeling import freeze_teacher, frozen
+from stillroom.modeling import forward_accepts, freeze_teacher, frozen
 from stillroom.models import check_device, load_causal_lm, load_tokenizer, resolve_model
 from stillroom.outputs import check_output_dir
 from stillroom.targets import SparseTarget
@@ -348,7 +347,7 @@ class OnlineTeacher:
         # padded tokens per forward: the [tokens, V] fp32 logits dominate memory (1024 x 128k = 0.5 GB)
         self.batch_tokens = int(batch_tokens or (4096 if self.device.type == "cuda" else 1024))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._keep = "logits_to_keep" in inspect.signature(model.forward).parameters  # head on a suffix only
+        self._keep = forward_accepts(model, "logits_to_keep")  # the head on a suffix of the columns only
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         for i, t in enumerate(texts):

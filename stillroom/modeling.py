@@ -30,6 +30,14 @@ def fast_activations(model: torch.nn.Module) -> int:
     return swapped
 
 
+def forward_accepts(model: torch.nn.Module, name: str) -> bool:
+    """Does ``model.forward`` take a keyword ``name``? (transformers' forward arguments differ by version and
+    model: ``logits_to_keep``, the KV cache's ``cache`` / ``past_key_values``.)"""
+    import inspect
+
+    return name in inspect.signature(model.forward).parameters
+
+
 def freeze_teacher(model: torch.nn.Module) -> torch.nn.Module:
     """Make ``model`` an inference-only teacher, in place: eval mode, no gradients, fast activations."""
     model.eval().requires_grad_(False)

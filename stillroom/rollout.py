@@ -144,9 +144,9 @@ def skinny_linears(model, max_rows: int = 32):
 
 def _cache_kwarg(model) -> str:
     """transformers >= 5.24 calls the KV cache argument ``cache``; earlier 5.x ``past_key_values``."""
-    import inspect
+    from stillroom.modeling import forward_accepts
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if forward_accepts(model, "cache") else "past_key_values"
 
 
 @torch.no_grad()
