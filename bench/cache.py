@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 import torch
 
 from bench.common import machine, print_table, summary
-from stillroom.cache import OnlineTeacher, TeacherOutput, _windows, topk_kl, write_cache
+from stillroom.cache import OnlineTeacher, TeacherOutput, _windows, write_cache
+from stillroom.codec import topk_kl
 from stillroom.testing import shared_dir, tiny_gpt2
 
 

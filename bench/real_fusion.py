@@ -17,7 +17,8 @@ via ``--projection``), ``fused-alm-min_ce`` / ``fused-alm-avg_ce`` (both teacher
 sequence), ``fused-min_ce-mined`` (the two teachers fused per sequence, Gemma through the MinED map: fusion with
 the best single-teacher cross-tokenizer objective). ALM reads only the teacher's log-prob of its own tokens, from a top-1 cache
 (``OUT/cache/gemma3-top1``); ULD and KD read the top-k cache. ``--cache-from DIR`` reads the top-k caches of
-another OUT with the same options (read only: nothing is written there).
+another OUT built over the same blocks with the same teachers and k (λ, lr, projection may differ; read only:
+nothing is written there).
 
 λ = ``loss.ce_weight`` = 0.9 (FuseLLM's continual-training value and the project default). Data: the shared
 Shakespeare corpus split by whole works (fixed lists below; the test works are never trained on and never used
@@ -117,21 +118,25 @@ def verdicts(results: dict[str, dict[int, float]], min_seeds: int = 3) -> list[s
 
 SCALE = ("steps", "batch_size", "seq_len", "lr", "ce_weight", "projection", "top_k", "eval_chars", "student_from",
          "layers", "smollm2", "gemma3")
+CACHE_KEYS = ("steps", "batch_size", "seq_len", "top_k", "student_from", "smollm2", "gemma3")  # the blocks, k, models
+REFERENCE_KEYS = ("eval_chars", "student_from", "layers", "smollm2", "gemma3")  # the test text and the models
+
+
+def _differ(have: dict, args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
+    return {k: (have.get(k), getattr(args, k)) for k in keys if have.get(k) != getattr(args, k)}
 
 
 def check_scale(args: argparse.Namespace, out: Path) -> None:
     """One OUT per setting: finished arms and caches are reused only by a rerun with the same options."""
     from stillroom.errors import ConfigError
 
-    want = {k: getattr(args, k) for k in SCALE}
     path = out / "options.json"
     if path.exists():
-        have = json.loads(path.read_text())
-        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        diff = _differ(json.loads(path.read_text()), args, SCALE)
         if diff:
             raise ConfigError(f"--out {out} holds a run with other options {diff} (was, now); pass another --out")
     else:
-        path.write_text(json.dumps(want, indent=1))
+        path.write_text(json.dumps({k: getattr(args, k) for k in SCALE}, indent=1))
 
 
 def prepare_data(corpus: Path, out: Path) -> dict[str, str]:
@@ -171,7 +176,8 @@ def recipe(args: argparse.Namespace, data: dict[str, str], name: str, out_dir: P
 
 
 def cache_source(args, out: Path) -> Path:
-    """Where the top-k caches are read: ``--cache-from`` (another OUT run with the same options; checked) or OUT."""
+    """Where the top-k caches are read: ``--cache-from`` (another OUT whose caches cover the same blocks with the
+    same teachers and k; checked — λ, lr, projection or the layers kept may differ) or OUT."""
     from stillroom.errors import ConfigError, MissingPathError
 
     src = args.cache_from
@@ -180,8 +186,7 @@ def cache_source(args, out: Path) -> Path:
     opts = src / "options.json"
     if not opts.exists():
         raise MissingPathError(f"--cache-from {src}: no options.json there; point it at a bench.real_fusion OUT")
-    have, want = json.loads(opts.read_text()), {k: getattr(args, k) for k in SCALE}
-    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    diff = _differ(json.loads(opts.read_text()), args, CACHE_KEYS)
     if diff:
         raise ConfigError(f"--cache-from {src} was built with other options {diff} (there, here); its caches cover "
                           f"other blocks: drop --cache-from or use the same options")
@@ -250,8 +255,10 @@ def references(args, texts: list[str], out: Path) -> dict[str, float]:
     from stillroom.models import load_tokenizer
 
     path = out / "references.json"
-    if not path.exists() and args.cache_from is not None and (args.cache_from / "references.json").exists():
-        path.write_text((args.cache_from / "references.json").read_text())  # same options: same text and models
+    src = args.cache_from
+    if (not path.exists() and src is not None and (src / "references.json").exists()
+            and not _differ(json.loads((src / "options.json").read_text()), args, REFERENCE_KEYS)):
+        path.write_text((src / "references.json").read_text())  # same text and models: same references
     ref = json.loads(path.read_text()) if path.exists() else {}
     todo = [("teacher smollm2", args.smollm2), ("teacher gemma3", args.gemma3), ("cut student, untrained", None)]
     for label, folder in todo:

@@ -1,6 +1,10 @@
-"""The one data contract shared by alignment, cache, fusion and losses: a sparse (top-k) target.
+"""The data contracts shared by alignment, cache, fusion and losses.
 
-A teacher distribution over the *student's* vocabulary, one row per student position:
+:class:`TeacherOutput`: what a teacher said about one example in its *own* tokenization (top-k ids and
+log-probs per position, the tail mass, the CE of its own next token), online or read from a cache.
+
+:class:`SparseTarget`: a sparse (top-k) teacher distribution over the *student's* vocabulary, one row per student
+position:
 
 - ``ids``      ``[..., k]`` int64 token ids (padding entries: id 0 with log-prob ``-inf``);
 - ``logprobs`` ``[..., k]`` float log-probabilities of those ids (``-inf`` = no mass);
@@ -87,3 +91,25 @@ def stack_rows(rows: list[SparseTarget], ces: list[torch.Tensor], seq_len: int
         valid[r, :n] = torch.as_tensor(t.valid[:n])
         ce[r, :n] = c[:n]
     return SparseTarget(ids, lp, tail, valid), ce
+
+
+@dataclass
+class TeacherOutput:
+    """One example as the teacher sees it (teacher tokenization, T positions, row i predicts token i+1)."""
+
+    example_id: str
+    input_ids: torch.Tensor  # int64 [T]
+    topk_ids: torch.Tensor  # int64 [T, k], sorted by descending log-prob
+    topk_logprobs: torch.Tensor  # float32 [T, k], at the teacher temperature
+    tail: torch.Tensor  # float32 [T], probability mass outside the top-k
+    gold_ce: torch.Tensor  # float32 [T], CE of the gold next token at tau=1; nan at the last position
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def target(self) -> SparseTarget:
+        """The teacher's own-vocabulary SparseTarget (last row invalid)."""
+        valid = torch.ones(len(self), dtype=torch.bool)
+        if len(self):
+            valid[-1] = False
+        return SparseTarget(self.topk_ids, self.topk_logprobs, self.tail, valid)

@@ -163,6 +163,11 @@ def test_cache_from_reads_another_run_only_with_the_same_options(tmp_path):
     assert cache_source(_args(), tmp_path / "mine") == tmp_path / "mine"
     with pytest.raises(ConfigError, match=r"'steps': \(1, 2\)"):
         cache_source(_args(cache_from=src, steps=2), tmp_path / "mine")
+    with pytest.raises(ConfigError, match=r"'top_k': \(1, 16\)"):
+        cache_source(_args(cache_from=src, top_k=16), tmp_path / "mine")
+    # what the caches do not depend on may differ: λ, learning rate, projection, layers kept, test text
+    assert cache_source(_args(cache_from=src, ce_weight=0.5, lr=2, projection="onehot", layers=[0, 1],
+                              eval_chars=9), tmp_path / "mine") == src
 
 
 def test_report_lists_cache_bytes_per_arm(tmp_path):
@@ -182,3 +187,29 @@ def test_report_lists_cache_bytes_per_arm(tmp_path):
     md = report_md(args, results, secs, {}, [], sizes)
     assert "| alm-gemma3 | 3.0500 | 0.0500 | 0: 3.1000 1: 3.0000 | 10 | 6.50 |" in md
     assert "| ce-only | 3.2000 | 0.0000 | 0: 3.2000 | 10 | 0.00 |" in md
+
+
+def test_references_are_reused_from_cache_from_only_for_the_same_text_and_models(tmp_path, monkeypatch):
+    import json
+
+    import bench.real_fusion as rf
+    import stillroom.cut
+    import stillroom.evaluate
+    import stillroom.models
+    from bench.real_fusion import SCALE, references
+
+    src = tmp_path / "main"
+    src.mkdir()
+    (src / "options.json").write_text(json.dumps({k: getattr(_args(), k) for k in SCALE}))
+    theirs = {"teacher smollm2": 1.5, "teacher gemma3": 1.4, "cut student, untrained": 7.0}
+    (src / "references.json").write_text(json.dumps(theirs))
+    monkeypatch.setattr(stillroom.evaluate, "load_model", lambda folder: (folder, None))
+    monkeypatch.setattr(stillroom.cut, "cut_from", lambda path, layers: "cut")
+    monkeypatch.setattr(stillroom.models, "load_tokenizer", lambda path: None)
+    monkeypatch.setattr(rf, "bits_per_byte", lambda model, tok, texts, name: 9.0)
+    same = tmp_path / "same"
+    same.mkdir()
+    assert references(_args(cache_from=src, ce_weight=0.5), ["t"], same) == theirs  # λ does not change them
+    other = tmp_path / "other"
+    other.mkdir()
+    assert references(_args(cache_from=src, eval_chars=9), ["t"], other) == dict.fromkeys(theirs, 9.0)

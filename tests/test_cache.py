@@ -22,17 +22,19 @@ from stillroom.cache import (
     CacheMismatchError,
     OnlineTeacher,
     TeacherOutput,
+    student_targets,
+    topk_logsumexp,
+    verify_cache,
+    write_cache,
+)
+from stillroom.codec import (
     decode_logprobs,
     decode_tail,
     encode_logprobs,
     encode_tail,
     pack_bits,
-    student_targets,
     topk_kl,
-    topk_logsumexp,
     unpack_bits,
-    verify_cache,
-    write_cache,
 )
 from stillroom.data_io import load_texts
 from stillroom.testing import corpus_texts
