@@ -17,7 +17,7 @@ def __getattr__(name: str):
 
         return SparseTarget
     if name == "generate":
-        from stillroom.healing import generate
+        from stillroom.generation.healing import generate
 
         return generate
     raise AttributeError(f"module 'stillroom' has no attribute {name!r}")

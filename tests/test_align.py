@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.align import fusellm_dtw_reference
-from stillroom.align import align, dtw_path, fusellm_strings, path_to_groups, project
 from stillroom.testing import SHARED_TOKENIZERS
-from stillroom.tokens import TokenTable
+from stillroom.tokenization.align import align, dtw_path, fusellm_strings, path_to_groups
+from stillroom.tokenization.project import project
+from stillroom.tokenization.tokens import TokenTable
 from tests.test_tokens import ADVERSARIAL, passages
 
 LOSSLESS = ("gpt2", "llama3", "qwen2.5", "deepseek-coder", "mistral-spm")
@@ -414,7 +415,7 @@ def test_projection_with_vocabmap(tiny_models):
     from transformers import AutoTokenizer
 
     from stillroom.testing import corpus_texts
-    from stillroom.vocab import VocabMap
+    from stillroom.tokenization.vocab import VocabMap
 
     tt, ts = (AutoTokenizer.from_pretrained(tiny_models[n]) for n in ("llama-spm", "gpt2-bpe"))
     T, S = TokenTable.from_tokenizer(tt), TokenTable.from_tokenizer(ts)

@@ -1,4 +1,4 @@
-"""stillroom.alm_fusion: joint chunks by hand, the fused ALM term against a naive float64 loop (value and gradient),
+"""stillroom.teachers.alm_fusion: joint chunks by hand, the fused ALM term against a naive float64 loop (value and gradient),
 and in the trainer: two ALM teachers become one ``alm/fused`` term equal to the naive loop on the same batch."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from stillroom.alm_fusion import fused_alm, joint_chunks
+from stillroom.teachers.alm_fusion import fused_alm, joint_chunks
 
 
 def test_joint_chunks_by_hand():
@@ -152,10 +152,10 @@ def test_fused_alm_refuses_mismatched_inputs():
 def test_two_alm_teachers_are_one_fused_term_equal_to_the_naive_loop(method, level, chunks, tiny_models, tmp_path):
     """A cross-tokenizer (llama-spm) and a same-tokenizer (gpt2-bpe-teacher) ALM teacher: one ``alm/fused`` term,
     equal to the naive loop over their own-token log-probs (dense teacher forwards written here); with unbiased
-    chunks, over each teacher's merged chunks (stillroom.unbiased, tested on its own)."""
+    chunks, over each teacher's merged chunks (stillroom.tokenization.unbiased, tested on its own)."""
     from test_objectives import SEQ, _alignments, _dense, _raw, _teacher_rows, _trainer
 
-    from stillroom.objectives import FusedALM
+    from stillroom.teachers.objectives import FusedALM
     from stillroom.testing import corpus_texts
 
     d = tmp_path / "data"
@@ -197,8 +197,8 @@ def test_two_alm_teachers_are_one_fused_term_equal_to_the_naive_loop(method, lev
 
 
 def test_fused_alm_teachers_must_share_their_options(tiny_models, tmp_path):
-    from stillroom.recipe import RecipeError, load_recipe
     from stillroom.testing import corpus_texts
+    from stillroom.training.recipe import RecipeError, load_recipe
 
     (tmp_path / "t.txt").write_text(corpus_texts("train")[0][:2000], encoding="utf-8")
     t = [{"path": str(tiny_models["llama-spm"]), "objective": "alm"},

@@ -192,8 +192,9 @@ def test_report_lists_cache_bytes_per_arm(tmp_path):
 def test_references_are_reused_from_cache_from_only_for_the_same_text_and_models(tmp_path, monkeypatch):
     import json
 
-    import bench.real_fusion as rf
     import stillroom.cut
+
+    import bench.real_fusion as rf
     import stillroom.evaluate
     import stillroom.models
     from bench.real_fusion import SCALE, references

@@ -1,4 +1,4 @@
-"""stillroom.blocks: packing against a naive reference packer, exact text, separators, padding, isolation."""
+"""stillroom.inputs.blocks: packing against a naive reference packer, exact text, separators, padding, isolation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from stillroom.blocks import (
+from stillroom.inputs.blocks import (
     BlockCollator,
     BlockDataset,
     make_blocks,
@@ -132,8 +132,8 @@ def _fields(blocks):
 def test_streamed_blocks_equal_make_blocks(shared, shared_tokenizer, tmp_path, documents, seq, pack, add_bos):
     import shutil
 
-    from stillroom.blocks import iter_blocks
-    from stillroom.data_io import iter_texts, load_texts
+    from stillroom.inputs.blocks import iter_blocks
+    from stillroom.inputs.text import iter_texts, load_texts
 
     tok = shared_tokenizer("gpt2")
     for f in sorted((shared / "corpus" / "shakespeare").glob("*.txt"))[:2]:  # two plays, as a folder DATA
@@ -148,8 +148,8 @@ def test_streamed_blocks_equal_make_blocks(shared, shared_tokenizer, tmp_path, d
 
 
 def test_streamed_multibyte_blocks_equal_make_blocks(shared_tokenizer, tmp_path):
-    from stillroom.blocks import iter_blocks
-    from stillroom.data_io import iter_texts, load_texts
+    from stillroom.inputs.blocks import iter_blocks
+    from stillroom.inputs.text import iter_texts, load_texts
 
     tok = shared_tokenizer("gpt2")
     p = tmp_path / "mixed.txt"
@@ -161,8 +161,8 @@ def test_streamed_multibyte_blocks_equal_make_blocks(shared_tokenizer, tmp_path)
 def test_streaming_dataset_shards_by_rank_disjoint_and_complete(gpt2_tok, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from stillroom.blocks import StreamingBlocks
-    from stillroom.data_io import load_texts
+    from stillroom.inputs.blocks import StreamingBlocks
+    from stillroom.inputs.text import load_texts
 
     p = tmp_path / "c.txt"
     p.write_text("\n".join(t for _, t in _docs()), encoding="utf-8")
@@ -198,7 +198,7 @@ def test_streaming_dataset_shards_by_rank_disjoint_and_complete(gpt2_tok, tmp_pa
 def test_export_blocks_streams_a_generator(gpt2_tok, tmp_path):
     import json
 
-    from stillroom.blocks import export_blocks, iter_blocks
+    from stillroom.inputs.blocks import export_blocks, iter_blocks
 
     docs = _docs()
     n = export_blocks(iter_blocks(iter(docs), gpt2_tok, SEQ), tmp_path / "b.jsonl")

@@ -17,17 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stillroom.cache import (
-    CachedTeacher,
-    CacheMismatchError,
-    OnlineTeacher,
-    TeacherOutput,
-    student_targets,
-    topk_logsumexp,
-    verify_cache,
-    write_cache,
-)
-from stillroom.codec import (
+from stillroom.inputs.text import load_texts
+from stillroom.targets import TeacherOutput
+from stillroom.teachers.cache import CachedTeacher, CacheMismatchError, verify_cache, write_cache
+from stillroom.teachers.codec import (
     decode_logprobs,
     decode_tail,
     encode_logprobs,
@@ -36,8 +29,9 @@ from stillroom.codec import (
     topk_kl,
     unpack_bits,
 )
-from stillroom.data_io import load_texts
+from stillroom.teachers.online import OnlineTeacher, topk_logsumexp
 from stillroom.testing import corpus_texts
+from stillroom.tokenization.project import student_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -406,10 +400,10 @@ def _dense(t, v: int) -> torch.Tensor:
 def test_student_targets_cross_tokenizer_online_equals_offline(tiny_models, tmp_path):
     from transformers import AutoTokenizer
 
-    pytest.importorskip("stillroom.align")
-    pytest.importorskip("stillroom.vocab")
-    from stillroom.tokens import TokenTable
-    from stillroom.vocab import VocabMap
+    pytest.importorskip("stillroom.tokenization.align")
+    pytest.importorskip("stillroom.tokenization.vocab")
+    from stillroom.tokenization.tokens import TokenTable
+    from stillroom.tokenization.vocab import VocabMap
 
     t = OnlineTeacher(tiny_models["llama-spm"], top_k=8, max_length=128)
     stok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])

@@ -1,4 +1,4 @@
-"""Prompt/completion and chat data (stillroom.chat): records, each model's own rendering, completion-only
+"""Prompt/completion and chat data (stillroom.inputs.chat): records, each model's own rendering, completion-only
 batches, teachers on completion regions, training and evaluation on them."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import load_shared_tokenizer
 
-from stillroom import chat
 from stillroom.errors import ConfigError, DataError
+from stillroom.inputs import chat
 
 # A Gemma-style template (the Gemma 3 turn markers, written here): a second, different template.
 GEMMA_TEMPLATE = (
@@ -229,7 +229,7 @@ def test_same_tokenizer_teacher_targets_equal_a_direct_forward(tiny_models):
     (each row run alone, unpadded); every other row is invalid."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stillroom.trainer import SameTokenizerTeacher
+    from stillroom.teachers.kd import SameTokenizerTeacher
 
     tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
     teacher = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2-bpe-teacher"]).eval()
@@ -258,10 +258,10 @@ def cross(tiny_models):
     Llama-2-style [INST] template, as an online AlignedTeacher."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stillroom.cache import OnlineTeacher
-    from stillroom.tokens import TokenTable
-    from stillroom.trainer import AlignedTeacher
-    from stillroom.vocab import VocabMap
+    from stillroom.teachers.kd import AlignedTeacher
+    from stillroom.teachers.online import OnlineTeacher
+    from stillroom.tokenization.tokens import TokenTable
+    from stillroom.tokenization.vocab import VocabMap
 
     s_tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
     t_tok = AutoTokenizer.from_pretrained(tiny_models["llama-spm"])
@@ -305,7 +305,8 @@ def test_cross_tokenizer_ce_over_the_completion_is_the_teachers_own(cross):
 def test_cross_tokenizer_targets_are_student_targets_on_the_region(cross):
     """Targets = cache.student_targets applied by hand to [special] + completion ids on both sides (teacher rows
     from the one that predicts its first completion token), placed at the student's row prompt_len - 1."""
-    from stillroom.cache import TeacherOutput, student_targets
+    from stillroom.targets import TeacherOutput
+    from stillroom.tokenization.project import student_targets
 
     s_tok, t_tok, _, teacher = cross
     batch = chat.CompletionCollator(s_tok, 64)(EXAMPLES)
@@ -334,7 +335,7 @@ def test_cross_tokenizer_targets_are_student_targets_on_the_region(cross):
 
 
 def test_cached_teacher_is_refused_on_completion_batches(cross):
-    from stillroom.trainer import AlignedTeacher
+    from stillroom.teachers.kd import AlignedTeacher
 
     s_tok, _, _, t = cross
     batch = chat.CompletionCollator(s_tok, 64)(EXAMPLES[:1])
@@ -356,8 +357,8 @@ def _student_rows(student, batch):
 
 
 def _objective(cross, kind: str, **kw):
-    from stillroom.cache import OnlineTeacher
-    from stillroom.objectives import ObjectiveConfig, ObjectiveTeacher
+    from stillroom.teachers.objectives import ObjectiveConfig, ObjectiveTeacher
+    from stillroom.teachers.online import OnlineTeacher
 
     s_tok, t_tok, model, t = cross
     source = OnlineTeacher(model, tokenizer=t_tok, top_k=1 if kind == "alm" else 8)
@@ -371,7 +372,7 @@ def test_alm_teacher_on_completions_by_hand(cross, nodrop_student, chunks):
     BCE of the chunk likelihoods, weighted by student tokens. The prompt never enters a chunk."""
     from transformers import AutoModelForCausalLM
 
-    from stillroom.align import align
+    from stillroom.tokenization.align import align
 
     s_tok, t_tok, model, t = cross
     student = AutoModelForCausalLM.from_pretrained(nodrop_student).eval()
@@ -412,7 +413,7 @@ def test_fused_alm_of_twin_teachers_on_completions_is_the_single_teachers(cross,
     region offsets reach the fused path too)."""
     from transformers import AutoModelForCausalLM
 
-    from stillroom.objectives import FusedALM
+    from stillroom.teachers.objectives import FusedALM
 
     s_tok = cross[0]
     student = AutoModelForCausalLM.from_pretrained(nodrop_student).eval()
@@ -429,9 +430,9 @@ def test_uld_teacher_on_completions_pairs_the_completion_tokens(cross, nodrop_st
     pairing the teacher's row that predicts its token (its own rendering) with the student's (its row)."""
     from transformers import AutoModelForCausalLM
 
-    from stillroom.align import align
     from stillroom.losses import uld_loss
     from stillroom.targets import SparseTarget
+    from stillroom.tokenization.align import align
 
     s_tok, t_tok, _, t = cross
     student = AutoModelForCausalLM.from_pretrained(nodrop_student).eval()
@@ -459,9 +460,9 @@ def test_uld_teacher_on_completions_pairs_the_completion_tokens(cross, nodrop_st
 def test_alm_and_uld_teachers_train_on_chat_data_on_and_off_policy(tiny_models, tmp_path):
     """A recipe with an ALM and a ULD teacher (both cross-tokenizer) trains on chat data, off-policy and
     on-policy (λ = 1): the run ends, both terms are logged and finite, and `train --check` accepts it."""
-    from stillroom.preflight import check_recipe
-    from stillroom.recipe import load_recipe
-    from stillroom.trainer import train
+    from stillroom.training.plan import check_recipe
+    from stillroom.training.recipe import load_recipe
+    from stillroom.training.run import train
 
     data = _chat_file(tmp_path / "c.jsonl")
     for name, on in (("off", None), ("on", {"lambda": 1.0, "max_new_tokens": 8})):
@@ -506,9 +507,9 @@ def test_completion_loss_never_sees_prompt_rows(tiny_models, nodrop_student, tmp
     """Gradient check: with a same- and a cross-tokenizer teacher, the loss's gradient on the student's final
     hidden states is zero on every row that predicts a prompt token (or padding) and non-zero on completion
     rows; with λ = 1 the loss is the plain completion CE computed here from dense logits."""
-    from stillroom import trainer as T
-    from stillroom.recipe import load_recipe
-    from stillroom.student import build_student
+    from stillroom.models.student import build_student
+    from stillroom.training import trainer as T
+    from stillroom.training.recipe import load_recipe
 
     raw = _recipe(tiny_models, _chat_file(tmp_path / "c.jsonl"), tmp_path / "o")
     raw["student"] = str(nodrop_student)
@@ -592,8 +593,8 @@ def test_stillroom_train_on_chat_data(tiny_models, tmp_path):
     ({"data": {"format": "prompt_completion"}}, ["holds chat records", "data.format=chat"]),
 ])
 def test_train_check_refuses_what_completion_data_does_not_support(change, words, tiny_models, tmp_path):
-    from stillroom.preflight import check_recipe
-    from stillroom.recipe import load_recipe
+    from stillroom.training.plan import check_recipe
+    from stillroom.training.recipe import load_recipe
 
     raw = _recipe(tiny_models, _chat_file(tmp_path / "c.jsonl"), tmp_path / "o")
     for key, value in change.items():
@@ -611,8 +612,8 @@ def test_train_check_refuses_what_completion_data_does_not_support(change, words
 
 
 def test_train_check_refuses_a_cached_teacher(tiny_models, tmp_path):
-    from stillroom.preflight import check_recipe
-    from stillroom.recipe import load_recipe
+    from stillroom.training.plan import check_recipe
+    from stillroom.training.recipe import load_recipe
 
     raw = _recipe(tiny_models, _chat_file(tmp_path / "c.jsonl"), tmp_path / "o", teachers=("llama-spm",))
     (tmp_path / "cache").mkdir()
@@ -622,8 +623,8 @@ def test_train_check_refuses_a_cached_teacher(tiny_models, tmp_path):
 
 
 def test_export_blocks_refuses_completion_data(tiny_models, tmp_path):
-    from stillroom.recipe import load_recipe
-    from stillroom.trainer import export_training_blocks
+    from stillroom.training.build import export_training_blocks
+    from stillroom.training.recipe import load_recipe
 
     r = load_recipe(_recipe(tiny_models, _chat_file(tmp_path / "c.jsonl"), tmp_path / "o"))
     with pytest.raises(ConfigError, match="--export-blocks: data.format 'chat' has no text blocks"):
@@ -651,7 +652,7 @@ def test_no_token_crosses_the_template_boundary(name, template):
     one text, no token spans the byte where the template ends (the prompt ends in a newline or a special token,
     where every family's tokenizer ends a token), so a model reading its own rendering never sees a
     completion start inside a token."""
-    from stillroom.data_io import PACKAGE_DATA
+    from stillroom.inputs.text import PACKAGE_DATA
 
     tok = load_shared_tokenizer(name)
     if template == "gemma":

@@ -277,7 +277,7 @@ def test_ours_is_replaced_but_not_yours(tree, tiny_models, tmp_path):
     """vocab-map replaces a map it wrote for the same pair (and --overwrite anything); export-blocks likewise."""
     out = tmp_path / "map.safetensors"
     argv = ["vocab-map", "--source", str(tree["model"]), "--target", str(tree["teacher"]), "--out", str(out), "--json"]
-    from stillroom.vocab import VocabMap
+    from stillroom.tokenization.vocab import VocabMap
 
     assert CliRunner().invoke(app, argv).exit_code == 0
     first = VocabMap.load(out)

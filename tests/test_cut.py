@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from stillroom.cut import cut_layers
 from stillroom.errors import ConfigError, ModelError
+from stillroom.models.cut import cut_layers
 
 V = 96
 FAMILIES = {

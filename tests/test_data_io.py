@@ -1,4 +1,4 @@
-"""stillroom.data_io: what one document of a plain .txt is (file / paragraph / line), hand-checked."""
+"""stillroom.inputs.text: what one document of a plain .txt is (file / paragraph / line), hand-checked."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stillroom.data_io import load_texts
 from stillroom.errors import ConfigError, DataError
+from stillroom.inputs.text import load_texts
 
 TEXT = "  Shall I compare thee\nto a summer's day?\n\n\n  Thou art more lovely\n \nand more temperate.\n"
 
@@ -90,7 +90,7 @@ def _kinds(tmp: Path) -> dict[str, Path]:
 
 
 def test_iter_texts_equals_load_texts_on_every_kind(tmp_path, shared):
-    from stillroom.data_io import iter_texts
+    from stillroom.inputs.text import iter_texts
 
     kinds = _kinds(tmp_path)
     kinds["shakespeare"] = shared / "corpus" / "shakespeare"
@@ -114,7 +114,7 @@ def test_iter_texts_equals_load_texts_on_every_kind(tmp_path, shared):
 
 
 def test_iter_texts_is_lazy_and_gives_the_same_errors(tmp_path):
-    from stillroom.data_io import iter_texts
+    from stillroom.inputs.text import iter_texts
 
     # a bad line far into the file: the documents before it arrive before the error (nothing read ahead whole)
     p = tmp_path / "late.txt"
@@ -158,7 +158,7 @@ def test_iter_texts_is_lazy_and_gives_the_same_errors(tmp_path):
 
 
 def test_text_source_rereads_and_scan_matches_fingerprint(tmp_path):
-    from stillroom.data_io import TextSource, data_fingerprint, scan_texts
+    from stillroom.inputs.text import TextSource, data_fingerprint, scan_texts
 
     p = tmp_path / "c.txt"
     p.write_text("a b\n\nc d e\n\nf\n\ng h\n\ni\n", encoding="utf-8")

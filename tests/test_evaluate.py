@@ -251,8 +251,8 @@ def test_teacher_metrics_cross_tokenizer_naive(tiny_models):
     push-forward of the teacher distribution through the vocabulary map, KL and argmax computed directly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stillroom.tokens import TokenTable
-    from stillroom.vocab import VocabMap
+    from stillroom.tokenization.tokens import TokenTable
+    from stillroom.tokenization.vocab import VocabMap
 
     s_tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
     t_tok = AutoTokenizer.from_pretrained(tiny_models["llama-spm"])
@@ -295,7 +295,7 @@ def test_shipped_default_teachers():
 
     from stillroom.evaluate import load_model
     from stillroom.testing import PACKAGE_DATA, corpus_texts
-    from stillroom.tokens import TokenTable
+    from stillroom.tokenization.tokens import TokenTable
 
     root = PACKAGE_DATA / "default"
     kinds = {}
@@ -319,8 +319,8 @@ def test_completion_sums_are_completion_tokens_only(tiny_models):
     fallback template's end) summing -log2 p over the completion tokens only; bytes = the completions' UTF-8."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stillroom.chat import Example
     from stillroom.evaluate import completion_sums
+    from stillroom.inputs.chat import Example
 
     tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
     model = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2-bpe"]).eval()

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from stillroom.fusion import fuse, fusion_weights, merge_duplicates
 from stillroom.targets import SparseTarget
+from stillroom.teachers.fusion import fuse, fusion_weights, merge_duplicates
 
 V = 12
 
@@ -45,7 +45,7 @@ def _random_target(gen, lead, k, valid_p=0.8) -> SparseTarget:
 
 
 def _naive(targets, ces, method, level, tau=1.0):
-    """Loop-per-position reference, written independently of stillroom.fusion."""
+    """Loop-per-position reference, written independently of stillroom.teachers.fusion."""
     B, T = targets[0].ids.shape[:2]
     dense = [_dense(t) for t in targets]
     out = torch.zeros(B, T, V + 1)

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import stillroom
-from stillroom.healing import PrefixIndex, generate, index_for, prepare
+from stillroom.generation.healing import PrefixIndex, generate, index_for, prepare
 from stillroom.testing import SHARED_TOKENIZERS, corpus_texts, tiny_gpt2
 
 # --------------------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ EOT = "<|endoftext|>"
 
 
 def _byte_char_table() -> dict[int, str]:
-    # GPT-2's byte -> printable character table, written out independently of stillroom.tokens
+    # GPT-2's byte -> printable character table, written out independently of stillroom.tokenization.tokens
     keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
     table, n = {b: chr(b) for b in keep}, 0
     for b in range(256):

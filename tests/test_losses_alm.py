@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from stillroom.align import align
 from stillroom.losses import ALM_DIVERGENCES, alm_loss, token_logprobs
-from stillroom.tokens import TokenTable
+from stillroom.tokenization.align import align
+from stillroom.tokenization.tokens import TokenTable
 from tests.test_tokens import passages
 
 

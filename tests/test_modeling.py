@@ -1,4 +1,4 @@
-"""stillroom.modeling: the fused tanh-GELU swap is equivalent to transformers' Python formula (values and
+"""stillroom.models.runtime: the fused tanh-GELU swap is equivalent to transformers' Python formula (values and
 gradients), touches no config, and frozen teachers take no gradients."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.activations import NewGELUActivation
 
-from stillroom.modeling import fast_activations, freeze_teacher
+from stillroom.models.runtime import fast_activations, freeze_teacher
 from stillroom.testing import tiny_gpt2
 
 
@@ -41,7 +41,7 @@ def test_freeze_teacher():
 
 
 def test_frozen_runs_a_teacher_in_its_own_dtype_inside_autocast():
-    from stillroom.modeling import frozen
+    from stillroom.models.runtime import frozen
 
     torch.manual_seed(0)
     layer, x = torch.nn.Linear(64, 32), torch.randn(8, 64)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from stillroom import models, registry
 from stillroom.errors import ConfigError, ModelError, StillroomError
+from stillroom.models import loading as models
+from stillroom.models import registry
 from stillroom.testing import GGUF_SHAPE, write_tiny_llama_gguf
 
 gguf = pytest.importorskip("gguf")

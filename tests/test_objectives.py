@@ -1,4 +1,4 @@
-"""ALM / ULD teachers in the trainer (stillroom.objectives), against hand-written references on the same batch."""
+"""ALM / ULD teachers in the trainer (stillroom.teachers.objectives), against hand-written references on the same batch."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from stillroom.recipe import load_recipe
 from stillroom.testing import corpus_texts
+from stillroom.training.recipe import load_recipe
 
 SEQ = 48
 
@@ -31,8 +31,8 @@ def _raw(tiny_models, data_dir, out, teachers, lam=0.5):
 
 
 def _trainer(raw):
-    from stillroom import trainer as T
-    from stillroom.student import build_student
+    from stillroom.models.student import build_student
+    from stillroom.training import trainer as T
 
     r = load_recipe(raw)
     toks = T.check_recipe(r)
@@ -66,8 +66,8 @@ def _teacher_rows(path, tok, text):
 
 
 def _alignments(batch, toks, t_tok):
-    from stillroom.align import align
-    from stillroom.tokens import TokenTable
+    from stillroom.tokenization.align import align
+    from stillroom.tokenization.tokens import TokenTable
 
     st, tt = TokenTable.from_tokenizer(toks["student"]), TokenTable.from_tokenizer(t_tok)
     out = []
@@ -204,8 +204,8 @@ def test_alm_unbiased_chunks_are_merged_groups_ending_at_unbiased_boundaries(tin
     here (unigram counts of the whole training text) calls unbiased, and the ALM step equals the naive loop on them."""
     from types import SimpleNamespace
 
-    from stillroom.tokens import TokenTable
-    from stillroom.unbiased import BoundaryBias, unbiased_boundaries, unigram_probs
+    from stillroom.tokenization.tokens import TokenTable
+    from stillroom.tokenization.unbiased import BoundaryBias, unbiased_boundaries, unigram_probs
 
     t = tiny_models["llama-spm"]
     spec = {"path": str(t), "objective": "alm", "alm_chunks": "unbiased", "alm_temperature": 4.0, "weight": 1.0}
@@ -240,7 +240,7 @@ def test_alm_unbiased_chunks_are_merged_groups_ending_at_unbiased_boundaries(tin
 
 
 def test_alm_chunks_are_the_exact_alignment_groups(tiny_models, data_dir, tmp_path):
-    """The trainer's chunks are stillroom.align's groups of the teacher's and the student's tokenizations."""
+    """The trainer's chunks are stillroom.tokenization.align's groups of the teacher's and the student's tokenizations."""
     tr, batch, toks = _trainer(_raw(tiny_models, data_dir, tmp_path,
                                     [{"path": str(tiny_models["llama-spm"]), "objective": "alm"}]))
     pairs = tr.extra[0].aligned(batch)
@@ -251,8 +251,9 @@ def test_alm_chunks_are_the_exact_alignment_groups(tiny_models, data_dir, tmp_pa
 
 
 def test_alm_from_the_cache_equals_alm_online(tiny_models, data_dir, tmp_path):
-    from stillroom.cache import OnlineTeacher, write_cache
-    from stillroom.trainer import export_training_blocks
+    from stillroom.teachers.cache import write_cache
+    from stillroom.teachers.online import OnlineTeacher
+    from stillroom.training.build import export_training_blocks
 
     t = str(tiny_models["llama-spm"])
     raw = _raw(tiny_models, data_dir, tmp_path / "o", [{"path": t, "objective": "alm", "weight": 2.0}])
@@ -288,7 +289,7 @@ def test_uld_training_step_equals_a_naive_sorted_probability_loss(tiny_models, d
 
 
 def test_own_logprobs_value_and_gradient_match_log_softmax():
-    from stillroom.objectives import own_logprobs
+    from stillroom.losses.own_logprob import own_logprobs
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(13, 8, dtype=torch.float64, generator=g, requires_grad=True)
@@ -308,7 +309,7 @@ def test_own_logprobs_value_and_gradient_match_log_softmax():
 
 
 def test_alm_and_kd_teachers_train_together(tiny_models, data_dir, tmp_path):
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     t = str(tiny_models["llama-spm"])
     raw = _raw(tiny_models, data_dir, tmp_path / "out", [{"path": t, "name": "kd"},

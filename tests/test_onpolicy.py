@@ -1,4 +1,4 @@
-"""On-policy distillation (stillroom.onpolicy) on the tiny fixture models and a few chat records."""
+"""On-policy distillation (stillroom.training.onpolicy) on the tiny fixture models and a few chat records."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import torch
 import yaml
 from conftest import torchrun_train
 
-from stillroom import chat, onpolicy
-from stillroom.recipe import RecipeError, load_recipe
-from stillroom.rollout import sample
+from stillroom.generation.rollout import sample
+from stillroom.inputs import chat
+from stillroom.training import onpolicy
+from stillroom.training.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = ROOT / "stillroom" / "data" / "chat" / "train.jsonl"
@@ -113,8 +114,8 @@ def test_coin_is_a_function_of_seed_and_step_with_rate_lambda():
 
 def _trainer(tiny_models, student, data, out, onpol, teachers=("gpt2-bpe-teacher",)):
     """An OnPolicyTrainer built by train()'s own pieces, without training."""
-    from stillroom import trainer as T
-    from stillroom.student import build_student
+    from stillroom.models.student import build_student
+    from stillroom.training import trainer as T
 
     r = load_recipe(_raw(tiny_models, student, data, out, onpol, teachers))
     toks = T.check_recipe(r)
@@ -208,7 +209,7 @@ def test_get_batch_samples_replaces_every_micro_batch_and_recounts_the_labels(ti
 
 
 def test_lambda_0_is_off_policy_training_step_for_step(tiny_models, nodrop_student, chat_data, tmp_path):
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     off = train(load_recipe(_raw(tiny_models, nodrop_student, chat_data["full"], tmp_path / "off")))
     on = train(load_recipe(_raw(tiny_models, nodrop_student, chat_data["full"], tmp_path / "on", {"lambda": 0.0})))
@@ -222,7 +223,7 @@ def test_lambda_0_is_off_policy_training_step_for_step(tiny_models, nodrop_stude
 def test_lambda_1_trains_on_prompt_only_data(tiny_models, nodrop_student, chat_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     r = load_recipe(_raw(tiny_models, nodrop_student, chat_data["prompts"], tmp_path / "o", {"lambda": 1.0}))
     res = train(r)
@@ -236,8 +237,8 @@ def test_lambda_1_trains_on_prompt_only_data(tiny_models, nodrop_student, chat_d
 
 def test_resume_from_a_checkpoint_takes_the_same_choices_and_samples(tiny_models, nodrop_student, chat_data,
                                                                       tmp_path):
-    from stillroom.runs import write_marker
-    from stillroom.trainer import train
+    from stillroom.training.run import train
+    from stillroom.training.runs import write_marker
 
     common = ["train.max_steps=4", "train.save_steps=2"]
     raw = _raw(tiny_models, nodrop_student, chat_data["full"], tmp_path / "full", {"lambda": 0.5, "seed": 1})
@@ -259,7 +260,7 @@ def test_resume_from_a_checkpoint_takes_the_same_choices_and_samples(tiny_models
 
 DDP_SCRIPT = """
 import hashlib, json, os, sys
-from stillroom.trainer import train
+from stillroom.training.run import train
 r = train(sys.argv[1], sys.argv[2:])
 h = hashlib.sha256()
 for k, v in sorted(r.model.state_dict().items()):

@@ -1,4 +1,4 @@
-"""stillroom.outputs: a user's file is never replaced unasked, and writes are whole or nothing."""
+"""stillroom.files: a user's file is never replaced unasked, and writes are whole or nothing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 
 from stillroom.errors import OutputExistsError
-from stillroom.outputs import atomic_write, check_output_dir, check_output_file
+from stillroom.files import atomic_write, check_output_dir, check_output_file
 
 
 def _umask() -> int:

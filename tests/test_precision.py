@@ -1,4 +1,4 @@
-"""stillroom.precision: dtype by measured capability, cached per machine, overridable."""
+"""stillroom.models.precision: dtype by measured capability, cached per machine, overridable."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from stillroom import precision
 from stillroom.errors import ConfigError
+from stillroom.models import precision
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""stillroom.preflight.check_recipe: what `train --check` knows before any model loads — accepting what works."""
+"""stillroom.training.plan.check_recipe: what `train --check` knows before any model loads — accepting what works."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import importlib.util
 import pytest
 import torch
 
-from stillroom.cache import OnlineTeacher, write_cache
 from stillroom.errors import ConfigError
-from stillroom.preflight import check_recipe
-from stillroom.recipe import load_recipe
+from stillroom.teachers.cache import write_cache
+from stillroom.teachers.online import OnlineTeacher
+from stillroom.training.plan import check_recipe
+from stillroom.training.recipe import load_recipe
 
 
 def _recipe(tiny_models, tmp_path, **extra) -> dict:
@@ -24,7 +25,7 @@ def _recipe(tiny_models, tmp_path, **extra) -> dict:
 
 
 def test_cache_over_the_exported_blocks_passes_and_other_texts_fail(tiny_models, tmp_path):
-    from stillroom.trainer import export_training_blocks
+    from stillroom.training.build import export_training_blocks
 
     r = load_recipe(_recipe(tiny_models, tmp_path))
     toks = check_recipe(r)
@@ -57,7 +58,7 @@ def test_context_and_loggers(tiny_models, tmp_path):
 
 def test_streaming_recipe_checks_its_first_document_and_the_cache_over_streamed_blocks(tiny_models, tmp_path):
     from stillroom.errors import DataError
-    from stillroom.trainer import export_training_blocks
+    from stillroom.training.build import export_training_blocks
 
     stream = ["data.streaming=true", "train.max_steps=2"]
     r = load_recipe(_recipe(tiny_models, tmp_path), stream)
@@ -81,7 +82,8 @@ def test_streaming_recipe_checks_its_first_document_and_the_cache_over_streamed_
 def test_speed_switches_refused_or_warned_naming_the_key(tiny_models, tmp_path, monkeypatch):
     from transformers import GPT2LMHeadModel
 
-    from stillroom import precision, switches
+    from stillroom.models import precision
+    from stillroom.training import switches
 
     monkeypatch.setenv("STILLROOM_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("STILLROOM_DTYPE", raising=False)

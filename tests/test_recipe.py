@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stillroom.recipe import Recipe, load_recipe
+from stillroom.training.recipe import Recipe, load_recipe
 
 RECIPES = sorted(p for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml")
                  if not p.name.startswith("accelerate") and p.name != "fuse-real-models.yaml")

@@ -1,4 +1,4 @@
-"""stillroom.rollout: batched left-padded KV-cache sampling vs one-prompt-at-a-time references."""
+"""stillroom.generation.rollout: batched left-padded KV-cache sampling vs one-prompt-at-a-time references."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stillroom.errors import ConfigError
-from stillroom.rollout import (
+from stillroom.generation.rollout import (
     Sample,
     completion_text,
     generate_ids,
@@ -19,7 +19,7 @@ from stillroom.rollout import (
     skinny_linears,
 )
 from stillroom.testing import tiny_llama
-from stillroom.tokens import TokenTable
+from stillroom.tokenization.tokens import TokenTable
 
 TEXTS = ["To be, or not to be", "My lord", "Now is the winter of our discontent made glorious summer by this sun",
          "O"]
@@ -111,7 +111,7 @@ def test_a_completion_round_trips_through_completion_ids(tiny_models):
     prefix spells "The king" as ``▁The ▁king``. Generated ids ``▁The ▁king`` after a prompt must come back as
     "The king" (not " The king", which that tokenizer would spell with an extra ▁), so seq-KD data and
     on-policy samples re-tokenize to the tokens the model produced; a byte-level BPE's " The" keeps its space."""
-    from stillroom.chat import completion_ids
+    from stillroom.inputs.chat import completion_ids
 
     for name, completion in (("llama-spm", "The king"), ("gpt2-bpe", " The king")):
         tok = AutoTokenizer.from_pretrained(tiny_models[name])
@@ -205,8 +205,8 @@ def _records(path):
 def test_generated_file_is_trainable_data_with_the_models_own_completions(tiny_models, tmp_path):
     """Each record holds the prompt (or the conversation + the generated assistant turn) and exactly what
     sample() gives for that prompt rendered by chat.prompt_ids; load_examples reads it back as training data."""
-    from stillroom.chat import end_ids, load_examples, prompt_ids
-    from stillroom.rollout import generate_file
+    from stillroom.generation.rollout import generate_file
+    from stillroom.inputs.chat import end_ids, load_examples, prompt_ids
 
     data = _prompt_file(tmp_path / "prompts.jsonl", n=6)
     out = tmp_path / "out.jsonl"
@@ -244,7 +244,7 @@ def test_generate_resumes_after_sigkill_without_duplicates(tiny_models, tmp_path
     import sys
     import time
 
-    from stillroom.rollout import generate_file
+    from stillroom.generation.rollout import generate_file
 
     data = _prompt_file(tmp_path / "prompts.jsonl", n=40)
     kw = dict(max_new_tokens=24, batch_size=2)
@@ -283,7 +283,7 @@ def test_sampled_generation_resumes_to_the_same_file_and_other_settings_are_refu
     and it is the uninterrupted file again. Other settings are refused naming them; --overwrite starts over;
     a file stillroom did not write is never touched."""
     from stillroom.errors import OutputExistsError
-    from stillroom.rollout import generate_file
+    from stillroom.generation.rollout import generate_file
 
     data = _prompt_file(tmp_path / "prompts.jsonl", n=12)
     out = tmp_path / "out.jsonl"

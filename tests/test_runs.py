@@ -1,4 +1,4 @@
-"""stillroom.runs: guarded output folders, Ctrl-C and resume, the loss parts in metrics.jsonl, like-with-like
+"""stillroom.training.runs: guarded output folders, Ctrl-C and resume, the loss parts in metrics.jsonl, like-with-like
 plots, the model card's front matter, and the generated results table of docs/benchmarks.md."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from stillroom.errors import OutputExistsError
-from stillroom.recipe import load_recipe
+from stillroom.training.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ = 48
@@ -54,7 +54,8 @@ def _foreign(folder: Path) -> Path:
 
 
 def test_a_foreign_output_dir_is_refused_and_left_byte_identical(tiny_models, data_dir, tmp_path):
-    from stillroom.trainer import export_training_blocks, train
+    from stillroom.training.build import export_training_blocks
+    from stillroom.training.run import train
 
     out = _foreign(tmp_path / "other-run")
     before = _snapshot(out)
@@ -71,8 +72,8 @@ def test_a_foreign_output_dir_is_refused_and_left_byte_identical(tiny_models, da
 
 
 def test_resume_refuses_a_folder_written_by_another_recipe(tiny_models, data_dir, tmp_path):
-    from stillroom.runs import write_marker
-    from stillroom.trainer import train
+    from stillroom.training.run import train
+    from stillroom.training.runs import write_marker
 
     out = tmp_path / "run"
     write_marker(out, load_recipe(_raw(tiny_models, data_dir, out), ["loss.ce_weight=0.5"]))
@@ -104,7 +105,7 @@ def test_overwrite_replaces_a_foreign_run(tiny_models, data_dir, tmp_path):
 
 
 def test_resuming_a_finished_run_trains_nothing_and_changes_no_file(tiny_models, data_dir, tmp_path):
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     out = tmp_path / "run"
     first = train(load_recipe(_raw(tiny_models, data_dir, out, save_steps=1)))
@@ -118,7 +119,7 @@ def test_resuming_a_finished_run_trains_nothing_and_changes_no_file(tiny_models,
 
 
 def test_final_evaluation_is_computed_and_logged_once(tiny_models, data_dir, tmp_path):
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     raw = _raw(tiny_models, data_dir, tmp_path / "run", eval_steps=2, eval_max_blocks=2)
     raw["data"]["eval"] = str(data_dir / "val.txt")
@@ -186,8 +187,9 @@ def test_ce_and_kd_parts_match_a_hand_computation_and_add_up_to_the_loss(tiny_mo
     KL(teacher top-10 + tail ‖ student) by hand, and λ·ce + (1−λ)·kd the logged loss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stillroom.data_io import load_texts
-    from stillroom.trainer import BlockCollator, BlockDataset, make_blocks, train
+    from stillroom.inputs.blocks import BlockCollator, BlockDataset, make_blocks
+    from stillroom.inputs.text import load_texts
+    from stillroom.training.run import train
 
     raw = _raw(tiny_models, data_dir, tmp_path / "run", max_steps=2)
     raw["student"] = str(nodrop_student)
@@ -225,7 +227,7 @@ def test_ce_and_kd_parts_match_a_hand_computation_and_add_up_to_the_loss(tiny_mo
 
 
 def test_plots_draw_like_with_like():
-    from stillroom.runs import compare_panels, loss_panels
+    from stillroom.training.runs import compare_panels, loss_panels
 
     fused = [{"step": 1, "loss": 1.2, "ce": 5.0, "kd": 0.4}, {"step": 2, "loss": 1.0, "ce": 4.5, "kd": 0.3},
              {"step": 2, "eval_loss": 4.6, "eval_bpb": 1.9}, {"step": 2, "train_runtime": 3.0}]
@@ -244,7 +246,7 @@ def test_plots_draw_like_with_like():
 
 
 def test_alm_and_uld_terms_get_a_panel_each_one_series_per_teacher():
-    from stillroom.runs import loss_panels
+    from stillroom.training.runs import loss_panels
 
     hist = [{"step": 1, "loss": 2.0, "ce": 3.0, "alm/gemma": 0.7, "alm/llama": 0.9, "uld/qwen": 0.2},
             {"step": 2, "loss": 1.8, "ce": 2.8, "alm/gemma": 0.6, "alm/llama": 0.8, "uld/qwen": 0.15}]
@@ -260,7 +262,7 @@ def test_alm_and_uld_terms_get_a_panel_each_one_series_per_teacher():
 def test_model_card_front_matter(tiny_models, data_dir, tmp_path):
     import shutil
 
-    from stillroom.runs import model_card
+    from stillroom.training.runs import model_card
 
     student = tmp_path / "student"
     shutil.copytree(tiny_models["gpt2-bpe"], student)
@@ -312,7 +314,7 @@ def test_progress_on_a_terminal_shows_elapsed_time_nests_evaluation_and_restores
 
     from rich.console import Console
 
-    from stillroom.runs import RichProgressCallback, phase
+    from stillroom.training.runs import RichProgressCallback, phase
 
     buf = io.StringIO()
     cb = RichProgressCallback(Console(file=buf, force_terminal=True, width=150))
@@ -338,7 +340,7 @@ def test_progress_without_a_terminal_prints_one_line_per_phase():
 
     from rich.console import Console
 
-    from stillroom.runs import phase
+    from stillroom.training.runs import phase
 
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=False, width=40)

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from stillroom.recipe import RecipeError, load_recipe
-from stillroom.student import build_student, describe_student, student_tokenizer
+from stillroom.models.student import build_student, describe_student, student_tokenizer
 from stillroom.testing import write_tiny_llama_gguf
+from stillroom.training.recipe import RecipeError, load_recipe
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_built_students_keep_or_replace_weights_as_asked(tiny_models, data_file,
 
 
 def test_train_a_student_cut_from_a_teacher(tiny_models, data_file, tmp_path):
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     teacher = tiny_models["gpt2-bpe-teacher"]
     out = tmp_path / "cut-run"
@@ -101,7 +101,7 @@ def test_train_a_student_cut_from_a_teacher(tiny_models, data_file, tmp_path):
 
 
 def test_train_from_a_gguf_file(data_file, tmp_path, monkeypatch):
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     monkeypatch.setenv("STILLROOM_CACHE", str(tmp_path / "cache"))
     gguf_path = tmp_path / "tiny.gguf"

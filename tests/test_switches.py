@@ -1,13 +1,14 @@
-"""stillroom.switches: the recipe's speed switches become TrainingArguments keywords and an in-place compile."""
+"""stillroom.training.switches: the recipe's speed switches become TrainingArguments keywords and an in-place compile."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from stillroom import precision, switches
-from stillroom.recipe import TrainSpec
+from stillroom.models import precision
 from stillroom.testing import tiny_gpt2
+from stillroom.training import switches
+from stillroom.training.recipe import TrainSpec
 
 
 @pytest.fixture

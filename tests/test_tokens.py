@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stillroom.testing import SHARED_TOKENIZERS
-from stillroom.tokens import TokenTable
+from stillroom.tokenization.tokens import TokenTable
 
 ADVERSARIAL = [
     "",

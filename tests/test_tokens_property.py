@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 
 from stillroom.testing import SHARED_TOKENIZERS, shared_dir
-from stillroom.tokens import TokenTable
+from stillroom.tokenization.tokens import TokenTable
 from tests.conftest import LOCAL_TOKENIZERS
 
 ALL_TOKENIZERS = (*SHARED_TOKENIZERS, "gemma3", "smollm2")

@@ -12,8 +12,8 @@ import torch
 import yaml
 from conftest import torchrun_train
 
-from stillroom.recipe import RecipeError, load_recipe
 from stillroom.testing import corpus_texts
+from stillroom.training.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -89,7 +89,7 @@ def test_teacher_name_defaults_to_its_folder(tiny_models, data_dir, tmp_path):
 
 
 def test_tokenizer_mismatch_without_projection_fails_before_models_load(tiny_models, data_dir, tmp_path):
-    from stillroom.trainer import check_recipe
+    from stillroom.training.plan import check_recipe
 
     r = load_recipe(_base(tiny_models, data_dir, tmp_path, teachers=("llama-spm",)), ["fusion.projection=none"])
     with pytest.raises(ValueError, match=r"teachers.0.path: .*different tokenizer.*fusion.projection"):
@@ -99,8 +99,9 @@ def test_tokenizer_mismatch_without_projection_fails_before_models_load(tiny_mod
 
 
 def test_cache_built_for_another_teacher_is_rejected(tiny_models, data_dir, tmp_path):
-    from stillroom.cache import OnlineTeacher, write_cache
-    from stillroom.trainer import check_recipe
+    from stillroom.teachers.cache import write_cache
+    from stillroom.teachers.online import OnlineTeacher
+    from stillroom.training.plan import check_recipe
 
     cache = tmp_path / "cache"
     (tmp_path / "d.jsonl").write_text(json.dumps({"id": "a", "text": "To be or not to be."}) + "\n")
@@ -114,7 +115,7 @@ def test_cache_built_for_another_teacher_is_rejected(tiny_models, data_dir, tmp_
 @pytest.mark.parametrize("name", ["kd-same-tokenizer", "kd-cross-tokenizer", "fusellm-two-teachers",
                                   "emo-finetune"])
 def test_shipped_recipes_validate_and_run_a_few_steps(name, tiny_models, data_dir, tmp_path):
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     r = load_recipe(RECIPES / f"{name}.yaml")  # as shipped: points at the embedded default
     assert r.name == name
@@ -144,8 +145,8 @@ def test_shipped_recipes_validate_and_run_a_few_steps(name, tiny_models, data_di
 
 def _trainer(tiny_models, data_dir, out, teachers=("gpt2-bpe-teacher",), overrides=()):
     """A DistillTrainer built by train()'s own pieces, without training."""
-    from stillroom import trainer as T
-    from stillroom.student import build_student
+    from stillroom.models.student import build_student
+    from stillroom.training import trainer as T
 
     r = load_recipe(_base(tiny_models, data_dir, out, teachers), list(overrides))
     toks = T.check_recipe(r)
@@ -205,7 +206,7 @@ def test_one_same_tokenizer_teacher_with_min_ce_is_plain_kd(top_k, tiny_models, 
 def test_aligned_teacher_target_is_the_projection_with_its_fallback(projection, tiny_models, data_dir, tmp_path):
     """One cross-tokenizer teacher: the trainer's target (projected without fallback rows, fused, then the
     uncovered rows filled) is exactly ``student_targets`` with the fallback's one-hot rows, row by row."""
-    from stillroom.cache import student_targets
+    from stillroom.tokenization.project import student_targets
 
     trainer, _ = _trainer(tiny_models, data_dir, tmp_path, teachers=("llama-spm",),
                           overrides=[f"fusion.projection={projection}"])
@@ -229,7 +230,7 @@ def test_aligned_teacher_target_is_the_projection_with_its_fallback(projection, 
 
 
 def test_include_student_adds_a_frozen_copy_as_candidate(tiny_models, data_dir, tmp_path):
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     raw = _base(tiny_models, data_dir, tmp_path / "o")
     r = train(load_recipe(raw, ["fusion.include_student=true", "fusion.method=avg_ce", "train.max_steps=2",
@@ -254,7 +255,7 @@ def test_loss_decreases_on_a_repeated_batch(tiny_models, data_dir, tmp_path):
 
 def test_grad_accumulation_1x4_equals_4x1(tiny_models, nodrop_student, data_dir, tmp_path):
     """One SGD step from 4 blocks of unequal lengths: batch 4 × accum 1 and batch 1 × accum 4 agree."""
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     common = ["train.max_steps=1", "train.optimizer=sgd", "train.max_grad_norm=0", "train.lr=0.5",
               "data.max_blocks=4", "train.seed=3", "loss.ce_weight=0.5"]
@@ -278,12 +279,12 @@ def test_grad_accumulation_1x4_equals_4x1(tiny_models, nodrop_student, data_dir,
 
 
 def test_resume_matches_uninterrupted_run(tiny_models, nodrop_student, data_dir, tmp_path):
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     raw = _base(tiny_models, data_dir, tmp_path / "full")
     raw["student"] = str(nodrop_student)
     full = train(load_recipe(raw, ["train.max_steps=6", "train.save_steps=3", "train.lr_scheduler=cosine"]))
-    from stillroom.runs import write_marker
+    from stillroom.training.runs import write_marker
 
     shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "part" / "checkpoint-3")
     raw["train"]["output_dir"] = str(tmp_path / "part")
@@ -304,7 +305,7 @@ def test_resume_matches_uninterrupted_run(tiny_models, nodrop_student, data_dir,
 
 def test_gradient_checkpointing_gives_the_same_losses_and_weights(tiny_models, nodrop_student, data_dir, tmp_path):
     """Recomputing activations in the backward pass changes memory, not maths: the same losses and weights."""
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     common = ["train.max_steps=2", "train.optimizer=sgd", "train.max_grad_norm=0", "train.lr=0.5"]
     raw = _base(tiny_models, data_dir, tmp_path / "plain")
@@ -322,8 +323,8 @@ def test_gradient_checkpointing_gives_the_same_losses_and_weights(tiny_models, n
 
 
 def test_bf16_precision_autocasts_over_fp32_master_weights(tiny_models, data_dir, tmp_path, monkeypatch):
-    from stillroom import precision
-    from stillroom.trainer import train
+    from stillroom.models import precision
+    from stillroom.training.run import train
 
     monkeypatch.setattr(precision, "training_device", lambda: torch.device("cpu"))
     raw = _base(tiny_models, data_dir, tmp_path / "fp32")
@@ -337,9 +338,9 @@ def test_bf16_precision_autocasts_over_fp32_master_weights(tiny_models, data_dir
 
 
 def test_teacher_dtype_is_the_dtype_online_teachers_run_in(tiny_models, data_dir, tmp_path, monkeypatch):
-    from stillroom import precision
-    from stillroom.preflight import check_recipe
-    from stillroom.trainer import build_teachers
+    from stillroom.models import precision
+    from stillroom.training.build import build_teachers
+    from stillroom.training.plan import check_recipe
 
     monkeypatch.setenv("STILLROOM_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("STILLROOM_DTYPE", raising=False)
@@ -354,7 +355,7 @@ def test_teacher_dtype_is_the_dtype_online_teachers_run_in(tiny_models, data_dir
 def test_tensorboard_run_writes_event_files(tiny_models, data_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     out = tmp_path / "tb"
     res = train(load_recipe(_base(tiny_models, data_dir, out), ["train.max_steps=2", "train.report_to=[tensorboard]"]))
@@ -369,8 +370,8 @@ def test_tensorboard_run_writes_event_files(tiny_models, data_dir, tmp_path):
 def test_cli_train_check_prints_a_switch_warning(tiny_models, data_dir, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from stillroom import precision
     from stillroom.cli import app
+    from stillroom.models import precision
 
     monkeypatch.setenv("STILLROOM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: 0.02)
@@ -412,7 +413,7 @@ def test_cli_train_check_and_bad_override(tiny_models, data_dir, tmp_path):
 DDP_SCRIPT = """
 import hashlib, os, sys
 import torch
-from stillroom.trainer import train
+from stillroom.training.run import train
 r = train(sys.argv[1], sys.argv[2:])
 h = hashlib.sha256()
 for k, v in sorted(r.model.state_dict().items()):
@@ -425,7 +426,7 @@ open(out, "w").write(h.hexdigest())
 def test_two_process_ddp_on_cpu_ends_with_identical_weights(tiny_models, nodrop_student, data_dir, tmp_path):
     """torchrun 2 × batch 2 (gloo): both ranks end equal, and equal to one process with batch 4 (same blocks,
     SGD, no clipping), so the token-count normalisation is exact across ranks too."""
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     raw = _base(tiny_models, data_dir, tmp_path / "o")
     raw["student"] = str(nodrop_student)
@@ -447,7 +448,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tiny_models, nodrop_
 def test_training_eval_bpb_equals_stillroom_eval(tiny_models, data_dir, tmp_path):
     """`train`'s eval_bpb and `stillroom eval` score the same documents the same way (the reference)."""
     from stillroom.evaluate import evaluate_paths
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     for documents in ("file", "line"):
         out = tmp_path / documents
@@ -476,7 +477,7 @@ def test_streaming_recipe_needs_max_steps(tiny_models, data_dir, tmp_path):
 def test_streaming_training_equals_in_memory_on_the_same_blocks(tiny_models, nodrop_student, data_dir, tmp_path):
     """4 blocks, batch 4, SGD: every step sees the same 4 blocks whether they are streamed (in order) or held
     (shuffled), so both runs end with the same weights; the streamed run's card says so."""
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     common = ["data.max_blocks=4", "train.max_steps=2", "train.batch_size=4", "train.optimizer=sgd",
               "train.max_grad_norm=0", "train.lr=0.5", f"student={nodrop_student}"]
@@ -492,10 +493,10 @@ def test_streaming_training_equals_in_memory_on_the_same_blocks(tiny_models, nod
 
 
 def test_exported_blocks_equal_make_blocks(tiny_models, data_dir, tmp_path):
-    from stillroom.blocks import make_blocks
-    from stillroom.data_io import load_texts
-    from stillroom.student import student_tokenizer
-    from stillroom.trainer import export_training_blocks
+    from stillroom.inputs.blocks import make_blocks
+    from stillroom.inputs.text import load_texts
+    from stillroom.models.student import student_tokenizer
+    from stillroom.training.build import export_training_blocks
 
     for cap in (None, 5):
         r = load_recipe(_base(tiny_models, data_dir, tmp_path / "o", data={"documents": "paragraph",
@@ -510,7 +511,7 @@ def test_exported_blocks_equal_make_blocks(tiny_models, data_dir, tmp_path):
 def test_two_process_ddp_streaming_equals_one_process(tiny_models, nodrop_student, data_dir, tmp_path):
     """torchrun 2 × batch 2 over streamed blocks (each rank reads the stream and keeps its own batches) ends
     with the weights of one process with batch 4 over the same stream: no block lost or seen twice."""
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     raw = _base(tiny_models, data_dir, tmp_path / "o", data={"streaming": True})
     raw["student"] = str(nodrop_student)

@@ -1,4 +1,4 @@
-"""stillroom.unbiased: crossing sets, biases and merged chunks on hand-built BPE tokenizers whose answers are
+"""stillroom.tokenization.unbiased: crossing sets, biases and merged chunks on hand-built BPE tokenizers whose answers are
 worked out by hand; on real tokenizers, a tokenizer against itself is unbiased everywhere."""
 
 from __future__ import annotations
@@ -6,8 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stillroom.tokens import TokenTable
-from stillroom.unbiased import BoundaryBias, merge_chunks, unbiased_boundaries, unbiased_chunks, unigram_probs
+from stillroom.tokenization.tokens import TokenTable
+from stillroom.tokenization.unbiased import (
+    BoundaryBias,
+    merge_chunks,
+    unbiased_boundaries,
+    unbiased_chunks,
+    unigram_probs,
+)
 
 
 def _toy(vocab: list[str], merges: list[str]):
@@ -74,7 +80,7 @@ def test_merge_chunks_by_hand():
 
 
 def test_unbiased_chunks_of_a_toy_alignment():
-    from stillroom.align import align
+    from stillroom.tokenization.align import align
 
     rule, t, s = _rule()
     text = "abcab"  # T: abc ab; S: ab c ab
@@ -108,7 +114,7 @@ def test_unigram_probs_count_the_tokenizers_ids():
 def test_a_real_tokenizer_against_itself_is_unbiased_everywhere(shared_tokenizer, shared):
     """Same tokenizer on both sides: the crossing sets coincide, every boundary is unbiased, and the unbiased
     chunks are exactly the (one-to-one) alignment groups."""
-    from stillroom.align import align
+    from stillroom.tokenization.align import align
 
     tok = shared_tokenizer("gpt2")
     table = TokenTable.from_tokenizer(tok)

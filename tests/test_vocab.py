@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stillroom.vocab import VocabMap, min_edit_distance_map, prefix_map
+from stillroom.tokenization.vocab import VocabMap, min_edit_distance_map, prefix_map
 
 
 def naive_lev(a: bytes, b: bytes) -> int:
@@ -104,7 +104,7 @@ def test_matches_naive_brute_force(src, tgt, seed):
 def _table(path_or_tok):
     from transformers import AutoTokenizer
 
-    from stillroom.tokens import TokenTable
+    from stillroom.tokenization.tokens import TokenTable
 
     tok = AutoTokenizer.from_pretrained(path_or_tok) if not hasattr(path_or_tok, "backend_tokenizer") else path_or_tok
     return TokenTable.from_tokenizer(tok)

@@ -2,7 +2,7 @@
 
 No vocabulary map: the teacher and the student each score the *same text* with their own tokens. A chunk is an
 alignment group — teacher tokens ``t0:t1`` and student tokens ``s0:s1`` that spell the same bytes
-(``stillroom.align.align(...).groups``; ``.exact`` marks groups whose bytes coincide). Its likelihood on each side
+(``stillroom.tokenization.align.align(...).groups``; ``.exact`` marks groups whose bytes coincide). Its likelihood on each side
 is the product of its tokens' probabilities, ``log p_c = Σ_{j ∈ c} log p(x_j | x_<j)``. Each chunk is treated as
 a Bernoulli {p_c, 1 − p_c} and the two Bernoullis are compared by a binarised divergence, after a binarisation
 temperature τ (``log p̂ = log p / τ − ε``, i.e. ``p̂ = p^{1/τ}·e^{−ε}``; ε = 1e-6 keeps ``1 − p̂ > 0`` for a chunk
@@ -100,7 +100,7 @@ def alm_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, chu
     ``student_logprobs [S]`` / ``teacher_logprobs [T]`` (or ``[B, S]`` / ``[B, T]``): token-indexed log-probs of
     each side's own tokens (see ``token_logprobs``; non-finite = not scored); the teacher side is detached.
     ``chunks``: one ``Alignment`` or groups array ``[G, 4]`` per sequence (a list for a batch); by default the
-    alignment's source is the teacher (``align(teacher_ids, student_ids, ...)``, as ``stillroom.align.project``
+    alignment's source is the teacher (``align(teacher_ids, student_ids, ...)``, as ``stillroom.tokenization.project.project``
     expects); ``teacher_is_source=False`` for the other order. ``chunk_mask``: bool ``[G]`` per sequence
     (e.g. ``alignment.exact``). Returns the scalar loss (see the module docstring for the options).
     """

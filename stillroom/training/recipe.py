@@ -23,8 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from stillroom.data_io import PACKAGE_DATA
 from stillroom.errors import ConfigError
+from stillroom.inputs.text import PACKAGE_DATA
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "soft_ce")
 
@@ -53,17 +53,17 @@ class TeacherSpec(_Strict):
     name: str | None = Field(None, description="label in metrics and the model card (default: the folder name)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype an online teacher loads and runs in; auto: bfloat16 where this machine runs it "
-        "measurably faster (stillroom.precision), else float32")
+        "measurably faster (stillroom.models.precision), else float32")
     objective: Literal["kd", "alm", "uld"] = Field(
         "kd", description="kd: projected onto the student vocabulary and fused into the (1 − λ)·D target; alm: "
         "its own approximate-likelihood-matching term over aligned chunks; uld: its own universal logit "
-        "distillation term (see stillroom.objectives)")
+        "distillation term (see stillroom.teachers.objectives)")
     weight: float | None = Field(None, ge=0.0, description="alm / uld only: w in λ·CE + Σ w·D (default 1 − λ)")
     alm_temperature: float = Field(1.0, gt=0.0, description="alm only: binarisation temperature")
     alm_divergence: Literal["bce", "kl", "reverse_kl"] = Field("bce", description="alm only: binarised divergence")
     alm_chunks: Literal["exact", "all", "unbiased"] = Field(
         "exact", description="alm only: chunks = exact alignment groups, every group, or unbiased chunks (exact "
-        "groups merged up to boundaries whose tokenization bias is within alm_bias_threshold; stillroom.unbiased)")
+        "groups merged up to boundaries whose tokenization bias is within alm_bias_threshold; stillroom.tokenization.unbiased)")
     alm_bias_threshold: float = Field(1e-4, ge=0.0, description="alm_chunks: unbiased only: the largest unigram "
                                       "probability of crossing tokens one side has and the other lacks")
 
@@ -85,11 +85,11 @@ class DataSpec(_Strict):
     eval: str | None = None
     format: Literal["text", "prompt_completion", "chat"] = Field(
         "text", description="'text': documents packed into blocks; 'prompt_completion' / 'chat': JSONL records "
-        "trained on their completions only (stillroom.chat)")
+        "trained on their completions only (stillroom.inputs.chat)")
     text_field: str = "text"
     documents: Literal["file", "paragraph", "line"] = Field(
         "file", description="what one document of a plain .txt is: the whole file, each blank-line-separated "
-        "paragraph, or each line (train and eval data alike; see stillroom.data_io)")
+        "paragraph, or each line (train and eval data alike; see stillroom.inputs.text)")
     seq_len: int = Field(128, ge=4, le=65536)
     add_bos: bool = Field(True, description="put the separator token (BOS, else EOS) before every document")
     packing: bool = Field(True, description="fill every block with documents (the last block is padded); "
@@ -97,7 +97,7 @@ class DataSpec(_Strict):
     isolate_documents: bool = Field(True, description="position ids restart at every document so attention "
                                     "does not cross documents in a packed block")
     max_blocks: int | None = Field(None, ge=1)
-    streaming: bool = Field(False, description="read and pack data.train on the fly (stillroom.blocks."
+    streaming: bool = Field(False, description="read and pack data.train on the fly (stillroom.inputs.blocks."
                             "StreamingBlocks): memory stays flat whatever its size; needs train.max_steps")
 
 
@@ -160,7 +160,7 @@ class TrainSpec(_Strict):
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="student compute: fp32, or bf16 / fp16 autocast over fp32 master weights; auto: bf16 "
-        "where stillroom.precision measured it faster (GPU with bf16, or a CPU with native bf16), else fp32")
+        "where stillroom.models.precision measured it faster (GPU with bf16, or a CPU with native bf16), else fp32")
     gradient_checkpointing: bool = Field(False, description="recompute the student's layer activations in the "
                                          "backward pass: less memory, ~30% more compute")
     compile: bool = Field(False, description="torch.compile each decoder layer of the student (see "
@@ -171,7 +171,7 @@ class TrainSpec(_Strict):
 
 class OnPolicySpec(_Strict):
     """On-policy distillation (GKD, Agarwal et al. 2024): with probability λ an optimizer step's completions are
-    the student's own samples for the batch's prompts, graded by the teachers (stillroom.onpolicy)."""
+    the student's own samples for the batch's prompts, graded by the teachers (stillroom.training.onpolicy)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
     lambda_: float = Field(0.5, alias="lambda", ge=0.0, le=1.0, description="λ: the fraction of steps trained on "
@@ -264,7 +264,7 @@ class Recipe(_Strict):
                                  f"default weight 1 − λ = 0; set teachers.{i}.weight (e.g. 0.5) or lower loss.ce_weight")
         alm = [(i, (t.weight, t.alm_temperature, t.alm_divergence, t.alm_chunks, t.alm_bias_threshold))
                for i, t in enumerate(self.teachers) if t.objective == "alm"]
-        for i, opts in alm[1:]:  # several ALM teachers are fused into one term (stillroom.alm_fusion)
+        for i, opts in alm[1:]:  # several ALM teachers are fused into one term (stillroom.teachers.alm_fusion)
             if opts != alm[0][1]:
                 raise ValueError(f"teachers.{i}: ALM teachers are fused into one term and share weight, alm_temperature, "
                                  f"alm_divergence, alm_chunks and alm_bias_threshold; teachers.{alm[0][0]} has {alm[0][1]}, this one "
@@ -297,7 +297,7 @@ class Recipe(_Strict):
 
 
 def _check_model_path(path: str, key: str) -> None:
-    from stillroom.models import is_model_path
+    from stillroom.models.loading import is_model_path
 
     if not Path(os.path.expanduser(path)).exists():
         raise ValueError(f"{key}: {path} does not exist; point it at a folder saved with save_pretrained "

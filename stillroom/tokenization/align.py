@@ -6,7 +6,7 @@ target tokens ``tgt_start:tgt_end``. ``exact[g]`` says their bytes are identical
 
 Two modes:
 
-- ``"exact"`` (default): build both byte streams from the :class:`~stillroom.tokens.TokenTable` s and cut
+- ``"exact"`` (default): build both byte streams from the :class:`~stillroom.tokenization.tokens.TokenTable` s and cut
   where both cumulative byte offsets coincide (``np.intersect1d``, O(n + m), no Python loop over tokens).
   Where the streams differ (normalisers that lowercase / strip accents / NFC, unknown-token replacement,
   dropped whitespace), a byte-level Levenshtein alignment (rapidfuzz opcodes, C speed) maps one stream onto
@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stillroom.tokens import TokenTable
+from stillroom.tokenization.tokens import TokenTable
 
 if TYPE_CHECKING:
-    from stillroom.targets import SparseTarget
+    pass
 
 _BIG = 1 << 30  # "infinity" for the int32 DTW matrix (exact integer arithmetic: ties stay ties)
 
@@ -363,157 +363,5 @@ def _check_text(text: str, ids: np.ndarray, table: TokenTable, what: str) -> Non
 # ---------------------------------------------------------------------------------------------------------
 # projection of teacher distributions onto student positions
 # ---------------------------------------------------------------------------------------------------------
-def _numpy(x, dtype=None) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().float().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
-    arr = np.asarray(x)
-    return arr.astype(dtype, copy=False) if dtype is not None else arr
 
 
-def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab_map, student_ids, *,
-            fallback: str = "onehot", teacher_tail=None, fill: bool = True) -> SparseTarget:
-    """Move a teacher's top-k next-token distributions onto the student's positions and vocabulary.
-
-    ``alignment`` is ``align(teacher_ids, student_ids, teacher_table, student_table)`` (teacher = source).
-    Causal shift: teacher row ``i`` predicts teacher token ``i+1``; output row ``j`` is the target of the
-    student logits that predict student token ``j+1``. So for a group starting at teacher token ``i0`` and
-    student token ``j0`` (same text before both), student row ``j0-1`` gets teacher row ``i0-1``:
-
-    - 1-to-1 group: ``p_s(v) = sum_{c: map(c) = v} p_t(c)`` over the teacher's top-k ``c`` (duplicates summed,
-      ``map`` = ``vocab_map.masked_mapping`` (a :class:`~stillroom.vocab.VocabMap`, source -> target) or
-      ``vocab_map.mapping`` / an int array; ids mapped to ``-1`` move their mass to the tail);
-    - otherwise ``fallback`` decides, as it does for student rows inside a multi-token student group (no
-      teacher position has that context) and rows whose group has no teacher row (``i0 == 0``):
-      ``"onehot"``  — FuseLLM: probability 1 on the *next* gold student token ``student_ids[j+1]``;
-      ``"bytes"``   — at a group start, the teacher row ``i0-1`` is still used: a candidate whose bytes agree
-      with the gold student token (one is a prefix of the other) gives its mass to that token, others go
-      through ``vocab_map``; inside a group, one-hot as above;
-      ``"none"``    — the row is marked ``valid=False``;
-      ``"prefix"``  — every group start (1-to-1 or not) uses teacher row ``i0-1``, and every candidate gives
-      its mass to :func:`stillroom.vocab.prefix_map` of it (the longest student token that its bytes start
-      with) instead of ``vocab_map``: both sides predict the bytes that start at the same offset, so this moves
-      the teacher's belief about the next bytes onto the student token that begins them. Inside a multi-token
-      student group, one-hot as above.
-
-    ``fill=False`` marks the rows that would get the one-hot gold ``valid=False`` instead: they carry no teacher
-    knowledge, so a fusion of several teachers should take them from a teacher that has a distribution there
-    and only fill what no teacher covers (:meth:`~stillroom.targets.SparseTarget.fill_onehot`; the trainer does).
-
-    The tail is the teacher's (``teacher_tail``, or ``1 - sum p_t`` over its top-k) plus any unmappable mass,
-    so ``sum(kept) + tail == 1``. The last row (nothing to predict) is always ``valid=False``.
-    Returns a :class:`~stillroom.targets.SparseTarget` with leading dim ``len(student_ids)`` and the
-    teacher's ``k`` (one-hot rows are padded: id 0, log-prob ``-inf``).
-    """
-    import torch
-
-    from stillroom.targets import SparseTarget
-
-    if fallback not in ("onehot", "bytes", "none", "prefix"):
-        raise ValueError(f"project: fallback must be 'onehot', 'bytes', 'none' or 'prefix', got {fallback!r}")
-    t_ids = _numpy(teacher_topk_ids).astype(np.int64)
-    t_lp = _numpy(teacher_topk_logprobs, np.float64)
-    if t_ids.ndim != 2 or t_ids.shape != t_lp.shape:
-        raise ValueError(f"project: teacher_topk_ids {t_ids.shape} and teacher_topk_logprobs {t_lp.shape} must be "
-                         "the same [T_teacher, k] shape")
-    s_ids = alignment.tgt_table.check_ids(student_ids, "student_ids")
-    T_t, k = t_ids.shape
-    T_s = s_ids.shape[0]
-    if T_t != alignment.src_len:
-        raise ValueError(f"project: teacher_topk_ids has {T_t} rows but the alignment's source (teacher) has "
-                         f"{alignment.src_len} tokens; align(teacher_ids, student_ids, ...) with the same ids")
-    if T_s != alignment.tgt_len or not np.array_equal(s_ids, alignment.tgt_ids):
-        raise ValueError("project: student_ids differ from the alignment's target ids; align the same sequence")
-    for side, table in (("src_hash", alignment.src_table), ("tgt_hash", alignment.tgt_table)):
-        h = getattr(vocab_map, side, None)
-        if h is not None and h != table.hash:
-            raise ValueError(f"project: vocab_map was built for other tokenizers ({side} {h} != {table.hash}); "
-                             "build it with VocabMap.build(teacher_table, student_table)")
-    if fallback == "prefix":
-        from stillroom.vocab import prefix_map
-
-        mapping = prefix_map(alignment.src_table, alignment.tgt_table)
-        if hasattr(vocab_map, "masked_mapping"):  # special tokens: as the vocabulary map says
-            special = np.asarray(alignment.src_table.is_special, bool)
-            mapping = np.where(special, _numpy(vocab_map.masked_mapping).astype(np.int64), mapping)
-    elif hasattr(vocab_map, "masked_mapping"):  # a VocabMap: -1 where no sensible target (mass -> tail)
-        mapping = _numpy(vocab_map.masked_mapping).astype(np.int64)
-    else:
-        mapping = _numpy(getattr(vocab_map, "mapping", vocab_map)).astype(np.int64)
-    V_s = alignment.tgt_table.vocab_size
-    if mapping.ndim != 1 or mapping.shape[0] < alignment.src_table.vocab_size:
-        raise ValueError(f"project: vocab_map.mapping must be int [V_teacher={alignment.src_table.vocab_size}], "
-                         f"got shape {mapping.shape}; build it with VocabMap.build(teacher_table, student_table)")
-    if mapping.size and mapping.max() >= V_s:
-        raise ValueError(f"project: vocab_map maps to id {int(mapping.max())} >= student vocabulary size {V_s}; "
-                         "was it built for this student tokenizer?")
-    if T_t and (t_ids.min() < 0 or t_ids.max() >= mapping.shape[0]):
-        raise ValueError("project: teacher_topk_ids has ids outside the teacher vocabulary")
-    probs_t = np.exp(t_lp)
-    tail_t = (_numpy(teacher_tail, np.float64).reshape(T_t) if teacher_tail is not None
-              else np.clip(1.0 - probs_t.sum(1), 0.0, None))
-
-    # which teacher row (or none) feeds each student row
-    src_row = np.full(T_s, -1, dtype=np.int64)  # teacher row for a distribution transfer
-    use_bytes = np.zeros(T_s, dtype=bool)
-    g = alignment.groups
-    starts = g[(g[:, 3] > g[:, 2]) & (g[:, 2] >= 1)]  # groups with student tokens, not at position 0
-    one = ((starts[:, 1] - starts[:, 0]) == 1) & ((starts[:, 3] - starts[:, 2]) == 1) & (starts[:, 0] >= 1)
-    src_row[starts[one, 2] - 1] = starts[one, 0] - 1
-    if fallback in ("bytes", "prefix"):
-        multi = ~one & (starts[:, 1] > starts[:, 0]) & (starts[:, 0] >= 1)
-        src_row[starts[multi, 2] - 1] = starts[multi, 0] - 1
-        use_bytes[starts[multi, 2] - 1] = fallback == "bytes"
-    valid = np.ones(T_s, dtype=bool)
-    if T_s:
-        valid[-1] = False
-        src_row[-1] = -1
-    transfer = src_row >= 0
-
-    out_ids = np.zeros((T_s, k), dtype=np.int64)
-    out_p = np.zeros((T_s, k), dtype=np.float64)
-    out_tail = np.ones(T_s, dtype=np.float64)
-    rows = np.flatnonzero(transfer)
-    if rows.size and k:
-        cand = t_ids[src_row[rows]]  # [R, k] teacher ids
-        p = probs_t[src_row[rows]]
-        sid = mapping[cand]
-        if use_bytes[rows].any():
-            st, tt = alignment.src_table, alignment.tgt_table
-            s_stream, s_off = tt.pieces(s_ids)
-            s_bytes = s_stream.tobytes()
-            for r in np.flatnonzero(use_bytes[rows]).tolist():
-                j = rows[r] + 1  # the gold student token this row predicts
-                gold = s_bytes[s_off[j]:s_off[j + 1]]
-                if not gold:
-                    continue
-                for c in range(k):
-                    cb = st.token_bytes[cand[r, c]]
-                    if cb and (cb.startswith(gold) or gold.startswith(cb)):
-                        sid[r, c] = s_ids[j]
-        lost = np.where(sid < 0, p, 0.0).sum(1)
-        ok = sid >= 0
-        # sum duplicates per row: unique (row, id) keys
-        r_idx = np.broadcast_to(np.arange(rows.size)[:, None], sid.shape)[ok]
-        key = r_idx * V_s + sid[ok]
-        uniq, inv = np.unique(key, return_inverse=True)
-        mass = np.bincount(inv.ravel(), weights=p[ok], minlength=uniq.size)
-        u_row = uniq // V_s
-        first = np.searchsorted(u_row, u_row, side="left")
-        slot = np.arange(uniq.size) - first
-        out_ids[rows[u_row], slot] = uniq % V_s
-        out_p[rows[u_row], slot] = mass
-        out_tail[rows] = tail_t[src_row[rows]] + lost
-    onehot = valid & ~transfer
-    if fallback == "none" or not fill:
-        valid &= ~onehot
-        onehot[:] = False
-    oh = np.flatnonzero(onehot)
-    if oh.size and k:
-        out_ids[oh, 0] = s_ids[oh + 1]
-        out_p[oh, 0] = 1.0
-        out_tail[oh] = 0.0
-    out_tail = np.clip(out_tail, 0.0, None)
-    with np.errstate(divide="ignore"):
-        logp = np.where(out_p > 0, np.log(np.where(out_p > 0, out_p, 1.0)), -np.inf)
-    return SparseTarget(ids=torch.from_numpy(out_ids), logprobs=torch.from_numpy(logp.astype(np.float32)),
-                        tail=torch.from_numpy(out_tail.astype(np.float32)), valid=torch.from_numpy(valid))

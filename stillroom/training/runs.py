@@ -201,7 +201,7 @@ def say(text: str) -> None:
 
 
 SHOWN = ("loss", "ce", "kd", "eval_loss", "eval_bpb", "learning_rate")
-TERMS = ("alm/", "uld/")  # each ALM / ULD teacher's term (stillroom.objectives.term_logs)
+TERMS = ("alm/", "uld/")  # each ALM / ULD teacher's term (stillroom.teachers.objectives.term_logs)
 
 
 class RichProgressCallback(TrainerCallback):
@@ -434,7 +434,7 @@ def card_metadata(recipe) -> dict:
 def model_card(recipe, metrics: dict, n_blocks: int | str, student=None) -> str:
     import yaml
 
-    from stillroom.student import describe_student
+    from stillroom.models.student import describe_student
 
     teachers = "\n".join(f"- `{t.path}`" + (f" (offline cache `{t.cache}`)" if t.cache else "")
                          for t in recipe.teachers) or "- none (plain CE / EMO)"

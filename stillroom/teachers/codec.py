@@ -16,7 +16,7 @@ Per example row (V = teacher vocabulary, b = ceil(log2 V)):
 
 Parquet column statistics and dictionaries are off: the min/max statistics of a binary column are whole rows.
 
-The writer (:func:`stillroom.cache.write_cache`) measures the encoding's error with :func:`topk_kl`.
+The writer (:func:`stillroom.teachers.cache.write_cache`) measures the encoding's error with :func:`topk_kl`.
 """
 
 from __future__ import annotations

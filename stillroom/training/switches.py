@@ -1,7 +1,7 @@
 """The student's speed and memory switches of a recipe's ``train`` section, checked before training and applied.
 
 - ``train.precision`` (auto | fp32 | bf16 | fp16): fp32 master weights, the forward and backward under bf16 / fp16
-  autocast (``TrainingArguments(bf16=..., fp16=...)``); ``auto`` decided by :mod:`stillroom.precision`.
+  autocast (``TrainingArguments(bf16=..., fp16=...)``); ``auto`` decided by :mod:`stillroom.models.precision`.
 - ``train.gradient_checkpointing``: transformers' activation checkpointing (each decoder layer's activations are
   recomputed in the backward pass instead of kept): the same gradients for less memory and ~30% more compute.
 - ``train.compile``: ``torch.compile`` of each decoder layer (``nn.Module.compile``: in place, so the state dict,
@@ -17,8 +17,8 @@ import shutil
 
 import torch
 
-from stillroom import precision
 from stillroom.errors import ConfigError
+from stillroom.models import precision
 
 
 def student_class(config):
@@ -80,7 +80,7 @@ def training_kwargs(train) -> dict:
 def apply(model: torch.nn.Module, train) -> torch.nn.Module:
     """Compile each decoder layer of ``model`` in place when ``train.compile``; returns ``model``."""
     if train.compile:
-        from stillroom.cut import decoder_layers
+        from stillroom.models.cut import decoder_layers
 
         for layer in decoder_layers(model):
             layer.compile()

@@ -4,8 +4,8 @@ vocabulary and the teacher's CE per position — whatever the teacher's tokenize
 - :class:`SameTokenizerTeacher`: the teacher runs on the student's own ids;
 - :class:`AlignedTeacher`: a teacher with its own tokenizer (``cache.OnlineTeacher``) or its offline cache
   (``cache.CachedTeacher``), aligned at byte level and projected onto the student's vocabulary
-  (completion batches: :func:`stillroom.chat.aligned_targets`);
-- :func:`build_teachers`: one per ``recipe.teachers`` entry (ALM / ULD objectives: :mod:`stillroom.objectives`).
+  (completion batches: :func:`stillroom.teachers.completion.aligned_targets`);
+- :func:`build_teachers`: one per ``recipe.teachers`` entry (ALM / ULD objectives: :mod:`stillroom.teachers.objectives`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from typing import Any, Protocol
 
 import torch
 
-from stillroom import chat, modeling, objectives, precision
-from stillroom.blocks import model_inputs
-from stillroom.models import load_causal_lm
+from stillroom.inputs import chat
+from stillroom.inputs.blocks import model_inputs
+from stillroom.models import runtime as modeling
 from stillroom.targets import SparseTarget, stack_rows
-from stillroom.tokens import same_tokenizer
 
 
 class Teacher(Protocol):
@@ -70,9 +69,9 @@ class SameTokenizerTeacher:
 
 
 class AlignedTeacher:
-    """A teacher with its own tokenizer (online, ``stillroom.cache.OnlineTeacher``) or read from the offline
+    """A teacher with its own tokenizer (online, ``stillroom.teachers.online.OnlineTeacher``) or read from the offline
     cache (``CachedTeacher``): its top-k signal is aligned and projected onto the student's positions and
-    vocabulary by ``stillroom.cache.student_targets``. Rows the projection cannot transfer (the fallback's
+    vocabulary by ``stillroom.tokenization.project.student_targets``. Rows the projection cannot transfer (the fallback's
     one-hot rows) come back ``valid=False``: the trainer fills them after fusion, so that another teacher's
     distribution is used there when it has one."""
 
@@ -83,7 +82,7 @@ class AlignedTeacher:
 
     @torch.no_grad()
     def targets(self, batch: dict[str, Any]) -> tuple[SparseTarget, torch.Tensor]:
-        from stillroom.cache import student_targets
+        from stillroom.tokenization.project import student_targets
 
         if "prompt_len" in batch:  # completion data: its own rendering, completion regions aligned
             return chat.aligned_targets(self, batch)
@@ -99,34 +98,3 @@ class AlignedTeacher:
         return stack_rows(rows, ces, ids.shape[1])
 
 
-def build_teachers(recipe, toks: dict, device=None) -> list:
-    """One :class:`Teacher` per ``recipe.teachers`` entry: same-tokenizer fast path, online-aligned, or cached."""
-    teachers = []
-    student_tok = toks["student"]
-    for i, (spec, tok) in enumerate(zip(recipe.teachers, toks["teachers"], strict=True)):
-        name = spec.name or f"teacher{i}"
-        if spec.objective != "kd":  # its own ALM / ULD term, never projected or fused
-            teachers.append(objectives.build_teacher(spec, i, student_tok, tok, recipe))
-            continue
-        if spec.cache is None and same_tokenizer(student_tok, tok):
-            dtype = precision.auto_dtype(device or precision.training_device(), spec.dtype)
-            model = load_causal_lm(spec.path, f"teachers.{i}.path", tokenizer=tok, dtype=dtype)
-            teachers.append(SameTokenizerTeacher(model, recipe.fusion.top_k, recipe.loss.temperature, name))
-            continue
-        from stillroom.tokens import TokenTable
-        from stillroom.vocab import VocabMap
-
-        s_table, t_table = TokenTable.from_tokenizer(student_tok), TokenTable.from_tokenizer(tok)
-        vmap = VocabMap.cached(t_table, s_table)
-        if spec.cache is not None:
-            from stillroom.cache import CachedTeacher
-
-            source = CachedTeacher(spec.cache)
-        else:
-            from stillroom.cache import OnlineTeacher
-
-            source = OnlineTeacher(spec.path, top_k=recipe.fusion.top_k, temperature=recipe.loss.temperature,
-                                   dtype=spec.dtype)
-        fallback = recipe.fusion.projection if recipe.fusion.projection != "none" else "onehot"
-        teachers.append(AlignedTeacher(source, s_table, t_table, vmap, fallback, name))
-    return teachers

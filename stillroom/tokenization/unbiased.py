@@ -30,7 +30,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from stillroom.tokens import TokenTable
+from stillroom.tokenization.tokens import TokenTable
 
 
 def unigram_probs(tokenizer, texts: Iterable[str], vocab_size: int) -> np.ndarray:

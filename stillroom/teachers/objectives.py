@@ -1,19 +1,19 @@
 """Per-teacher cross-tokenizer objectives next to projected KD: ALM and ULD terms of the training loss.
 
 A recipe teacher has ``objective: kd | alm | uld``. ``kd`` teachers (the default) are projected onto the
-student's vocabulary and fused (``stillroom.fusion``) into the one target of the (1 − λ)·D term, as before.
+student's vocabulary and fused (``stillroom.teachers.fusion``) into the one target of the (1 − λ)·D term, as before.
 An ``alm`` or ``uld`` teacher is never fused or projected: it adds its own term, so the loss per optimizer step is
 
     L = (1/N) · [ λ·ΣCE + (1 − λ)·ΣD(fused kd target ‖ q) + Σ_i w_i · ΣD_i ]      (w_i default 1 − λ)
 
 - ALM (``stillroom.losses.alm_loss``, Minixhofer et al. 2025): chunks are the ``exact`` alignment groups of the
-  teacher's and the student's tokenizations of the block text (``stillroom.align.align``); the teacher side is
+  teacher's and the student's tokenizations of the block text (``stillroom.tokenization.align.align``); the teacher side is
   its per-token log-prob of its own tokens (``−gold_ce``, online or from any cache — no top-k needed), the
   student side its own next-token log-probs, gathered chunk by chunk from the logits (:func:`own_logprobs`).
   Each chunk is weighted by its number of student tokens and summed, so ΣD_i is on the per-token scale of ΣCE.
 - ``alm_chunks: unbiased`` merges the exact groups up to boundaries whose tokenization bias is small on both
-  sides (``stillroom.unbiased``: the paper's outcome-chunk debiasing; unigram counts from the training data).
-- Several ALM teachers are fused into one term (``stillroom.alm_fusion``): ``fusion.method`` min_ce / avg_ce /
+  sides (``stillroom.tokenization.unbiased``: the paper's outcome-chunk debiasing; unigram counts from the training data).
+- Several ALM teachers are fused into one term (``stillroom.teachers.alm_fusion``): ``fusion.method`` min_ce / avg_ce /
   mean weighs them on joint chunks, per sequence or per chunk (``fusion.level: token``); it is logged as
   ``alm/fused``.
 - ULD (``stillroom.losses.uld_loss``, Boizard et al. 2024): on the student rows paired with a teacher row
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stillroom.losses.own_logprob import own_logprobs
 from stillroom.targets import SparseTarget
 
 OBJECTIVES = ("kd", "alm", "uld")
@@ -55,21 +56,21 @@ class ObjectiveTeacher:
                  bias_rule=None):
         self.source, self.student_table, self.teacher_table = source, student_table, teacher_table
         self.config, self.name = config, name
-        self.bias_rule = bias_rule  # stillroom.unbiased.BoundaryBias, for alm_chunks="unbiased"
+        self.bias_rule = bias_rule  # stillroom.tokenization.unbiased.BoundaryBias, for alm_chunks="unbiased"
         if config.kind == "alm" and config.alm_chunks == "unbiased" and bias_rule is None:
-            raise ValueError(f"teacher {name}: alm_chunks='unbiased' needs a bias_rule (stillroom.unbiased.BoundaryBias)")
+            raise ValueError(f"teacher {name}: alm_chunks='unbiased' needs a bias_rule (stillroom.tokenization.unbiased.BoundaryBias)")
         self.objective = config.kind
         self.last_sum: torch.Tensor | None = None  # ΣD_i of the last training micro-batch, unweighted (for the logs)
 
     @torch.no_grad()
     def aligned(self, batch: dict[str, Any]) -> list[tuple[Any, Any]]:
         """Per batch row: (teacher output, alignment with the teacher as source and the student's unpadded ids).
-        On a completion batch (``prompt_len``; :mod:`stillroom.chat`) both are the completion regions'
-        (:func:`stillroom.chat.aligned_regions`: each model renders the prompt with its own template)."""
-        from stillroom.align import align
+        On a completion batch (``prompt_len``; :mod:`stillroom.inputs.chat`) both are the completion regions'
+        (:func:`stillroom.teachers.completion.aligned_regions`: each model renders the prompt with its own template)."""
+        from stillroom.tokenization.align import align
 
         if "prompt_len" in batch:
-            from stillroom.chat import aligned_regions
+            from stillroom.teachers.completion import aligned_regions
 
             return aligned_regions(self, batch)
 
@@ -92,10 +93,10 @@ class ObjectiveTeacher:
     def chunks(self, pairs) -> tuple[list, list | None]:
         """ALM's chunks per batch row: (groups, masks) — the alignment groups with the ``exact`` ones kept
         (``alm_chunks="exact"``) or all kept (``"all"``, masks None), or the unbiased chunks (``"unbiased"``:
-        groups merged up to unbiased boundaries, exact ones kept; :func:`stillroom.unbiased.unbiased_chunks`)."""
+        groups merged up to unbiased boundaries, exact ones kept; :func:`stillroom.tokenization.unbiased.unbiased_chunks`)."""
         kind = self.config.alm_chunks
         if kind == "unbiased":
-            from stillroom.unbiased import unbiased_chunks
+            from stillroom.tokenization.unbiased import unbiased_chunks
 
             merged = [unbiased_chunks(al, self.bias_rule) for _, al in pairs]
             return [g for g, _ in merged], [e for _, e in merged]
@@ -118,47 +119,6 @@ def term_logs(extra: list[ObjectiveTeacher], terms: list[float], ce: float, loss
         own = sum(t.config.weight * v for t, v in zip(extra, terms, strict=True))
         logs["kd"] = (loss - ce_weight * ce - own) / (1 - ce_weight)
     return logs
-
-
-class _OwnLogprob(torch.autograd.Function):
-    """``log softmax(h W^T)[y]`` per row without keeping [N, V]: forward and backward each rebuild one chunk of
-    logits at a time; ∂/∂z = onehot(y) − softmax(z)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk):
-        out = torch.full((hidden.shape[0],), float("nan"), dtype=torch.float32, device=hidden.device)
-        ok = labels != -100
-        for a in range(0, hidden.shape[0], chunk):
-            z = (hidden[a:a + chunk] @ weight.T).float()
-            y = labels[a:a + chunk].clamp_min(0)
-            lp = z.gather(1, y[:, None])[:, 0] - torch.logsumexp(z, -1)
-            out[a:a + chunk] = torch.where(ok[a:a + chunk], lp, torch.full_like(lp, float("nan")))
-        ctx.save_for_backward(hidden, weight, labels)
-        ctx.chunk = chunk
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, labels = ctx.saved_tensors
-        g = torch.nan_to_num(grad_out.float()) * (labels != -100)
-        gh, gw = torch.zeros_like(hidden, dtype=torch.float32), torch.zeros_like(weight, dtype=torch.float32)
-        for a in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[a:a + ctx.chunk]
-            z = (h @ weight.T).float()
-            gz = -torch.softmax(z, -1) * g[a:a + ctx.chunk, None]
-            gz.scatter_add_(1, labels[a:a + ctx.chunk].clamp_min(0)[:, None], g[a:a + ctx.chunk, None])
-            gh[a:a + ctx.chunk] = gz @ weight.float()
-            gw += gz.T @ h.float()
-        return gh.to(hidden.dtype), gw.to(weight.dtype), None, None
-
-
-def own_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                 chunk_size: int | None = None) -> torch.Tensor:
-    """``[N]`` log-probability of each row's label under ``softmax(hidden @ weight.T)`` (``nan`` where the label
-    is -100), differentiable, chunked: at most ``chunk_size`` × V logits exist at once."""
-    from stillroom.losses.fused_linear import auto_chunk_size
-
-    return _OwnLogprob.apply(hidden, weight, labels, int(chunk_size or auto_chunk_size(weight.shape[0])))
 
 
 def region_offsets(batch: dict[str, Any]) -> list[int] | None:
@@ -268,7 +228,7 @@ def uld_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, p
 
 class FusedALM:
     """Several ALM teachers as one term: on their joint chunks, ``fusion.method`` (min_ce / avg_ce / mean)
-    weighs the teachers per sequence or per chunk (``level="token"``); see :func:`stillroom.alm_fusion.fused_alm`.
+    weighs the teachers per sequence or per chunk (``level="token"``); see :func:`stillroom.teachers.alm_fusion.fused_alm`.
     The teachers share the weight and the ALM options (the recipe checks it)."""
 
     objective = "alm"
@@ -287,8 +247,8 @@ class FusedALM:
 
     def loss_sum(self, hidden: torch.Tensor, weight: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """w · Σ over the batch rows of the fused ALM term."""
-        from stillroom.alm_fusion import fused_alm
         from stillroom.losses import token_logprobs
+        from stillroom.teachers.alm_fusion import fused_alm
 
         c = self.config
         student = student_token_logprobs(hidden, weight, batch["labels"], c.chunk_size)
@@ -319,57 +279,3 @@ def split_teachers(teachers: list, fusion=None) -> tuple[list, list]:
     return [t for t in teachers if not isinstance(t, ObjectiveTeacher)], extra
 
 
-def build_teacher(spec, index: int, student_tok, teacher_tok, recipe) -> ObjectiveTeacher:
-    """The recipe's ``teachers[index]`` with ``objective: alm | uld``: online (top-1 is enough for ALM, which
-    reads only ``gold_ce``) or from its cache."""
-    from stillroom.tokens import TokenTable
-
-    if spec.cache is not None:
-        from stillroom.cache import CachedTeacher
-
-        source = CachedTeacher(spec.cache)
-    else:
-        from stillroom.cache import OnlineTeacher
-
-        k = 1 if spec.objective == "alm" else recipe.fusion.top_k
-        source = OnlineTeacher(spec.path, top_k=k, temperature=recipe.loss.temperature, dtype=spec.dtype)
-    lam = recipe.loss.ce_weight
-    cfg = ObjectiveConfig(spec.objective, 1.0 - lam if spec.weight is None else spec.weight, spec.alm_temperature,
-                          spec.alm_divergence, spec.alm_chunks, recipe.loss.temperature, recipe.loss.chunk_size,
-                          spec.alm_bias_threshold)
-    s_table, t_table = TokenTable.from_tokenizer(student_tok), TokenTable.from_tokenizer(teacher_tok)
-    rule = None
-    if spec.objective == "alm" and spec.alm_chunks == "unbiased":
-        rule = bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, spec.alm_bias_threshold)
-    return ObjectiveTeacher(source, s_table, t_table, cfg, spec.name or f"teacher{index}", rule)
-
-
-def _sample_texts(recipe):
-    """The training data's texts: documents, or on completion data each record's prompt text and completion."""
-    from stillroom.data_io import iter_texts
-
-    d = recipe.data
-    if d.format == "text":
-        yield from (text for _, text in iter_texts(d.train, d.text_field, d.documents))
-        return
-    from stillroom.chat import load_examples
-
-    for ex in load_examples(d.train, need_completion=False):
-        parts = [m.get("content") for m in ex.messages] if ex.messages is not None else [ex.prompt]
-        yield "\n".join(p for p in [*parts, ex.completion] if isinstance(p, str) and p)
-
-
-def bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, threshold: float, sample_chars: int = 1_000_000):
-    """The unbiased-boundary rule of a teacher/student pair, with unigram probabilities counted on the first
-    ``sample_chars`` characters of the training data (``stillroom.unbiased``)."""
-    from stillroom.unbiased import BoundaryBias, unigram_probs
-
-    texts, n = [], 0
-    for text in _sample_texts(recipe):
-        texts.append(text[: sample_chars - n])
-        n += len(texts[-1])
-        if n >= sample_chars:
-            break
-    return BoundaryBias(t_table, s_table, unigram_probs(teacher_tok, texts, len(t_table.token_bytes)),
-                        unigram_probs(student_tok, texts, len(s_table.token_bytes)), teacher_tok, student_tok,
-                        threshold)

@@ -6,7 +6,7 @@ The loss (FuseLLM, Wan et al. 2024, eq. 4) per student position i that has a gol
 
 with N the number of labelled positions in the *whole* optimizer step (all micro-batches, all ranks), so
 gradient accumulation and data parallelism give the same update as one big batch. ``p_fused`` is the fused
-top-k teacher target (``stillroom.fusion``) and D any stillroom divergence. The loss is computed by the
+top-k teacher target (``stillroom.teachers.fusion``) and D any stillroom divergence. The loss is computed by the
 chunked fused-linear kernel from the student's last hidden states and its ``lm_head`` weight, so no
 batch × sequence × vocabulary tensor is built.
 
@@ -24,39 +24,22 @@ Everything else — checkpoints, resume, logging backends, accelerate / DeepSpee
 from __future__ import annotations
 
 import math
-import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import Trainer
 
-from stillroom import chat, modeling, objectives, runs, switches
-from stillroom.blocks import (  # noqa: F401 - re-exported for existing imports
-    Block,
-    BlockCollator,
-    BlockDataset,
-    StreamingBlocks,
-    cap_documents,
-    export_blocks,
-    iter_blocks,
-    make_blocks,
+from stillroom.inputs import chat
+from stillroom.inputs.blocks import (
     model_inputs,
 )
-from stillroom.errors import ConfigError
-from stillroom.fusion import fuse, fusion_weights, votes
-from stillroom.preflight import check_recipe  # noqa: F401  (re-exported: validation runs before any model loads)
-from stillroom.student import build_student, describe_student, student_tokenizer
+from stillroom.models import runtime as modeling
 from stillroom.targets import SparseTarget
-from stillroom.teachers import (  # noqa: F401 - re-exported for existing imports
-    AlignedTeacher,
-    SameTokenizerTeacher,
-    Teacher,
-    build_teachers,
-    next_labels,
-    topk_target,
-)
+from stillroom.teachers import objectives
+from stillroom.teachers.fusion import fuse, fusion_weights, votes
+from stillroom.teachers.kd import SameTokenizerTeacher, next_labels
+from stillroom.training import runs
 
 # --- loss settings ------------------------------------------------------------------------------------------
 
@@ -113,7 +96,7 @@ class DistillTrainer(Trainer):
     Teacher models are frozen, put in eval mode and placed on the training device (wrapped by accelerate in
     evaluation mode under DeepSpeed/FSDP so they are sharded too). Batches come from :class:`BlockCollator`.
     ``fast_activations`` (default on): the student's Python-level tanh-GELU modules are swapped, in place, for
-    PyTorch's fused kernel of the same formula (see :mod:`stillroom.modeling`); its config and saved weights
+    PyTorch's fused kernel of the same formula (see :mod:`stillroom.models.runtime`); its config and saved weights
     are unchanged.
     """
 
@@ -161,9 +144,9 @@ class DistillTrainer(Trainer):
         return n
 
     def fused_target(self, inputs: dict[str, Any]) -> SparseTarget:
-        """Every teacher's target over the student's positions, fused (``stillroom.fusion.fuse``); rows no
+        """Every teacher's target over the student's positions, fused (``stillroom.teachers.fusion.fuse``); rows no
         teacher reached get the one-hot gold next token (FuseLLM's fallback), except on the student's own
-        samples (``sampled`` batches, :mod:`stillroom.onpolicy`), where they stay invalid (no divergence)."""
+        samples (``sampled`` batches, :mod:`stillroom.training.onpolicy`), where they stay invalid (no divergence)."""
         targets, ces = [], []
         for t in self.teachers:
             tgt, ce = t.targets(inputs)
@@ -272,7 +255,7 @@ class DistillTrainer(Trainer):
         """Student CE per token (nats) and bits per byte of the evaluation *documents* (a list of texts), scored
         exactly as ``stillroom eval`` scores them (:func:`stillroom.evaluate.evaluate`: whole documents, first
         token conditioned on BOS, sliding windows over the model's context), so the two numbers agree; of
-        completion tokens and bytes for :class:`stillroom.chat.Example` s (:func:`~stillroom.evaluate.completion_sums`)."""
+        completion tokens and bytes for :class:`stillroom.inputs.chat.Example` s (:func:`~stillroom.evaluate.completion_sums`)."""
         from stillroom.evaluate import document_sums as score
 
         docs = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -280,7 +263,7 @@ class DistillTrainer(Trainer):
             return {}
         if not all(isinstance(d, (str, chat.Example)) for d in docs):
             raise TypeError("DistillTrainer.evaluate: eval_dataset must be a list of document texts "
-                            "(stillroom.data_io.load_texts(...) -> [text for _, text in rows]) or chat.Examples")
+                            "(stillroom.inputs.text.load_texts(...) -> [text for _, text in rows]) or chat.Examples")
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
@@ -304,14 +287,14 @@ class DistillTrainer(Trainer):
         return metrics
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
-        # A tied lm_head is not stored in a checkpoint: its "missing" key is no news (stillroom.runs).
+        # A tied lm_head is not stored in a checkpoint: its "missing" key is no news (stillroom.training.runs).
         missing = runs.untied_missing_keys(self.model, list(load_result.missing_keys))
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
 
 @dataclass
 class TrainResult:
-    """What :func:`stillroom.trainer.train` returns."""
+    """What :func:`stillroom.training.run.train` returns."""
 
     output_dir: str
     metrics: dict[str, float]
@@ -322,174 +305,3 @@ class TrainResult:
 # --- recipe -> run ------------------------------------------------------------------------------------------
 
 
-
-
-def training_arguments(recipe, has_eval: bool):
-    from transformers import TrainingArguments
-
-    t = recipe.train
-    return TrainingArguments(
-        output_dir=t.output_dir, max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum, learning_rate=t.lr,
-        weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
-        max_grad_norm=t.max_grad_norm, optim=t.optimizer, seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps,
-        eval_strategy="steps" if (has_eval and t.eval_steps) else "no", eval_steps=t.eval_steps,
-        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit, report_to=t.report_to or "none", remove_unused_columns=False,
-        disable_tqdm=True, dataloader_num_workers=0, average_tokens_across_devices=True,
-        use_cpu=not torch.cuda.is_available(),
-        ddp_backend="gloo" if (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1) else None,
-        # streamed blocks: each rank reads the stream and accelerate's IterableDatasetShard keeps its batches
-        # (dispatching from rank 0 would broadcast the batches' texts, which are not tensors)
-        accelerator_config={"dispatch_batches": False} if recipe.data.streaming else None,
-        **switches.training_kwargs(t),  # precision, gradient checkpointing
-    )
-
-
-def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list | None = None,
-          overwrite: bool = False) -> TrainResult:
-    """Run a recipe (a :class:`~stillroom.recipe.Recipe`, a dict or a YAML path) end to end.
-
-    Validates (recipe, tokenizers, caches, the output folder: see :func:`stillroom.runs.prepare_output_dir`)
-    before loading any model; then builds blocks, teachers and a :class:`DistillTrainer`; trains (resuming when
-    ``train.resume``; a finished run is returned as it is, with ``model=None``); evaluates once; saves the
-    student, a model card, ``metrics.jsonl`` and ``loss_curve.png`` in ``train.output_dir``. Ctrl-C raises
-    :class:`stillroom.runs.TrainInterrupted` (step reached, last checkpoint).
-    """
-    from pathlib import Path
-
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from stillroom.data_io import load_texts
-    from stillroom.recipe import Recipe, load_recipe
-
-    if not isinstance(recipe, Recipe) or overrides:
-        recipe = load_recipe(recipe, overrides)
-    toks = check_recipe(recipe)
-    if runs.is_main_process():
-        for note in toks["warnings"]:  # switches that work but slowly: said before anything loads
-            print(f"warning: {note}", file=sys.stderr)
-    out = Path(recipe.train.output_dir)
-    done = runs.prepare_output_dir(recipe, overwrite)
-    if done is not None:  # resuming a finished run: nothing to train, nothing to replace
-        return TrainResult(str(out), done.get("metrics", {}), runs.read_history(out / "metrics.jsonl"), None)
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
-    show = recipe.train.progress and runs.is_main_process()
-    tok = toks["student"]
-    seq = recipe.data.seq_len
-    d = recipe.data
-    if d.format != "text":  # prompt/completion or chat records: completion-only batches (stillroom.chat)
-        from stillroom import onpolicy  # chat.training_data, or prompts for the student's samples (onpolicy)
-
-        blocks, collator, eval_docs = onpolicy.training_data(recipe, tok)
-    else:
-        blocks = streaming_blocks(recipe, tok) if d.streaming else BlockDataset(training_blocks(recipe, tok))
-        collator, eval_docs = BlockCollator(tok, seq, d.isolate_documents), None
-    if d.eval and d.format == "text":
-        eval_docs = [t for _, t in load_texts(d.eval, d.text_field, d.documents)]
-        if recipe.train.eval_max_blocks:
-            eval_docs = cap_documents(eval_docs, tok, recipe.train.eval_max_blocks * seq)
-    args = training_arguments(recipe, eval_docs is not None)
-    from transformers import set_seed
-
-    trainer = None
-    try:
-        with runs.quiet_transformers_bars():
-            set_seed(recipe.train.seed)
-            with runs.phase("loading the student and teachers", enabled=show):
-                student = build_student(recipe.student, tok)
-                teachers = build_teachers(recipe, toks)
-            if runs.is_main_process():  # which kind of student: said once, never silent
-                runs.say(f"{describe_student(recipe.student, student)}; {switches.describe(recipe.train)}")
-            if recipe.fusion.include_student:  # FuseLLM lets the target model's own distribution compete too
-                import copy
-
-                teachers.append(SameTokenizerTeacher(copy.deepcopy(student), recipe.fusion.top_k,
-                                                     recipe.loss.temperature, "student@init"))
-            cbs = [runs.MetricsJsonlCallback(out / "metrics.jsonl")] + (callbacks or [])
-            if recipe.train.progress:
-                cbs.append(runs.RichProgressCallback())
-            r = recipe.loss
-            loss = LossConfig(r.kind, r.ce_weight if teachers else 1.0, r.temperature, r.beta, r.alpha, r.chunk_size,
-                              r.emo_mode, r.emo_cost)
-            fusion = FusionConfig(recipe.fusion.method, recipe.fusion.level, recipe.fusion.weight_temperature, None)
-            cls = onpolicy.trainer_class(recipe) if d.format != "text" else DistillTrainer
-            trainer = cls(model=switches.apply(student, recipe.train), args=args, train_dataset=blocks,
-                                     eval_dataset=eval_docs,
-                                     data_collator=collator, processing_class=tok,
-                                     teachers=teachers,
-                                     loss=loss, fusion=fusion, callbacks=cbs)
-            trainer.remove_callback(PrinterCallback)
-            trainer.remove_callback(ProgressCallback)
-            resume = recipe.train.resume
-            if resume is True and runs.last_checkpoint(out) is None:
-                resume = False
-            if resume is True:
-                resume = str(out / f"checkpoint-{runs.last_checkpoint(out)}")
-            if resume is False and trainer.is_world_process_zero() and (out / "metrics.jsonl").exists():
-                (out / "metrics.jsonl").unlink()
-            result = trainer.train(resume_from_checkpoint=resume or None)
-            metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-            if eval_docs:  # once: reuse the evaluation the last step already logged
-                last = [h for h in trainer.state.log_history
-                        if "eval_loss" in h and h.get("step") == trainer.state.global_step]
-                metrics.update({k: v for k, v in last[-1].items() if k.startswith("eval_")} if last
-                               else trainer.evaluate())
-            with runs.phase("saving the student", enabled=show):
-                trainer.save_model(str(out))
-                if trainer.is_world_process_zero():
-                    tok.save_pretrained(out)
-                    runs.atomic_write_text(out / "README.md", runs.model_card(recipe, metrics, "streamed" if d.streaming else len(blocks), trainer.model))
-                    history = [dict(h) for h in trainer.state.log_history]
-                    if recipe.train.plot:
-                        runs.plot_losses(history, out / "loss_curve.png")
-                    runs.write_marker(out, recipe, finished=True, step=trainer.state.global_step, metrics=metrics)
-    except KeyboardInterrupt:
-        cb = runs.progress_callback(trainer) if trainer is not None else None
-        if cb is not None:
-            cb.stop()
-        if runs.is_main_process():
-            runs.drop_incomplete_checkpoints(out)
-        raise runs.TrainInterrupted(trainer.state.global_step if trainer is not None else 0,
-                                    runs.last_checkpoint(out)) from None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # rank 0 has saved the student before any rank returns (and exits)
-    return TrainResult(str(out), metrics, [dict(h) for h in trainer.state.log_history], trainer.model)
-
-
-def training_blocks(recipe, tokenizer) -> list[Block]:
-    """The recipe's training blocks: its documents (``data.documents``) packed or not (``data.packing``)."""
-    from stillroom.data_io import load_texts
-
-    d = recipe.data
-    blocks = make_blocks(load_texts(d.train, d.text_field, d.documents), tokenizer, d.seq_len, d.add_bos, d.packing)
-    return blocks[: d.max_blocks] if d.max_blocks else blocks
-
-
-def streaming_blocks(recipe, tokenizer) -> StreamingBlocks:
-    """The recipe's training blocks packed on the fly (``data.streaming``): the same blocks as
-    :func:`training_blocks`, never all in memory. One stream for all ranks: the Trainer's data loader
-    (accelerate) gives each rank its own batches of it."""
-    d = recipe.data
-    return StreamingBlocks(d.train, tokenizer, d.seq_len, text_field=d.text_field, documents=d.documents,
-                           add_bos=d.add_bos, pack=d.packing, max_blocks=d.max_blocks, rank=0, world_size=1)
-
-
-def export_training_blocks(recipe, path, overwrite: bool = False) -> int:
-    """Write the recipe's training blocks as JSONL ``{"id", "text"}``: build a teacher cache on exactly these
-    texts with ``stillroom cache --data PATH`` and point ``teachers.N.cache`` at it (evaluation needs no
-    teacher). Streamed: each block is written as it is packed, so any data size fits. An existing file is kept
-    (:class:`~stillroom.errors.OutputExistsError`) unless ``overwrite``."""
-    import itertools
-
-    from stillroom.data_io import is_blocks_file, iter_texts
-    from stillroom.outputs import check_output_file
-
-    d = recipe.data
-    if d.format != "text":  # completion records are rendered per model: no text blocks to cache
-        raise ConfigError(f"--export-blocks: data.format {d.format!r} has no text blocks; its teachers run online")
-    check_output_file(path, "--export-blocks", overwrite=overwrite, ours=is_blocks_file)
-    tok = student_tokenizer(recipe.student)
-    blocks = iter_blocks(iter_texts(d.train, d.text_field, d.documents), tok, d.seq_len, d.add_bos, d.packing)
-    return export_blocks(itertools.islice(blocks, d.max_blocks), path)

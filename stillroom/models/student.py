@@ -1,6 +1,6 @@
 """Building the student a recipe asks for: pretrained, re-initialised, cut from a teacher, or from scratch.
 
-The kind is explicit in the recipe (``stillroom.recipe.StudentSpec``) and :func:`describe_student` says which one
+The kind is explicit in the recipe (``stillroom.training.recipe.StudentSpec``) and :func:`describe_student` says which one
 was built, for the console and the model card — a pretrained student's weights are never silently replaced.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from stillroom.cut import cut_from
-from stillroom.models import load_causal_lm, load_tokenizer, resolve_model
+from stillroom.models.cut import cut_from
+from stillroom.models.loading import load_causal_lm, load_tokenizer, resolve_model
 
 
 def student_tokenizer(spec):

@@ -25,7 +25,7 @@ spell.
 themselves. Their completion region is aligned to the student's by viewing each side as
 ``[marker] + completion ids`` (:func:`region_ids`, :func:`region_output`): the marker is a special token, so
 the first row of each view is the one that predicts the first completion token — exactly the shape of two
-texts that start with BOS, which :func:`stillroom.cache.student_targets` (byte alignment, projection, CE
+texts that start with BOS, which :func:`stillroom.tokenization.project.student_targets` (byte alignment, projection, CE
 spread) already handles. Its result goes back to the student rows from ``prompt_len - 1`` on (:func:`place`).
 """
 
@@ -75,7 +75,7 @@ def load_examples(path: str | os.PathLike, *, need_completion: bool = True) -> l
     ``need_completion=False`` also accepts prompt-only records (no ``completion``; a conversation whose last
     message is not the assistant's). Every bad record raises :class:`DataError` naming ``file:line``, the field
     and the fix."""
-    from stillroom.data_io import _json_lines, _lines
+    from stillroom.inputs.text import _json_lines, _lines
 
     path = Path(path)
     if not path.exists():
@@ -279,7 +279,7 @@ def encode_example(tokenizer, ex: Example, max_len: int, table=None) -> dict[str
     text = ex.completion
     budget = max_len - min(len(p), max_len // 2)
     if len(c) > budget:
-        from stillroom.tokens import TokenTable
+        from stillroom.tokenization.tokens import TokenTable
 
         c, text = whole_chars(table or TokenTable.from_tokenizer(tokenizer), c[:budget])
         ended = False
@@ -323,7 +323,7 @@ class CompletionCollator:
         self._table = None
 
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
-        from stillroom.tokens import TokenTable
+        from stillroom.tokenization.tokens import TokenTable
 
         if self._table is None:
             self._table = TokenTable.from_tokenizer(self.tokenizer)
@@ -347,100 +347,6 @@ class ExampleDataset(torch.utils.data.Dataset):
 # --- teacher side: the completion region of each tokenization -----------------------------------------------
 
 
-def region_ids(ids, prompt_len: int, marker: int) -> np.ndarray:
-    """``[marker] + ids[prompt_len:]``: a sequence's completion region, whose row 0 predicts the first
-    completion token (as row ``prompt_len - 1`` of the whole sequence does)."""
-    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    return np.concatenate([[marker], ids[prompt_len:]]).astype(np.int64)
-
-
-def region_output(out, prompt_len: int, marker: int):
-    """A teacher output over ``prompt + completion`` cut to its completion region (rows ``prompt_len - 1`` on,
-    input ids as :func:`region_ids`)."""
-    from stillroom.cache import TeacherOutput
-
-    a = prompt_len - 1
-    return TeacherOutput(out.example_id, torch.as_tensor(region_ids(out.input_ids.numpy(), prompt_len, marker)),
-                         out.topk_ids[a:], out.topk_logprobs[a:], out.tail[a:], out.gold_ce[a:])
-
-
-def place(target, ce: torch.Tensor, start: int):
-    """A region's target and CE put back at student rows ``start, start + 1, ...``; rows before are invalid."""
-    from stillroom.targets import SparseTarget
-
-    k = target.ids.shape[-1]
-    ids = torch.cat([torch.zeros(start, k, dtype=torch.long), torch.as_tensor(target.ids)])
-    lp = torch.cat([torch.full((start, k), float("-inf")), torch.as_tensor(target.logprobs).float()])
-    tail = torch.cat([torch.zeros(start), torch.as_tensor(target.tail).float()])
-    valid = torch.cat([torch.zeros(start, dtype=torch.bool), torch.as_tensor(target.valid)])
-    return SparseTarget(ids, lp, tail, valid), torch.cat([torch.full((start,), float("nan")), ce.float()])
-
-
-def teacher_rows(tokenizer, batch: dict[str, Any]) -> tuple[list[list[int]], list[int]]:
-    """A teacher's own ids for every row of a completion batch (its prompt rendering + its tokenization of the
-    completion text, ending with its end token where the student's did) and its prompt lengths."""
-    rows, plens = [], []
-    for ex, text, ended in zip(batch["example"], batch["completion"], batch["ended"], strict=True):
-        p = prompt_ids(tokenizer, ex)
-        rows.append(p + completion_ids(tokenizer, text, end=ended))
-        plens.append(len(p))
-    return rows, plens
-
-
-def _regions(teacher, batch: dict[str, Any]):
-    """Run ``teacher``'s online source on its own rendering of each completion row; yield per row
-    ``(teacher region output, student region ids, student prompt length)`` (:func:`region_output`,
-    :func:`region_ids`: token 0 of both regions is a special marker)."""
-    src = teacher.source
-    if not hasattr(src, "run_ids") or getattr(src, "tokenizer", None) is None:
-        raise ConfigError(f"teacher {teacher.name}: prompt/completion and chat data need an online teacher (its "
-                          "own chat template renders each prompt); remove teachers.N.cache")
-    rows, t_plens = teacher_rows(src.tokenizer, batch)
-    outs = src.run_ids(rows, [str(i) for i in batch["example_id"]], starts=[p - 1 for p in t_plens])
-    ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
-    s_mark, t_mark = marker_id(teacher.student_table), marker_id(teacher.teacher_table)
-    for r, out in enumerate(outs):
-        sp = int(batch["prompt_len"][r])
-        yield region_output(out, t_plens[r], t_mark), region_ids(ids[r][mask[r]].numpy(), sp, s_mark), sp
-
-
-@torch.no_grad()
-def aligned_targets(teacher, batch: dict[str, Any]):
-    """:class:`stillroom.trainer.AlignedTeacher` on a completion batch: run its online source on its own
-    rendering of each row, align the completion regions at byte level and project (``student_targets``);
-    rows outside the completion are invalid (``nan`` CE). Returns ``(SparseTarget [B, T, k], CE [B, T])``."""
-    from stillroom.cache import student_targets
-    from stillroom.targets import stack_rows
-
-    targets, ces = [], []
-    for out, sid, sp in _regions(teacher, batch):
-        t, ce = student_targets(out, sid, teacher.student_table, teacher.teacher_table, teacher.vocab_map,
-                                fallback=teacher.fallback, fill=False)
-        t, ce = place(t, torch.as_tensor(ce), sp - 1)
-        targets.append(t)
-        ces.append(ce)
-    return stack_rows(targets, ces, batch["input_ids"].shape[1])
-
-
-@torch.no_grad()
-def aligned_regions(teacher, batch: dict[str, Any]) -> list[tuple[Any, Any]]:
-    """An ALM / ULD teacher (:class:`stillroom.objectives.ObjectiveTeacher`) on a completion batch: per row,
-    (its output over its own rendering cut to the completion region, the byte alignment of that region with
-    the student's, teacher as source). Region token i of the student is row token ``prompt_len - 1 + i``."""
-    from stillroom.align import align
-
-    return [(out, align(out.input_ids.numpy(), sid, teacher.teacher_table, teacher.student_table))
-            for out, sid, _ in _regions(teacher, batch)]
-
-
 # --- recipes ------------------------------------------------------------------------------------------------
 
 
-def training_data(recipe, tokenizer) -> tuple[ExampleDataset, CompletionCollator, list[Example] | None]:
-    """A recipe's completion data (``data.format`` prompt_completion / chat): the training examples (the first
-    ``data.max_blocks`` when set), their collator (rows of at most ``data.seq_len`` tokens) and the evaluation
-    examples of ``data.eval`` (the first ``train.eval_max_blocks`` when set), or None."""
-    d = recipe.data
-    train = load_examples(d.train)[: d.max_blocks or None]
-    evals = load_examples(d.eval)[: recipe.train.eval_max_blocks or None] if d.eval else None
-    return ExampleDataset(train), CompletionCollator(tokenizer, d.seq_len), evals

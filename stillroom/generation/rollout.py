@@ -11,10 +11,10 @@ padded row computes what it would alone. Each step picks the next token per row
 
 with its own ``torch.Generator`` when seeded, so a seeded call repeats exactly and never moves the global RNG
 (the trainer's dropout and data order stay as they were). A row stops at the first end id (end-of-turn or EOS,
-:func:`stillroom.chat.end_ids`), the batch when every row has stopped or after ``max_new_tokens``.
+:func:`stillroom.inputs.chat.end_ids`), the batch when every row has stopped or after ``max_new_tokens``.
 
-A completion's text is exactly the bytes its tokens spell (``stillroom.tokens.TokenTable``) after its prompt, read
-as a text of its own as :func:`stillroom.chat.completion_ids` tokenizes it (a tokenizer with a dummy prefix,
+A completion's text is exactly the bytes its tokens spell (``stillroom.tokenization.tokens.TokenTable``) after its prompt, read
+as a text of its own as :func:`stillroom.inputs.chat.completion_ids` tokenizes it (a tokenizer with a dummy prefix,
 e.g. SentencePiece's ``▁``, puts a virtual space before it: the first token's leading space is that, not text), so
 the text round-trips to the same tokens. A completion cut inside a
 multi-byte character (``max_new_tokens`` reached, or the model stopped mid-character) is shortened to its
@@ -50,8 +50,8 @@ _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _table(tokenizer):
-    """The tokenizer's :class:`~stillroom.tokens.TokenTable`, looked up once per tokenizer object."""
-    from stillroom.tokens import TokenTable
+    """The tokenizer's :class:`~stillroom.tokenization.tokens.TokenTable`, looked up once per tokenizer object."""
+    from stillroom.tokenization.tokens import TokenTable
 
     try:
         hit = _TABLES.get(tokenizer)
@@ -144,7 +144,7 @@ def skinny_linears(model, max_rows: int = 32):
 
 def _cache_kwarg(model) -> str:
     """transformers >= 5.24 calls the KV cache argument ``cache``; earlier 5.x ``past_key_values``."""
-    from stillroom.modeling import forward_accepts
+    from stillroom.models.runtime import forward_accepts
 
     return "cache" if forward_accepts(model, "cache") else "past_key_values"
 
@@ -219,7 +219,7 @@ def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, t
     """One completion per prompt (token ids), decoded batched with left padding and a KV cache.
 
     ``model``: a causal LM (a DDP wrapper's ``.module``); it runs in eval mode, its training flag is restored.
-    ``stop_ids``: ids that end a completion (default :func:`stillroom.chat.end_ids` of ``tokenizer``).
+    ``stop_ids``: ids that end a completion (default :func:`stillroom.inputs.chat.end_ids` of ``tokenizer``).
     ``generator_seed``: seeds this call's own generator (None: the global torch RNG).
     """
     if not prompts:
@@ -229,7 +229,7 @@ def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, t
     if empty:
         raise ConfigError(f"prompt {empty[0]} has no tokens; every prompt needs at least one (e.g. BOS)")
     if stop_ids is None:
-        from stillroom.chat import end_ids
+        from stillroom.inputs.chat import end_ids
 
         stop_ids = end_ids(tokenizer)
     stop_ids = list(stop_ids)
@@ -314,8 +314,8 @@ def generate_file(model: str | os.PathLike, data: str | os.PathLike, out: str | 
                   max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                   batch_size: int = 8, seed: int = 0, overwrite: bool = False, device: str | None = None,
                   progress: bool = True) -> GenerateSummary:
-    """Complete every prompt of ``data`` (:func:`stillroom.chat.load_examples`, completions optional and
-    ignored) with ``model``, each rendered by the model's own template (:func:`stillroom.chat.prompt_ids`), and
+    """Complete every prompt of ``data`` (:func:`stillroom.inputs.chat.load_examples`, completions optional and
+    ignored) with ``model``, each rendered by the model's own template (:func:`stillroom.inputs.chat.prompt_ids`), and
     append one JSONL record per example to ``out``: ``{"id", "prompt", "completion", "ended"}`` or ``{"id",
     "messages" (ending with the generated assistant turn), "ended"}`` — prompt/completion or chat training data
     for sequence-level KD (Kim & Rush 2016).
@@ -326,9 +326,9 @@ def generate_file(model: str | os.PathLike, data: str | os.PathLike, out: str | 
     run with other settings is refused unless ``overwrite``) and the ids whose completion came out empty
     (the model ended at once): those are not written, as training data needs a completion.
     """
-    from stillroom.chat import load_examples, prompt_ids
-    from stillroom.models import load_causal_lm, load_tokenizer, model_context, resolve_model
-    from stillroom.outputs import atomic_write, check_output_file
+    from stillroom.files import atomic_write, check_output_file
+    from stillroom.inputs.chat import load_examples, prompt_ids
+    from stillroom.models.loading import load_causal_lm, load_tokenizer, model_context, resolve_model
 
     out = check_output_file(out, "--out", overwrite=True)  # a folder is refused here; files by the sidecar
     check_sampling(max_new_tokens, do_sample, temperature, top_p, option=lambda k: "--" + k.replace("_", "-"))

@@ -5,19 +5,19 @@ that would crash after the models load (or, worse, train on garbage) fails in se
 key and the fix: folders without weights or tokenizer, a tokenizer that does not fit its model's embedding,
 ``data.seq_len`` beyond the student's context, empty or unreadable data, a cache built for another teacher or
 over other texts, ``report_to`` loggers that are not installed, speed switches that cannot work here
-(:mod:`stillroom.switches`; those that work but will be slow come back as warnings).
+(:mod:`stillroom.training.switches`; those that work but will be slow come back as warnings).
 """
 
 from __future__ import annotations
 
 import importlib.util
 
-from stillroom import switches
 from stillroom.errors import ConfigError, ModelError
-from stillroom.models import check_vocab_fits, load_tokenizer, model_context, resolve_model
-from stillroom.recipe import REPORTERS
-from stillroom.student import student_tokenizer
-from stillroom.tokens import same_tokenizer
+from stillroom.models.loading import check_vocab_fits, load_tokenizer, model_context, resolve_model
+from stillroom.models.student import student_tokenizer
+from stillroom.tokenization.tokens import same_tokenizer
+from stillroom.training import switches
+from stillroom.training.recipe import REPORTERS
 
 
 def check_recipe(recipe) -> dict:
@@ -25,7 +25,7 @@ def check_recipe(recipe) -> dict:
     ``warnings``: one-line notes on switches that will work but slowly (printed by ``train --check``)."""
     from transformers import AutoConfig
 
-    from stillroom.data_io import iter_texts, load_texts
+    from stillroom.inputs.text import iter_texts, load_texts
 
     spec = recipe.student
     student_tok = student_tokenizer(spec)
@@ -84,9 +84,9 @@ def check_recipe(recipe) -> dict:
 def _check_cache(recipe, spec, i: int, student_tok) -> None:
     """The cache must have been built for this teacher (weights and tokenizer hashes) and temperature, over the
     recipe's training blocks (``train --export-blocks``): every block's id must be in it, with the same text."""
-    from stillroom.cache import CachedTeacher
-    from stillroom.data_io import text_sha
-    from stillroom.trainer import streaming_blocks, training_blocks
+    from stillroom.inputs.text import text_sha
+    from stillroom.teachers.cache import CachedTeacher
+    from stillroom.training.build import streaming_blocks, training_blocks
 
     key = f"teachers.{i}.cache"
     try:
@@ -110,7 +110,7 @@ def _check_cache(recipe, spec, i: int, student_tok) -> None:
 
 def _check_completion_data(recipe) -> None:
     """``data.format`` prompt_completion / chat: records of that form, and only what trains on them."""
-    from stillroom.chat import load_examples
+    from stillroom.inputs.chat import load_examples
 
     d = recipe.data
     for key in ("streaming", "packing"):

@@ -1,16 +1,16 @@
 """Several ALM teachers fused by MinCE / AvgCE (FuseLLM's rules applied to ALM's chunk likelihoods).
 
-Each ALM teacher has its own alignment with the student (``stillroom.align``), so its chunks differ from the
+Each ALM teacher has its own alignment with the student (``stillroom.tokenization.align``), so its chunks differ from the
 other teachers'. To compare teachers on the same text, the fused term works on *joint chunks*: spans of student
 tokens ``[s0, s1)`` whose two ends are chunk boundaries of every teacher, and whose groups are all kept by every
-teacher's mask (``exact`` groups, or the unbiased boundaries of ``stillroom.unbiased``). On a joint chunk c,
+teacher's mask (``exact`` groups, or the unbiased boundaries of ``stillroom.tokenization.unbiased``). On a joint chunk c,
 teacher t covers its tokens ``[t0, t1)`` and the chunk's log-likelihoods are
 
     log p_t(c) = Σ_{j ∈ [t0, t1)} log p_t(x_j | x_<j),      log q(c) = Σ_{j ∈ [s0, s1)} log q(x_j | x_<j).
 
 A teacher's CE on the chunk, on the per-student-token scale of FuseLLM's CE, is ``CE_t(c) = −log p_t(c) / n(c)``
 with n(c) = s1 − s0; on a sequence, ``CE_t = Σ_c −log p_t(c) / Σ_c n(c)`` (its NLL of the same bytes per student
-token). The weights are ``stillroom.fusion.fusion_weights`` of these CEs — ``min_ce``: 1 for the teacher with
+token). The weights are ``stillroom.teachers.fusion.fusion_weights`` of these CEs — ``min_ce``: 1 for the teacher with
 the lowest CE (the first on ties), ``avg_ce``: ``softmax(−CE / τ_w)`` over teachers, ``mean``: 1/n — per
 sequence (``level="sequence"``: one weight per teacher for all of the sequence's chunks) or per chunk
 (``level="token"``). The fused ALM term of a sequence is
@@ -29,8 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from stillroom.fusion import fusion_weights
 from stillroom.losses.alm import ALM_DIVERGENCES, binary_divergence
+from stillroom.teachers.fusion import fusion_weights
 
 
 def joint_chunks(groups: Sequence[np.ndarray], keeps: Sequence[np.ndarray | None], n_student: int
@@ -39,7 +39,7 @@ def joint_chunks(groups: Sequence[np.ndarray], keeps: Sequence[np.ndarray | None
 
     ``groups[t]``: ``[G_t, 4]`` (teacher start, teacher end, student start, student end), teacher as source, in
     order (an alignment's groups, or chunks merged from them: student tokens no group covers, like the trailing
-    run of ``stillroom.unbiased.merge_chunks``, are in no joint chunk); ``keeps[t]``: bool ``[G_t]`` (None: all
+    run of ``stillroom.tokenization.unbiased.merge_chunks``, are in no joint chunk); ``keeps[t]``: bool ``[G_t]`` (None: all
     kept). Returns
     ``student [C, 2]`` (s0, s1) and ``teacher [n, C, 2]`` (t0, t1 per teacher): the spans between consecutive
     boundaries shared by every teacher whose groups are all kept by every teacher. A teacher group without student

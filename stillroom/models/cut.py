@@ -67,7 +67,7 @@ def cut_layers(model: torch.nn.Module, layers: list[int]) -> torch.nn.Module:
 
 
 def cut_from(path, layers: list[int], dtype: torch.dtype = torch.float32, what: str = "student.init_from"):
-    """Load the model at ``path`` (a folder or ``.gguf`` file, through :mod:`stillroom.models`) and cut it."""
-    from stillroom.models import load_causal_lm
+    """Load the model at ``path`` (a folder or ``.gguf`` file, through :mod:`stillroom.models.loading`) and cut it."""
+    from stillroom.models.loading import load_causal_lm
 
     return cut_layers(load_causal_lm(path, what, dtype=dtype), layers)

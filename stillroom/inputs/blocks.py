@@ -80,7 +80,7 @@ def make_blocks(rows: list[tuple[str, str]], tokenizer, seq_len: int, add_bos: b
 
 def iter_blocks(rows: Iterable[tuple[str, str]], tokenizer, seq_len: int, add_bos: bool = True, pack: bool = True,
                 min_tokens: int = 2, warn_padding: bool = True, batch_docs: int = 64) -> Iterator[Block]:
-    """:func:`make_blocks` as a generator over a document iterator (e.g. :func:`stillroom.data_io.iter_texts`):
+    """:func:`make_blocks` as a generator over a document iterator (e.g. :func:`stillroom.inputs.text.iter_texts`):
     the same blocks in the same order, holding one block and ``batch_docs`` documents at a time (documents are
     tokenized ``batch_docs`` at a time: one call of the fast tokenizer instead of one per document)."""
     if seq_len < 4:
@@ -162,7 +162,7 @@ class BlockDataset(torch.utils.data.Dataset):
 
 
 class StreamingBlocks(torch.utils.data.IterableDataset):
-    """Iterable dataset of the blocks of a DATA path packed on the fly (:func:`~stillroom.data_io.iter_texts` →
+    """Iterable dataset of the blocks of a DATA path packed on the fly (:func:`~stillroom.inputs.text.iter_texts` →
     :func:`iter_blocks`): memory stays flat whatever the corpus size; every pass re-reads the data.
 
     Sharded by rank: rank r of ``world_size`` gets blocks ``i % world_size == r`` of the stream (and, inside a
@@ -186,7 +186,7 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
 
     def blocks(self) -> Iterator[Block]:
         """The whole stream (all ranks' blocks), capped at ``max_blocks``."""
-        from stillroom.data_io import iter_texts
+        from stillroom.inputs.text import iter_texts
 
         rows = iter_texts(self.path, self.text_field, self.documents)
         return itertools.islice(iter_blocks(rows, self.tokenizer, self.seq_len, self.add_bos, self.pack,

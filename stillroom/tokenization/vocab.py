@@ -279,7 +279,7 @@ class VocabMap:
     @classmethod
     def build(cls, src_table, tgt_table, *, progress: bool | Callable[[int], None] = True,
               workers: int = -1) -> VocabMap:
-        """Map every id of ``src_table`` onto ``tgt_table`` (both ``stillroom.tokens.TokenTable``).
+        """Map every id of ``src_table`` onto ``tgt_table`` (both ``stillroom.tokenization.tokens.TokenTable``).
 
         Ordinary tokens: exact bytes, else MinED over bytes among the target's non-special tokens (ties: the
         smallest target id). Special tokens: see :func:`_special_targets`. ``progress``: True shows a Rich
@@ -358,7 +358,7 @@ class VocabMap:
         """Write a safetensors file (no pickle) holding the arrays and both tokenizers' hashes."""
         from safetensors.numpy import save_file
 
-        from stillroom.outputs import atomic_write
+        from stillroom.files import atomic_write
 
         path = Path(path)
         meta = {"format": "stillroom.vocab_map", "version": FORMAT_VERSION, "src_hash": self.src_hash,
