@@ -43,9 +43,6 @@ from pathlib import Path
 
 from stillroom.errors import ConfigError, DataError, MissingPathError
 
-PACKAGE_DATA = Path(__file__).parent / "data"  # the shipped corpus and default models (``pkg:`` paths)
-
-
 DOCUMENTS = ("file", "paragraph", "line")
 
 
