@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from stillroom.testing import PACKAGE_DATA
+from stillroom.files import PACKAGE_DATA
 
 DEFAULT = PACKAGE_DATA / "default"
 CORPUS = PACKAGE_DATA / "corpus"

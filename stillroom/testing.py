@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from stillroom.inputs.text import PACKAGE_DATA
+from stillroom.files import PACKAGE_DATA
 
 CORPUS_DIR = PACKAGE_DATA / "corpus"
 

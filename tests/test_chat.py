@@ -652,7 +652,7 @@ def test_no_token_crosses_the_template_boundary(name, template):
     one text, no token spans the byte where the template ends (the prompt ends in a newline or a special token,
     where every family's tokenizer ends a token), so a model reading its own rendering never sees a
     completion start inside a token."""
-    from stillroom.inputs.text import PACKAGE_DATA
+    from stillroom.files import PACKAGE_DATA
 
     tok = load_shared_tokenizer(name)
     if template == "gemma":

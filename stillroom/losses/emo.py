@@ -174,7 +174,7 @@ class _FusedLinearEMO(torch.autograd.Function):
     @staticmethod
     @torch.no_grad()
     def forward(ctx, hidden, weight, cost, labels, ids, logprobs, tail, counted, mode, chunk_size, den):
-        from stillroom.losses.fused_linear import _Config, _sparse_grad
+        from stillroom.losses.fused_linear import sparse_grad
 
         N, V = hidden.shape[0], cost.shape[0]
         W = weight[:V]
@@ -184,7 +184,6 @@ class _FusedLinearEMO(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         inv = _inv_norms(cost, acc)
         soft = ids is not None
-        cfg = _Config("soft_ce", 1.0, 0.5, 0.1, 0.0, chunk_size, V, False, "sum", None, True, False)
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for a in range(0, N, chunk_size):
             b = min(a + chunk_size, N)
@@ -196,7 +195,7 @@ class _FusedLinearEMO(torch.autograd.Function):
             check_finite(z, f"student logits (rows {a}..{b - 1})")
             if soft:  # u = Σ p_j ê_j; mle = sparse soft CE, gradient from the bucket kernel
                 u, mass = _target_embedding(cost, inv, ids[a:b], logprobs[a:b].to(acc).exp())
-                mle, g_mle = _sparse_grad(z.clone(), ids[a:b], logprobs[a:b], tail[a:b], cfg)
+                mle, g_mle = sparse_grad(z.clone(), ids[a:b], logprobs[a:b], tail[a:b], kind="soft_ce")
                 lse = torch.logsumexp(z, -1, keepdim=True)
                 q = z.sub_(lse).exp_()
             else:  # u = ê_y; mle = CE; ∂mle/∂z = q − onehot(y)

@@ -62,8 +62,9 @@ def _dense_grad(logq: torch.Tensor, logp: torch.Tensor, cfg: _Config) -> tuple[t
     return loss, g.sub_(q.mul_(g.sum(-1, keepdim=True)))  # ∂ℓ/∂s = g − q·Σg
 
 
-def _sparse_grad(s: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,
-                 cfg: _Config, lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_grad(s: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor, *, kind: str,
+                beta: float = 0.5, alpha: float = 0.1, lse: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row D and ∂D/∂s against k + 1 buckets (``stillroom.losses.sparse``); ``s`` is consumed (``lse``: its
     logsumexp when already known).
 
@@ -73,9 +74,9 @@ def _sparse_grad(s: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tai
     """
     if lse is None:
         lse = torch.logsumexp(s, -1, keepdim=True)
-    reverse = cfg.kind == "reverse_kl" or (cfg.kind == "jsd" and cfg.beta == 1.0)
+    reverse = kind == "reverse_kl" or (kind == "jsd" and beta == 1.0)
     bq, bp, live, log_qt, (rows, s_tail) = support_buckets(s, lse, ids, logprobs, tail, reverse)
-    loss, g, _ = row_divergence_grad(bq, bp, cfg.kind, cfg.beta, cfg.alpha, live)
+    loss, g, _ = row_divergence_grad(bq, bp, kind, beta, alpha, live)
     g_support, g_tail = g[:, :-1], g[:, -1:]
     c = torch.where(torch.isfinite(log_qt), g_tail * torch.exp(-log_qt), torch.zeros((), dtype=s.dtype))
     if rows is not None:
@@ -159,7 +160,8 @@ class _FusedLinearDistill(torch.autograd.Function):
                     loss, gs = _dense_grad(logq, logp, cfg)
                     del logq, logp
                 else:
-                    loss, gs = _sparse_grad(z, ids[a:b], logprobs[a:b], tail[a:b], cfg, lse1 if T == 1.0 else None)
+                    loss, gs = sparse_grad(z, ids[a:b], logprobs[a:b], tail[a:b], kind=cfg.kind, beta=cfg.beta,
+                                          alpha=cfg.alpha, lse=lse1 if T == 1.0 else None)
                     del z
                 if T != 1.0:
                     gs.div_(T)  # ∂/∂z = ∂/∂s / T
@@ -282,9 +284,10 @@ def fused_linear_distill_loss(hidden: torch.Tensor, weight: torch.Tensor, *, tar
             ids, logprobs, tail = ids[rows], logprobs[rows], tail[rows]
         if th is not None:
             th = th.index_select(0, rows)
-    cfg = _Config(kind, float(temperature), float(beta), float(alpha), float(ce_weight),
-                  int(chunk_size or auto_chunk_size(V)), V, bool(t2_scale), reduction,
-                  None if num_items is None else float(num_items), sparse, th is not None, parts)
+    cfg = _Config(kind=kind, temperature=float(temperature), beta=float(beta), alpha=float(alpha),
+                  ce_weight=float(ce_weight), chunk_size=int(chunk_size or auto_chunk_size(V)), vocab=V,
+                  t2_scale=bool(t2_scale), reduction=reduction, num_items=None if num_items is None else float(num_items),
+                  sparse=sparse, dense_teacher=th is not None, parts=parts)
     if cfg.chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     return _FusedLinearDistill.apply(h, weight, th, tw, ids, logprobs, tail, y, dmask, cmask, cfg)

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from stillroom.errors import ConfigError
-from stillroom.inputs.text import PACKAGE_DATA
+from stillroom.files import PACKAGE_DATA
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "soft_ce")
 
