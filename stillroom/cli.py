@@ -261,9 +261,9 @@ def train(
     if export_blocks is not None:  # a file written by a previous export is ours to replace
         check_output_file(export_blocks, "--export-blocks", overwrite=overwrite, ours=is_blocks_file)
     if check:  # tokenizers, configs, data, caches: everything knowable before training (`train` runs it too)
-        from stillroom.training.plan import check_recipe
+        from stillroom.training.plan import make_plan
 
-        for note in check_recipe(r)["warnings"]:  # tokenizers, configs, data, caches, switches
+        for note in make_plan(r).warnings:  # tokenizers, configs, data, caches, switches
             print(f"warning: {note}", file=sys.stderr)  # one unwrapped line each, like errors
         console.print(f"recipe {recipe} is valid")
         return

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
+from stillroom.tokenization.special import pad_id
+
 DEFAULT_MAX_BACKOFF = 8  # tokens; healing also never removes more bytes than the longest vocabulary token
 
 
@@ -339,7 +341,7 @@ def prepare(tokenizer, prompts: str | Sequence[str], *, heal: bool = True,
     index = index_for(tokenizer)
     head, _ = _template(tokenizer)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (start if start is not None else 0)
+    pad = pad_id(tokenizer)
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     rows, removed, backed = [], [], []
     for prompt, ids in zip(prompts, encoded, strict=True):
@@ -394,9 +396,7 @@ def generate(model, tokenizer, prompts: str | Sequence[str], *, heal: bool = Tru
     config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if config_eos is not None:
         batch.eos_token_ids |= set(config_eos if isinstance(config_eos, list) else [config_eos])
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = next(iter(batch.eos_token_ids), 0)
+    pad = pad_id(tokenizer)
     with torch.no_grad():
         out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                              max_new_tokens=max(limits), do_sample=do_sample, pad_token_id=pad,

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from stillroom.errors import ConfigError, DataError, OutputExistsError
+from stillroom.tokenization.special import pad_id
 
 
 @dataclass
@@ -233,10 +234,7 @@ def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, t
 
         stop_ids = end_ids(tokenizer)
     stop_ids = list(stop_ids)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = stop_ids[0] if stop_ids else 0
-    rows = generate_ids(model, prompts, stop_ids, pad, max_new_tokens=max_new_tokens, temperature=temperature,
+    rows = generate_ids(model, prompts, stop_ids, pad_id(tokenizer), max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, do_sample=do_sample, generator_seed=generator_seed)
     table, stops = _table(tokenizer), set(stop_ids)
     return [Sample(*completion_text(table, p, row, bool(row) and row[-1] in stops))

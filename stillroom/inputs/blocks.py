@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from stillroom.tokenization.special import pad_id, separator_id
+
 PADDING_WARN = 0.5  # warn when more than this fraction of the block positions is padding
 
 
@@ -46,15 +48,6 @@ class Block:
     input_ids: list[int]
     starts: list[int] = field(default_factory=lambda: [0])
     text_starts: list[int] = field(default_factory=lambda: [0])
-
-
-def separator_id(tokenizer) -> int | None:
-    """The token put before each document: BOS when the tokenizer has one, else EOS, else none."""
-    for name in ("bos_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            return int(value)
-    return None
 
 
 def _cuttable(offsets: list[tuple[int, int]]) -> list[bool]:
@@ -217,7 +210,7 @@ class BlockCollator:
     transformers' ``masking_utils`` attend within documents only (see the module docstring)."""
 
     def __init__(self, tokenizer, seq_len: int, isolate_documents: bool = True):
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_id(tokenizer)
         self.pad_id = 0 if pad is None else pad
         self.seq_len, self.isolate = seq_len, isolate_documents
 

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from stillroom.errors import ConfigError, DataError, MissingPathError
+from stillroom.tokenization.special import pad_id
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("text", "prompt_completion", "chat")
@@ -318,7 +319,7 @@ class CompletionCollator:
     padded to the batch's longest row."""
 
     def __init__(self, tokenizer, max_len: int):
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_id(tokenizer)
         self.tokenizer, self.max_len, self.pad_id = tokenizer, int(max_len), 0 if pad is None else pad
         self._table = None
 
@@ -350,3 +351,15 @@ class ExampleDataset(torch.utils.data.Dataset):
 # --- recipes ------------------------------------------------------------------------------------------------
 
 
+class PromptCollator:
+    """Examples (completions optional, ignored) -> a batch of prompts with empty completions, for λ = 1 where
+    every batch is replaced by the student's samples. Prompts keep their last ``max_len − max_new_tokens``."""
+
+    def __init__(self, tokenizer, max_len: int, max_new_tokens: int):
+        self.tokenizer, self.max_len, self.keep = tokenizer, int(max_len), int(max_len) - int(max_new_tokens)
+        self.pad_id = pad_id(tokenizer)
+
+    def __call__(self, examples: list[Example]) -> dict[str, Any]:
+        rows = [{"prompt_ids": prompt_ids(self.tokenizer, ex)[-self.keep:], "completion_ids": [],
+                 "completion": "", "ended": False, "example": ex} for ex in examples]
+        return collate_rows(rows, self.pad_id)

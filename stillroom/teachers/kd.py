@@ -14,10 +14,10 @@ from typing import Any, Protocol
 
 import torch
 
-from stillroom.inputs import chat
 from stillroom.inputs.blocks import model_inputs
-from stillroom.models import runtime as modeling
+from stillroom.models import runtime
 from stillroom.targets import SparseTarget, stack_rows
+from stillroom.teachers import completion
 
 
 class Teacher(Protocol):
@@ -59,10 +59,10 @@ class SameTokenizerTeacher:
     """
 
     def __init__(self, model, top_k: int | None = 10, temperature: float = 1.0, name: str = "teacher"):
-        self.model = modeling.freeze_teacher(model)
+        self.model = runtime.freeze_teacher(model)
         self.top_k, self.temperature, self.name = top_k, temperature, name
 
-    @modeling.frozen()  # no gradient, and the teacher's own dtype even under the student's autocast
+    @runtime.frozen()  # no gradient, and the teacher's own dtype even under the student's autocast
     def targets(self, batch: dict[str, Any]) -> tuple[SparseTarget, torch.Tensor]:
         logits = self.model(**model_inputs(batch)).logits
         return topk_target(logits, batch["labels"], self.top_k, self.temperature)
@@ -85,7 +85,7 @@ class AlignedTeacher:
         from stillroom.tokenization.project import student_targets
 
         if "prompt_len" in batch:  # completion data: its own rendering, completion regions aligned
-            return chat.aligned_targets(self, batch)
+            return completion.aligned_targets(self, batch)
         outs = self.source.signal(batch["text"], batch["example_id"])
         ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
         rows, ces = [], []

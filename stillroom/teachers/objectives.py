@@ -32,12 +32,11 @@ import torch
 from stillroom.losses.own_logprob import own_logprobs
 from stillroom.targets import SparseTarget
 
-OBJECTIVES = ("kd", "alm", "uld")
-
 
 @dataclass
 class ObjectiveConfig:
-    """One teacher's term: ``kind`` alm | uld, its weight w, and the ALM options (see ``alm_loss``)."""
+    """One teacher's term: ``kind`` alm | uld, its weight w, and the ALM options (see ``alm_loss``). The defaults
+    here are the recipe's (``teachers[].alm_*`` read them)."""
 
     kind: str = "alm"
     weight: float = 0.5

@@ -22,6 +22,7 @@ from stillroom.errors import ConfigError, DataError
 from stillroom.models.loading import check_device, load_causal_lm, load_tokenizer, resolve_model
 from stillroom.models.runtime import forward_accepts, freeze_teacher, frozen
 from stillroom.targets import TeacherOutput
+from stillroom.tokenization.special import pad_id
 
 
 class TeacherSignal(Protocol):
@@ -142,7 +143,7 @@ class OnlineTeacher:
         self.top_k, self.temperature = int(top_k), float(temperature)
         # padded tokens per forward: the [tokens, V] fp32 logits dominate memory (1024 x 128k = 0.5 GB)
         self.batch_tokens = int(batch_tokens or (4096 if self.device.type == "cuda" else 1024))
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id(tokenizer)
         self._keep = forward_accepts(model, "logits_to_keep")  # the head on a suffix of the columns only
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:

@@ -25,7 +25,6 @@ resumed from a checkpoint takes exactly the choices (and draws) of the uninterru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,20 +32,9 @@ import torch
 
 from stillroom.generation import rollout
 from stillroom.inputs import chat
+from stillroom.tokenization.special import pad_id
+from stillroom.training.recipe import OnPolicySpec
 from stillroom.training.trainer import DistillTrainer
-
-
-@dataclass
-class OnPolicyConfig:
-    """``fraction`` is λ; rows are at most ``max_len`` tokens (prompts keep their last ``max_len −
-    max_new_tokens``)."""
-
-    fraction: float = 0.5
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    seed: int = 0
-    max_len: int | None = None
 
 
 def coin(seed: int, step: int, fraction: float) -> bool:
@@ -86,21 +74,23 @@ class OnPolicyTrainer(DistillTrainer):
     :class:`PromptCollator` when λ = 1). Logs ``onpolicy``: the share of steps since the last log that were
     sampled."""
 
-    def __init__(self, *args, onpolicy: OnPolicyConfig, **kwargs):
+    def __init__(self, *args, onpolicy: OnPolicySpec | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.onpolicy = onpolicy
+        self.onpolicy = onpolicy if onpolicy is not None else OnPolicySpec()
+        self.seed = self.args.seed if self.onpolicy.seed is None else self.onpolicy.seed  # λ coin and samples
+        self.max_len = getattr(self.data_collator, "max_len", None)  # rows: prompt + completion tokens
         self._coins: list[bool] = []
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         batches, n = super().get_batch_samples(epoch_iterator, num_batches, device)
         c = self.onpolicy
         step = self.state.global_step  # the step these batches are for (resumed runs restore it)
-        if not batches or not coin(c.seed, step, c.fraction):
+        if not batches or not coin(self.seed, step, c.lambda_):
             self._coins.append(False)
             return batches, n
         self._coins.append(True)
         rank = self.args.process_index
-        batches = [self.rollout(b, sample_seed(c.seed, step, rank, i)) for i, b in enumerate(batches)]
+        batches = [self.rollout(b, sample_seed(self.seed, step, rank, i)) for i, b in enumerate(batches)]
         return batches, self._get_num_items_in_batch(batches, device)
 
     def rollout(self, batch: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -108,12 +98,12 @@ class OnPolicyTrainer(DistillTrainer):
         c = self.onpolicy
         model = self.accelerator.unwrap_model(self.model)
         tok = self.processing_class
-        keep = c.max_len - c.max_new_tokens if c.max_len else None
+        keep = self.max_len - c.max_new_tokens if self.max_len else None
         prompts = batch_prompts(batch, keep)
         with self.autocast_smart_context_manager():
             samples = rollout.sample(model, tok, prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                                      top_p=c.top_p, do_sample=True, generator_seed=seed)
-        return student_batch(batch, prompts, samples, _pad_id(tok))
+        return student_batch(batch, prompts, samples, pad_id(tok))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._coins and "loss" in logs:
@@ -122,47 +112,3 @@ class OnPolicyTrainer(DistillTrainer):
         super().log(logs, *args, **kwargs)
 
 
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return 0 if pad is None else int(pad)
-
-
-class PromptCollator:
-    """Examples (completions optional, ignored) -> a batch of prompts with empty completions, for λ = 1 where
-    every batch is replaced by the student's samples. Prompts keep their last ``max_len − max_new_tokens``."""
-
-    def __init__(self, tokenizer, max_len: int, max_new_tokens: int):
-        self.tokenizer, self.max_len, self.keep = tokenizer, int(max_len), int(max_len) - int(max_new_tokens)
-        self.pad_id = _pad_id(tokenizer)
-
-    def __call__(self, examples: list[chat.Example]) -> dict[str, Any]:
-        rows = [{"prompt_ids": chat.prompt_ids(self.tokenizer, ex)[-self.keep:], "completion_ids": [],
-                 "completion": "", "ended": False, "example": ex} for ex in examples]
-        return chat.collate_rows(rows, self.pad_id)
-
-
-def config(recipe) -> OnPolicyConfig:
-    """The recipe's ``onpolicy`` section as an :class:`OnPolicyConfig` (seed: ``train.seed`` when unset)."""
-    o = recipe.onpolicy
-    seed = recipe.train.seed if o.seed is None else o.seed
-    return OnPolicyConfig(o.lambda_, o.temperature, o.top_p, o.max_new_tokens, seed, recipe.data.seq_len)
-
-
-def training_data(recipe, tokenizer):
-    """The recipe's examples, collator and evaluation examples (``stillroom.training.build.training_data``); with
-    ``onpolicy.lambda`` = 1 the data may be prompt-only and the collator is :class:`PromptCollator`."""
-    o, d = recipe.onpolicy, recipe.data
-    if o is None or o.lambda_ < 1:
-        return chat.training_data(recipe, tokenizer)
-    train = chat.load_examples(d.train, need_completion=False)[: d.max_blocks or None]
-    evals = chat.load_examples(d.eval)[: recipe.train.eval_max_blocks or None] if d.eval else None
-    return chat.ExampleDataset(train), PromptCollator(tokenizer, d.seq_len, o.max_new_tokens), evals
-
-
-def trainer_class(recipe):
-    """:class:`OnPolicyTrainer` bound to the recipe's settings, or :class:`DistillTrainer` without ``onpolicy``."""
-    if recipe.onpolicy is None:
-        return DistillTrainer
-    import functools
-
-    return functools.partial(OnPolicyTrainer, onpolicy=config(recipe))

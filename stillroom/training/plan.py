@@ -1,6 +1,8 @@
-"""Everything about a recipe that can be known before training starts (``stillroom train --check``).
+"""A recipe resolved into a plan: everything about a run that can be known before training starts.
 
-:func:`check_recipe` loads tokenizers, model configs, data and cache manifests — never model weights — so a run
+``recipe → plan → run``: :func:`make_plan` validates the recipe once, cheapest checks first, and returns a
+:class:`Plan` (the recipe, the student's and teachers' tokenizers, the notes to show); ``stillroom train
+--check`` stops there, :func:`stillroom.training.run.train` builds the run from the same plan. It loads tokenizers, model configs, data and cache manifests — never model weights — so a run
 that would crash after the models load (or, worse, train on garbage) fails in seconds with one line naming the
 key and the fix: folders without weights or tokenizer, a tokenizer that does not fit its model's embedding,
 ``data.seq_len`` beyond the student's context, empty or unreadable data, a cache built for another teacher or
@@ -11,22 +13,40 @@ over other texts, ``report_to`` loggers that are not installed, speed switches t
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from stillroom.errors import ConfigError, ModelError
+from stillroom.inputs.chat import load_examples
+from stillroom.inputs.text import iter_texts, load_texts, text_sha
 from stillroom.models.loading import check_vocab_fits, load_tokenizer, model_context, resolve_model
 from stillroom.models.student import student_tokenizer
 from stillroom.tokenization.tokens import same_tokenizer
 from stillroom.training import switches
-from stillroom.training.recipe import REPORTERS
+from stillroom.training.data import streaming_blocks, training_blocks
+from stillroom.training.recipe import REPORTERS, Recipe, load_recipe
 
 
-def check_recipe(recipe) -> dict:
-    """Run every pre-training check; returns the loaded tokenizers (``student`` and one per teacher) and
-    ``warnings``: one-line notes on switches that will work but slowly (printed by ``train --check``)."""
+@dataclass
+class Plan:
+    """A checked recipe and what checking it loaded: the student's tokenizer, one tokenizer per teacher (in
+    ``recipe.teachers`` order) and ``warnings`` (one-line notes on switches that will work, but slowly)."""
+
+    recipe: Recipe
+    student_tokenizer: Any
+    teacher_tokenizers: list = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def make_plan(recipe: Recipe | dict | str | os.PathLike, overrides: Sequence[str] = ()) -> Plan:
+    """Validate ``recipe`` (a :class:`Recipe`, a dict or a YAML path, with ``key=value`` overrides) and resolve
+    it into a :class:`Plan`; raises a :class:`~stillroom.errors.StillroomError` naming the key and the fix."""
     from transformers import AutoConfig
 
-    from stillroom.inputs.text import iter_texts, load_texts
-
+    if not isinstance(recipe, Recipe) or overrides:
+        recipe = load_recipe(recipe, list(overrides))
     spec = recipe.student
     student_tok = student_tokenizer(spec)
     if spec.kind == "scratch":
@@ -78,15 +98,13 @@ def check_recipe(recipe) -> dict:
                               "teacher with the student's tokenizer; set fusion.top_k to a number (e.g. 10)")
         if spec.cache is not None:
             _check_cache(recipe, spec, i, student_tok)
-    return {"student": student_tok, "teachers": teacher_toks, "warnings": warnings}
+    return Plan(recipe=recipe, student_tokenizer=student_tok, teacher_tokenizers=teacher_toks, warnings=warnings)
 
 
 def _check_cache(recipe, spec, i: int, student_tok) -> None:
     """The cache must have been built for this teacher (weights and tokenizer hashes) and temperature, over the
     recipe's training blocks (``train --export-blocks``): every block's id must be in it, with the same text."""
-    from stillroom.inputs.text import text_sha
     from stillroom.teachers.cache import CachedTeacher
-    from stillroom.training.build import streaming_blocks, training_blocks
 
     key = f"teachers.{i}.cache"
     try:
@@ -110,8 +128,6 @@ def _check_cache(recipe, spec, i: int, student_tok) -> None:
 
 def _check_completion_data(recipe) -> None:
     """``data.format`` prompt_completion / chat: records of that form, and only what trains on them."""
-    from stillroom.inputs.chat import load_examples
-
     d = recipe.data
     for key in ("streaming", "packing"):
         if getattr(d, key) and key in d.model_fields_set:

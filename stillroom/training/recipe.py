@@ -25,9 +25,8 @@ from pydantic import (
 
 from stillroom.errors import ConfigError
 from stillroom.files import PACKAGE_DATA
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "soft_ce")
-
+from stillroom.losses.divergences import KINDS
+from stillroom.teachers.objectives import ObjectiveConfig
 
 # report_to values transformers understands, and the module each needs (checked by ``train --check``)
 REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
@@ -59,12 +58,12 @@ class TeacherSpec(_Strict):
         "its own approximate-likelihood-matching term over aligned chunks; uld: its own universal logit "
         "distillation term (see stillroom.teachers.objectives)")
     weight: float | None = Field(None, ge=0.0, description="alm / uld only: w in λ·CE + Σ w·D (default 1 − λ)")
-    alm_temperature: float = Field(1.0, gt=0.0, description="alm only: binarisation temperature")
-    alm_divergence: Literal["bce", "kl", "reverse_kl"] = Field("bce", description="alm only: binarised divergence")
+    alm_temperature: float = Field(ObjectiveConfig.alm_temperature, gt=0.0, description="alm only: binarisation temperature")
+    alm_divergence: Literal["bce", "kl", "reverse_kl"] = Field(ObjectiveConfig.alm_divergence, description="alm only: binarised divergence")
     alm_chunks: Literal["exact", "all", "unbiased"] = Field(
-        "exact", description="alm only: chunks = exact alignment groups, every group, or unbiased chunks (exact "
+        ObjectiveConfig.alm_chunks, description="alm only: chunks = exact alignment groups, every group, or unbiased chunks (exact "
         "groups merged up to boundaries whose tokenization bias is within alm_bias_threshold; stillroom.tokenization.unbiased)")
-    alm_bias_threshold: float = Field(1e-4, ge=0.0, description="alm_chunks: unbiased only: the largest unigram "
+    alm_bias_threshold: float = Field(ObjectiveConfig.alm_bias_threshold, ge=0.0, description="alm_chunks: unbiased only: the largest unigram "
                                       "probability of crossing tokens one side has and the other lacks")
 
     @model_validator(mode="after")
@@ -102,8 +101,7 @@ class DataSpec(_Strict):
 
 
 class LossSpec(_Strict):
-    kind: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "soft_ce",
-                  "emo"] = "forward_kl"
+    kind: str = Field("forward_kl", description="a divergence of stillroom.losses (KINDS) or 'emo'")
     ce_weight: float = Field(0.9, ge=0.0, le=1.0, description="λ in λ·CE + (1−λ)·D")
     temperature: float = Field(1.0, gt=0.0)
     beta: float = Field(0.5, ge=0.0, le=1.0)
@@ -112,12 +110,21 @@ class LossSpec(_Strict):
     emo_mode: Literal[1, 2] | None = Field(1, description="EMO only: 1 or 2 (EMO + MLE as in the paper), null = EMO alone")
     emo_cost: Literal["fixed", "adaptive"] = Field("fixed", description="EMO only: cost embedding")
 
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        if value not in (*KINDS, "emo"):
+            raise ValueError(f"got {value!r}; use one of {', '.join(KINDS)} or emo")
+        return value
+
 
 class FusionSpec(_Strict):
     method: Literal["min_ce", "avg_ce", "mean"] = "min_ce"
     level: Literal["sequence", "token"] = "sequence"
     top_k: int | None = Field(10, ge=1, description="teacher top-k kept per position; null = the dense "
                               "distribution (one teacher sharing the student's tokenizer only)")
+    fused_top_k: int | None = Field(None, ge=1, description="entries kept of the fused target per position; null "
+                                    "= the union of the teachers' top-k")
     weight_temperature: float = Field(1.0, gt=0.0)
     include_student: bool = Field(False, description="FuseLLM: the student's own initial distribution (a frozen "
                                   "copy of its starting weights) is one more fusion candidate")
@@ -279,7 +286,7 @@ class Recipe(_Strict):
         if self.loss.kind == "emo":
             if self.teachers:
                 raise ValueError("loss.kind: 'emo' trains without teachers; remove `teachers` or pick a "
-                                 f"divergence ({', '.join(DIVERGENCES)})")
+                                 f"divergence ({', '.join(KINDS)})")
         elif not self.teachers and not self.fusion.include_student and self.loss.ce_weight != 1.0:
             raise ValueError("loss.ce_weight: with no teachers it must be 1.0 (plain CE); add teachers or set "
                              "loss.ce_weight=1.0")

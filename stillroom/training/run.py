@@ -1,28 +1,54 @@
-"""A recipe, run: validated, built, trained, evaluated and saved (``stillroom train``).
+"""A recipe, run: planned, built, trained, evaluated and saved (``stillroom train``).
 
-:func:`train` is the whole life of a run around :class:`~stillroom.training.trainer.DistillTrainer`: checks
-before any model loads, the output folder (resume or refuse), data and teachers
-(:mod:`stillroom.training.build`), the trainer (on-policy for completion data with ``onpolicy``), Ctrl-C as
-:class:`~stillroom.training.runs.TrainInterrupted`, and the saved student with its model card and curves.
+:func:`train` is the whole life of a run, one way down: the recipe becomes a checked
+:class:`~stillroom.training.plan.Plan` before any model loads; the output folder is claimed (resume or refuse);
+the data (:mod:`stillroom.training.data`) and teachers (:mod:`stillroom.training.build`) are built from the plan;
+the trainer (:class:`~stillroom.training.trainer.DistillTrainer`, or
+:class:`~stillroom.training.onpolicy.OnPolicyTrainer` with ``onpolicy``) trains; Ctrl-C ends as
+:class:`~stillroom.training.runs.TrainInterrupted`; the student is saved with its model card and curves.
 """
 
 from __future__ import annotations
 
+import copy
 import os
-import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from stillroom.inputs.blocks import BlockCollator, BlockDataset, cap_documents
+from stillroom.files import atomic_write
 from stillroom.models.student import build_student, describe_student
+from stillroom.progress import phase, say
 from stillroom.teachers.kd import SameTokenizerTeacher
-from stillroom.training import runs, switches
-from stillroom.training.build import build_teachers, streaming_blocks, training_blocks
-from stillroom.training.plan import check_recipe
-from stillroom.training.trainer import DistillTrainer, FusionConfig, LossConfig, TrainResult
+from stillroom.training import report, runs, switches
+from stillroom.training.build import build_teachers
+from stillroom.training.callbacks import (
+    MetricsJsonlCallback,
+    RichProgressCallback,
+    progress_callback,
+    quiet_transformers_bars,
+)
+from stillroom.training.data import training_data
+from stillroom.training.onpolicy import OnPolicyTrainer
+from stillroom.training.plan import Plan, make_plan
+from stillroom.training.trainer import DistillTrainer
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the output folder, the final metrics, the logged history and the student
+    (None when a finished run was resumed: nothing was trained)."""
+
+    output_dir: str
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    model: Any = None
 
 
 def training_arguments(recipe, has_eval: bool):
+    """The ``transformers.TrainingArguments`` of the recipe's ``train`` section (and streaming data)."""
     from transformers import TrainingArguments
 
     t = recipe.train
@@ -46,27 +72,21 @@ def training_arguments(recipe, has_eval: bool):
 
 def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list | None = None,
           overwrite: bool = False) -> TrainResult:
-    """Run a recipe (a :class:`~stillroom.training.recipe.Recipe`, a dict or a YAML path) end to end.
+    """Run a recipe (a :class:`~stillroom.training.recipe.Recipe`, a dict, a YAML path, or a checked
+    :class:`~stillroom.training.plan.Plan`) end to end.
 
-    Validates (recipe, tokenizers, caches, the output folder: see :func:`stillroom.training.runs.prepare_output_dir`)
-    before loading any model; then builds blocks, teachers and a :class:`DistillTrainer`; trains (resuming when
-    ``train.resume``; a finished run is returned as it is, with ``model=None``); evaluates once; saves the
-    student, a model card, ``metrics.jsonl`` and ``loss_curve.png`` in ``train.output_dir``. Ctrl-C raises
-    :class:`stillroom.training.runs.TrainInterrupted` (step reached, last checkpoint).
+    Checks everything before loading any model (:func:`~stillroom.training.plan.make_plan`, then the output
+    folder: :func:`~stillroom.training.runs.prepare_output_dir`); builds data, teachers and the trainer; trains
+    (resuming when ``train.resume``; a finished run is returned as it is, with ``model=None``); evaluates once;
+    saves the student, a model card, ``metrics.jsonl`` and ``loss_curve.png`` in ``train.output_dir``. Ctrl-C
+    raises :class:`~stillroom.training.runs.TrainInterrupted` (step reached, last checkpoint).
     """
-    from pathlib import Path
-
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from stillroom.inputs.text import load_texts
-    from stillroom.training.recipe import Recipe, load_recipe
-
-    if not isinstance(recipe, Recipe) or overrides:
-        recipe = load_recipe(recipe, overrides)
-    toks = check_recipe(recipe)
+    plan = recipe if isinstance(recipe, Plan) and not overrides else make_plan(
+        recipe.recipe if isinstance(recipe, Plan) else recipe, overrides)
+    recipe = plan.recipe
     if runs.is_main_process():
-        for note in toks["warnings"]:  # switches that work but slowly: said before anything loads
-            print(f"warning: {note}", file=sys.stderr)
+        for note in plan.warnings:  # switches that work but slowly: said before anything loads
+            say(f"warning: {note}")
     out = Path(recipe.train.output_dir)
     done = runs.prepare_output_dir(recipe, overwrite)
     if done is not None:  # resuming a finished run: nothing to train, nothing to replace
@@ -74,52 +94,33 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     show = recipe.train.progress and runs.is_main_process()
-    tok = toks["student"]
-    seq = recipe.data.seq_len
-    d = recipe.data
-    if d.format != "text":  # prompt/completion or chat records: completion-only batches (stillroom.inputs.chat)
-        from stillroom.training import (
-            onpolicy,  # chat.training_data, or prompts for the student's samples (onpolicy)
-        )
-
-        blocks, collator, eval_docs = onpolicy.training_data(recipe, tok)
-    else:
-        blocks = streaming_blocks(recipe, tok) if d.streaming else BlockDataset(training_blocks(recipe, tok))
-        collator, eval_docs = BlockCollator(tok, seq, d.isolate_documents), None
-    if d.eval and d.format == "text":
-        eval_docs = [t for _, t in load_texts(d.eval, d.text_field, d.documents)]
-        if recipe.train.eval_max_blocks:
-            eval_docs = cap_documents(eval_docs, tok, recipe.train.eval_max_blocks * seq)
+    tok = plan.student_tokenizer
+    dataset, collator, eval_docs = training_data(recipe, tok)
     args = training_arguments(recipe, eval_docs is not None)
     from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer = None
     try:
-        with runs.quiet_transformers_bars():
+        with quiet_transformers_bars():
             set_seed(recipe.train.seed)
-            with runs.phase("loading the student and teachers", enabled=show):
+            with phase("loading the student and teachers", enabled=show):
                 student = build_student(recipe.student, tok)
-                teachers = build_teachers(recipe, toks)
+                teachers = build_teachers(plan)
             if runs.is_main_process():  # which kind of student: said once, never silent
-                runs.say(f"{describe_student(recipe.student, student)}; {switches.describe(recipe.train)}")
+                say(f"{describe_student(recipe.student, student)}; {switches.describe(recipe.train)}")
             if recipe.fusion.include_student:  # FuseLLM lets the target model's own distribution compete too
-                import copy
-
                 teachers.append(SameTokenizerTeacher(copy.deepcopy(student), recipe.fusion.top_k,
                                                      recipe.loss.temperature, "student@init"))
-            cbs = [runs.MetricsJsonlCallback(out / "metrics.jsonl")] + (callbacks or [])
+            cbs = [MetricsJsonlCallback(out / "metrics.jsonl"), *(callbacks or [])]
             if recipe.train.progress:
-                cbs.append(runs.RichProgressCallback())
-            r = recipe.loss
-            loss = LossConfig(r.kind, r.ce_weight if teachers else 1.0, r.temperature, r.beta, r.alpha, r.chunk_size,
-                              r.emo_mode, r.emo_cost)
-            fusion = FusionConfig(recipe.fusion.method, recipe.fusion.level, recipe.fusion.weight_temperature, None)
-            cls = onpolicy.trainer_class(recipe) if d.format != "text" else DistillTrainer
-            trainer = cls(model=switches.apply(student, recipe.train), args=args, train_dataset=blocks,
-                                     eval_dataset=eval_docs,
-                                     data_collator=collator, processing_class=tok,
-                                     teachers=teachers,
-                                     loss=loss, fusion=fusion, callbacks=cbs)
+                cbs.append(RichProgressCallback())
+            loss = recipe.loss if teachers else recipe.loss.model_copy(update={"ce_weight": 1.0})
+            kwargs = {"onpolicy": recipe.onpolicy} if recipe.onpolicy is not None else {}
+            cls = OnPolicyTrainer if recipe.onpolicy is not None else DistillTrainer
+            trainer = cls(model=switches.apply(student, recipe.train), args=args, train_dataset=dataset,
+                          eval_dataset=eval_docs, data_collator=collator, processing_class=tok, teachers=teachers,
+                          loss=loss, fusion=recipe.fusion, callbacks=cbs, **kwargs)
             trainer.remove_callback(PrinterCallback)
             trainer.remove_callback(ProgressCallback)
             resume = recipe.train.resume
@@ -136,17 +137,18 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
                         if "eval_loss" in h and h.get("step") == trainer.state.global_step]
                 metrics.update({k: v for k, v in last[-1].items() if k.startswith("eval_")} if last
                                else trainer.evaluate())
-            with runs.phase("saving the student", enabled=show):
+            with phase("saving the student", enabled=show):
                 trainer.save_model(str(out))
                 if trainer.is_world_process_zero():
                     tok.save_pretrained(out)
-                    runs.atomic_write_text(out / "README.md", runs.model_card(recipe, metrics, "streamed" if d.streaming else len(blocks), trainer.model))
+                    n_blocks = "streamed" if recipe.data.streaming else len(dataset)
+                    atomic_write(out / "README.md", report.model_card(recipe, metrics, n_blocks, trainer.model))
                     history = [dict(h) for h in trainer.state.log_history]
                     if recipe.train.plot:
-                        runs.plot_losses(history, out / "loss_curve.png")
+                        report.plot_losses(history, out / "loss_curve.png")
                     runs.write_marker(out, recipe, finished=True, step=trainer.state.global_step, metrics=metrics)
     except KeyboardInterrupt:
-        cb = runs.progress_callback(trainer) if trainer is not None else None
+        cb = progress_callback(trainer) if trainer is not None else None
         if cb is not None:
             cb.stop()
         if runs.is_main_process():

@@ -17,14 +17,14 @@ Everything else — checkpoints, resume, logging backends, accelerate / DeepSpee
     teachers = [SameTokenizerTeacher(teacher_model, top_k=10)]
     trainer = DistillTrainer(model=student, args=TrainingArguments(...), train_dataset=BlockDataset(blocks),
                              data_collator=BlockCollator(student_tok, 128), teachers=teachers,
-                             loss=LossConfig(kind="forward_kl", ce_weight=0.9))
+                             loss=LossSpec(kind="forward_kl", ce_weight=0.9))
     trainer.train()
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,37 +34,14 @@ from stillroom.inputs import chat
 from stillroom.inputs.blocks import (
     model_inputs,
 )
-from stillroom.models import runtime as modeling
+from stillroom.models import runtime
 from stillroom.targets import SparseTarget
 from stillroom.teachers import objectives
 from stillroom.teachers.fusion import fuse, fusion_weights, votes
 from stillroom.teachers.kd import SameTokenizerTeacher, next_labels
 from stillroom.training import runs
-
-# --- loss settings ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LossConfig:
-    """``kind``: a stillroom divergence (``forward_kl`` …) or ``"emo"``; ``ce_weight`` is λ."""
-
-    kind: str = "forward_kl"
-    ce_weight: float = 0.9
-    temperature: float = 1.0
-    beta: float = 0.5
-    alpha: float = 0.1
-    chunk_size: int | None = None  # None: the loss picks (about 16M logits per chunk)
-    emo_mode: int | None = 1  # EMO + MLE combination (stillroom.losses.emo)
-    emo_cost: str = "fixed"  # "fixed": frozen copy of the initial head; "adaptive": the current head
-
-
-@dataclass
-class FusionConfig:
-    method: str = "min_ce"
-    level: str = "sequence"
-    weight_temperature: float = 1.0
-    top_k: int | None = None
-
+from stillroom.training.callbacks import eval_phase
+from stillroom.training.recipe import FusionSpec, LossSpec
 
 # --- the trainer --------------------------------------------------------------------------------------------
 
@@ -89,6 +66,21 @@ def _last_hidden(model, inputs: dict[str, Any]) -> torch.Tensor:
     return seen["h"]
 
 
+def _keep_columns(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The caller's ``TrainingArguments`` with ``remove_unused_columns=False`` (text and example ids must reach
+    ``compute_loss``), as a copy: the caller's object is left as it was."""
+    if "args" in kwargs:
+        a = kwargs["args"]
+        if a is not None and getattr(a, "remove_unused_columns", False):
+            kwargs = {**kwargs, "args": copy.copy(a)}
+            kwargs["args"].remove_unused_columns = False
+    elif len(args) > 1 and getattr(args[1], "remove_unused_columns", False):
+        a = copy.copy(args[1])
+        a.remove_unused_columns = False
+        args = (args[0], a, *args[2:])
+    return args, kwargs
+
+
 class DistillTrainer(Trainer):
     """``transformers.Trainer`` whose loss is λ·CE + (1−λ)·D(fused teacher targets ‖ student).
 
@@ -102,15 +94,14 @@ class DistillTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, teachers: list | None = None, loss: LossConfig | None = None,
-                 fusion: FusionConfig | None = None, fast_activations: bool = True, **kwargs):
-        args_ = kwargs.get("args") or (args[1] if len(args) > 1 else None)
-        if args_ is not None and getattr(args_, "remove_unused_columns", False):
-            args_.remove_unused_columns = False  # text / example_id must reach compute_loss
+    def __init__(self, *args, teachers: list | None = None, loss: LossSpec | None = None,
+                 fusion: FusionSpec | None = None, fast_activations: bool = True, **kwargs):
+        args, kwargs = _keep_columns(args, kwargs)
         super().__init__(*args, **kwargs)
         if fast_activations:
-            modeling.fast_activations(self.model)
-        self.loss_cfg, self.fusion_cfg = loss or LossConfig(), fusion or FusionConfig()
+            runtime.fast_activations(self.model)
+        self.loss_cfg = loss if loss is not None else LossSpec()
+        self.fusion_cfg = fusion if fusion is not None else FusionSpec()
         # kd teachers (fused into one target) / ALM (several: fused into one term), ULD terms
         self.teachers, self.extra = objectives.split_teachers(list(teachers or []), self.fusion_cfg)
         if self.loss_cfg.kind != "emo" and not self.teachers + self.extra and self.loss_cfg.ce_weight != 1.0:
@@ -127,7 +118,7 @@ class DistillTrainer(Trainer):
         for t in self.teachers:
             m = getattr(t, "model", None)
             if isinstance(m, torch.nn.Module):
-                modeling.freeze_teacher(m)
+                runtime.freeze_teacher(m)
                 if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                     t.model = self.accelerator.prepare_model(m, evaluation_mode=True)
                 else:
@@ -158,7 +149,7 @@ class DistillTrainer(Trainer):
             w = fusion_weights(ces, vote, f.method, f.level, f.weight_temperature).detach()
             share = w.flatten(1).sum(1).cpu()
             self._fusion_share = share if self._fusion_share is None else self._fusion_share + share
-        fused = fuse(targets, ces, f.method, f.level, weight_temperature=f.weight_temperature, top_k=f.top_k)
+        fused = fuse(targets, ces, f.method, f.level, weight_temperature=f.weight_temperature, top_k=f.fused_top_k)
         return fused if inputs.get("sampled") else fused.fill_onehot(next_labels(inputs["labels"]))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -209,7 +200,7 @@ class DistillTrainer(Trainer):
             return c.ce_weight * ce + extra
         t0 = self.teachers[0]
         if len(self.teachers) == 1 and isinstance(t0, SameTokenizerTeacher) and t0.top_k is None:
-            with modeling.frozen():
+            with runtime.frozen():
                 th = _last_hidden(t0.model, inputs)[:, :-1]
             tw = self.accelerator.unwrap_model(t0.model).get_output_embeddings().weight
             total = losses.fused_linear_distill_loss(
@@ -270,7 +261,7 @@ class DistillTrainer(Trainer):
         rank, world = self.args.process_index, self.args.world_size
         mine = list(docs)[rank::world]
         sums = torch.zeros(3, dtype=torch.float64, device=self.args.device)
-        with runs.eval_phase(self, len(mine)) as advance:
+        with eval_phase(self, len(mine)) as advance:
             for doc in mine:  # one document (record: completion only) at a time: the same sums as one call
                 r = score(model, self.processing_class, doc, batch_size=self.args.per_device_eval_batch_size,
                           device=self.args.device, max_len=getattr(self.data_collator, "max_len", None))
@@ -290,16 +281,6 @@ class DistillTrainer(Trainer):
         # A tied lm_head is not stored in a checkpoint: its "missing" key is no news (stillroom.training.runs).
         missing = runs.untied_missing_keys(self.model, list(load_result.missing_keys))
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
-
-
-@dataclass
-class TrainResult:
-    """What :func:`stillroom.training.run.train` returns."""
-
-    output_dir: str
-    metrics: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
-    model: Any = None
 
 
 # --- recipe -> run ------------------------------------------------------------------------------------------
