@@ -23,7 +23,7 @@ comedy test set, and any fusion with the other could only dilute it.)
 
 Each teacher folder holds safetensors weights stored as float16 (to keep the package small; ``config.json`` says
 float32 so ``AutoModelForCausalLM.from_pretrained`` loads them as float32), the tokenizer, and a model card
-(README.md) with its validation bits per byte measured by ``stillroom.evaluate`` after the float16 round trip.
+(README.md) with its validation bits per byte measured by ``stillroom.evaluation`` after the float16 round trip.
 
 Training is a plain loop: AdamW, linear warm-up then cosine decay, random windows of the token stream,
 float32 (``--precision bf16`` for bfloat16 autocast, which is much slower on CPUs without a bf16 unit). Steps are fixed (not time-based) so a run is
@@ -185,8 +185,8 @@ def save_float16(model, tokenizer, folder: Path) -> None:
 
 
 def measure(folder: Path) -> dict:
-    """Validation and test bits per byte of the saved model, with stillroom.evaluate."""
-    from stillroom.evaluate import evaluate, load_model
+    """Validation and test bits per byte of the saved model, with stillroom.evaluation."""
+    from stillroom.evaluation import evaluate, load_model
 
     model, tokenizer = load_model(folder)
     out = {}
@@ -234,7 +234,7 @@ A toy for demonstrations and tests, not a useful language model.
 def student_baseline(seconds: float, precision: str, steps: int | None = None) -> None:
     """A from-scratch student (GPT-2, 2 layers × 128) on the student tokenizer, trained for ``seconds``
     (or exactly ``steps`` steps with a cosine schedule over them, when given)."""
-    from stillroom.evaluate import evaluate
+    from stillroom.evaluation import evaluate
 
     tokenizer = _load_tokenizer(OUT / "student-tokenizer")
     train_s = token_stream(tokenizer, corpus_texts("train"))

@@ -267,7 +267,7 @@ def train(
             print(f"warning: {note}", file=sys.stderr)  # one unwrapped line each, like errors
         console.print(f"recipe {recipe} is valid")
         return
-    from stillroom.training.build import export_training_blocks
+    from stillroom.training.data import export_training_blocks
     from stillroom.training.run import train as run_train
     from stillroom.training.runs import TrainInterrupted
 
@@ -404,7 +404,7 @@ def eval_(
 
     from transformers.utils import logging as hf_logging
 
-    from stillroom.evaluate import evaluate_paths, report_table
+    from stillroom.evaluation import evaluate_paths, report_table
     from stillroom.models.loading import check_device, check_model_dir
 
     hf_logging.disable_progress_bar()  # ours, not a transformers bar per weight load (as cache and generate)

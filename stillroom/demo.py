@@ -131,7 +131,7 @@ def build_caches(opts: DemoOptions, out: Path, console: Console) -> list[str]:
     """Stage 2: one offline top-k cache per teacher over exactly the student's training blocks."""
     from stillroom.teachers.cache import write_cache
     from stillroom.teachers.online import OnlineTeacher
-    from stillroom.training.build import export_training_blocks
+    from stillroom.training.data import export_training_blocks
     from stillroom.training.recipe import load_recipe
 
     blocks_file = out / "train_blocks.jsonl"
@@ -154,7 +154,7 @@ def evaluate_folders(folders: list[tuple[str, str]], texts: list[str]) -> list[d
     """Bits per byte (and token perplexity) of each ``(model folder, role)`` on ``texts``."""
     import torch
 
-    from stillroom.evaluate import evaluate, load_model
+    from stillroom.evaluation import evaluate, load_model
 
     rows = []
     for path, role in folders:
@@ -243,7 +243,7 @@ def write_report(result: DemoResult, opts: DemoOptions, fused_history: list[dict
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from stillroom.training.runs import compare_panels, plot_panels
+    from stillroom.training.report import compare_panels, plot_panels
 
     out = result.out
     # Like with like: the fused student's CE part against the CE-only student's CE (not its λ·CE + (1−λ)·KD

@@ -173,7 +173,7 @@ def test_two_alm_teachers_are_one_fused_term_equal_to_the_naive_loop(method, lev
 
     logp = _dense(tr, batch)
     total, n = 0.0, 0
-    aligned = [_alignments(batch, toks, t_tok) for t_tok in toks["teachers"]]
+    aligned = [_alignments(batch, toks, t_tok) for t_tok in toks.teacher_tokenizers]
     merged = [m.chunks(m.aligned(batch)) for m in tr.extra[0].members]  # (groups, masks) per teacher
     for r in range(len(batch["text"])):
         lab = batch["labels"][r]
@@ -181,7 +181,7 @@ def test_two_alm_teachers_are_one_fused_term_equal_to_the_naive_loop(method, lev
         s_lp = [float("nan")] + [logp[r, j - 1, lab[j]] if lab[j] != -100 else float("nan") for j in range(1, S)]
         n += sum(1 for j in range(1, SEQ) if lab[j] != -100)
         t_lps = []
-        for name, t_tok in zip(("llama-spm", "gpt2-bpe-teacher"), toks["teachers"], strict=True):
+        for name, t_tok in zip(("llama-spm", "gpt2-bpe-teacher"), toks.teacher_tokenizers, strict=True):
             ids, t_lp = _teacher_rows(tiny_models[name], t_tok, batch["text"][r])
             t_lps.append([float("nan")] + [float(t_lp[j - 1, ids[j]]) for j in range(1, len(ids))])
         if chunks == "exact":

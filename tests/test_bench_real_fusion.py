@@ -193,9 +193,9 @@ def test_references_are_reused_from_cache_from_only_for_the_same_text_and_models
     import json
 
     import stillroom.cut
+    import stillroom.evaluate
 
     import bench.real_fusion as rf
-    import stillroom.evaluate
     import stillroom.models
     from bench.real_fusion import SCALE, references
 

@@ -460,7 +460,7 @@ def test_uld_teacher_on_completions_pairs_the_completion_tokens(cross, nodrop_st
 def test_alm_and_uld_teachers_train_on_chat_data_on_and_off_policy(tiny_models, tmp_path):
     """A recipe with an ALM and a ULD teacher (both cross-tokenizer) trains on chat data, off-policy and
     on-policy (λ = 1): the run ends, both terms are logged and finite, and `train --check` accepts it."""
-    from stillroom.training.plan import check_recipe
+    from stillroom.training.plan import make_plan
     from stillroom.training.recipe import load_recipe
     from stillroom.training.run import train
 
@@ -472,7 +472,7 @@ def test_alm_and_uld_teachers_train_on_chat_data_on_and_off_policy(tiny_models, 
         raw["train"]["max_steps"] = 2
         if on:
             raw["onpolicy"] = on
-        check_recipe(load_recipe(raw))
+        make_plan(load_recipe(raw))
         train(load_recipe(raw))
         hist = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         logged = [h for h in hist if "loss" in h]
@@ -508,20 +508,20 @@ def test_completion_loss_never_sees_prompt_rows(tiny_models, nodrop_student, tmp
     hidden states is zero on every row that predicts a prompt token (or padding) and non-zero on completion
     rows; with λ = 1 the loss is the plain completion CE computed here from dense logits."""
     from stillroom.models.student import build_student
-    from stillroom.training import trainer as T
+    from stillroom.training import DistillTrainer, LossSpec, build_teachers, make_plan
     from stillroom.training.recipe import load_recipe
+    from stillroom.training.run import training_arguments
 
     raw = _recipe(tiny_models, _chat_file(tmp_path / "c.jsonl"), tmp_path / "o")
     raw["student"] = str(nodrop_student)
     r = load_recipe(raw)
-    toks = T.check_recipe(r)
-    tok = toks["student"]
+    plan = make_plan(r)
+    tok = plan.student_tokenizer
     student = build_student(r.student, tok).train()
     coll = chat.CompletionCollator(tok, 64)
-    trainer = T.DistillTrainer(model=student, args=T.training_arguments(r, False),
-                               train_dataset=chat.ExampleDataset(chat.load_examples(r.data.train)),
-                               data_collator=coll, teachers=T.build_teachers(r, toks),
-                               loss=T.LossConfig(ce_weight=0.5), fusion=T.FusionConfig())
+    trainer = DistillTrainer(model=student, args=training_arguments(r, False),
+                             train_dataset=chat.ExampleDataset(chat.load_examples(r.data.train)),
+                             data_collator=coll, teachers=build_teachers(plan), loss=LossSpec(ce_weight=0.5))
     batch = coll(list(trainer.train_dataset)[:4])
     seen = {}
 
@@ -540,7 +540,7 @@ def test_completion_loss_never_sees_prompt_rows(tiny_models, nodrop_student, tmp
         assert (g[b, :p - 1] == 0).all() and (g[b, n - 1:] == 0).all()
         assert (g[b, p - 1:n - 1] > 0).all()
 
-    trainer.loss_cfg = T.LossConfig(ce_weight=1.0)
+    trainer.loss_cfg = LossSpec(ce_weight=1.0)
     got = trainer.compute_loss(student, batch)
     logp = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.log_softmax(-1)
     terms = [-logp[b, j - 1, batch["input_ids"][b, j]] for b in range(4)
@@ -593,7 +593,7 @@ def test_stillroom_train_on_chat_data(tiny_models, tmp_path):
     ({"data": {"format": "prompt_completion"}}, ["holds chat records", "data.format=chat"]),
 ])
 def test_train_check_refuses_what_completion_data_does_not_support(change, words, tiny_models, tmp_path):
-    from stillroom.training.plan import check_recipe
+    from stillroom.training.plan import make_plan
     from stillroom.training.recipe import load_recipe
 
     raw = _recipe(tiny_models, _chat_file(tmp_path / "c.jsonl"), tmp_path / "o")
@@ -606,24 +606,24 @@ def test_train_check_refuses_what_completion_data_does_not_support(change, words
     if "streaming" in change.get("data", {}):
         raw["train"]["max_steps"] = 2
     with pytest.raises(ConfigError) as e:
-        check_recipe(load_recipe(raw))
+        make_plan(load_recipe(raw))
     for w in words:
         assert w in str(e.value), str(e.value)
 
 
 def test_train_check_refuses_a_cached_teacher(tiny_models, tmp_path):
-    from stillroom.training.plan import check_recipe
+    from stillroom.training.plan import make_plan
     from stillroom.training.recipe import load_recipe
 
     raw = _recipe(tiny_models, _chat_file(tmp_path / "c.jsonl"), tmp_path / "o", teachers=("llama-spm",))
     (tmp_path / "cache").mkdir()
     raw["teachers"][0]["cache"] = str(tmp_path / "cache")
     with pytest.raises(ConfigError, match="teachers.0.cache: the offline cache does not support"):
-        check_recipe(load_recipe(raw))
+        make_plan(load_recipe(raw))
 
 
 def test_export_blocks_refuses_completion_data(tiny_models, tmp_path):
-    from stillroom.training.build import export_training_blocks
+    from stillroom.training.data import export_training_blocks
     from stillroom.training.recipe import load_recipe
 
     r = load_recipe(_recipe(tiny_models, _chat_file(tmp_path / "c.jsonl"), tmp_path / "o"))

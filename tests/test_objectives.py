@@ -31,23 +31,23 @@ def _raw(tiny_models, data_dir, out, teachers, lam=0.5):
 
 
 def _trainer(raw):
+    from stillroom.inputs import BlockCollator, BlockDataset
     from stillroom.models.student import build_student
-    from stillroom.training import trainer as T
+    from stillroom.training import DistillTrainer, build_teachers, make_plan, training_blocks
+    from stillroom.training.run import training_arguments
 
-    r = load_recipe(raw)
-    toks = T.check_recipe(r)
-    tok = toks["student"]
-    blocks = T.training_blocks(r, tok)
+    plan = make_plan(load_recipe(raw))
+    r, tok = plan.recipe, plan.student_tokenizer
+    blocks = training_blocks(r, tok)
     student = build_student(r.student, tok)
     for m in student.modules():  # deterministic forwards (the fixture GPT-2 has dropout 0.1)
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    tr = T.DistillTrainer(model=student, args=T.training_arguments(r, False), train_dataset=T.BlockDataset(blocks),
-                          data_collator=T.BlockCollator(tok, SEQ), teachers=T.build_teachers(r, toks),
-                          loss=T.LossConfig(r.loss.kind, r.loss.ce_weight),
-                          fusion=T.FusionConfig(r.fusion.method, r.fusion.level, r.fusion.weight_temperature))
+    tr = DistillTrainer(model=student, args=training_arguments(r, False), train_dataset=BlockDataset(blocks),
+                        data_collator=BlockCollator(tok, SEQ), teachers=build_teachers(plan), loss=r.loss,
+                        fusion=r.fusion)
     batch = tr.data_collator([tr.train_dataset[i] for i in range(3)])
-    return tr, batch, toks
+    return tr, batch, plan
 
 
 def _dense(tr, batch):
@@ -69,7 +69,7 @@ def _alignments(batch, toks, t_tok):
     from stillroom.tokenization.align import align
     from stillroom.tokenization.tokens import TokenTable
 
-    st, tt = TokenTable.from_tokenizer(toks["student"]), TokenTable.from_tokenizer(t_tok)
+    st, tt = TokenTable.from_tokenizer(toks.student_tokenizer), TokenTable.from_tokenizer(t_tok)
     out = []
     for r, text in enumerate(batch["text"]):
         sid = batch["input_ids"][r][batch["attention_mask"][r].bool()]
@@ -102,7 +102,7 @@ def test_alm_training_step_equals_a_hand_computed_loss_and_its_gradient(lam, tau
     g_got = tr.model.get_output_embeddings().weight.grad.clone()
     tr.model.zero_grad()
 
-    t_tok = toks["teachers"][0]
+    t_tok = toks.teacher_tokenizers[0]
     logp = _dense(tr, batch)
     ce, alm, n = 0.0, 0.0, 0
     for r, al in enumerate(_alignments(batch, toks, t_tok)):
@@ -125,7 +125,7 @@ def test_alm_training_step_equals_a_hand_computed_loss_and_its_gradient(lam, tau
 def _naive_uld(logp, batch, toks, t, k):
     """Σ over one-to-one exact pairs of L1 between sorted teacher top-k (+ tail bucket) and sorted student."""
     total, pairs = 0.0, 0
-    t_tok = toks["teachers"][0]
+    t_tok = toks.teacher_tokenizers[0]
     for r, al in enumerate(_alignments(batch, toks, t_tok)):
         lab = batch["labels"][r]
         _, t_lp = _teacher_rows(t, t_tok, batch["text"][r])
@@ -154,7 +154,7 @@ def test_each_alm_and_uld_term_is_logged_per_token_next_to_ce(tiny_models, data_
 
     logp = _dense(tr, batch)
     ce, alm, n = 0.0, 0.0, 0
-    t_tok = toks["teachers"][0]
+    t_tok = toks.teacher_tokenizers[0]
     for r, al in enumerate(_alignments(batch, toks, t_tok)):
         lab = batch["labels"][r]
         s_tok = {j: logp[r, j - 1, lab[j]] for j in range(1, SEQ) if lab[j] != -100}
@@ -210,7 +210,7 @@ def test_alm_unbiased_chunks_are_merged_groups_ending_at_unbiased_boundaries(tin
     t = tiny_models["llama-spm"]
     spec = {"path": str(t), "objective": "alm", "alm_chunks": "unbiased", "alm_temperature": 4.0, "weight": 1.0}
     tr, batch, toks = _trainer(_raw(tiny_models, data_dir, tmp_path, [spec], lam=0.0))
-    s_tok, t_tok = toks["student"], toks["teachers"][0]
+    s_tok, t_tok = toks.student_tokenizer, toks.teacher_tokenizers[0]
     text = (data_dir / "train.txt").read_text(encoding="utf-8")
     st, tt = TokenTable.from_tokenizer(s_tok), TokenTable.from_tokenizer(t_tok)
     rule = BoundaryBias(tt, st, unigram_probs(t_tok, [text], len(tt.token_bytes)),
@@ -244,8 +244,8 @@ def test_alm_chunks_are_the_exact_alignment_groups(tiny_models, data_dir, tmp_pa
     tr, batch, toks = _trainer(_raw(tiny_models, data_dir, tmp_path,
                                     [{"path": str(tiny_models["llama-spm"]), "objective": "alm"}]))
     pairs = tr.extra[0].aligned(batch)
-    for r, ((out, al), ref) in enumerate(zip(pairs, _alignments(batch, toks, toks["teachers"][0]), strict=True)):
-        assert out.input_ids.tolist() == toks["teachers"][0](batch["text"][r])["input_ids"]
+    for r, ((out, al), ref) in enumerate(zip(pairs, _alignments(batch, toks, toks.teacher_tokenizers[0]), strict=True)):
+        assert out.input_ids.tolist() == toks.teacher_tokenizers[0](batch["text"][r])["input_ids"]
         assert (al.groups == ref.groups).all() and (al.exact == ref.exact).all()
         assert 0 < al.exact.sum() <= len(al.exact)
 
@@ -253,7 +253,7 @@ def test_alm_chunks_are_the_exact_alignment_groups(tiny_models, data_dir, tmp_pa
 def test_alm_from_the_cache_equals_alm_online(tiny_models, data_dir, tmp_path):
     from stillroom.teachers.cache import write_cache
     from stillroom.teachers.online import OnlineTeacher
-    from stillroom.training.build import export_training_blocks
+    from stillroom.training.data import export_training_blocks
 
     t = str(tiny_models["llama-spm"])
     raw = _raw(tiny_models, data_dir, tmp_path / "o", [{"path": t, "objective": "alm", "weight": 2.0}])

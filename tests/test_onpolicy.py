@@ -115,18 +115,16 @@ def test_coin_is_a_function_of_seed_and_step_with_rate_lambda():
 def _trainer(tiny_models, student, data, out, onpol, teachers=("gpt2-bpe-teacher",)):
     """An OnPolicyTrainer built by train()'s own pieces, without training."""
     from stillroom.models.student import build_student
-    from stillroom.training import trainer as T
+    from stillroom.training import build_teachers, make_plan, training_data
+    from stillroom.training.run import training_arguments
 
-    r = load_recipe(_raw(tiny_models, student, data, out, onpol, teachers))
-    toks = T.check_recipe(r)
-    tok = toks["student"]
-    dataset, collator, _ = onpolicy.training_data(r, tok)
-    ls = r.loss
-    trainer = onpolicy.trainer_class(r)(
-        model=build_student(r.student, tok), args=T.training_arguments(r, False), train_dataset=dataset,
-        data_collator=collator, processing_class=tok, teachers=T.build_teachers(r, toks),
-        loss=T.LossConfig(ls.kind, ls.ce_weight, ls.temperature, ls.beta, ls.alpha),
-        fusion=T.FusionConfig(r.fusion.method, r.fusion.level))
+    plan = make_plan(load_recipe(_raw(tiny_models, student, data, out, onpol, teachers)))
+    r, tok = plan.recipe, plan.student_tokenizer
+    dataset, collator, _ = training_data(r, tok)
+    trainer = onpolicy.OnPolicyTrainer(
+        model=build_student(r.student, tok), args=training_arguments(r, False), train_dataset=dataset,
+        data_collator=collator, processing_class=tok, teachers=build_teachers(plan), loss=r.loss,
+        fusion=r.fusion, onpolicy=r.onpolicy)
     return trainer, dataset, collator, tok
 
 

@@ -10,7 +10,7 @@ import torch
 from stillroom.errors import ConfigError
 from stillroom.teachers.cache import write_cache
 from stillroom.teachers.online import OnlineTeacher
-from stillroom.training.plan import check_recipe
+from stillroom.training.plan import make_plan
 from stillroom.training.recipe import load_recipe
 
 
@@ -25,58 +25,58 @@ def _recipe(tiny_models, tmp_path, **extra) -> dict:
 
 
 def test_cache_over_the_exported_blocks_passes_and_other_texts_fail(tiny_models, tmp_path):
-    from stillroom.training.build import export_training_blocks
+    from stillroom.training.data import export_training_blocks
 
     r = load_recipe(_recipe(tiny_models, tmp_path))
-    toks = check_recipe(r)
-    assert len(toks["teachers"]) == 1 and len(toks["student"]) > 2
+    toks = make_plan(r)
+    assert len(toks.teacher_tokenizers) == 1 and len(toks.student_tokenizer) > 2
     blocks = tmp_path / "blocks.jsonl"
     n = export_training_blocks(r, blocks)
     teacher = OnlineTeacher(str(tiny_models["llama-spm"]), top_k=4)
     write_cache(teacher, blocks, tmp_path / "cache", progress=False)
-    check_recipe(load_recipe(_recipe(tiny_models, tmp_path), [f"teachers.0.cache={tmp_path / 'cache'}"]))
+    make_plan(load_recipe(_recipe(tiny_models, tmp_path), [f"teachers.0.cache={tmp_path / 'cache'}"]))
     lines = blocks.read_text().splitlines()
     (tmp_path / "fewer.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # one block short
     write_cache(teacher, tmp_path / "fewer.jsonl", tmp_path / "cache2", progress=False)
     with pytest.raises(ConfigError, match=rf"teachers.0.cache: .* built over other texts \(1 of {n} training"):
-        check_recipe(load_recipe(_recipe(tiny_models, tmp_path), [f"teachers.0.cache={tmp_path / 'cache2'}"]))
+        make_plan(load_recipe(_recipe(tiny_models, tmp_path), [f"teachers.0.cache={tmp_path / 'cache2'}"]))
 
 
 def test_context_and_loggers(tiny_models, tmp_path):
     raw = _recipe(tiny_models, tmp_path)
-    check_recipe(load_recipe(raw, ["data.seq_len=512"]))  # the tiny GPT-2's n_positions: allowed
+    make_plan(load_recipe(raw, ["data.seq_len=512"]))  # the tiny GPT-2's n_positions: allowed
     with pytest.raises(ConfigError, match=r"data.seq_len: got 513, but the student's context is 512"):
-        check_recipe(load_recipe(raw, ["data.seq_len=513"]))
+        make_plan(load_recipe(raw, ["data.seq_len=513"]))
     scratch = {**raw, "student": {"tokenizer": raw["student"], "config": {"model_type": "gpt2", "n_positions": 256}}}
     with pytest.raises(ConfigError, match=r"data.seq_len: got 300, .* context is 256"):  # a from-scratch config
-        check_recipe(load_recipe(scratch, ["data.seq_len=300"]))
+        make_plan(load_recipe(scratch, ["data.seq_len=300"]))
     absent = [n for n, m in (("wandb", "wandb"), ("mlflow", "mlflow")) if importlib.util.find_spec(m) is None]
     for name in absent:
         with pytest.raises(ConfigError, match=rf"train.report_to: '{name}' needs the {name} package"):
-            check_recipe(load_recipe(raw, [f"train.report_to=[{name}]"]))
+            make_plan(load_recipe(raw, [f"train.report_to=[{name}]"]))
 
 
 def test_streaming_recipe_checks_its_first_document_and_the_cache_over_streamed_blocks(tiny_models, tmp_path):
     from stillroom.errors import DataError
-    from stillroom.training.build import export_training_blocks
+    from stillroom.training.data import export_training_blocks
 
     stream = ["data.streaming=true", "train.max_steps=2"]
     r = load_recipe(_recipe(tiny_models, tmp_path), stream)
-    check_recipe(r)
+    make_plan(r)
     blocks = tmp_path / "blocks.jsonl"
     n = export_training_blocks(r, blocks)
     teacher = OnlineTeacher(str(tiny_models["llama-spm"]), top_k=4)
     write_cache(teacher, blocks, tmp_path / "cache", progress=False)
-    check_recipe(load_recipe(_recipe(tiny_models, tmp_path), [*stream, f"teachers.0.cache={tmp_path / 'cache'}"]))
+    make_plan(load_recipe(_recipe(tiny_models, tmp_path), [*stream, f"teachers.0.cache={tmp_path / 'cache'}"]))
     lines = blocks.read_text().splitlines()
     (tmp_path / "fewer.jsonl").write_text("\n".join(lines[1:]) + "\n")  # the first block missing
     write_cache(teacher, tmp_path / "fewer.jsonl", tmp_path / "cache2", progress=False)
     with pytest.raises(ConfigError, match=rf"built over other texts \(1 of {n} training blocks, e.g. 'train#0'"):
-        check_recipe(load_recipe(_recipe(tiny_models, tmp_path), [*stream, f"teachers.0.cache={tmp_path / 'cache2'}"]))
+        make_plan(load_recipe(_recipe(tiny_models, tmp_path), [*stream, f"teachers.0.cache={tmp_path / 'cache2'}"]))
     raw = _recipe(tiny_models, tmp_path)
     (tmp_path / "train.txt").write_bytes(b"caf\xe9\n")  # the first document is not UTF-8
     with pytest.raises(DataError, match=r"train.txt: line 1 is not UTF-8 \(byte 0xe9\)"):
-        check_recipe(load_recipe(raw, stream))
+        make_plan(load_recipe(raw, stream))
 
 
 def test_speed_switches_refused_or_warned_naming_the_key(tiny_models, tmp_path, monkeypatch):
@@ -90,26 +90,26 @@ def test_speed_switches_refused_or_warned_naming_the_key(tiny_models, tmp_path, 
     monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: 0.02)  # a CPU without native bf16
     monkeypatch.setattr(precision, "training_device", lambda: torch.device("cpu"))
     raw = _recipe(tiny_models, tmp_path)
-    assert check_recipe(load_recipe(raw))["warnings"] == []  # the defaults: nothing to say
+    assert make_plan(load_recipe(raw)).warnings == []  # the defaults: nothing to say
     with pytest.raises(ConfigError, match=r"^train.precision: fp16 is for GPUs"):
-        check_recipe(load_recipe(raw, ["train.precision=fp16"]))
-    (slow,) = check_recipe(load_recipe(raw, ["train.precision=bf16"]))["warnings"]  # allowed: the user asked
+        make_plan(load_recipe(raw, ["train.precision=fp16"]))
+    (slow,) = make_plan(load_recipe(raw, ["train.precision=bf16"])).warnings  # allowed: the user asked
     assert slow.startswith("train.precision: bf16 on this CPU") and "50.0x slower than fp32" in slow
-    (slow,) = check_recipe(load_recipe(raw, ["teachers.0.dtype=bfloat16"]))["warnings"]
+    (slow,) = make_plan(load_recipe(raw, ["teachers.0.dtype=bfloat16"])).warnings
     assert slow.startswith("teachers.0.dtype: bf16") and slow.endswith("set teachers.0.dtype=auto to let stillroom pick")
     with pytest.raises(Exception, match=r"teachers.0.dtype: got 'fp8'"):
         load_recipe(raw, ["teachers.0.dtype=fp8"])
-    (note,) = check_recipe(load_recipe(raw, ["train.compile=true"]))["warnings"]
+    (note,) = make_plan(load_recipe(raw, ["train.compile=true"])).warnings
     assert note.startswith("train.compile: on CPU")
-    check_recipe(load_recipe(raw, ["train.gradient_checkpointing=true"]))  # GPT-2 supports it
+    make_plan(load_recipe(raw, ["train.gradient_checkpointing=true"]))  # GPT-2 supports it
     monkeypatch.setattr(GPT2LMHeadModel, "supports_gradient_checkpointing", False)
     assert switches.student_class(GPT2LMHeadModel.config_class()) is GPT2LMHeadModel
     with pytest.raises(ConfigError, match=r"^train.gradient_checkpointing: the student \(GPT2LMHeadModel\) does "
                                           r"not support it .* set train.gradient_checkpointing=false$"):
-        check_recipe(load_recipe(raw, ["train.gradient_checkpointing=true"]))
+        make_plan(load_recipe(raw, ["train.gradient_checkpointing=true"]))
     monkeypatch.setattr(switches.shutil, "which", lambda name: None)  # no C++ compiler for inductor
     with pytest.raises(ConfigError, match=r"train.compile: torch.compile on CPU needs a C\+\+ compiler"):
-        check_recipe(load_recipe(raw, ["train.compile=true"]))
+        make_plan(load_recipe(raw, ["train.compile=true"]))
 
 
 def test_missing_tensorboard_names_the_extra_to_install(tiny_models, tmp_path, monkeypatch):
@@ -118,11 +118,11 @@ def test_missing_tensorboard_names_the_extra_to_install(tiny_models, tmp_path, m
                         lambda name, *a: None if name in ("tensorboard", "tensorboardX") else real(name, *a))
     with pytest.raises(ConfigError, match=r"train.report_to: 'tensorboard' needs the tensorboard package, which is "
                                           r"not installed; pip install 'stillroom\[tensorboard\]', or remove"):
-        check_recipe(load_recipe(_recipe(tiny_models, tmp_path), ["train.report_to=[tensorboard]"]))
+        make_plan(load_recipe(_recipe(tiny_models, tmp_path), ["train.report_to=[tensorboard]"]))
 
 
 def test_unknown_scratch_model_type_fails_in_the_check(tiny_models, tmp_path):
     raw = _recipe(tiny_models, tmp_path)
     raw["student"] = {"tokenizer": raw["student"], "config": {"model_type": "gpt9"}}
     with pytest.raises(ConfigError, match=r"student.config.model_type: 'gpt9' is not a model type transformers knows"):
-        check_recipe(load_recipe(raw))
+        make_plan(load_recipe(raw))

@@ -54,7 +54,7 @@ def _foreign(folder: Path) -> Path:
 
 
 def test_a_foreign_output_dir_is_refused_and_left_byte_identical(tiny_models, data_dir, tmp_path):
-    from stillroom.training.build import export_training_blocks
+    from stillroom.training.data import export_training_blocks
     from stillroom.training.run import train
 
     out = _foreign(tmp_path / "other-run")
@@ -227,7 +227,7 @@ def test_ce_and_kd_parts_match_a_hand_computation_and_add_up_to_the_loss(tiny_mo
 
 
 def test_plots_draw_like_with_like():
-    from stillroom.training.runs import compare_panels, loss_panels
+    from stillroom.training.report import compare_panels, loss_panels
 
     fused = [{"step": 1, "loss": 1.2, "ce": 5.0, "kd": 0.4}, {"step": 2, "loss": 1.0, "ce": 4.5, "kd": 0.3},
              {"step": 2, "eval_loss": 4.6, "eval_bpb": 1.9}, {"step": 2, "train_runtime": 3.0}]
@@ -246,7 +246,7 @@ def test_plots_draw_like_with_like():
 
 
 def test_alm_and_uld_terms_get_a_panel_each_one_series_per_teacher():
-    from stillroom.training.runs import loss_panels
+    from stillroom.training.report import loss_panels
 
     hist = [{"step": 1, "loss": 2.0, "ce": 3.0, "alm/gemma": 0.7, "alm/llama": 0.9, "uld/qwen": 0.2},
             {"step": 2, "loss": 1.8, "ce": 2.8, "alm/gemma": 0.6, "alm/llama": 0.8, "uld/qwen": 0.15}]
@@ -262,7 +262,7 @@ def test_alm_and_uld_terms_get_a_panel_each_one_series_per_teacher():
 def test_model_card_front_matter(tiny_models, data_dir, tmp_path):
     import shutil
 
-    from stillroom.training.runs import model_card
+    from stillroom.training.report import model_card
 
     student = tmp_path / "student"
     shutil.copytree(tiny_models["gpt2-bpe"], student)
@@ -314,7 +314,8 @@ def test_progress_on_a_terminal_shows_elapsed_time_nests_evaluation_and_restores
 
     from rich.console import Console
 
-    from stillroom.training.runs import RichProgressCallback, phase
+    from stillroom.progress import phase
+    from stillroom.training.callbacks import RichProgressCallback
 
     buf = io.StringIO()
     cb = RichProgressCallback(Console(file=buf, force_terminal=True, width=150))
@@ -340,7 +341,7 @@ def test_progress_without_a_terminal_prints_one_line_per_phase():
 
     from rich.console import Console
 
-    from stillroom.training.runs import phase
+    from stillroom.progress import phase
 
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=False, width=40)

@@ -89,19 +89,19 @@ def test_teacher_name_defaults_to_its_folder(tiny_models, data_dir, tmp_path):
 
 
 def test_tokenizer_mismatch_without_projection_fails_before_models_load(tiny_models, data_dir, tmp_path):
-    from stillroom.training.plan import check_recipe
+    from stillroom.training.plan import make_plan
 
     r = load_recipe(_base(tiny_models, data_dir, tmp_path, teachers=("llama-spm",)), ["fusion.projection=none"])
     with pytest.raises(ValueError, match=r"teachers.0.path: .*different tokenizer.*fusion.projection"):
-        check_recipe(r)
+        make_plan(r)
     # Same tokenizer with projection disabled is fine.
-    check_recipe(load_recipe(_base(tiny_models, data_dir, tmp_path), ["fusion.projection=none"]))
+    make_plan(load_recipe(_base(tiny_models, data_dir, tmp_path), ["fusion.projection=none"]))
 
 
 def test_cache_built_for_another_teacher_is_rejected(tiny_models, data_dir, tmp_path):
     from stillroom.teachers.cache import write_cache
     from stillroom.teachers.online import OnlineTeacher
-    from stillroom.training.plan import check_recipe
+    from stillroom.training.plan import make_plan
 
     cache = tmp_path / "cache"
     (tmp_path / "d.jsonl").write_text(json.dumps({"id": "a", "text": "To be or not to be."}) + "\n")
@@ -109,7 +109,7 @@ def test_cache_built_for_another_teacher_is_rejected(tiny_models, data_dir, tmp_
     raw = _base(tiny_models, data_dir, tmp_path / "o")
     raw["teachers"][0]["cache"] = str(cache)  # the cache is the student's, not this teacher's
     with pytest.raises(ValueError, match=r"teachers.0.cache: .*another teacher"):
-        check_recipe(load_recipe(raw))
+        make_plan(load_recipe(raw))
 
 
 @pytest.mark.parametrize("name", ["kd-same-tokenizer", "kd-cross-tokenizer", "fusellm-two-teachers",
@@ -145,20 +145,19 @@ def test_shipped_recipes_validate_and_run_a_few_steps(name, tiny_models, data_di
 
 def _trainer(tiny_models, data_dir, out, teachers=("gpt2-bpe-teacher",), overrides=()):
     """A DistillTrainer built by train()'s own pieces, without training."""
+    from stillroom.inputs import BlockCollator, BlockDataset, make_blocks
     from stillroom.models.student import build_student
-    from stillroom.training import trainer as T
+    from stillroom.training import DistillTrainer, build_teachers, make_plan
+    from stillroom.training.run import training_arguments
 
-    r = load_recipe(_base(tiny_models, data_dir, out, teachers), list(overrides))
-    toks = T.check_recipe(r)
-    tok = toks["student"]
-    blocks = T.make_blocks([("x", (data_dir / "train.txt").read_text())], tok, SEQ)
+    plan = make_plan(load_recipe(_base(tiny_models, data_dir, out, teachers), list(overrides)))
+    r, tok = plan.recipe, plan.student_tokenizer
+    blocks = make_blocks([("x", (data_dir / "train.txt").read_text())], tok, SEQ)
     student = build_student(r.student, tok)
-    ls = r.loss
-    return T.DistillTrainer(
-        model=student, args=T.training_arguments(r, False), train_dataset=T.BlockDataset(blocks),
-        data_collator=T.BlockCollator(tok, SEQ), teachers=T.build_teachers(r, toks),
-        loss=T.LossConfig(ls.kind, ls.ce_weight, ls.temperature, ls.beta, ls.alpha),
-        fusion=T.FusionConfig(r.fusion.method, r.fusion.level)), blocks
+    return DistillTrainer(
+        model=student, args=training_arguments(r, False), train_dataset=BlockDataset(blocks),
+        data_collator=BlockCollator(tok, SEQ), teachers=build_teachers(plan), loss=r.loss,
+        fusion=r.fusion), blocks
 
 
 @pytest.mark.parametrize("top_k", [10, None])
@@ -340,7 +339,7 @@ def test_bf16_precision_autocasts_over_fp32_master_weights(tiny_models, data_dir
 def test_teacher_dtype_is_the_dtype_online_teachers_run_in(tiny_models, data_dir, tmp_path, monkeypatch):
     from stillroom.models import precision
     from stillroom.training.build import build_teachers
-    from stillroom.training.plan import check_recipe
+    from stillroom.training.plan import make_plan
 
     monkeypatch.setenv("STILLROOM_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("STILLROOM_DTYPE", raising=False)
@@ -348,7 +347,7 @@ def test_teacher_dtype_is_the_dtype_online_teachers_run_in(tiny_models, data_dir
     raw = _base(tiny_models, data_dir, tmp_path / "o", teachers=("gpt2-bpe-teacher", "llama-spm"))
     for dtype, want in (("bfloat16", torch.bfloat16), ("auto", torch.float32)):
         r = load_recipe(raw, [f"teachers.0.dtype={dtype}", f"teachers.1.dtype={dtype}"])
-        same, aligned = build_teachers(r, check_recipe(r), device="cpu")
+        same, aligned = build_teachers(make_plan(r), device="cpu")
         assert same.model.dtype == want and aligned.source.model.dtype == want
 
 
@@ -447,7 +446,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_weights(tiny_models, nodrop_
 
 def test_training_eval_bpb_equals_stillroom_eval(tiny_models, data_dir, tmp_path):
     """`train`'s eval_bpb and `stillroom eval` score the same documents the same way (the reference)."""
-    from stillroom.evaluate import evaluate_paths
+    from stillroom.evaluation import evaluate_paths
     from stillroom.training.run import train
 
     for documents in ("file", "line"):
@@ -496,7 +495,7 @@ def test_exported_blocks_equal_make_blocks(tiny_models, data_dir, tmp_path):
     from stillroom.inputs.blocks import make_blocks
     from stillroom.inputs.text import load_texts
     from stillroom.models.student import student_tokenizer
-    from stillroom.training.build import export_training_blocks
+    from stillroom.training.data import export_training_blocks
 
     for cap in (None, 5):
         r = load_recipe(_base(tiny_models, data_dir, tmp_path / "o", data={"documents": "paragraph",

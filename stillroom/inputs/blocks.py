@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from stillroom.files import atomic_write
 from stillroom.tokenization.special import pad_id, separator_id
 
 PADDING_WARN = 0.5  # warn when more than this fraction of the block positions is padding
@@ -245,21 +246,17 @@ def export_blocks(blocks: Iterable[Block], path) -> int:
     leaves no partial file and no temporary behind); returns the count. ``blocks`` may be a generator
     (:func:`iter_blocks`): each block is written as it arrives."""
     import json
-    import os
-    from pathlib import Path
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     n = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
+
+    def write(tmp) -> None:
+        nonlocal n
+        with open(tmp, "w", encoding="utf-8") as f:
             for b in blocks:
                 f.write(json.dumps({"id": b.example_id, "text": b.text}) + "\n")
                 n += 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)
     return n
 
 

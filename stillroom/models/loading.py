@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from stillroom import files
 from stillroom.errors import ConfigError, MissingPathError, ModelError
 
 # Files from which transformers can build a tokenizer (fast JSON, SentencePiece, GPT-2 BPE, WordPiece, tiktoken).
@@ -45,12 +46,6 @@ def is_model_path(path: str | os.PathLike) -> bool:
 
 
 # --- GGUF -----------------------------------------------------------------------------------------------------
-
-def default_cache_dir() -> Path:
-    """``$STILLROOM_CACHE/models``, else ``~/.cache/stillroom/models`` (converted GGUF files live here)."""
-    base = os.environ.get("STILLROOM_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "stillroom") / "models"
-
 
 _SHA_MEMO: dict[tuple[str, int, int], str] = {}
 
@@ -81,7 +76,7 @@ def gguf_folder(path: str | os.PathLike, what: str = "model", cache_dir: str | o
     src = Path(os.path.expanduser(str(path)))
     if not src.is_file():
         raise MissingPathError(f"{what} {src} does not exist; pass a .gguf file or a model folder")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else files.cache_dir("models")
     sha = file_sha256(src)
     folder = root / f"gguf-{sha[:16]}"
     if (folder / "stillroom-gguf.json").is_file():
@@ -237,15 +232,18 @@ def load_causal_lm(path: str | os.PathLike, what: str = "model", *, dtype: torch
     return model
 
 
-def model_context(config) -> int | None:
-    """The longest sequence the model's position embeddings allow (None when the config does not say)."""
-    config = getattr(config, "config", config)
+def model_context(model_or_config, default: int | None = None) -> int | None:
+    """The longest sequence a model's position embeddings allow, from the model or its config (its text config
+    for multimodal ones): ``max_position_embeddings`` / ``n_positions`` / ``n_ctx`` / ``seq_length``; ``default``
+    when the config does not say."""
+    config = getattr(model_or_config, "config", model_or_config)
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
-        if isinstance(getattr(config, key, None), int):
-            return int(getattr(config, key))
-    return None
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 1:
+            return int(value)
+    return default
 
 
 def check_device(device: str | torch.device | None, option: str = "--device") -> torch.device | None:

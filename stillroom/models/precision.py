@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from stillroom.errors import ConfigError
+from stillroom.files import atomic_write, cache_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_SPEEDUP = 1.3  # bf16 must beat fp32 by this much before "auto" trades precision for it
@@ -52,11 +53,6 @@ def machine_key() -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def _cache_file() -> Path:
-    base = os.environ.get("STILLROOM_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "stillroom") / "precision.json"
-
-
 def _time_matmul(dtype: torch.dtype, n: int, repeats: int) -> float:
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b  # warm-up (and kernel selection)
@@ -75,7 +71,7 @@ def measure_bf16_speedup(n: int = 512, repeats: int = 5) -> float:
 
 def cpu_bf16_speedup(*, refresh: bool = False) -> float:
     """:func:`measure_bf16_speedup`, measured once per :func:`machine_key` and cached on disk."""
-    path, key = _cache_file(), machine_key()
+    path, key = cache_dir() / "precision.json", machine_key()
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -85,10 +81,7 @@ def cpu_bf16_speedup(*, refresh: bool = False) -> float:
     speedup = measure_bf16_speedup()
     known[key] = round(speedup, 3)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(known, indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(known, indent=1))
     except OSError:
         pass  # a read-only home only costs a re-measurement next time
     return speedup

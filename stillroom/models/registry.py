@@ -16,8 +16,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from stillroom import files
 from stillroom.errors import ConfigError, ModelError, StillroomError
-from stillroom.models.loading import default_cache_dir, file_sha256, gguf_folder
+from stillroom.models.loading import file_sha256, gguf_folder
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def gguf_file(model: RegistryModel, cache_dir: Path | None = None, install: bool
     path = root / model.filename
     if not path.is_file():  # shipped in chunks: the package assembles them (and checks its own hash)
         assembler = importlib.import_module(model.module)
-        out = (cache_dir or default_cache_dir()) / "gguf" / model.filename
+        out = (cache_dir or files.cache_dir("models")) / "gguf" / model.filename
         try:
             path = Path(assembler.assemble(output_path=out))
         except (OSError, ValueError, ImportError) as e:
@@ -105,5 +106,5 @@ def get(name: str, cache_dir: Path | None = None, progress: bool = True) -> Path
 
 def converted_folder(name: str, cache_dir: Path | None = None) -> Path | None:
     """Where ``name`` is converted already (None when not): the cache folder named by its pinned sha256."""
-    folder = (cache_dir or default_cache_dir()) / f"gguf-{lookup(name).sha256[:16]}"
+    folder = (cache_dir or files.cache_dir("models")) / f"gguf-{lookup(name).sha256[:16]}"
     return folder if (folder / "stillroom-gguf.json").is_file() else None

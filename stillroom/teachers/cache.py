@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from stillroom.errors import ConfigError, DataError, MissingPathError
-from stillroom.files import check_output_dir
+from stillroom.files import atomic_write, check_output_dir
 from stillroom.inputs.text import TextSource, scan_texts, text_sha
 from stillroom.models.loading import load_tokenizer, resolve_model
 from stillroom.targets import TeacherOutput
@@ -84,21 +84,6 @@ class CacheMismatchError(ConfigError):
 # ------------------------------------------------------------------------------------------------------------
 # Writer
 # ------------------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename, fsync the folder: the file appears whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _shard_done(out: Path, name: str) -> bool:
     """A shard is done when its sidecar exists and the file matches the sidecar's sha256 (a corrupt or
     missing shard is rebuilt by rerunning the command)."""
@@ -166,7 +151,7 @@ def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_s
     out = check_output_dir(out, "cache folder", marker="plan.json")  # resumable: ours, or new, or empty
     plan_path = out / "plan.json"
     if not plan_path.exists():
-        _atomic_write(plan_path, json.dumps(plan, indent=1).encode())
+        atomic_write(plan_path, json.dumps(plan, indent=1).encode())
     _check_plan(json.loads(plan_path.read_text()), plan, out)
 
     mine = [i for i in range(n_shards) if i % world_size == rank]
@@ -210,7 +195,7 @@ def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_s
                            use_dictionary=False)
             blob = sink.getvalue().to_pybytes()
             name = _shard_name(i, n_shards)
-            _atomic_write(out / name, blob)
+            atomic_write(out / name, blob)
             kl = np.concatenate(kls) if kls else np.zeros(0)
             meta = pq.ParquetFile(pa.BufferReader(blob)).metadata
             entry_bytes = sum(meta.row_group(g).column(c).total_compressed_size  # ids + codes, as stored
@@ -219,7 +204,7 @@ def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_s
             side = {"name": name, "rows": len(recs), "tokens": tokens, "bytes": len(blob), "entry_bytes": entry_bytes,
                     "sha256": hashlib.sha256(blob).hexdigest(), "kl_sum": float(kl.sum()),
                     "kl_max": float(kl.max()) if kl.size else 0.0, "max_abs_logprob_err": max_err}
-            _atomic_write(out / (name + ".json"), json.dumps(side, indent=1).encode())
+            atomic_write(out / (name + ".json"), json.dumps(side, indent=1).encode())
             n_rows += len(recs)
     manifest = _maybe_merge(out, plan)
     return CacheSummary(out, len(todo), len(mine) - len(todo), n_rows, n_tok, time.perf_counter() - t0,
@@ -254,7 +239,7 @@ def _maybe_merge(out: Path, plan: dict) -> dict | None:
               "max_abs_logprob_err": max(s["max_abs_logprob_err"] for s in sides)}
     manifest = dict(plan, shards=[{k: s[k] for k in ("name", "rows", "tokens", "bytes", "sha256")} for s in sides],
                     totals=totals)
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     return manifest
 
 

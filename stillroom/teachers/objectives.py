@@ -23,7 +23,6 @@ An ``alm`` or ``uld`` teacher is never fused or projected: it adds its own term,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,21 +30,7 @@ import torch
 
 from stillroom.losses.own_logprob import own_logprobs
 from stillroom.targets import SparseTarget
-
-
-@dataclass
-class ObjectiveConfig:
-    """One teacher's term: ``kind`` alm | uld, its weight w, and the ALM options (see ``alm_loss``). The defaults
-    here are the recipe's (``teachers[].alm_*`` read them)."""
-
-    kind: str = "alm"
-    weight: float = 0.5
-    alm_temperature: float = 1.0
-    alm_divergence: str = "bce"
-    alm_chunks: str = "exact"  # "exact" groups; "all" groups; "unbiased" chunks (ObjectiveTeacher.chunks)
-    uld_temperature: float = 1.0
-    chunk_size: int | None = None
-    alm_bias_threshold: float = 1e-4
+from stillroom.teachers.config import ObjectiveConfig
 
 
 class ObjectiveTeacher:

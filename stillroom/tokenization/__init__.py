@@ -1,0 +1,33 @@
+"""Tokenization: what a token *is* in bytes, and how two tokenizations of one text line up.
+
+Contract: ids in, arrays out; no model, no training. Depends on numpy, torch (projection) and the data contracts
+(:mod:`stillroom.targets`) only.
+
+- ``tokens``: :class:`TokenTable` — every id's exact bytes, for every tokenizer family;
+- ``align``: :func:`align` — groups of tokens spelling the same bytes (exact, or FuseLLM's DTW);
+- ``vocab``: :class:`VocabMap` (exact / MinED) and :func:`prefix_map` — one vocabulary onto another;
+- ``project``: :func:`project`, :func:`student_targets` — a teacher's top-k moved onto the student's positions;
+- ``unbiased``: ALM's unbiased chunk boundaries;
+- ``special``: which special token pads a batch (:func:`pad_id`) or starts a document (:func:`separator_id`).
+"""
+
+from stillroom.exports import lazy
+
+_EXPORTS = {
+    "TokenTable": "stillroom.tokenization.tokens",
+    "same_tokenizer": "stillroom.tokenization.tokens",
+    "Alignment": "stillroom.tokenization.align",
+    "align": "stillroom.tokenization.align",
+    "VocabMap": "stillroom.tokenization.vocab",
+    "min_edit_distance_map": "stillroom.tokenization.vocab",
+    "prefix_map": "stillroom.tokenization.vocab",
+    "project": "stillroom.tokenization.project",
+    "student_targets": "stillroom.tokenization.project",
+    "BoundaryBias": "stillroom.tokenization.unbiased",
+    "unbiased_chunks": "stillroom.tokenization.unbiased",
+    "unigram_probs": "stillroom.tokenization.unbiased",
+    "pad_id": "stillroom.tokenization.special",
+    "separator_id": "stillroom.tokenization.special",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy(__name__, _EXPORTS)

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stillroom import files
+
 FORMAT_VERSION = "1"  # bump when the rule or the file layout changes; old files are then refused
 _NONE = np.iinfo(np.int64).max
 
@@ -407,7 +409,7 @@ class VocabMap:
         key = (src_table.hash, tgt_table.hash)
         if cache_dir is None and key in _MEMO:
             return _MEMO[key]
-        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        root = Path(cache_dir) if cache_dir is not None else files.cache_dir("vocab")
         path = root / f"vocab-{src_table.hash}-{tgt_table.hash}.safetensors"
         if path.is_file():
             try:
@@ -424,12 +426,6 @@ class VocabMap:
 
 
 _MEMO: dict[tuple[str, str], VocabMap] = {}
-
-
-def default_cache_dir() -> Path:
-    """``$STILLROOM_CACHE/vocab``, else ``~/.cache/stillroom/vocab``."""
-    base = os.environ.get("STILLROOM_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "stillroom") / "vocab"
 
 
 _PREFIX_MAPS: dict[tuple[str, str], np.ndarray] = {}

@@ -244,10 +244,10 @@ class DistillTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Student CE per token (nats) and bits per byte of the evaluation *documents* (a list of texts), scored
-        exactly as ``stillroom eval`` scores them (:func:`stillroom.evaluate.evaluate`: whole documents, first
+        exactly as ``stillroom eval`` scores them (:func:`stillroom.evaluation.evaluate`: whole documents, first
         token conditioned on BOS, sliding windows over the model's context), so the two numbers agree; of
-        completion tokens and bytes for :class:`stillroom.inputs.chat.Example` s (:func:`~stillroom.evaluate.completion_sums`)."""
-        from stillroom.evaluate import document_sums as score
+        completion tokens and bytes for :class:`stillroom.inputs.chat.Example` s (:func:`~stillroom.evaluation.completion_sums`)."""
+        from stillroom.evaluation import document_sums as score
 
         docs = eval_dataset if eval_dataset is not None else self.eval_dataset
         if docs is None:

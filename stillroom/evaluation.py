@@ -41,8 +41,7 @@ import numpy as np
 import torch
 
 from stillroom.errors import ConfigError, DataError
-from stillroom.models.loading import check_device
-from stillroom.models.loading import model_context as known_context
+from stillroom.models.loading import check_device, model_context
 
 LOG2E = 1.0 / math.log(2.0)
 MAX_DEFAULT_CONTEXT = 2048  # default window cap, so long-context models do not get [1, 128k, V] logits
@@ -102,16 +101,6 @@ def load_eval_texts(data: str | os.PathLike, documents: str = "file") -> list[st
 
 
 # --- scoring ------------------------------------------------------------------------------------------------
-def model_context(model, default: int = 1024) -> int:
-    """The longest input the model accepts (``n_positions`` / ``max_position_embeddings``), else ``default``."""
-    cfg = getattr(model, "config", None)
-    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    return default
-
-
 def window_spans(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """Sliding windows over a sequence of ``n`` positions whose position 0 is given (never predicted).
 
@@ -295,10 +284,10 @@ def evaluate(model, tokenizer, texts: Sequence[str], *, name: str = "model", tea
         raise TypeError("texts must be a list of strings, not one string (wrap it: [text])")
     if not texts:
         raise ValueError("texts is empty: nothing to evaluate")
-    limit = known_context(model)
+    limit = model_context(model)
     if context is not None and (context < 2 or (limit is not None and context > limit)):
         raise ConfigError(f"context (--context) must be in [2, {limit or '...'}] for {name}, got {context}")
-    context = context if context is not None else min(model_context(model), MAX_DEFAULT_CONTEXT)
+    context = context if context is not None else min(model_context(model, default=1024), MAX_DEFAULT_CONTEXT)
     stride = stride if stride is not None else max(1, context // 2)
     if not 1 <= stride < context:
         raise ConfigError(f"stride (--stride) must be in [1, {context - 1}] (below the context), got {stride}")
@@ -410,7 +399,7 @@ def _compare(st: _TeacherState, student: _Rows, student_tokenizer, text: str, st
     pairs = pairs[(pairs[:, 0] >= 1 - s_offset) & (pairs[:, 1] >= 1 - t_offset)]
     if len(pairs) == 0:
         return
-    t_ctx = model_context(st.model)
+    t_ctx = model_context(st.model, default=1024)
     teacher = _Rows(score_windows(st.model, t_seq, context=min(context, t_ctx), stride=min(stride, t_ctx - 1),
                                   batch_size=batch_size, device=device), t_offset)
     s_wanted, t_wanted = set(pairs[:, 0].tolist()), set(pairs[:, 1].tolist())
@@ -466,7 +455,7 @@ def document_sums(model, tokenizer, doc, *, batch_size: int = 8, device: str | t
     if isinstance(doc, str):
         r = evaluate(model, tokenizer, [doc], batch_size=batch_size, device=device)
         return r.nll_bits, r.tokens, r.bytes
-    return completion_sums(model, tokenizer, [doc], max_len=max_len or model_context(model), batch_size=batch_size,
+    return completion_sums(model, tokenizer, [doc], max_len=max_len or model_context(model, default=1024), batch_size=batch_size,
                            device=device)
 
 

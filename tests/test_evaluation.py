@@ -1,4 +1,4 @@
-"""stillroom.evaluate: bits per byte against hand computations and naive references."""
+"""stillroom.evaluation: bits per byte against hand computations and naive references."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stillroom.evaluate import evaluate, window_spans
+from stillroom.evaluation import evaluate, window_spans
 
 
 class CharTokenizer:
@@ -293,7 +293,7 @@ def test_shipped_default_teachers():
     """The embedded default: two teachers of different tokenizer families, float32 on load, clearly trained."""
     from transformers import AutoTokenizer
 
-    from stillroom.evaluate import load_model
+    from stillroom.evaluation import load_model
     from stillroom.testing import PACKAGE_DATA, corpus_texts
     from stillroom.tokenization.tokens import TokenTable
 
@@ -319,7 +319,7 @@ def test_completion_sums_are_completion_tokens_only(tiny_models):
     fallback template's end) summing -log2 p over the completion tokens only; bytes = the completions' UTF-8."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stillroom.evaluate import completion_sums
+    from stillroom.evaluation import completion_sums
     from stillroom.inputs.chat import Example
 
     tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
