@@ -42,6 +42,8 @@ import torch
 
 from stillroom.errors import ConfigError, DataError
 from stillroom.models.loading import check_device, model_context
+from stillroom.progress import bar as progress_bar
+from stillroom.progress import stderr_console
 
 LOG2E = 1.0 / math.log(2.0)
 MAX_DEFAULT_CONTEXT = 2048  # default window cap, so long-context models do not get [1, 128k, V] logits
@@ -315,13 +317,9 @@ def evaluate(model, tokenizer, texts: Sequence[str], *, name: str = "model", tea
     bar = task = console = None
     t0 = time.perf_counter()
     if progress:  # a live bar on a terminal; one closing line otherwise (a log gets no blank lines)
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        console = Console(stderr=True)
+        console = stderr_console()
         if console.is_terminal:
-            bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           console=console, transient=True)
+            bar = progress_bar(console=console, transient=True)
             bar.start()
     try:
         if not states:  # windows of all texts batched together

@@ -357,12 +357,12 @@ def _student_rows(student, batch):
 
 
 def _objective(cross, kind: str, **kw):
-    from stillroom.teachers.objectives import ObjectiveConfig, ObjectiveTeacher
+    from stillroom.teachers.objectives import ObjectiveConfig, objective_teacher
     from stillroom.teachers.online import OnlineTeacher
 
     s_tok, t_tok, model, t = cross
     source = OnlineTeacher(model, tokenizer=t_tok, top_k=1 if kind == "alm" else 8)
-    return ObjectiveTeacher(source, t.student_table, t.teacher_table, ObjectiveConfig(kind, weight=1.0, **kw), "spm")
+    return objective_teacher(source, t.student_table, t.teacher_table, ObjectiveConfig(kind=kind, weight=1.0, **kw), "spm")
 
 
 @pytest.mark.parametrize("chunks", ["exact", "all"])

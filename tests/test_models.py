@@ -109,3 +109,26 @@ def test_models_cli(tmp_path, monkeypatch):
     assert r.exit_code == 0 and "gemma3-270m" in r.output and "not converted" in r.output
     r = CliRunner().invoke(app, ["models", "get", "no-such-model"])
     assert r.exit_code == 2 and "not known" in r.output
+
+
+def test_a_named_model_lands_in_a_folder_named_for_it(tiny_gguf, tmp_path, monkeypatch):
+    """`stillroom models get NAME` converts into <cache>/NAME (tables read the name, not a hash); a folder
+    converted before names existed is renamed, not converted again; other bytes under the name are reconverted."""
+    root = tmp_path / "cache"
+    hashed = models.gguf_folder(tiny_gguf, cache_dir=root, progress=False)
+    assert hashed.name.startswith("gguf-")
+
+    def refuse(*a, **k):
+        raise AssertionError("converted again")
+
+    with monkeypatch.context() as m:
+        m.setattr(models, "_convert_gguf", refuse)
+        named = models.gguf_folder(tiny_gguf, cache_dir=root, progress=False, name="tiny-llama")
+        assert named == root / "tiny-llama" and not hashed.exists()
+        assert models.gguf_folder(tiny_gguf, cache_dir=root, progress=False, name="tiny-llama") == named
+    other = tmp_path / "other.gguf"
+    write_tiny_llama_gguf(other, seed=1)
+    assert models.file_sha256(other) != models.file_sha256(tiny_gguf)
+    again = models.gguf_folder(other, cache_dir=root, progress=False, name="tiny-llama")
+    assert again == named and models.converted_from(again) == models.file_sha256(other)
+    assert sorted(p.name for p in root.iterdir()) == ["tiny-llama"]

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from stillroom.errors import ConfigError, DataError, OutputExistsError
+from stillroom.progress import bar, stderr_console
 from stillroom.tokenization.special import pad_id
 
 
@@ -356,7 +357,7 @@ def generate_file(model: str | os.PathLike, data: str | os.PathLike, out: str | 
     before = sum(ex.example_id in done for ex in examples)
     written = tokens = 0
     t0 = time.perf_counter()
-    bar = _bar(progress, len(examples), before)
+    shown = _bar(progress, len(examples), before)
     try:
         with open(out, "ab") as f:
             for k, start in enumerate(range(0, len(examples), batch_size)):
@@ -382,11 +383,11 @@ def generate_file(model: str | os.PathLike, data: str | os.PathLike, out: str | 
                     meta["empty"] += empty
                     atomic_write(meta_path(out), json.dumps(meta, indent=1))
                 done.update(examples[i].example_id for i in rows)
-                if bar is not None:
-                    bar[0].update(bar[1], completed=sum(ex.example_id in done for ex in examples))
+                if shown is not None:
+                    shown[0].update(shown[1], completed=sum(ex.example_id in done for ex in examples))
     finally:
-        if bar is not None:
-            bar[0].stop()
+        if shown is not None:
+            shown[0].stop()
     return GenerateSummary(written, before, len(meta["empty"]), len(examples), tokens, time.perf_counter() - t0)
 
 
@@ -401,13 +402,9 @@ def _bar(progress: bool, total: int, completed: int):
     """A Rich bar over records on a terminal (None otherwise: the caller prints one closing line)."""
     if not progress:
         return None
-    import rich.progress as rp
-    from rich.console import Console
-
-    console = Console(stderr=True)
+    console = stderr_console()
     if not console.is_terminal:
         return None
-    bar = rp.Progress(rp.TextColumn("generating"), rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
-                      rp.TimeRemainingColumn(), console=console)
-    bar.start()
-    return bar, bar.add_task("generate", total=total, completed=completed)
+    progress = bar(console=console, eta=True)
+    progress.start()
+    return progress, progress.add_task("generating", total=total, completed=completed)

@@ -22,6 +22,7 @@ import torch
 
 from stillroom import files
 from stillroom.errors import ConfigError, MissingPathError, ModelError
+from stillroom.progress import spinner
 
 # Files from which transformers can build a tokenizer (fast JSON, SentencePiece, GPT-2 BPE, WordPiece, tiktoken).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
@@ -65,11 +66,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def gguf_folder(path: str | os.PathLike, what: str = "model", cache_dir: str | os.PathLike | None = None,
-                progress: bool = True) -> Path:
+                progress: bool = True, name: str | None = None) -> Path:
     """The safetensors Hugging Face folder converted from the GGUF file ``path``, converting it on first use.
 
-    The folder is ``<cache>/gguf-<first 16 hex of sha256>``: the same bytes under another name reuse it, a changed
-    file gets a new one. Conversion (transformers' GGUF reader: dequantise every tensor to float32, rebuild the
+    The folder is ``<cache>/<name>`` for a named model (``stillroom models get``: tables then read
+    ``smollm2-135m-instruct``), else ``<cache>/gguf-<first 16 hex of sha256>``: the same bytes under another file
+    name reuse it, a changed file gets a new one (a named folder holding other bytes is converted again). Conversion (transformers' GGUF reader: dequantise every tensor to float32, rebuild the
     tokenizer from the file's metadata) is written to a temporary folder and renamed into place, so an interrupted
     run leaves no half-written model behind.
     """
@@ -78,8 +80,12 @@ def gguf_folder(path: str | os.PathLike, what: str = "model", cache_dir: str | o
         raise MissingPathError(f"{what} {src} does not exist; pass a .gguf file or a model folder")
     root = Path(cache_dir) if cache_dir is not None else files.cache_dir("models")
     sha = file_sha256(src)
-    folder = root / f"gguf-{sha[:16]}"
-    if (folder / "stillroom-gguf.json").is_file():
+    folder = root / (name or f"gguf-{sha[:16]}")
+    if converted_from(folder) == sha:
+        return folder
+    hashed = root / f"gguf-{sha[:16]}"
+    if name and converted_from(hashed) == sha and not folder.exists():  # converted before folders had names
+        os.replace(hashed, folder)
         return folder
     try:
         import gguf  # noqa: F401  (transformers needs it to read the file)
@@ -90,19 +96,29 @@ def gguf_folder(path: str | os.PathLike, what: str = "model", cache_dir: str | o
     shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.perf_counter()
     try:
-        with _status(f"converting {src.name} to safetensors (dequantising to float32)", progress):
+        with spinner(f"converting {src.name} to safetensors (dequantising to float32)", progress):
             _convert_gguf(src, tmp)
         (tmp / "stillroom-gguf.json").write_text(json.dumps(
             {"source": str(src), "sha256": sha, "bytes": src.stat().st_size,
              "seconds": round(time.perf_counter() - t0, 1)}, indent=1) + "\n", encoding="utf-8")
+        if folder.exists() and converted_from(folder) != sha:  # a named folder from other bytes: replaced
+            shutil.rmtree(folder)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process converted the same file first: keep its folder
-            if not (folder / "stillroom-gguf.json").is_file():
+            if converted_from(folder) != sha:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def converted_from(folder: Path) -> str | None:
+    """The sha256 of the GGUF file ``folder`` was converted from (None: not a finished conversion)."""
+    try:
+        return json.loads((folder / "stillroom-gguf.json").read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError):
+        return None
 
 
 def _convert_gguf(src: Path, out: Path) -> None:
@@ -122,29 +138,6 @@ def _convert_gguf(src: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-
-
-class _status:
-    """A Rich spinner with elapsed time on stderr while something slow runs (silent when ``show`` is false)."""
-
-    def __init__(self, text: str, show: bool = True):
-        self.text, self.show, self.progress = text, show, None
-
-    def __enter__(self):
-        if self.show:
-            from rich.console import Console
-            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                     console=Console(stderr=True), transient=False)
-            self.progress.start()
-            self.progress.add_task(self.text, total=None)
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.stop()
-        return False
 
 
 def has_safetensors(folder: Path) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from stillroom import files
 from stillroom.errors import ConfigError, ModelError, StillroomError
-from stillroom.models.loading import file_sha256, gguf_folder
+from stillroom.models.loading import converted_from, file_sha256, gguf_folder
 
 
 @dataclass(frozen=True)
@@ -101,10 +101,14 @@ def gguf_file(model: RegistryModel, cache_dir: Path | None = None, install: bool
 def get(name: str, cache_dir: Path | None = None, progress: bool = True) -> Path:
     """Install (if needed), verify and convert a known registry model; the converted Hugging Face folder."""
     model = lookup(name)
-    return gguf_folder(gguf_file(model, cache_dir), name, cache_dir=cache_dir, progress=progress)
+    return gguf_folder(gguf_file(model, cache_dir), name, cache_dir=cache_dir, progress=progress, name=model.name)
 
 
 def converted_folder(name: str, cache_dir: Path | None = None) -> Path | None:
-    """Where ``name`` is converted already (None when not): the cache folder named by its pinned sha256."""
-    folder = (cache_dir or files.cache_dir("models")) / f"gguf-{lookup(name).sha256[:16]}"
-    return folder if (folder / "stillroom-gguf.json").is_file() else None
+    """Where ``name`` is converted already (None when not): the cache folder named for it, holding the
+    conversion of its pinned file (or, converted before folders had names, ``gguf-<sha256 prefix>``)."""
+    model, root = lookup(name), cache_dir or files.cache_dir("models")
+    for folder in (root / model.name, root / f"gguf-{model.sha256[:16]}"):
+        if converted_from(folder) == model.sha256:
+            return folder
+    return None

@@ -5,8 +5,9 @@ Contract: two kinds of teacher, two small protocols the trainer calls.
 - a **KD teacher** (:class:`Teacher`: ``targets(batch) -> (SparseTarget, CE)``) gives a top-k target over the
   student's positions and vocabulary; all KD teachers are fused into one target (``fusion``: MinCE / AvgCE);
   :class:`SameTokenizerTeacher`, :class:`AlignedTeacher` (byte-aligned and projected, ``kd``);
-- an **objective teacher** (``loss_sum(hidden, weight, batch) -> Σ w·D``) adds its own term: ALM and ULD
-  (:class:`ObjectiveTeacher`, ``objectives``; several ALM teachers fuse into one term, ``alm_fusion``).
+- a **term teacher** (:class:`TermTeacher`: ``loss_sum(hidden, weight, batch) -> w·ΣD``) adds its own term:
+  :class:`ALMTeacher`, :class:`ULDTeacher` (``objectives``; several ALM teachers fuse into one term,
+  ``alm_fusion``). A new objective is one class implementing :class:`TermTeacher`.
 
 Their signals come from :class:`OnlineTeacher` (a model run in-process, ``online``) or :class:`CachedTeacher`
 (a compact top-k cache written once by :func:`write_cache`, ``cache`` + ``codec``); completion batches align
@@ -20,7 +21,11 @@ _EXPORTS = {
     "SameTokenizerTeacher": "stillroom.teachers.kd",
     "Teacher": "stillroom.teachers.kd",
     "ObjectiveConfig": "stillroom.teachers.config",
+    "ALMTeacher": "stillroom.teachers.objectives",
     "ObjectiveTeacher": "stillroom.teachers.objectives",
+    "TermTeacher": "stillroom.teachers.objectives",
+    "ULDTeacher": "stillroom.teachers.objectives",
+    "objective_teacher": "stillroom.teachers.objectives",
     "OnlineTeacher": "stillroom.teachers.online",
     "TeacherSignal": "stillroom.teachers.online",
     "CachedTeacher": "stillroom.teachers.cache",

@@ -55,6 +55,7 @@ from stillroom.errors import ConfigError, DataError, MissingPathError
 from stillroom.files import atomic_write, check_output_dir
 from stillroom.inputs.text import TextSource, scan_texts, text_sha
 from stillroom.models.loading import load_tokenizer, resolve_model
+from stillroom.progress import bar as progress_bar
 from stillroom.targets import TeacherOutput
 from stillroom.teachers.codec import Encoding, logprob_step, topk_kl
 from stillroom.teachers.online import OnlineTeacher, _dir_hash, tokenizer_hash
@@ -157,14 +158,15 @@ def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_s
     mine = [i for i in range(n_shards) if i % world_size == rank]
     todo = [i for i in mine if not _shard_done(out, _shard_name(i, n_shards))]
     for i in mine:  # leftovers of a killed run
-        for tmp in out.glob(f".{_shard_name(i, n_shards)}*.tmp.*"):
+        for tmp in out.glob(f".{_shard_name(i, n_shards)}*.tmp*"):
             tmp.unlink(missing_ok=True)
     todo_chars, it, at = sum(shard_chars[i] for i in todo), iter(rows), 0  # `at`: next shard `it` reaches
     schema = pa.schema([("id", pa.string()), ("text_sha", pa.string()), ("n_tokens", pa.int32()),
                         ("input_ids", pa.binary()), ("topk_ids", pa.binary()), ("topk_codes", pa.binary()),
                         ("tail", pa.binary()), ("gold_ce", pa.binary())])
     t0, n_rows, n_tok = time.perf_counter(), 0, 0
-    bar = _progress(progress and rank == 0, console)
+    bar = progress_bar("{task.fields[tps]}", console=console, enabled=progress and rank == 0, counts="percent",
+                       eta=True)
     with bar:
         task = bar.add_task(f"teacher pass (rank {rank}/{world_size})", total=max(1, todo_chars), tps="")
         for i in todo:
@@ -209,14 +211,6 @@ def write_cache(teacher: OnlineTeacher, data, out: str | os.PathLike, *, shard_s
     manifest = _maybe_merge(out, plan)
     return CacheSummary(out, len(todo), len(mine) - len(todo), n_rows, n_tok, time.perf_counter() - t0,
                         manifest is not None, manifest)
-
-
-def _progress(enabled: bool, console):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-                    TextColumn("{task.fields[tps]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console, disable=not enabled, transient=False)
 
 
 def _maybe_merge(out: Path, plan: dict) -> dict | None:

@@ -23,7 +23,7 @@ An ``alm`` or ``uld`` teacher is never fused or projected: it adds its own term,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -33,17 +33,33 @@ from stillroom.targets import SparseTarget
 from stillroom.teachers.config import ObjectiveConfig
 
 
-class ObjectiveTeacher:
-    """A teacher (online ``OnlineTeacher`` or ``CachedTeacher`` source) that contributes an ALM or ULD term."""
+@runtime_checkable
+class TermTeacher(Protocol):
+    """A teacher that adds its own term to the loss instead of a target to fuse: ``loss_sum`` gives w · ΣD_i
+    over the batch's labelled student positions (not divided by N), from the student's last hidden states
+    ``hidden [B, T-1, H]`` (row j predicts student token j+1) and its head ``weight [V, H]``. ``objective`` and
+    ``name`` label its log key (``objective/name``), ``config.weight`` is its w, ``last_sum`` its unweighted ΣD on
+    the last training micro-batch (for the logs). Adding an objective = one class with these members (see
+    :class:`ALMTeacher`), registered in :data:`OBJECTIVES` for recipes."""
 
-    def __init__(self, source, student_table, teacher_table, config: ObjectiveConfig, name: str = "teacher",
-                 bias_rule=None):
+    name: str
+    objective: str
+    config: ObjectiveConfig
+    last_sum: torch.Tensor | None
+
+    def loss_sum(self, hidden: torch.Tensor, weight: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor: ...
+
+
+class ObjectiveTeacher:
+    """What every aligned term teacher shares: a signal ``source`` (an ``OnlineTeacher`` or ``CachedTeacher``),
+    the byte alignment of its tokens with the student's, and the bookkeeping of :class:`TermTeacher`.
+    Subclasses give :meth:`term`, the unweighted ΣD over the batch."""
+
+    objective = ""
+
+    def __init__(self, source, student_table, teacher_table, config: ObjectiveConfig, name: str = "teacher"):
         self.source, self.student_table, self.teacher_table = source, student_table, teacher_table
         self.config, self.name = config, name
-        self.bias_rule = bias_rule  # stillroom.tokenization.unbiased.BoundaryBias, for alm_chunks="unbiased"
-        if config.kind == "alm" and config.alm_chunks == "unbiased" and bias_rule is None:
-            raise ValueError(f"teacher {name}: alm_chunks='unbiased' needs a bias_rule (stillroom.tokenization.unbiased.BoundaryBias)")
-        self.objective = config.kind
         self.last_sum: torch.Tensor | None = None  # ΣD_i of the last training micro-batch, unweighted (for the logs)
 
     @torch.no_grad()
@@ -63,16 +79,34 @@ class ObjectiveTeacher:
         return [(out, align(out.input_ids.numpy(), ids[r][mask[r]].numpy(), self.teacher_table, self.student_table))
                 for r, out in enumerate(outs)]
 
+    def term(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pairs,
+             offsets: list[int] | None) -> torch.Tensor:
+        raise NotImplementedError
+
     def loss_sum(self, hidden: torch.Tensor, weight: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """w · ΣD of this teacher on the batch; ``hidden`` ``[B, T-1, H]`` (row j predicts student token j+1)."""
-        c = self.config
-        pairs, offsets = self.aligned(batch), region_offsets(batch)
-        if c.kind == "alm":
-            d = alm_term(hidden, weight, batch["labels"], pairs, c, self.chunks(pairs), offsets)
-        else:
-            d = uld_term(hidden, weight, batch["labels"], pairs, c, offsets)
+        """w · ΣD of this teacher on the batch (:class:`TermTeacher`)."""
+        d = self.term(hidden, weight, batch["labels"], self.aligned(batch), region_offsets(batch))
         self.last_sum = d.detach()
-        return c.weight * d
+        return self.config.weight * d
+
+
+class ALMTeacher(ObjectiveTeacher):
+    """ALM (Minixhofer et al. 2025): chunk likelihoods of teacher and student over aligned chunks, compared as
+    Bernoullis (:func:`alm_term`); ``bias_rule`` (a :class:`~stillroom.tokenization.unbiased.BoundaryBias`) is
+    needed for ``alm_chunks="unbiased"``."""
+
+    objective = "alm"
+
+    def __init__(self, source, student_table, teacher_table, config: ObjectiveConfig, name: str = "teacher",
+                 bias_rule=None):
+        super().__init__(source, student_table, teacher_table, config, name)
+        self.bias_rule = bias_rule
+        if config.alm_chunks == "unbiased" and bias_rule is None:
+            raise ValueError(f"teacher {name}: alm_chunks='unbiased' needs a bias_rule "
+                             "(stillroom.tokenization.unbiased.BoundaryBias)")
+
+    def term(self, hidden, weight, labels, pairs, offsets):
+        return alm_term(hidden, weight, labels, pairs, self.config, self.chunks(pairs), offsets)
 
     def chunks(self, pairs) -> tuple[list, list | None]:
         """ALM's chunks per batch row: (groups, masks) — the alignment groups with the ``exact`` ones kept
@@ -87,13 +121,35 @@ class ObjectiveTeacher:
         return [al.groups for _, al in pairs], ([al.exact for _, al in pairs] if kind == "exact" else None)
 
 
-def term_sums(extra: list[ObjectiveTeacher], device) -> list[torch.Tensor]:
+class ULDTeacher(ObjectiveTeacher):
+    """ULD (Boizard et al. 2024): sorted teacher and student distributions compared rank by rank on the
+    one-to-one exact pairs (:func:`uld_term`)."""
+
+    objective = "uld"
+
+    def term(self, hidden, weight, labels, pairs, offsets):
+        return uld_term(hidden, weight, labels, pairs, self.config, offsets)
+
+
+OBJECTIVES: dict[str, type[ObjectiveTeacher]] = {"alm": ALMTeacher, "uld": ULDTeacher}
+
+
+def objective_teacher(source, student_table, teacher_table, config: ObjectiveConfig, name: str = "teacher",
+                      bias_rule=None) -> ObjectiveTeacher:
+    """The term teacher of ``config.kind`` (a key of :data:`OBJECTIVES`)."""
+    if config.kind not in OBJECTIVES:
+        raise ValueError(f"objective {config.kind!r}: use one of {', '.join(OBJECTIVES)}")
+    extra = {"bias_rule": bias_rule} if config.kind == "alm" else {}
+    return OBJECTIVES[config.kind](source, student_table, teacher_table, config, name, **extra)
+
+
+def term_sums(extra: list[TermTeacher], device) -> list[torch.Tensor]:
     """ΣD_i of each ALM / ULD teacher on the last micro-batch (float64; 0 before any), for the step's logs."""
     zero = torch.zeros((), dtype=torch.float64, device=device)
     return [zero if t.last_sum is None else t.last_sum.to(device, torch.float64) for t in extra]
 
 
-def term_logs(extra: list[ObjectiveTeacher], terms: list[float], ce: float, loss: float, ce_weight: float,
+def term_logs(extra: list[TermTeacher], terms: list[float], ce: float, loss: float, ce_weight: float,
               fused: bool) -> dict[str, float]:
     """The loss's distillation parts per labelled token, averaged like ``loss``: ``"alm/NAME"`` / ``"uld/NAME"``,
     each teacher's unweighted term D_i, and (``fused``: there are kd teachers) ``"kd"``, the fused term, from
@@ -217,7 +273,7 @@ class FusedALM:
 
     objective = "alm"
 
-    def __init__(self, members: list[ObjectiveTeacher], method: str = "min_ce", level: str = "sequence",
+    def __init__(self, members: list[ALMTeacher], method: str = "min_ce", level: str = "sequence",
                  weight_temperature: float = 1.0, name: str = "fused"):
         c = members[0].config
         keys = [(m.config.weight, m.config.alm_temperature, m.config.alm_divergence, m.config.alm_chunks)
@@ -255,11 +311,11 @@ class FusedALM:
 def split_teachers(teachers: list, fusion=None) -> tuple[list, list]:
     """(kd teachers, fused into one target; teachers with their own ALM / ULD term). With ``fusion`` (method,
     level, weight_temperature) and several ALM teachers, those become one :class:`FusedALM` term."""
-    extra = [t for t in teachers if isinstance(t, ObjectiveTeacher)]
+    extra = [t for t in teachers if isinstance(t, TermTeacher)]
     alm = [t for t in extra if t.objective == "alm"]
     if fusion is not None and len(alm) > 1:
         extra = [FusedALM(alm, fusion.method, fusion.level, fusion.weight_temperature)] + [
             t for t in extra if t.objective != "alm"]
-    return [t for t in teachers if not isinstance(t, ObjectiveTeacher)], extra
+    return [t for t in teachers if not isinstance(t, TermTeacher)], extra
 
 

@@ -295,12 +295,13 @@ class VocabMap:
         ordinary = np.flatnonzero(~src_special & np.array([len(b) > 0 for b in src_bytes], bool))
 
         if progress is True:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.console import Console
 
-            bar = Progress(TextColumn("[bold]vocab map[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                           TimeElapsedColumn(), transient=True)
+            from stillroom.progress import bar as progress_bar
+
+            bar = progress_bar(console=Console(), transient=True)
             with bar:
-                task = bar.add_task(f"{src_table.name or 'source'} -> {tgt_table.name or 'target'}",
+                task = bar.add_task(f"vocab map {src_table.name or 'source'} -> {tgt_table.name or 'target'}",
                                     total=len(ordinary))
                 mapping, distance = min_edit_distance_map([src_bytes[i] for i in ordinary], tgt_table.token_bytes,
                                                           candidates=~tgt_special, workers=workers,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from stillroom.models import precision
 from stillroom.models.loading import load_causal_lm
 from stillroom.teachers.kd import AlignedTeacher, SameTokenizerTeacher
-from stillroom.teachers.objectives import ObjectiveConfig, ObjectiveTeacher
+from stillroom.teachers.objectives import ObjectiveConfig, ObjectiveTeacher, objective_teacher
 from stillroom.tokenization.tokens import same_tokenizer
 from stillroom.training.data import sample_texts
 from stillroom.training.plan import Plan
@@ -73,7 +73,7 @@ def build_teacher(spec, index: int, student_tok, teacher_tok, recipe) -> Objecti
     rule = None
     if spec.objective == "alm" and spec.alm_chunks == "unbiased":
         rule = bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, spec.alm_bias_threshold)
-    return ObjectiveTeacher(source, s_table, t_table, cfg, spec.name or f"teacher{index}", rule)
+    return objective_teacher(source, s_table, t_table, cfg, spec.name or f"teacher{index}", rule)
 
 
 def bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, threshold: float, sample_chars: int = 1_000_000):
