@@ -29,7 +29,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.common import console, machine, print_table, summary  # noqa: E402
+from bench.common import console, machine, print_table, spread, summary  # noqa: E402
 from stillroom.demo import (  # noqa: E402
     DemoOptions,
     build_caches,
@@ -38,11 +38,6 @@ from stillroom.demo import (  # noqa: E402
     held_out_texts,
     teacher_names,
 )
-
-
-def spread(values: list[float]) -> float:
-    """Half the range: the seed-to-seed spread we compare gaps against (conservative for 3 seeds)."""
-    return (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
 
 
 def run_fusion(opts: DemoOptions, seeds: list[int], out: Path, methods: list[str]) -> dict[str, list[float]]:

@@ -23,16 +23,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.common import console, machine, print_table, summary  # noqa: E402
+from bench.common import cache_bytes_per_token, console, machine, print_table, spread, summary  # noqa: E402
 from stillroom.demo import DemoOptions, build_caches, build_vocab_maps, evaluate_folders, held_out_texts  # noqa: E402
-
-
-def cache_bytes_per_token(cache: Path) -> float:
-    """Bytes on disk of a cache's shards per teacher token."""
-    m = json.loads((cache / "manifest.json").read_text())
-    size = sum((cache / s["name"]).stat().st_size for s in m["shards"])
-    tokens = sum(int(s.get("tokens", 0)) for s in m["shards"]) or int(m.get("tokens", 0))
-    return size / max(tokens, 1)
 
 
 def arms(teacher: str, cache: str, cache1: str) -> dict[str, list[dict]]:
@@ -98,8 +90,7 @@ def report(rows: list[dict]) -> None:
     table = []
     for name, rs in by.items():
         b = [r["bpb"] for r in rs]
-        spread = (max(b) - min(b)) / 2
-        table.append((name, len(b), f"{statistics.mean(b):.4f} ± {spread:.4f}",
+        table.append((name, len(b), f"{statistics.mean(b):.4f} ± {spread(b):.4f}",
                       f"{statistics.median(r['tokens_per_s'] for r in rs):.0f}", f"{rs[0]['cache_bytes_per_token']:.2f}"))
     print_table(f"held-out bits/byte ({machine()})", ["arm", "seeds", "bpb mean ± half-range", "tokens/s",
                                                       "cache B/token"], table)

@@ -42,9 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,20 +63,11 @@ X_TOP_K = 16  # the cross-tokenizer teacher's top-k (stillroom's cache default)
 
 def build_assets(root: Path, size: str) -> None:
     """Tokenizer (with a chat template), student, teacher and the chat records, under ``root``."""
+    from bench.common import build_pair
     from stillroom.chat import FALLBACK_TEMPLATE
-    from stillroom.testing import corpus_texts, save_pair, tiny_gpt2, train_byte_bpe
 
-    sz = SIZES[size]
-    texts = corpus_texts("train")
-    if size == "small":
-        texts = [t[:20000] for t in texts]
-    chunks = [t[i:i + 2000] for t in texts for i in range(0, len(t), 2000)]
-    tok = train_byte_bpe(chunks, vocab_size=sz["vocab"])
-    tok.chat_template = FALLBACK_TEMPLATE
-    eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    kw = dict(bos_token_id=eot, eos_token_id=eot, n_positions=256)
-    for name, (layers, width, heads), seed in (("student", sz["student"], 0), ("teacher", sz["teacher"], 1)):
-        save_pair(tiny_gpt2(len(tok), n_layer=layers, n_embd=width, n_head=heads, seed=seed, **kw), tok, root / name)
+    build_pair(root, SIZES[size], n_positions=256, chars=20000 if size == "small" else None,
+               chat_template=FALLBACK_TEMPLATE)
     write_chat(root, {"student": str(root / "student"), "teacher": str(root / "teacher")})
 
 
@@ -105,9 +94,9 @@ def write_chat(root: Path, paths: dict[str, str]) -> None:
 
 def child(config: str, root: Path, steps: int, threads: int, size: str, warm: int = WARM) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-    from bench.common import peak_rss_gb
+    from bench.common import StepTimer, disable_dropout, peak_rss_gb, trainer_args
     from stillroom import chat, onpolicy
     from stillroom.trainer import FusionConfig, LossConfig, SameTokenizerTeacher
 
@@ -122,25 +111,12 @@ def child(config: str, root: Path, steps: int, threads: int, size: str, warm: in
     teacher_path = paths["xteacher"] if kind in ("gold", "goldpos", "srx") else paths["teacher"]
     counted = {"tokens": 0}
 
-    class StepTimer(TrainerCallback):
-        t0 = t1 = None
-        steps = 0
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == warm:
-                self.t0 = time.perf_counter()
-            elif state.global_step > warm:
-                self.steps, self.t1 = state.global_step - warm, time.perf_counter()
-
     def count(trainer, inputs) -> None:
         if trainer.state.global_step >= warm:  # the step being computed is a timed one
             counted["tokens"] += int(inputs["labels"][:, 1:].ne(-100).sum())
 
-    timer = StepTimer()
-    common = dict(output_dir=str(root / f"out-{config}"), max_steps=steps, per_device_train_batch_size=BATCH,
-                  learning_rate=1e-4, logging_steps=10_000, save_strategy="no", report_to="none", use_cpu=True,
-                  disable_tqdm=True, dataloader_num_workers=0, seed=SEED, remove_unused_columns=False,
-                  lr_scheduler_type="constant")
+    timer = StepTimer(warm)
+    common = trainer_args(root / f"out-{config}", steps, BATCH, SEED)
     # TRL's configs default to bf16 autocast and gradient checkpointing (GKD then samples without a KV cache):
     # fp32 and no checkpointing, as stillroom trains
     trl_common = dict(common, lmbda=lam, beta=0.5, temperature=1.0, max_length=sz["max_len"], disable_dropout=True,
@@ -165,7 +141,7 @@ def child(config: str, root: Path, steps: int, threads: int, size: str, warm: in
 
         args = GKDConfig(**trl_common, max_new_tokens=sz["new"])
         trainer = Trl(model=student, teacher_model=teacher, args=args, train_dataset=ds, processing_class=tok,
-                      callbacks=[timer])
+                      callbacks=[timer.callback()])
     elif kind in ("gold", "goldpos"):
         trainer = gold_trainer(kind, lam, student, teacher, teacher_path, tok, ds, trl_common, sz, count, timer)
     else:
@@ -174,9 +150,7 @@ def child(config: str, root: Path, steps: int, threads: int, size: str, warm: in
                 count(self, inputs)
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        for m in student.modules():  # as GKD's disable_dropout
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
+        disable_dropout(student)  # as GKD's disable_dropout
         if kind == "srx":
             teachers = [aligned_teacher(teacher_path, tok)]
         else:
@@ -190,9 +164,9 @@ def child(config: str, root: Path, steps: int, threads: int, size: str, warm: in
                      data_collator=collate, processing_class=tok, teachers=teachers,
                      loss=LossConfig(kind="jsd", ce_weight=0.0, beta=0.5),
                      fusion=FusionConfig(top_k=X_TOP_K if kind == "srx" else None),
-                     callbacks=[timer], onpolicy=cfg)
+                     callbacks=[timer.callback()], onpolicy=cfg)
     trainer.train()
-    elapsed = timer.t1 - timer.t0
+    elapsed = timer.seconds
     sampled = sum(onpolicy.coin(SEED, s, lam) for s in range(warm, steps))
     return {"config": config, "tokens_per_s": counted["tokens"] / elapsed, "tokens": counted["tokens"],
             "seconds": elapsed, "sampled_steps": sampled, "steps_timed": timer.steps, "peak_rss_gb": peak_rss_gb()}
@@ -231,26 +205,13 @@ def gold_trainer(kind: str, lam: float, student, teacher, teacher_path: str, tok
     args = GOLDConfig(**trl_common, top_p=1.0, max_completion_length=sz["new"], use_uld_loss=True,
                       use_extended_uld=kind == "gold", teacher_tokenizer_name_or_path=teacher_path)
     return Gold(model=student, teacher_model=teacher, args=args, train_dataset=ds, processing_class=tok,
-                callbacks=[timer])
+                callbacks=[timer.callback()])
 
 
 def peer_of(config: str) -> str | None:
     """The configuration a stillroom one is compared with (same λ), else None."""
     kind, lam = config.split("_")
     return f"{PEERS[kind]}_{lam}" if kind in PEERS else None
-
-
-def medians(runs: dict[str, list[dict]]) -> dict[str, dict]:
-    """Per configuration: median tokens/s and peak RSS over its successful runs, or its first run's error."""
-    results = {}
-    for config, rs in runs.items():
-        ok = [r for r in rs if "error" not in r]
-        results[config] = rs[0] if not ok else {
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok),
-            "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in ok),
-            "all": [r["tokens_per_s"] for r in ok], "sampled": ok[0]["sampled_steps"],
-            "timed": ok[0]["steps_timed"]}
-    return results
 
 
 def fmt(tps: float) -> str:
@@ -267,7 +228,8 @@ def table_rows(results: dict[str, dict]) -> list[list]:
             continue
         peer = results.get(peer_of(c) or "", {})
         ok = "tokens_per_s" in peer
-        rows.append([c, fmt(r["tokens_per_s"]), " ".join(map(fmt, r["all"])), f"{r['sampled']}/{r['timed']}",
+        rows.append([c, fmt(r["tokens_per_s"]), " ".join(map(fmt, r["all_tokens_per_s"])),
+                     f"{r['sampled_steps']}/{r['steps_timed']}",
                      f"{r['peak_rss_gb']:.2f}", f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}×" if ok else "",
                      f"{peer['peak_rss_gb'] / r['peak_rss_gb']:.2f}×" if ok else ""])
     return rows
@@ -316,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict] | None:
 
     import torch
 
-    from bench.common import console, machine, print_table, run_child, summary
+    from bench.common import console, machine, medians, print_table, run_child, summary
 
     torch.set_num_threads(a.threads)
     configs = (a.configs or ",".join(CONFIGS + CROSS if a.size == "real" else CONFIGS)).split(",")
@@ -340,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict] | None:
                 console.print(f"repeat {rep + 1}/{a.repeats}", config, r)
                 if a.json:
                     Path(a.json).write_text(json.dumps({"args": vars(a), "runs": runs}, indent=1), encoding="utf-8")
-    results = medians(runs)
+    results = medians(runs, first=("sampled_steps", "steps_timed"))
     sz = SIZES[a.size]
     print_table(f"on-policy distillation ({a.size}), batch {BATCH}, {sz['new']} new tokens, rows ≤ {sz['max_len']}, "
                 f"{a.steps} steps ({a.warmup} warm-up), median of {a.repeats} ({machine()})",

@@ -58,6 +58,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from bench.common import console, machine, print_table, spread, summary  # noqa: E402
+
 AGREE_CHARS = 32
 ARMS = ("off-policy KD", "seq-KD", "on-policy λ=0.5", "on-policy λ=1")
 LAMBDA = {"on-policy λ=0.5": 0.5, "on-policy λ=1": 1.0}
@@ -321,11 +323,6 @@ def run(out: Path, seeds: list[int], size: str, teacher: str, threads: int, log=
 # --- report -------------------------------------------------------------------------------------------------
 
 
-def spread(values: list[float]) -> tuple[float, float]:
-    """Mean and half-range."""
-    return statistics.fmean(values), (max(values) - min(values)) / 2
-
-
 def rows_and_verdict(results: dict, seeds: list[int]) -> tuple[list[list[str]], list[str], str]:
     """The table rows (mean ± half-range per arm), the paired-difference lines and the verdict."""
     rows = []
@@ -341,8 +338,8 @@ def rows_and_verdict(results: dict, seeds: list[int]) -> tuple[list[list[str]], 
         cells = [arm]
         for k, fmt in (("ll_per_byte", ".4f"), ("ll_per_token", ".4f"), ("agree", ".4f"), ("word1", ".3f"),
                        ("ended", ".2f"), ("mean_bytes", ".1f")):
-            m, h = spread([r[k] for r in rs])
-            cells.append(f"{m:{fmt}} ± {h:{fmt}}")
+            vals = [r[k] for r in rs]
+            cells.append(f"{statistics.fmean(vals):{fmt}} ± {spread(vals):{fmt}}")
         rows.append(cells)
     paired, wins = [], {}
     base = "off-policy KD"
@@ -352,7 +349,7 @@ def rows_and_verdict(results: dict, seeds: list[int]) -> tuple[list[list[str]], 
             continue
         for k in ("ll_per_byte", "agree"):
             d = [results[(arm, s)][k] - results[(base, s)][k] for s in ss]
-            half = max(spread([results[(a, s)][k] for s in ss])[1] for a in (arm, base))
+            half = max(spread([results[(a, s)][k] for s in ss]) for a in (arm, base))
             wins[(arm, k)] = min(d) > 0 and statistics.fmean(d) > half
             paired.append(f"{arm} − {base}, {k}: per seed {' '.join(f'{x:+.4f}' for x in d)}; mean "
                           f"{statistics.fmean(d):+.4f}; larger seed half-range {half:.4f}; "
@@ -378,7 +375,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--arms", default=",".join(ARMS), help="arms to run")
     a = ap.parse_args(argv)
 
-    from bench.common import console, machine, print_table, summary
     from stillroom.demo import DEFAULT
 
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -402,7 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def cell(arm: str, k: str) -> str:
         vals = [results[(arm, s)][k] for s in seeds if (arm, s) in results]
-        return f"{spread(vals)[0]:.4f}±{spread(vals)[1]:.4f}" if vals else "n/a"
+        return f"{statistics.fmean(vals):.4f}±{spread(vals):.4f}" if vals else "n/a"
 
     summary("teacher ll/byte (agree): " + "; ".join(f"{arm} {cell(arm, 'll_per_byte')} ({cell(arm, 'agree')})"
                                                       for arm in (REFERENCE, *ARMS)) + f"; {verdict}")

@@ -49,7 +49,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.common import console, machine, summary  # noqa: E402
+from bench.common import cache_bytes_per_token, console, machine, spread, summary  # noqa: E402
 
 SMOLLM2 = "/root/.cache/stillroom/models/gguf-b179c9523d0e6a0f"  # `stillroom models list`
 GEMMA3 = "/root/.cache/stillroom/models/gguf-a5fd3b62230aa5ec"
@@ -71,11 +71,6 @@ def split_works(names: list[str], test: list[str] = TEST_WORKS, validation: list
     held = set(test) | set(validation)
     return {"train": sorted(n for n in names if n not in held), "validation": sorted(validation),
             "test": sorted(test)}
-
-
-def spread(values: list[float]) -> float:
-    """Half the range: the seed-to-seed spread a gap is compared against (as bench.fusion)."""
-    return (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
 
 
 def aggregate(results: dict[str, dict[int, float]]) -> dict[str, dict]:
@@ -230,12 +225,6 @@ def build_caches(args, data: dict[str, str], out: Path, top1: bool = False) -> d
                       f"({s.shards_skipped} shards reused) → {cache}")
         del teacher
     return caches
-
-
-def cache_bytes_per_token(cache: str | Path) -> float:
-    """Bytes of a cache's shards per teacher token (from its manifest)."""
-    m = json.loads((Path(cache) / "manifest.json").read_text())
-    return sum(int(s["bytes"]) for s in m["shards"]) / max(sum(int(s["tokens"]) for s in m["shards"]), 1)
 
 
 def bits_per_byte(model, tok, texts: list[str], name: str) -> float:

@@ -69,6 +69,7 @@ def small_models(root: Path) -> dict[str, str]:
 
 def build_blocks(root: Path, a) -> None:
     """The first ``--blocks`` blocks of ``--seq`` student tokens of the shipped corpus, as JSONL under ``root``."""
+    from bench.common import write_blocks
     from stillroom.models import load_tokenizer
     from stillroom.testing import corpus_texts
     from stillroom.trainer import make_blocks
@@ -83,27 +84,19 @@ def build_blocks(root: Path, a) -> None:
             break
     if len(blocks) < a.blocks:
         raise SystemExit(f"only {len(blocks)} blocks of {a.seq} tokens in the corpus; lower --blocks")
-    with (root / "blocks.jsonl").open("w") as f:
-        for b in blocks[: a.blocks]:
-            f.write(json.dumps({"id": b.example_id, "text": b.text, "input_ids": b.input_ids}) + "\n")
+    write_blocks(root / "blocks.jsonl", blocks[: a.blocks])
 
 
 def build_cache(root: Path, name: str, a) -> None:
     """Teacher ``name``'s k = 16 cache over the blocks, for ``fused_cache`` (when no ``cache_*`` run wrote it)."""
     import torch
 
+    from bench.common import read_blocks
     from stillroom.cache import OnlineTeacher, write_cache
 
     torch.set_num_threads(a.threads)
-    rows = [(b.example_id, b.text) for b in read_blocks(root)]
+    rows = [(b.example_id, b.text) for b in read_blocks(root / "blocks.jsonl")]
     write_cache(OnlineTeacher(getattr(a, name), top_k=TOP_K), rows, root / f"cache-{name}", progress=False)
-
-
-def read_blocks(root: Path):
-    from stillroom.trainer import Block
-
-    rows = [json.loads(x) for x in (root / "blocks.jsonl").read_text().splitlines()]
-    return [Block(r["id"], r["text"], r["input_ids"]) for r in rows]
 
 
 # --- one configuration --------------------------------------------------------------------------------------
@@ -112,10 +105,11 @@ def read_blocks(root: Path):
 def cache_child(config: str, root: Path, a) -> dict:
     """``fwd_*``: bare forward loop; ``cache_*``: ``write_cache`` at k = 16; both over the first ``--blocks`` texts."""
     from bench.cache import plain_loop
+    from bench.common import read_blocks
     from stillroom.cache import OnlineTeacher, write_cache
 
     name = config.split("_", 1)[1]
-    blocks = read_blocks(root)[: a.blocks]
+    blocks = read_blocks(root / "blocks.jsonl")[: a.blocks]
     rows = [(b.example_id, b.text) for b in blocks]
     teacher = OnlineTeacher(getattr(a, name), top_k=TOP_K)
     out = root / f"timed-{config}-{os.getpid()}"
@@ -142,8 +136,9 @@ def cache_child(config: str, root: Path, a) -> dict:
 def train_child(config: str, root: Path, a) -> dict:
     """``ce``, ``fused_cache``, ``sr_online`` (stillroom's DistillTrainer) and ``trl_gkd`` on the cut student."""
     import torch
-    from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainingArguments
 
+    from bench.common import StepTimer, disable_dropout, gkd_collator, read_blocks, trainer_args
     from stillroom.cut import cut_from
     from stillroom.models import load_tokenizer
     from stillroom.trainer import (
@@ -158,39 +153,18 @@ def train_child(config: str, root: Path, a) -> dict:
 
     torch.manual_seed(0)
     tok = load_tokenizer(a.smollm2, "student")
-    blocks = read_blocks(root)  # ``--steps`` may take more than one pass over them: the same work per step
+    # ``--steps`` may take more than one pass over the blocks: the same work per step
+    blocks = read_blocks(root / "blocks.jsonl")
     student = cut_from(a.smollm2, a.layers)
     collate = BlockCollator(tok, a.seq)
-    warm = a.warmup
-
-    class StepTimer(TrainerCallback):
-        """Wall time of the optimizer steps after the warm-up."""
-
-        t0 = t1 = None
-        steps = 0
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == warm:
-                self.t0 = time.perf_counter()
-            elif state.global_step > warm:
-                self.steps, self.t1 = state.global_step - warm, time.perf_counter()
-
-    timer = StepTimer()
+    timer = StepTimer(a.warmup)
     spent: dict[str, list[float]] = {}
-    common = dict(output_dir=str(root / f"out-{config}-{os.getpid()}"), max_steps=a.steps,
-                  per_device_train_batch_size=BATCH, learning_rate=1e-4, logging_steps=10_000, save_strategy="no",
-                  report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0,
-                  remove_unused_columns=False, lr_scheduler_type="constant")
+    common = trainer_args(root / f"out-{config}-{os.getpid()}", a.steps, BATCH)
     if config == "trl_gkd":
         from datasets import Dataset
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
         teacher = AutoModelForCausalLM.from_pretrained(a.smollm2, dtype=torch.float32)
-
-        def collate_ids(features):
-            b = collate(features)
-            return {k: b[k] for k in ("input_ids", "attention_mask", "labels")}
-
         # bf16=False: TRL's default bf16 autocast runs ~50x slower on a CPU without avx512_bf16 (137 s per step here,
         # 7.5 tokens/s); fp32 is TRL's best on such a machine and the same precision stillroom trains in
         # fp32 and no activation checkpointing, as stillroom trains here (GKDConfig defaults to bf16 + checkpointing)
@@ -199,7 +173,7 @@ def train_child(config: str, root: Path, a) -> dict:
         ds = Dataset.from_list([{"input_ids": b.input_ids, "text": b.text, "example_id": b.example_id}
                                 for b in blocks])
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
-                             processing_class=tok, data_collator=collate_ids, callbacks=[timer])
+                             processing_class=tok, data_collator=gkd_collator(collate), callbacks=[timer.callback()])
     else:
         teachers, fusion = [], FusionConfig()
         if config == "ce":
@@ -222,14 +196,12 @@ def train_child(config: str, root: Path, a) -> dict:
                 t.targets = timed(t.targets, spent.setdefault(t.name, []))
             loss, fusion = LossConfig(kind="forward_kl", ce_weight=0.9), FusionConfig("min_ce", "sequence",
                                                                                       top_k=TOP_K)
-        for m in student.modules():  # as GKD's disable_dropout
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
+        disable_dropout(student)  # as GKD's disable_dropout
         trainer = DistillTrainer(model=student, args=TrainingArguments(**common), train_dataset=BlockDataset(blocks),
                                  data_collator=collate, teachers=teachers, loss=loss, fusion=fusion,
-                                 callbacks=[timer])
+                                 callbacks=[timer.callback()])
     trainer.train()
-    step_s = (timer.t1 - timer.t0) / timer.steps
+    step_s = timer.seconds / timer.steps
     out = {"tokens_per_s": BATCH * a.seq / step_s, "steps_timed": timer.steps, "step_s": step_s}
     for name, times in spent.items():  # one call per step; the timed steps are the last ones
         out[f"targets_s_per_step/{name}"] = statistics.median(times[-timer.steps:])
@@ -259,21 +231,10 @@ def child(config: str, root: Path, a) -> dict:
 # --- the run ------------------------------------------------------------------------------------------------
 
 
-def medians(runs: dict[str, list[dict]]) -> dict[str, dict]:
-    """Per configuration: median tokens/s and peak RSS over the repeats that finished, and every run's tokens/s."""
-    out = {}
-    for config, rs in runs.items():
-        ok = [r for r in rs if "error" not in r]
-        if not ok:
-            out[config] = {"error": rs[0]["error"] if rs else "not run"}
-            continue
-        out[config] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok),
-                       "peak_rss_gb": max(r["peak_rss_gb"] for r in ok),
-                       "all_tokens_per_s": [r["tokens_per_s"] for r in ok]}
-        for key in ok[0]:
-            if key == "bytes_per_token" or key == "step_s" or key.startswith("targets_s_per_step/"):
-                out[config][key] = statistics.median(r[key] for r in ok)
-    return out
+def median_key(key: str) -> bool:
+    """A run's numbers that the results keep (as medians) beside tokens/s and peak RSS: the cache's bytes per
+    token, a training step's seconds, each teacher's seconds of targets per step."""
+    return key in ("bytes_per_token", "step_s") or key.startswith("targets_s_per_step/")
 
 
 def ratios(results: dict[str, dict]) -> dict[str, float]:
@@ -283,7 +244,7 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
 
 
 def markdown(results: dict[str, dict]) -> str:
-    """The docs table: config, tokens/s per repeat, median, ratio vs its peer, peak RSS (max over repeats)."""
+    """The docs table: config, tokens/s per repeat, median, ratio vs its peer, peak RSS (median over repeats)."""
     r = ratios(results)
     lines = ["| config | tokens/s per repeat | median | vs peer | peak RSS GB |", "|---|---|---|---|---|"]
     for c, v in results.items():
@@ -386,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(child(a.child, Path(a.root), a)), flush=True)
         return {}
 
-    from bench.common import console, print_table, run_child, summary
+    from bench.common import console, medians, print_table, run_child, summary
 
     configs = a.configs.split(",")
     unknown = sorted(set(configs) - set(CONFIGS))
@@ -420,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if a.json:  # after every run: a run cut short keeps what it measured
                     a.json.write_text(json.dumps({"runs": runs, "machine": [before],
                                                   "args": {k: str(v) for k, v in vars(a).items()}}, indent=1))
-    results = medians(runs)
+    results = medians(runs, median_of=median_key)
     after = machine_line(a.threads)
     rows = [[c, v.get("tokens_per_s", "error"), " ".join(f"{x:.0f}" for x in v.get("all_tokens_per_s", [])),
              f"{ratios(results)[c]:.2f}× {PEERS[c]}" if c in ratios(results) else "",

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -41,37 +40,26 @@ CONFIGS = ("trl_gkd", "sr_dense", "sr_topk", "sr_cache", "ce_loop", "sr_ce")
 
 def build_assets(root: Path, steps: int, size: str = "full") -> None:
     """Tokenizer, student, teacher, blocks (JSONL) and the teacher's top-10 cache, under ``root``."""
+    from bench.common import build_pair, write_blocks
     from stillroom.cache import OnlineTeacher, write_cache
-    from stillroom.testing import corpus_texts, save_pair, tiny_gpt2, train_byte_bpe
     from stillroom.trainer import make_blocks
 
     sz = SIZES[size]
-    texts = corpus_texts("train")
-    if size == "small":
-        texts = [t[:20000] for t in texts]
-    chunks = [t[i:i + 2000] for t in texts for i in range(0, len(t), 2000)]
-    tok = train_byte_bpe(chunks, vocab_size=sz["vocab"])
-    eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    kw = dict(bos_token_id=eot, eos_token_id=eot, n_positions=sz["seq"])
-    for name, (layers, width, heads), seed in (("student", sz["student"], 0), ("teacher", sz["teacher"], 1)):
-        save_pair(tiny_gpt2(len(tok), n_layer=layers, n_embd=width, n_head=heads, seed=seed, **kw), tok, root / name)
+    tok, texts = build_pair(root, sz, n_positions=sz["seq"], chars=20000 if size == "small" else None)
     blocks = make_blocks([(f"w{i}", t) for i, t in enumerate(texts)], tok, sz["seq"], add_bos=False)
     blocks = [b for b in blocks if len(b.input_ids) >= sz["seq"] - 8][: BATCH * (steps + 2)]
-    with (root / "blocks.jsonl").open("w") as f:
-        for b in blocks:
-            f.write(json.dumps({"id": b.example_id, "text": b.text, "input_ids": b.input_ids}) + "\n")
+    write_blocks(root / "blocks.jsonl", blocks)
     teacher = OnlineTeacher(str(root / "teacher"), top_k=10, max_length=sz["seq"])
     write_cache(teacher, [(b.example_id, b.text) for b in blocks], root / "cache", progress=False)
 
 
 def child(config: str, root: Path, steps: int, threads: int, seq: int) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-    from bench.common import peak_rss_gb
+    from bench.common import StepTimer, disable_dropout, gkd_collator, peak_rss_gb, read_blocks, trainer_args
     from stillroom.trainer import (
         AlignedTeacher,
-        Block,
         BlockCollator,
         BlockDataset,
         DistillTrainer,
@@ -83,23 +71,10 @@ def child(config: str, root: Path, steps: int, threads: int, seq: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(root / "student")
-    rows = [json.loads(x) for x in (root / "blocks.jsonl").read_text().splitlines()]
-    blocks = [Block(r["id"], r["text"], r["input_ids"]) for r in rows]
+    blocks = read_blocks(root / "blocks.jsonl")
     student = AutoModelForCausalLM.from_pretrained(root / "student", dtype=torch.float32)
     collate = BlockCollator(tok, seq)
-    class StepTimer(TrainerCallback):
-        """Wall time of the optimizer steps after the warm-up."""
-
-        t0 = t1 = None
-        steps = 0
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == WARM:
-                self.t0 = time.perf_counter()
-            elif state.global_step > WARM:
-                self.steps, self.t1 = state.global_step - WARM, time.perf_counter()
-
-    timer = StepTimer()
+    timer = StepTimer(WARM)
 
     if config == "ce_loop":
         opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
@@ -115,26 +90,19 @@ def child(config: str, root: Path, steps: int, threads: int, seq: int) -> dict:
             opt.step()
         elapsed, measured = time.perf_counter() - t0, steps - WARM
     else:
-        common = dict(output_dir=str(root / f"out-{config}"), max_steps=steps, per_device_train_batch_size=BATCH,
-                      learning_rate=1e-4, logging_steps=10_000, save_strategy="no", report_to="none",
-                      use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0,
-                      remove_unused_columns=False, lr_scheduler_type="constant")
+        common = trainer_args(root / f"out-{config}", steps, BATCH)
         if config == "trl_gkd":
             from trl.experimental.gkd import GKDConfig, GKDTrainer
 
             teacher = AutoModelForCausalLM.from_pretrained(root / "teacher", dtype=torch.float32)
-
-            def collate_ids(features):
-                b = collate(features)
-                return {k: b[k] for k in ("input_ids", "attention_mask", "labels")}
-
             args = GKDConfig(**common, lmbda=0.0, beta=0.5, temperature=1.0, max_length=seq, disable_dropout=True)
             from datasets import Dataset
 
             ds = Dataset.from_list([{"input_ids": b.input_ids, "text": b.text, "example_id": b.example_id}
                                     for b in blocks])
             trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
-                                 processing_class=tok, data_collator=collate_ids, callbacks=[timer])
+                                 processing_class=tok, data_collator=gkd_collator(collate),
+                                 callbacks=[timer.callback()])
         else:
             teachers = []
             loss = LossConfig(kind="jsd", ce_weight=0.0, beta=0.5)
@@ -150,14 +118,12 @@ def child(config: str, root: Path, steps: int, threads: int, seq: int) -> dict:
                 teachers = [AlignedTeacher(CachedTeacher(root / "cache"), table, table, VocabMap.cached(table, table))]
             else:  # sr_ce
                 loss = LossConfig(kind="forward_kl", ce_weight=1.0)
-            for m in student.modules():  # as GKD's disable_dropout
-                if isinstance(m, torch.nn.Dropout):
-                    m.p = 0.0
+            disable_dropout(student)  # as GKD's disable_dropout
             trainer = DistillTrainer(model=student, args=TrainingArguments(**common),
                                      train_dataset=BlockDataset(blocks), data_collator=collate, teachers=teachers,
-                                     loss=loss, fusion=FusionConfig(), callbacks=[timer])
+                                     loss=loss, fusion=FusionConfig(), callbacks=[timer.callback()])
         trainer.train()
-        elapsed, measured = timer.t1 - timer.t0, timer.steps
+        elapsed, measured = timer.seconds, timer.steps
     return {"config": config, "tokens_per_s": measured * BATCH * seq / elapsed, "peak_rss_gb": peak_rss_gb(),
             "steps_timed": measured}
 
@@ -178,7 +144,7 @@ def main() -> None:
 
     import torch
 
-    from bench.common import console, machine, print_table, run_child, summary
+    from bench.common import console, machine, medians, print_table, run_child, summary
 
     torch.set_num_threads(a.threads)  # what machine() reports; each child sets its own
 
@@ -193,13 +159,7 @@ def main() -> None:
                                               "--threads", str(a.threads), "--size", a.size])
                 runs[config].append(r)
                 console.print(f"repeat {rep + 1}/{a.repeats}", config, r)
-        results = {}
-        for config, rs in runs.items():  # median tokens/s and peak memory over the repeats
-            ok = [r for r in rs if "error" not in r]
-            results[config] = rs[0] if not ok else {
-                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok),
-                "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in ok),
-                "all_tokens_per_s": [round(r["tokens_per_s"]) for r in ok]}
+        results = medians(runs)
     gkd = results.get("trl_gkd", {}).get("tokens_per_s")
     rows = []
     for c, r in results.items():
@@ -207,7 +167,7 @@ def main() -> None:
             rows.append([c, "error", str(r["error"]), "", ""])
             continue
         ratio = f"{r['tokens_per_s'] / gkd:.2f}×" if gkd else ""
-        rows.append([c, round(r["tokens_per_s"]), " ".join(map(str, r.get("all_tokens_per_s", []))),
+        rows.append([c, round(r["tokens_per_s"]), " ".join(str(round(x)) for x in r.get("all_tokens_per_s", [])),
                      f"{r['peak_rss_gb']:.2f}", ratio])
     print_table(f"distillation step, batch {BATCH}×{SIZES[a.size]['seq']}, {a.steps} steps, median of {a.repeats} "
                 f"({machine()})", ["config", "tokens/s", "per run", "peak RSS GB", "vs TRL GKD"], rows)

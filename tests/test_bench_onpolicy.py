@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from bench.onpolicy import medians, peer_of, summary_line, table_rows
+from bench.common import medians
+from bench.onpolicy import peer_of, summary_line, table_rows
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +54,9 @@ def test_real_size_runs_same_and_cross_tokenizer_configurations(stand_ins, tmp_p
     for c in ("trl_l05", "sr_l05", "goldpos_l1", "srx_l1"):
         r = results[c]
         assert "error" not in r, (c, r)
-        assert r["tokens_per_s"] > 0 and r["peak_rss_gb"] > 0 and r["timed"] == 2
+        assert r["tokens_per_s"] > 0 and r["peak_rss_gb"] > 0 and r["steps_timed"] == 2
     # λ = 1: both timed steps sample
-    assert results["srx_l1"]["sampled"] == results["goldpos_l1"]["sampled"] == 2
+    assert results["srx_l1"]["sampled_steps"] == results["goldpos_l1"]["sampled_steps"] == 2
     # GOLD's default byte-offset alignment refuses a tokenizer that is not ByteLevel (the ▁-BPE "Gemma")
     assert "ByteLevel" in " ".join(results["gold_l1"]["error"])
     out = capsys.readouterr().out
@@ -70,9 +71,9 @@ def test_medians_peers_table_and_summary_by_hand():
                       {"error": ["boom"]}],
             "gold_l1": [{"error": ["NotImplementedError: not ByteLevel"]}],
             "srx_l1": [{"tokens_per_s": 12.0, "peak_rss_gb": 3.0, "sampled_steps": 7, "steps_timed": 7}]}
-    res = medians(runs)
+    res = medians(runs, first=("sampled_steps", "steps_timed"))
     assert res["trl_l1"]["tokens_per_s"] == 20.0 and res["trl_l1"]["peak_rss_gb"] == 5.0
-    assert res["sr_l1"]["all"] == [45.0]  # the failed run is left out
+    assert res["sr_l1"]["all_tokens_per_s"] == [45.0]  # the failed run is left out
     assert peer_of("sr_l1") == "trl_l1" and peer_of("srx_l05") == "goldpos_l05" and peer_of("trl_l1") is None
     rows = {r[0]: r for r in table_rows(res)}
     assert rows["sr_l1"][1:3] == ["45.0", "45.0"] and rows["trl_l1"][2] == "10.0 30.0 20.0"

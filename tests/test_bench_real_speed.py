@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from bench.real_speed import CONFIGS, PEERS, markdown, medians, ratios, summary_line
+from bench.common import medians
+from bench.real_speed import CONFIGS, PEERS, markdown, median_key, ratios, summary_line
 
 
 def test_small_run_measures_every_configuration(tmp_path, capsys):
@@ -46,20 +47,20 @@ def _runs():
 
 
 def test_medians_ratios_and_table_by_hand():
-    res = medians(_runs())
+    res = medians(_runs(), median_of=median_key)
     assert res["fwd_gemma3"]["tokens_per_s"] == 100.0  # median of 100, 90, 120
-    assert res["fwd_gemma3"]["peak_rss_gb"] == 3.2  # the largest of the repeats
+    assert res["fwd_gemma3"]["peak_rss_gb"] == 3.1  # median of 3.0, 3.2, 3.1
     assert res["cache_gemma3"]["tokens_per_s"] == 85.0 and res["cache_gemma3"]["bytes_per_token"] == 41.0
     assert res["ce"] == {"error": ["boom"]}
     r = ratios(res)
     assert r == pytest.approx({"cache_gemma3": 0.85})  # fused_cache's peer failed: no ratio
     table = markdown(res).splitlines()
-    assert table[2] == "| `fwd_gemma3` | 100 90 120 | 100 |  | 3.20 |"
-    assert table[3] == "| `cache_gemma3` | 95 80 85 | 85 | 0.85× `fwd_gemma3` | 2.50 |"
+    assert table[2] == "| `fwd_gemma3` | 100 90 120 | 100 |  | 3.10 |"
+    assert table[3] == "| `cache_gemma3` | 95 80 85 | 85 | 0.85× `fwd_gemma3` | 2.10 |"
     assert table[4].startswith("| `ce` | error:")
     line = summary_line(res)
     assert "gemma3 17.6%" in line  # 100 / 85 − 1
-    assert "gemma3 41.0" in line and "smollm2 n/a" in line and "max peak RSS 3.20 GB" in line
+    assert "gemma3 41.0" in line and "smollm2 n/a" in line and "max peak RSS 3.10 GB" in line
     assert set(PEERS) <= set(CONFIGS) and set(PEERS.values()) <= set(CONFIGS)
 
 
