@@ -95,9 +95,9 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from stillroom.align import align, dtw_path, fusellm_strings
     from stillroom.testing import shared_dir
-    from stillroom.tokens import TokenTable
+    from stillroom.tokenization.align import align, dtw_path, fusellm_strings
+    from stillroom.tokenization.tokens import TokenTable
 
     shared = shared_dir()
     if shared is None:

@@ -36,8 +36,10 @@ import pyarrow.parquet as pq
 import torch
 
 from bench.common import machine, print_table, summary
-from stillroom.cache import OnlineTeacher, TeacherOutput, _windows, write_cache
-from stillroom.codec import topk_kl
+from stillroom.targets import TeacherOutput
+from stillroom.teachers.cache import write_cache
+from stillroom.teachers.codec import topk_kl
+from stillroom.teachers.online import OnlineTeacher, _windows
 from stillroom.testing import shared_dir, tiny_gpt2
 
 

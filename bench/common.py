@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-    from stillroom.trainer import Block
+    from stillroom.inputs.blocks import Block
 
 console = Console()
 
@@ -72,7 +72,7 @@ def cpu_line() -> str:
     the instructions that decide bf16 speed, torch version and threads."""
     import torch
 
-    from stillroom.precision import cpu_flags
+    from stillroom.models.precision import cpu_flags
 
     name, flags = cpu_flags()
     have = set(flags.split())
@@ -217,7 +217,7 @@ def write_blocks(path: Path, blocks: Iterable[Block]) -> None:
 
 def read_blocks(path: Path) -> list[Block]:
     """The blocks :func:`write_blocks` wrote, in order."""
-    from stillroom.trainer import Block
+    from stillroom.inputs.blocks import Block
 
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     return [Block(r["id"], r["text"], r["input_ids"]) for r in rows]
@@ -253,3 +253,12 @@ def cache_bytes_per_token(cache: str | Path) -> float:
     files: a cache read from another run's folder, or one whose shards were moved, gives the same number."""
     m = json.loads((Path(cache) / "manifest.json").read_text())
     return sum(int(s["bytes"]) for s in m["shards"]) / max(sum(int(s["tokens"]) for s in m["shards"]), 1)
+
+
+def real_model(name: str) -> str:
+    """The folder ``stillroom models get NAME`` converted the model into (its folder under the model cache; the
+    path it would have when not fetched yet, so ``--help`` and the smoke tests need no model)."""
+    from stillroom.files import cache_dir
+    from stillroom.models.registry import converted_folder
+
+    return str(converted_folder(name) or cache_dir("models") / name)

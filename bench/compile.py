@@ -4,10 +4,10 @@ without, and the compile time it costs first.
     flock /tmp/stillroom-heavy.lock python -m bench.compile [--steps 5] [--batch 4] [--seq 256]
 
 The step is the trainer's plain-CE step: the student's forward up to its last hidden states (``_last_hidden``,
-as :class:`stillroom.trainer.DistillTrainer` runs it), the chunked fused-linear CE, backward and an AdamW step.
+as :class:`stillroom.training.trainer.DistillTrainer` runs it), the chunked fused-linear CE, backward and an AdamW step.
 Students: a tiny GPT-2 (2 layers, 128 wide, the fixture tokenizer's vocabulary) and, when SmolLM2-135M is
 converted here (``stillroom models get smollm2-135m-instruct``), the student cut from it to 6 of its 30 layers
-(``stillroom.cut``). Both arms are built and warmed up (``--warmup`` steps: compilation happens here; their time
+(``stillroom.models.cut``). Both arms are built and warmed up (``--warmup`` steps: compilation happens here; their time
 beyond as many steady steps is reported as the compile cost), then ``--steps`` steps of each run round robin,
 eager and compiled alternating, so that a busy machine slows both alike; medians.
 """
@@ -21,10 +21,11 @@ import time
 import torch
 
 from bench.common import cpu_line, print_table, summary
-from stillroom import losses, switches
-from stillroom.recipe import TrainSpec
-from stillroom.registry import converted_folder
-from stillroom.trainer import _last_hidden
+from stillroom import losses
+from stillroom.models.registry import converted_folder
+from stillroom.training import switches
+from stillroom.training.recipe import TrainSpec
+from stillroom.training.trainer import _last_hidden
 
 CUT_LAYERS = [0, 6, 12, 18, 24, 29]
 
@@ -39,7 +40,7 @@ def tiny_student():
 
 
 def cut_student():
-    from stillroom.cut import cut_from
+    from stillroom.models.cut import cut_from
 
     folder = converted_folder("smollm2-135m-instruct")
     return None if folder is None else cut_from(folder, CUT_LAYERS)
@@ -47,7 +48,7 @@ def cut_student():
 
 def make_step(model, compile_: bool, batch: int, seq: int):
     """A function running one plain-CE training step of ``model`` (compiled per layer or not); returns seconds."""
-    from stillroom import modeling
+    from stillroom.models import runtime as modeling
 
     modeling.fast_activations(model)
     switches.apply(model, TrainSpec(compile=compile_))

@@ -1,4 +1,4 @@
-"""Decoding kernels on CPU: why ``stillroom.rollout`` computes a decoding step's linear layers as ``(W @ xᵀ)ᵀ``
+"""Decoding kernels on CPU: why ``stillroom.generation.rollout`` computes a decoding step's linear layers as ``(W @ xᵀ)ᵀ``
 and draws tokens by inverse CDF.
 
     flock /tmp/stillroom-heavy.lock python -m bench.decode_kernels [--threads 2] [--repeats 5]
@@ -8,9 +8,9 @@ Side by side, in one process, medians of ``--repeats`` timed calls after two war
 - **linear**: ``torch.nn.functional.linear(x, W)`` (what ``nn.Linear`` runs) vs ``(W @ xᵀ)ᵀ`` for a decoding step's
   few rows (x: rows × in) through the weight shapes of the SmolLM2-135M family (576 → 49,152 head, 576 ↔ 1,536 MLP,
   576 → 576 attention) and Gemma-3-270M's 640 → 262,144 head; the outputs agree to float rounding (checked);
-- **draw**: ``torch.multinomial(p, 1)`` vs :func:`stillroom.rollout.next_tokens_draw` (float64 cumulative sum,
+- **draw**: ``torch.multinomial(p, 1)`` vs :func:`stillroom.generation.rollout.next_tokens_draw` (float64 cumulative sum,
   one uniform per row) for 4 rows of 49,152 / 262,144 probabilities;
-- **decode**: :func:`stillroom.rollout.generate_ids` for 4 prompts of 33 tokens × 32 new tokens on a random
+- **decode**: :func:`stillroom.generation.rollout.generate_ids` for 4 prompts of 33 tokens × 32 new tokens on a random
   Llama of the cut student's shape (6 layers, hidden 576, 49,152 ids; speed does not depend on the weights), with
   the skinny form (as stillroom runs) vs with it switched off (``max_rows=0``: every linear is ``nn.Linear``'s).
 
@@ -45,7 +45,7 @@ def linear_rows(repeats: int, rows: tuple[int, ...] = (1, 4, 8, 16)) -> list[dic
 
 
 def draw_rows(repeats: int) -> list[dict]:
-    from stillroom.rollout import next_tokens_draw
+    from stillroom.generation.rollout import next_tokens_draw
 
     res = []
     for v in (49152, 262144):
@@ -58,7 +58,7 @@ def draw_rows(repeats: int) -> list[dict]:
 
 
 def decode_row(repeats: int) -> dict:
-    from stillroom import rollout
+    from stillroom.generation import rollout
     from stillroom.testing import tiny_llama
 
     model = tiny_llama(49152, n_layer=6, hidden=576, n_head=9, intermediate=1536, seed=0).eval()

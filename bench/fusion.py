@@ -43,7 +43,7 @@ from stillroom.demo import (  # noqa: E402
 def run_fusion(opts: DemoOptions, seeds: list[int], out: Path, methods: list[str]) -> dict[str, list[float]]:
     from transformers.utils import logging as hf_logging
 
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     hf_logging.disable_progress_bar()
     names = teacher_names(opts)
@@ -72,7 +72,7 @@ def run_fusion(opts: DemoOptions, seeds: list[int], out: Path, methods: list[str
 
 def run_emo(opts: DemoOptions, steps: int, seed: int, out: Path) -> dict[str, float]:
     """Continue training the first teacher on the train works with CE, and with EMO (mode 1, fixed cost)."""
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     teacher = opts.teachers[0]
     texts = held_out_texts(opts.test, opts.eval_chars)

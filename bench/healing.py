@@ -124,7 +124,7 @@ def _logprobs(model, ids: list[int]) -> torch.Tensor:
 
 def healed_loglik(model, tok, prompt: str, cont: str) -> float | None:
     """None when the canonical tokenization of prompt + continuation changes before the backed-off tail."""
-    from stillroom.healing import prepare
+    from stillroom.generation.healing import prepare
 
     batch = prepare(tok, prompt)
     kept = batch.input_ids[0].tolist()
@@ -149,7 +149,7 @@ def healed_loglik(model, tok, prompt: str, cont: str) -> float | None:
 
 def unhealed_loglik(model, tok, prompt: str, cont: str) -> float | None:
     """None when the continuation's own tokens do not spell it exactly (SentencePiece adds a leading space)."""
-    from stillroom.healing import index_for
+    from stillroom.generation.healing import index_for
 
     p = tok(prompt)["input_ids"] or [tok.eos_token_id]
     c = tok(cont, add_special_tokens=False)["input_ids"]
@@ -172,7 +172,7 @@ def tf_heal_generate(model, tok, ids: torch.Tensor, new: int) -> torch.Tensor:
 
 
 def quality(model, tok, n_prompts: int, seed: int = 0) -> dict:
-    from stillroom.healing import generate, prepare
+    from stillroom.generation.healing import generate, prepare
     from stillroom.testing import corpus_texts
 
     text = corpus_texts("test")[0]
@@ -247,7 +247,7 @@ def _paired(fn_a, fn_b, repeats: int) -> float:
 def speed(name: str, n_prompts: int, repeats: int, tf_repeats: int) -> dict:
     from transformers import AutoTokenizer
 
-    from stillroom import healing
+    from stillroom.generation import healing
     from stillroom.testing import corpus_texts, shared_dir, tiny_gpt2
 
     shared = shared_dir()

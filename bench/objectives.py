@@ -44,8 +44,9 @@ def arms(teacher: str, cache: str, cache1: str) -> dict[str, list[dict]]:
 def run(opts: DemoOptions, seeds: list[int], out: Path, teacher_index: int, only: list[str] | None) -> list[dict]:
     from transformers.utils import logging as hf_logging
 
-    from stillroom.cache import OnlineTeacher, write_cache
-    from stillroom.trainer import train
+    from stillroom.teachers.cache import write_cache
+    from stillroom.teachers.online import OnlineTeacher
+    from stillroom.training.run import train
 
     hf_logging.disable_progress_bar()
     build_vocab_maps(opts, out, console)

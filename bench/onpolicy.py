@@ -48,6 +48,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from bench.common import real_model  # noqa: E402
+
 BATCH, WARM, SEED = 4, 3, 0
 SIZES = {"full": dict(vocab=8000, max_len=128, new=64, student=(4, 256, 4), teacher=(8, 512, 8)),
          "small": dict(vocab=1000, max_len=64, new=16, student=(2, 64, 4), teacher=(2, 96, 4)),  # a smoke run
@@ -55,8 +57,8 @@ SIZES = {"full": dict(vocab=8000, max_len=128, new=64, student=(4, 256, 4), teac
 CONFIGS = ("trl_l1", "sr_l1", "trl_l05", "sr_l05")
 CROSS = ("gold_l1", "goldpos_l1", "srx_l1", "gold_l05", "goldpos_l05", "srx_l05")
 PEERS = {"sr": "trl", "srx": "goldpos"}  # each stillroom configuration's peer (same λ)
-SMOLLM2 = "/root/.cache/stillroom/models/gguf-b179c9523d0e6a0f"  # `stillroom models list`
-GEMMA3 = "/root/.cache/stillroom/models/gguf-a5fd3b62230aa5ec"
+SMOLLM2 = real_model("smollm2-135m-instruct")  # `stillroom models get smollm2-135m-instruct`
+GEMMA3 = real_model("gemma3-270m")
 LAYERS = [0, 6, 12, 18, 24, 29]
 X_TOP_K = 16  # the cross-tokenizer teacher's top-k (stillroom's cache default)
 
@@ -64,7 +66,7 @@ X_TOP_K = 16  # the cross-tokenizer teacher's top-k (stillroom's cache default)
 def build_assets(root: Path, size: str) -> None:
     """Tokenizer (with a chat template), student, teacher and the chat records, under ``root``."""
     from bench.common import build_pair
-    from stillroom.chat import FALLBACK_TEMPLATE
+    from stillroom.inputs.chat import FALLBACK_TEMPLATE
 
     build_pair(root, SIZES[size], n_positions=256, chars=20000 if size == "small" else None,
                chat_template=FALLBACK_TEMPLATE)
@@ -74,8 +76,8 @@ def build_assets(root: Path, size: str) -> None:
 def build_real(root: Path, smollm2: str, gemma3: str, layers: list[int]) -> None:
     """The student cut from ``smollm2`` (layers ``layers``) saved as safetensors with SmolLM2's tokenizer and chat
     template under ``root / "student"``; the teachers are the model folders themselves."""
-    from stillroom.cut import cut_from
-    from stillroom.models import load_tokenizer
+    from stillroom.models.cut import cut_from
+    from stillroom.models.loading import load_tokenizer
 
     student = cut_from(smollm2, layers)
     student.save_pretrained(root / "student", safe_serialization=True)
@@ -85,7 +87,7 @@ def build_real(root: Path, smollm2: str, gemma3: str, layers: list[int]) -> None
 
 def write_chat(root: Path, paths: dict[str, str]) -> None:
     """The shipped chat set and the model folders every configuration loads (``paths.json``)."""
-    from stillroom.data_io import PACKAGE_DATA
+    from stillroom.files import PACKAGE_DATA
 
     (root / "chat.jsonl").write_text((PACKAGE_DATA / "chat" / "train.jsonl").read_text(encoding="utf-8"),
                                      encoding="utf-8")
@@ -97,8 +99,10 @@ def child(config: str, root: Path, steps: int, threads: int, size: str, warm: in
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     from bench.common import StepTimer, disable_dropout, peak_rss_gb, trainer_args
-    from stillroom import chat, onpolicy
-    from stillroom.trainer import FusionConfig, LossConfig, SameTokenizerTeacher
+    from stillroom.inputs import chat
+    from stillroom.teachers.kd import SameTokenizerTeacher
+    from stillroom.training import onpolicy
+    from stillroom.training.recipe import FusionSpec, LossSpec, OnPolicySpec
 
     sz = SIZES[size]
     paths = json.loads((root / "paths.json").read_text(encoding="utf-8"))
@@ -157,13 +161,13 @@ def child(config: str, root: Path, steps: int, threads: int, size: str, warm: in
             teachers = [SameTokenizerTeacher(AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32),
                                              top_k=None)]
         examples = chat.load_examples(root / "chat.jsonl")
-        collate = (onpolicy.PromptCollator(tok, sz["max_len"], sz["new"]) if lam == 1.0
+        collate = (chat.PromptCollator(tok, sz["max_len"], sz["new"]) if lam == 1.0
                    else chat.CompletionCollator(tok, sz["max_len"]))
-        cfg = onpolicy.OnPolicyConfig(lam, 1.0, 1.0, sz["new"], SEED, sz["max_len"])
+        cfg = OnPolicySpec(lambda_=lam, max_new_tokens=sz["new"], seed=SEED)  # rows: the collator's max_len
         trainer = Sr(model=student, args=TrainingArguments(**common), train_dataset=chat.ExampleDataset(examples),
                      data_collator=collate, processing_class=tok, teachers=teachers,
-                     loss=LossConfig(kind="jsd", ce_weight=0.0, beta=0.5),
-                     fusion=FusionConfig(top_k=X_TOP_K if kind == "srx" else None),
+                     loss=LossSpec(kind="jsd", ce_weight=0.0, beta=0.5),
+                     fusion=FusionSpec(fused_top_k=X_TOP_K if kind == "srx" else None),
                      callbacks=[timer.callback()], onpolicy=cfg)
     trainer.train()
     elapsed = timer.seconds
@@ -175,10 +179,10 @@ def child(config: str, root: Path, steps: int, threads: int, size: str, warm: in
 def aligned_teacher(path: str, student_tok):
     """``path`` as stillroom's cross-tokenizer teacher, as ``build_teachers`` makes it for a recipe: online, top-k,
     fp32, byte-aligned and projected (``prefix``) onto the student's vocabulary."""
-    from stillroom.cache import OnlineTeacher
-    from stillroom.tokens import TokenTable
-    from stillroom.trainer import AlignedTeacher
-    from stillroom.vocab import VocabMap
+    from stillroom.teachers.kd import AlignedTeacher
+    from stillroom.teachers.online import OnlineTeacher
+    from stillroom.tokenization.tokens import TokenTable
+    from stillroom.tokenization.vocab import VocabMap
 
     source = OnlineTeacher(path, top_k=X_TOP_K, dtype="float32")
     s_table, t_table = TokenTable.from_tokenizer(student_tok), TokenTable.from_tokenizer(source.tokenizer)
@@ -191,7 +195,7 @@ def gold_trainer(kind: str, lam: float, student, teacher, teacher_path: str, tok
     the positional one (``use_extended_uld=False``); stillroom's λ coin, tokens counted as for the others."""
     from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
-    from stillroom import onpolicy
+    from stillroom.training import onpolicy
 
     class Gold(GOLDTrainer):
         def _fill_buffer(self, generation_batch, buffer_steps):  # where GOLD draws its λ coin

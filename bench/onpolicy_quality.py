@@ -5,7 +5,7 @@
 Setting (cross-tokenizer, stillroom's point): the teacher is the shipped ``teacher-spm`` (a 4-layer Llama,
 SentencePiece with byte fallback, 3,200 ids); the student is a GPT-2 (2 × 128) on the demo's byte-level BPE
 student tokenizer. Neither tokenizer ships a chat template, so both render the chat records with stillroom's
-:data:`~stillroom.chat.FALLBACK_TEMPLATE`.
+:data:`~stillroom.inputs.chat.FALLBACK_TEMPLATE`.
 
 The shipped teachers are plain-text LMs that never saw this format (greedy, teacher-spm answers only spaces),
 so the teacher is first made a task teacher: teacher-spm fine-tuned by CE on the completions of
@@ -14,13 +14,13 @@ on the shipped corpus's training works (``warm_steps``, seed 0; the same warm st
 the seed spread is the distillation's own: data order, λ coins, samples), then distilled from that warm start by
 every arm with the same steps, batch, lr, schedule and seed, on the prompts of ``stillroom/data/chat/train.jsonl``:
 
-- ``off-policy KD``: the data's completions, teacher-graded (``stillroom.trainer.DistillTrainer``);
-- ``seq-KD``: the teacher's own greedy completions of the train prompts (``stillroom.rollout.generate_file``,
+- ``off-policy KD``: the data's completions, teacher-graded (``stillroom.training.trainer.DistillTrainer``);
+- ``seq-KD``: the teacher's own greedy completions of the train prompts (``stillroom.generation.rollout.generate_file``,
   produced once), teacher-graded — Kim & Rush's sequence-level data with the same token-level loss;
-- ``on-policy λ=0.5`` / ``λ=1``: ``stillroom.onpolicy.OnPolicyTrainer``; sampled steps train on the student's
+- ``on-policy λ=0.5`` / ``λ=1``: ``stillroom.training.onpolicy.OnPolicyTrainer``; sampled steps train on the student's
   own samples (temperature 1, top-p 1, ``--new`` tokens), the others on the data's completions.
 
-Rows of a sampled batch that no teacher distribution reaches stay out of the loss (``stillroom.onpolicy``: the
+Rows of a sampled batch that no teacher distribution reaches stay out of the loss (``stillroom.training.onpolicy``: the
 one-hot *gold next token* FuseLLM fills in elsewhere would be the student's own sample there, training it to
 repeat itself). Runs before that fix (session 6, ``docs/benchmarks.md``) had that self-fill and collapsed.
 
@@ -100,8 +100,9 @@ def first_word_match(student: str, teacher: str) -> bool:
 
 
 def greedy(model, tokenizer, examples, new: int, batch: int = 16) -> list:
-    """Each example's greedy completion (:class:`stillroom.rollout.Sample`) under the model's own template."""
-    from stillroom import chat, rollout
+    """Each example's greedy completion (:class:`stillroom.generation.rollout.Sample`) under the model's own template."""
+    from stillroom.generation import rollout
+    from stillroom.inputs import chat
 
     out = []
     for i in range(0, len(examples), batch):
@@ -116,7 +117,7 @@ def teacher_scores(teacher, tokenizer, examples, texts: list[str], ended: list[b
     text's UTF-8 bytes plus one for an end token."""
     import torch
 
-    from stillroom import chat
+    from stillroom.inputs import chat
 
     out = []
     with torch.no_grad():
@@ -215,7 +216,7 @@ def read_results(path: Path) -> dict[tuple[str, int], dict]:
 
 def finished(folder: Path) -> bool:
     """Did a stillroom training run finish in ``folder``?"""
-    from stillroom.runs import read_marker
+    from stillroom.training.runs import read_marker
 
     return bool((read_marker(folder) or {}).get("finished"))
 
@@ -236,10 +237,11 @@ def run(out: Path, seeds: list[int], size: str, teacher: str, threads: int, log=
     """Every (arm, seed) not yet in ``out/results.jsonl``, appended as it finishes; returns them all."""
     import torch
 
-    from stillroom import chat, rollout
-    from stillroom.evaluate import load_model
+    from stillroom.evaluation import load_model
+    from stillroom.generation import rollout
+    from stillroom.inputs import chat
     from stillroom.testing import PACKAGE_DATA
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     torch.set_num_threads(threads)
     sz = SIZES[size]

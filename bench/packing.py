@@ -18,9 +18,9 @@ from bench.common import machine, print_table, summary
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from stillroom.blocks import make_blocks, padding_fraction
-    from stillroom.data_io import load_texts
     from stillroom.demo import CORPUS, DEFAULT
+    from stillroom.inputs.blocks import make_blocks, padding_fraction
+    from stillroom.inputs.text import load_texts
 
     tok = AutoTokenizer.from_pretrained(DEFAULT / "student-tokenizer")
     rows_out, pad = [], {}

@@ -10,7 +10,7 @@ same tokens of a held-aside play of the shared corpus, once with the weights in 
   mass as the tail), so a top-k set that changes under bf16 is charged, not ignored;
 - **full KL**: KL(fp32 ‖ bf16) over the whole vocabulary, for reference;
 - **top-1 agreement**: the fraction of positions where both pick the same most likely token;
-- **cache 8-bit KL**: what the teacher cache's own encoding of the fp32 top-k costs (``stillroom.codec.topk_kl``
+- **cache 8-bit KL**: what the teacher cache's own encoding of the fp32 top-k costs (``stillroom.teachers.codec.topk_kl``
   of the exact vs the decoded entries), so the total (bf16 + cache) can be stated;
 - forward tokens/s in each dtype (after a warm-up; fp32 best of 3, bf16 one run; a busy machine makes them noisy).
 """
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from bench.common import cpu_line, print_table, summary
-from stillroom.codec import Encoding, topk_kl
-from stillroom.models import load_causal_lm, load_tokenizer
-from stillroom.registry import converted_folder
+from stillroom.models.loading import load_causal_lm, load_tokenizer
+from stillroom.models.registry import converted_folder
 from stillroom.targets import TeacherOutput
+from stillroom.teachers.codec import Encoding, topk_kl
 from stillroom.testing import shared_dir
 
 TEXT = "corpus/shakespeare/hamlet_gut.txt"  # any fixed prose: the models trained on none of these files' bytes

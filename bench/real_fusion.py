@@ -27,7 +27,7 @@ two teachers and the cut student before training. Bar: fused < best single-teach
 than the seed-to-seed spread (half range), tested from 3 seeds on.
 
 Resumable: each arm writes ``OUT/seed{S}/{arm}/result.json`` and is skipped when it exists; teacher caches are
-written once (``stillroom.cache.write_cache`` skips finished shards). One OUT per setting (``OUT/options.json``;
+written once (``stillroom.teachers.cache.write_cache`` skips finished shards). One OUT per setting (``OUT/options.json``;
 a rerun with other options into the same OUT is refused). Writes ``OUT/report.md`` and
 ``OUT/results.json``; ends with a ``SUMMARY:`` line.
 
@@ -49,10 +49,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.common import cache_bytes_per_token, console, machine, spread, summary  # noqa: E402
+from bench.common import cache_bytes_per_token, console, machine, real_model, spread, summary  # noqa: E402
 
-SMOLLM2 = "/root/.cache/stillroom/models/gguf-b179c9523d0e6a0f"  # `stillroom models list`
-GEMMA3 = "/root/.cache/stillroom/models/gguf-a5fd3b62230aa5ec"
+SMOLLM2 = real_model("smollm2-135m-instruct")  # `stillroom models get smollm2-135m-instruct`
+GEMMA3 = real_model("gemma3-270m")
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "shakespeare"
 LAYERS = [0, 6, 12, 18, 24, 29]
 
@@ -197,9 +197,10 @@ def build_caches(args, data: dict[str, str], out: Path, top1: bool = False) -> d
     copied. ``top1``: also a top-1 cache of Gemma-3 (all ALM reads) in ``OUT/cache/gemma3-top1``."""
     import shutil
 
-    from stillroom.cache import OnlineTeacher, write_cache
-    from stillroom.recipe import load_recipe
-    from stillroom.trainer import export_training_blocks
+    from stillroom.teachers.cache import write_cache
+    from stillroom.teachers.online import OnlineTeacher
+    from stillroom.training.build import export_training_blocks
+    from stillroom.training.recipe import load_recipe
 
     src = cache_source(args, out)
     blocks = out / "train_blocks.jsonl"
@@ -230,8 +231,8 @@ def build_caches(args, data: dict[str, str], out: Path, top1: bool = False) -> d
 def bits_per_byte(model, tok, texts: list[str], name: str) -> float:
     import torch
 
-    from stillroom.evaluate import evaluate
-    from stillroom.modeling import freeze_teacher
+    from stillroom.evaluation import evaluate
+    from stillroom.models.runtime import freeze_teacher
 
     with torch.no_grad():
         return evaluate(freeze_teacher(model), tok, texts, name=name).bits_per_byte
@@ -239,9 +240,9 @@ def bits_per_byte(model, tok, texts: list[str], name: str) -> float:
 
 def references(args, texts: list[str], out: Path) -> dict[str, float]:
     """Held-out bits/byte of the two teachers and of the cut student before training (cached in OUT)."""
-    from stillroom.cut import cut_from
-    from stillroom.evaluate import load_model
-    from stillroom.models import load_tokenizer
+    from stillroom.evaluation import load_model
+    from stillroom.models.cut import cut_from
+    from stillroom.models.loading import load_tokenizer
 
     path = out / "references.json"
     src = args.cache_from
@@ -290,7 +291,7 @@ def arms(args, caches: dict[str, str]) -> dict[str, dict]:
              "uld-gemma3": arm([{**gm, "name": "gemma3-uld", "objective": "uld"}]),
              "alm-gemma3": arm([alm]), "alm-unbiased-gemma3": arm([{**alm, "alm_chunks": "unbiased"}]),
              "alm+kd-gemma3": arm([gm, alm]),
-             # both teachers as ALM terms, fused per sequence (stillroom.alm_fusion); SmolLM2's from its top-k cache
+             # both teachers as ALM terms, fused per sequence (stillroom.teachers.alm_fusion); SmolLM2's from its top-k cache
              "fused-alm-min_ce": arm([{**sm, "name": "smollm2-alm", "objective": "alm"}, alm]),
              "fused-alm-avg_ce": arm([{**sm, "name": "smollm2-alm", "objective": "alm"}, alm], "avg_ce"),
              # the two teachers fused with Gemma projected by FuseLLM's MinED map (the best single-teacher objective)
@@ -306,8 +307,8 @@ def arm_cache_bytes(spec: dict) -> float:
 
 def run_arm(args, data, out: Path, seed: int, arm: str, spec, texts: list[str]) -> dict:
     """Train one arm, evaluate it on the test works, write ``result.json``; reuse it when it exists."""
-    from stillroom.evaluate import load_model
-    from stillroom.trainer import train
+    from stillroom.evaluation import load_model
+    from stillroom.training.run import train
 
     folder = out / f"seed{seed}" / arm
     done = folder / "result.json"

@@ -4,7 +4,7 @@
 
 Teachers: SmolLM2-135M-Instruct (Llama, 30 layers, 49,152 ids) and Gemma-3-270M (18 layers, 262,144 ids), the
 converted fp32 folders of ``stillroom models get``. Student: SmolLM2 cut to layers [0, 6, 12, 18, 24, 29]
-(``stillroom.cut``), SmolLM2's tokenizer. Data: ``--blocks`` blocks of ``--seq`` (256) student tokens of the shipped Shakespeare
+(``stillroom.models.cut``), SmolLM2's tokenizer. Data: ``--blocks`` blocks of ``--seq`` (256) student tokens of the shipped Shakespeare
 corpus; the cache configurations read their texts, training cycles through them (``--steps`` batches of 4).
 Each configuration runs in a fresh process (its peak RSS is its own); configurations run round-robin
 ``--repeats`` times and the table shows medians. Pairs (configuration, its peer):
@@ -41,8 +41,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SMOLLM2 = "/root/.cache/stillroom/models/gguf-b179c9523d0e6a0f"  # `stillroom models list`
-GEMMA3 = "/root/.cache/stillroom/models/gguf-a5fd3b62230aa5ec"
+from bench.common import real_model  # noqa: E402
+
+SMOLLM2 = real_model("smollm2-135m-instruct")  # `stillroom models get smollm2-135m-instruct`
+GEMMA3 = real_model("gemma3-270m")
 LAYERS = [0, 6, 12, 18, 24, 29]
 BATCH, TOP_K = 4, 16
 CONFIGS = ("fwd_smollm2", "cache_smollm2", "fwd_gemma3", "cache_gemma3", "ce", "fused_cache", "trl_gkd",
@@ -70,9 +72,9 @@ def small_models(root: Path) -> dict[str, str]:
 def build_blocks(root: Path, a) -> None:
     """The first ``--blocks`` blocks of ``--seq`` student tokens of the shipped corpus, as JSONL under ``root``."""
     from bench.common import write_blocks
-    from stillroom.models import load_tokenizer
+    from stillroom.inputs.blocks import make_blocks
+    from stillroom.models.loading import load_tokenizer
     from stillroom.testing import corpus_texts
-    from stillroom.trainer import make_blocks
 
     tok = load_tokenizer(a.smollm2, "student")
     rows, blocks = [], []
@@ -92,7 +94,8 @@ def build_cache(root: Path, name: str, a) -> None:
     import torch
 
     from bench.common import read_blocks
-    from stillroom.cache import OnlineTeacher, write_cache
+    from stillroom.teachers.cache import write_cache
+    from stillroom.teachers.online import OnlineTeacher
 
     torch.set_num_threads(a.threads)
     rows = [(b.example_id, b.text) for b in read_blocks(root / "blocks.jsonl")]
@@ -106,7 +109,8 @@ def cache_child(config: str, root: Path, a) -> dict:
     """``fwd_*``: bare forward loop; ``cache_*``: ``write_cache`` at k = 16; both over the first ``--blocks`` texts."""
     from bench.cache import plain_loop
     from bench.common import read_blocks
-    from stillroom.cache import OnlineTeacher, write_cache
+    from stillroom.teachers.cache import write_cache
+    from stillroom.teachers.online import OnlineTeacher
 
     name = config.split("_", 1)[1]
     blocks = read_blocks(root / "blocks.jsonl")[: a.blocks]
@@ -139,17 +143,12 @@ def train_child(config: str, root: Path, a) -> dict:
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from bench.common import StepTimer, disable_dropout, gkd_collator, read_blocks, trainer_args
-    from stillroom.cut import cut_from
-    from stillroom.models import load_tokenizer
-    from stillroom.trainer import (
-        AlignedTeacher,
-        BlockCollator,
-        BlockDataset,
-        DistillTrainer,
-        FusionConfig,
-        LossConfig,
-        SameTokenizerTeacher,
-    )
+    from stillroom.inputs.blocks import BlockCollator, BlockDataset
+    from stillroom.models.cut import cut_from
+    from stillroom.models.loading import load_tokenizer
+    from stillroom.teachers.kd import AlignedTeacher, SameTokenizerTeacher
+    from stillroom.training.recipe import FusionSpec, LossSpec
+    from stillroom.training.trainer import DistillTrainer
 
     torch.manual_seed(0)
     tok = load_tokenizer(a.smollm2, "student")
@@ -175,17 +174,17 @@ def train_child(config: str, root: Path, a) -> dict:
         trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
                              processing_class=tok, data_collator=gkd_collator(collate), callbacks=[timer.callback()])
     else:
-        teachers, fusion = [], FusionConfig()
+        teachers, fusion = [], FusionSpec()
         if config == "ce":
-            loss = LossConfig(kind="forward_kl", ce_weight=1.0)
+            loss = LossSpec(kind="forward_kl", ce_weight=1.0)
         elif config == "sr_online":
             teacher = AutoModelForCausalLM.from_pretrained(a.smollm2, dtype=torch.float32)
             teachers = [SameTokenizerTeacher(teacher, top_k=None)]
-            loss = LossConfig(kind="jsd", ce_weight=0.0, beta=0.5)
+            loss = LossSpec(kind="jsd", ce_weight=0.0, beta=0.5)
         else:  # fused_cache: both teachers from their caches, MinCE per sequence, as bench.real_fusion
-            from stillroom.cache import CachedTeacher
-            from stillroom.tokens import TokenTable
-            from stillroom.vocab import VocabMap
+            from stillroom.teachers.cache import CachedTeacher
+            from stillroom.tokenization.tokens import TokenTable
+            from stillroom.tokenization.vocab import VocabMap
 
             s_table = TokenTable.from_tokenizer(tok)
             for name, fallback in (("smollm2", "onehot"), ("gemma3", "prefix")):
@@ -194,8 +193,8 @@ def train_child(config: str, root: Path, a) -> dict:
                                                VocabMap.cached(t_table, s_table), fallback, name))
             for t in teachers:  # time each teacher's per-batch work (read, decode, align, project) on the CPU
                 t.targets = timed(t.targets, spent.setdefault(t.name, []))
-            loss, fusion = LossConfig(kind="forward_kl", ce_weight=0.9), FusionConfig("min_ce", "sequence",
-                                                                                      top_k=TOP_K)
+            loss = LossSpec(kind="forward_kl", ce_weight=0.9)
+            fusion = FusionSpec(method="min_ce", level="sequence", fused_top_k=TOP_K)
         disable_dropout(student)  # as GKD's disable_dropout
         trainer = DistillTrainer(model=student, args=TrainingArguments(**common), train_dataset=BlockDataset(blocks),
                                  data_collator=collate, teachers=teachers, loss=loss, fusion=fusion,
@@ -284,7 +283,7 @@ def head_check(threads: int, repeats: int = 2, rows: int = 1024, hidden: int = 6
     [rows × vocab] logits tensor, but the head weight is streamed once per chunk)."""
     import torch
 
-    from stillroom.cache import topk_logsumexp
+    from stillroom.teachers.online import topk_logsumexp
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)

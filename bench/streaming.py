@@ -9,7 +9,7 @@ after every hundredth of the text read, so flatness shows even when a run is cut
 
 - ``export``: ``iter_texts`` → ``iter_blocks`` → ``export_blocks`` (streamed) vs ``load_texts`` →
   ``make_blocks`` → ``export_blocks`` (in memory);
-- ``train``: ``stillroom.trainer.train`` for 3 steps (batch 4, a 2-layer GPT-2 from scratch, plain CE) with
+- ``train``: ``stillroom.training.run.train`` for 3 steps (batch 4, a 2-layer GPT-2 from scratch, plain CE) with
   ``data.streaming: true`` vs the in-memory blocks.
 """
 
@@ -46,9 +46,9 @@ def make_corpus(path: Path, size_mb: float) -> int:
 def child_export(path: str, mode: str, max_seconds: float) -> dict:
     from transformers import AutoTokenizer
 
-    from stillroom.blocks import export_blocks, iter_blocks, make_blocks
-    from stillroom.data_io import iter_texts, load_texts
     from stillroom.demo import DEFAULT
+    from stillroom.inputs.blocks import export_blocks, iter_blocks, make_blocks
+    from stillroom.inputs.text import iter_texts, load_texts
 
     tok = AutoTokenizer.from_pretrained(DEFAULT / "student-tokenizer")
     base = peak_rss_gb()
@@ -80,7 +80,7 @@ def child_export(path: str, mode: str, max_seconds: float) -> dict:
 
 def child_train(path: str, mode: str) -> dict:
     from stillroom.demo import DEFAULT
-    from stillroom.trainer import train
+    from stillroom.training.run import train
 
     tmp = tempfile.TemporaryDirectory()
     out = tmp.name

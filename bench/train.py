@@ -41,8 +41,9 @@ CONFIGS = ("trl_gkd", "sr_dense", "sr_topk", "sr_cache", "ce_loop", "sr_ce")
 def build_assets(root: Path, steps: int, size: str = "full") -> None:
     """Tokenizer, student, teacher, blocks (JSONL) and the teacher's top-10 cache, under ``root``."""
     from bench.common import build_pair, write_blocks
-    from stillroom.cache import OnlineTeacher, write_cache
-    from stillroom.trainer import make_blocks
+    from stillroom.inputs.blocks import make_blocks
+    from stillroom.teachers.cache import write_cache
+    from stillroom.teachers.online import OnlineTeacher
 
     sz = SIZES[size]
     tok, texts = build_pair(root, sz, n_positions=sz["seq"], chars=20000 if size == "small" else None)
@@ -58,15 +59,10 @@ def child(config: str, root: Path, steps: int, threads: int, seq: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
     from bench.common import StepTimer, disable_dropout, gkd_collator, peak_rss_gb, read_blocks, trainer_args
-    from stillroom.trainer import (
-        AlignedTeacher,
-        BlockCollator,
-        BlockDataset,
-        DistillTrainer,
-        FusionConfig,
-        LossConfig,
-        SameTokenizerTeacher,
-    )
+    from stillroom.inputs.blocks import BlockCollator, BlockDataset
+    from stillroom.teachers.kd import AlignedTeacher, SameTokenizerTeacher
+    from stillroom.training.recipe import FusionSpec, LossSpec
+    from stillroom.training.trainer import DistillTrainer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -105,23 +101,23 @@ def child(config: str, root: Path, steps: int, threads: int, seq: int) -> dict:
                                  callbacks=[timer.callback()])
         else:
             teachers = []
-            loss = LossConfig(kind="jsd", ce_weight=0.0, beta=0.5)
+            loss = LossSpec(kind="jsd", ce_weight=0.0, beta=0.5)
             if config in ("sr_dense", "sr_topk"):
                 teacher = AutoModelForCausalLM.from_pretrained(root / "teacher", dtype=torch.float32)
                 teachers = [SameTokenizerTeacher(teacher, top_k=None if config == "sr_dense" else 10)]
             elif config == "sr_cache":
-                from stillroom.cache import CachedTeacher
-                from stillroom.tokens import TokenTable
-                from stillroom.vocab import VocabMap
+                from stillroom.teachers.cache import CachedTeacher
+                from stillroom.tokenization.tokens import TokenTable
+                from stillroom.tokenization.vocab import VocabMap
 
                 table = TokenTable.from_tokenizer(tok)
                 teachers = [AlignedTeacher(CachedTeacher(root / "cache"), table, table, VocabMap.cached(table, table))]
             else:  # sr_ce
-                loss = LossConfig(kind="forward_kl", ce_weight=1.0)
+                loss = LossSpec(kind="forward_kl", ce_weight=1.0)
             disable_dropout(student)  # as GKD's disable_dropout
             trainer = DistillTrainer(model=student, args=TrainingArguments(**common),
                                      train_dataset=BlockDataset(blocks), data_collator=collate, teachers=teachers,
-                                     loss=loss, fusion=FusionConfig(), callbacks=[timer.callback()])
+                                     loss=loss, fusion=FusionSpec(), callbacks=[timer.callback()])
         trainer.train()
         elapsed, measured = timer.seconds, timer.steps
     return {"config": config, "tokens_per_s": measured * BATCH * seq / elapsed, "peak_rss_gb": peak_rss_gb(),

@@ -29,7 +29,7 @@ def load_table(name: str):
     from transformers import AutoTokenizer
 
     from stillroom.testing import shared_dir
-    from stillroom.tokens import TokenTable
+    from stillroom.tokenization.tokens import TokenTable
 
     root = shared_dir()
     if root is None:
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--dp-sample", type=int, default=3)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from stillroom.vocab import VocabMap
+    from stillroom.tokenization.vocab import VocabMap
 
     console.print(f"machine: {machine()}")
     rows, parts = [], []

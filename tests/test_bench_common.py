@@ -105,7 +105,7 @@ def test_gkd_collator_keeps_only_what_gkd_reads():
 
 
 def test_blocks_round_trip(tmp_path):
-    from stillroom.trainer import Block
+    from stillroom.inputs.blocks import Block
 
     blocks = [Block("w0", "to be", [5, 6]), Block("w1", "or not", [7, 8, 9])]
     path = tmp_path / "blocks.jsonl"
@@ -155,7 +155,8 @@ def test_cache_bytes_per_token_of_a_tiny_folder(tmp_path):
 
 def test_cache_bytes_per_token_of_a_written_cache(tmp_path, tiny_models):
     """On a cache write_cache made: the manifest's sizes are the files' sizes, and its own total agrees."""
-    from stillroom.cache import OnlineTeacher, write_cache
+    from stillroom.teachers.cache import write_cache
+    from stillroom.teachers.online import OnlineTeacher
 
     rows = [(f"ex{i}", "Now is the winter of our discontent made glorious summer " * (i + 1)) for i in range(5)]
     out = tmp_path / "cache"

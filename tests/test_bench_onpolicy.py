@@ -14,8 +14,7 @@ from bench.onpolicy import peer_of, summary_line, table_rows
 
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory) -> dict[str, str]:
-    from stillroom.chat import FALLBACK_TEMPLATE
-
+    from stillroom.inputs.chat import FALLBACK_TEMPLATE
     from stillroom.testing import corpus_texts, save_pair, tiny_llama, train_byte_bpe, train_spm_bpe
 
     root = tmp_path_factory.mktemp("onpolicy-stand-ins")

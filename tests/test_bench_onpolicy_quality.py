@@ -53,7 +53,7 @@ def test_teacher_scores_equal_the_models_own_loss(tiny_models):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stillroom import chat
+    from stillroom.inputs import chat
 
     tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe"])
     model = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2-bpe"]).eval()

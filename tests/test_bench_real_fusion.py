@@ -192,11 +192,10 @@ def test_report_lists_cache_bytes_per_arm(tmp_path):
 def test_references_are_reused_from_cache_from_only_for_the_same_text_and_models(tmp_path, monkeypatch):
     import json
 
-    import stillroom.cut
-    import stillroom.evaluate
-
     import bench.real_fusion as rf
-    import stillroom.models
+    import stillroom.evaluation
+    import stillroom.models.cut
+    import stillroom.models.loading
     from bench.real_fusion import SCALE, references
 
     src = tmp_path / "main"
@@ -204,9 +203,9 @@ def test_references_are_reused_from_cache_from_only_for_the_same_text_and_models
     (src / "options.json").write_text(json.dumps({k: getattr(_args(), k) for k in SCALE}))
     theirs = {"teacher smollm2": 1.5, "teacher gemma3": 1.4, "cut student, untrained": 7.0}
     (src / "references.json").write_text(json.dumps(theirs))
-    monkeypatch.setattr(stillroom.evaluate, "load_model", lambda folder: (folder, None))
-    monkeypatch.setattr(stillroom.cut, "cut_from", lambda path, layers: "cut")
-    monkeypatch.setattr(stillroom.models, "load_tokenizer", lambda path: None)
+    monkeypatch.setattr(stillroom.evaluation, "load_model", lambda folder: (folder, None))
+    monkeypatch.setattr(stillroom.models.cut, "cut_from", lambda path, layers: "cut")
+    monkeypatch.setattr(stillroom.models.loading, "load_tokenizer", lambda path: None)
     monkeypatch.setattr(rf, "bits_per_byte", lambda model, tok, texts, name: 9.0)
     same = tmp_path / "same"
     same.mkdir()
