@@ -4,13 +4,13 @@ The public face: ``from stillroom import train, DistillTrainer, align, TokenTabl
 first use, so ``import stillroom`` stays cheap. The layers, bottom up (each imports only those below it;
 docs/architecture.md draws them):
 
-1. ``errors``, ``targets`` (the data contracts), ``files``, ``progress``, ``exports``;
+0. ``errors``, ``targets`` (the data contracts), ``exports``; 1. ``files``, ``progress`` (shared rules);
 2. ``tokenization`` (bytes, alignment, vocabulary maps, projection), ``models`` (loading, cutting),
    ``losses`` (divergences, EMO, ALM, ULD, chunked fused-linear forms);
 3. ``inputs`` (text, blocks, chat records);
-4. ``teachers`` (online, cached, KD / ALM / ULD, fusion), ``generation`` (healing, sampling), ``evaluation``;
-5. ``training`` (recipe → plan → run);
-6. ``demo``, ``cli`` (and ``testing``: tiny local models for tests and examples).
+4. ``teachers`` (online, cached, KD / ALM / ULD, fusion), ``generation`` (healing, sampling), ``evaluation``,
+   ``testing`` (tiny local models for tests and examples);
+5. ``training`` (recipe → plan → run); 6. ``demo``; 7. ``cli``.
 """
 
 from stillroom.exports import lazy
