@@ -1,7 +1,6 @@
 """Evaluate causal language models so that models with *different tokenizers* are comparable.
 
 Headline metric, **bits per byte** (tokenizer-independent)::
-
     bpb = sum_t -log2 p(x_t | x_<t) / len(text.encode("utf-8"))
 
 summed over every token of every text and divided by every byte of every text. Also reported: per-token
@@ -41,9 +40,15 @@ import numpy as np
 import torch
 
 from stillroom.errors import ConfigError, DataError
-from stillroom.models.loading import check_device, model_context
+from stillroom.inputs.chat import CompletionCollator
+from stillroom.inputs.text import load_texts
+from stillroom.models.loading import check_device, load_causal_lm, load_tokenizer, model_context
+from stillroom.models.runtime import freeze_teacher
 from stillroom.progress import bar as progress_bar
 from stillroom.progress import stderr_console
+from stillroom.tokenization.align import align
+from stillroom.tokenization.tokens import TokenTable, same_tokenizer
+from stillroom.tokenization.vocab import VocabMap
 
 LOG2E = 1.0 / math.log(2.0)
 MAX_DEFAULT_CONTEXT = 2048  # default window cap, so long-context models do not get [1, 128k, V] logits
@@ -53,7 +58,6 @@ MAX_DEFAULT_CONTEXT = 2048  # default window cap, so long-context models do not 
 @dataclass
 class TeacherMetrics:
     """Agreement of the student with one teacher on 1-to-1 aligned positions."""
-
     teacher: str
     aligned: int  # scored positions where one student token and one teacher token cover the same bytes
     positions: int  # all scored student positions (aligned / positions = coverage)
@@ -64,7 +68,6 @@ class TeacherMetrics:
 @dataclass
 class EvalReport:
     """What :func:`evaluate` measured for one model on one set of texts."""
-
     model: str
     bits_per_byte: float
     token_perplexity: float
@@ -85,8 +88,6 @@ class EvalReport:
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", what: str = "model"):
     """``(model, tokenizer)`` from a Hugging Face folder (safetensors, no remote code), float32, frozen (eval
     mode, no gradients, fused activations: :func:`stillroom.models.runtime.freeze_teacher`)."""
-    from stillroom.models.loading import load_causal_lm, load_tokenizer
-    from stillroom.models.runtime import freeze_teacher
 
     tokenizer = load_tokenizer(path, what)  # refuses folders without weights or tokenizer, or that do not fit
     model = load_causal_lm(path, what, tokenizer=tokenizer, device=check_device(device))
@@ -97,7 +98,6 @@ def load_eval_texts(data: str | os.PathLike, documents: str = "file") -> list[st
     """The documents of DATA (text file, folder of .txt, JSONL with ``text``, datasets folder) via
     ``stillroom.inputs.text``; ``documents`` says what a document of a plain .txt is (as ``data.documents`` does for
     training, so both score the same documents)."""
-    from stillroom.inputs.text import load_texts
 
     return [text for _, text in load_texts(data, documents=documents)]
 
@@ -204,8 +204,6 @@ class _TeacherState:
 
 def aligned_pairs(student_ids: Sequence[int], teacher_ids: Sequence[int], student_table, teacher_table) -> np.ndarray:
     """``[P, 2]`` (student index, teacher index) of 1-to-1 exactly aligned tokens, in order."""
-    from stillroom.tokenization.align import align
-
     al = align(np.asarray(student_ids, dtype=np.int64), np.asarray(teacher_ids, dtype=np.int64),
                student_table, teacher_table, mode="exact")
     g = np.asarray(al.groups)
@@ -214,9 +212,6 @@ def aligned_pairs(student_ids: Sequence[int], teacher_ids: Sequence[int], studen
 
 
 def _teacher_state(name: str, model, tokenizer, student_tokenizer) -> _TeacherState:
-    from stillroom.tokenization.tokens import TokenTable, same_tokenizer
-    from stillroom.tokenization.vocab import VocabMap
-
     if same_tokenizer(tokenizer, student_tokenizer):
         return _TeacherState(name, model, tokenizer, None)
 
@@ -242,7 +237,6 @@ def _to_student_vocab(teacher_logprobs: torch.Tensor, mapping: torch.Tensor | No
 
 class _Rows:
     """Pulls window log-probs from a generator on demand and hands out the rows of chosen positions."""
-
     def __init__(self, windows: Iterator[tuple[int, torch.Tensor]], offset: int, on_window=None):
         self.windows, self.offset, self.on_window = windows, offset, on_window
         self.rows: dict[int, torch.Tensor] = {}
@@ -334,7 +328,6 @@ def evaluate(model, tokenizer, texts: Sequence[str], *, name: str = "model", tea
             if bar is not None:
                 task = bar.add_task(f"eval {name}", total=len(work))
             for text, seq, offset in work:
-
                 def add_nll(first: int, logprobs: torch.Tensor, seq=seq) -> None:
                     nonlocal total_nats
                     targets = seq[first:first + logprobs.shape[0]]
@@ -430,7 +423,6 @@ def completion_sums(model, tokenizer, examples: Sequence, *, max_len: int, batch
     sees it (``stillroom.inputs.chat.CompletionCollator(tokenizer, max_len)``: the model's own prompt rendering, the
     completion and its end token), scored on the completion tokens only (end token included); bytes are the
     UTF-8 bytes of the completion text those tokens spell. bits / bytes is the completion's bits per byte."""
-    from stillroom.inputs.chat import CompletionCollator
 
     collate = CompletionCollator(tokenizer, max_len)
     bits, tokens, nbytes = 0.0, 0, 0

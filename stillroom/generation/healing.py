@@ -18,7 +18,6 @@ multi-byte character) and WordPiece vocabularies behave alike. Special tokens ar
 prompt text is returned untouched (whitespace included): the output is ``prompt + continuation``.
 
 Use it through :func:`generate`, or with ``model.generate`` directly::
-
     batch = prepare(tokenizer, prompts)                 # backs off, left-pads, builds the processor
     out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                          logits_processor=[batch.processor], max_new_tokens=20)
@@ -37,6 +36,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
 from stillroom.tokenization.special import pad_id
+from stillroom.tokenization.tokens import TokenTable
 
 DEFAULT_MAX_BACKOFF = 8  # tokens; healing also never removes more bytes than the longest vocabulary token
 
@@ -157,7 +157,6 @@ def index_for(tokenizer) -> PrefixIndex:
         hit = None
     if hit is not None and hit[0] == len(tokenizer):  # tokens added since: rebuild
         return hit[1]
-    from stillroom.tokenization.tokens import TokenTable
 
     table = TokenTable.from_tokenizer(tokenizer)
     index = _BY_HASH.get(table.hash)
@@ -218,7 +217,6 @@ class TokenHealingLogitsProcessor(LogitsProcessor):
 
 class _RowBudget(StoppingCriteria):
     """Stops row ``b`` after ``limits[b]`` new tokens (``max_new_tokens`` plus that row's backed-off tokens)."""
-
     def __init__(self, prompt_length: int, limits: Sequence[int]):
         self.prompt_length = prompt_length
         self.limits = torch.tensor(list(limits), dtype=torch.long)

@@ -35,14 +35,18 @@ from pathlib import Path
 import torch
 
 from stillroom.errors import ConfigError, DataError, OutputExistsError
+from stillroom.files import atomic_write, check_output_file
+from stillroom.inputs.chat import load_examples, prompt_ids
+from stillroom.models.loading import load_causal_lm, load_tokenizer, model_context, resolve_model
+from stillroom.models.runtime import forward_accepts
 from stillroom.progress import bar, stderr_console
 from stillroom.tokenization.special import pad_id
+from stillroom.tokenization.tokens import TokenTable
 
 
 @dataclass
 class Sample:
     """One completion: its token ids (with the end token when ``ended``), its text (without it)."""
-
     ids: list[int]
     text: str
     ended: bool
@@ -53,8 +57,6 @@ _TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def _table(tokenizer):
     """The tokenizer's :class:`~stillroom.tokenization.tokens.TokenTable`, looked up once per tokenizer object."""
-    from stillroom.tokenization.tokens import TokenTable
-
     try:
         hit = _TABLES.get(tokenizer)
     except TypeError:  # not weak-referenceable
@@ -146,8 +148,6 @@ def skinny_linears(model, max_rows: int = 32):
 
 def _cache_kwarg(model) -> str:
     """transformers >= 5.24 calls the KV cache argument ``cache``; earlier 5.x ``past_key_values``."""
-    from stillroom.models.runtime import forward_accepts
-
     return "cache" if forward_accepts(model, "cache") else "past_key_values"
 
 
@@ -248,7 +248,6 @@ def sample(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, t
 @dataclass
 class GenerateSummary:
     """What :func:`generate_file` did: records written now, already in OUT, skipped as empty, in all."""
-
     written: int
     done_before: int
     empty: int
@@ -325,9 +324,6 @@ def generate_file(model: str | os.PathLike, data: str | os.PathLike, out: str | 
     run with other settings is refused unless ``overwrite``) and the ids whose completion came out empty
     (the model ended at once): those are not written, as training data needs a completion.
     """
-    from stillroom.files import atomic_write, check_output_file
-    from stillroom.inputs.chat import load_examples, prompt_ids
-    from stillroom.models.loading import load_causal_lm, load_tokenizer, model_context, resolve_model
 
     out = check_output_file(out, "--out", overwrite=True)  # a folder is refused here; files by the sidecar
     check_sampling(max_new_tokens, do_sample, temperature, top_p, option=lambda k: "--" + k.replace("_", "-"))

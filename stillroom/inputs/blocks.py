@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from stillroom.files import atomic_write
+from stillroom.inputs.text import iter_texts
 from stillroom.tokenization.special import pad_id, separator_id
 
 PADDING_WARN = 0.5  # warn when more than this fraction of the block positions is padding
@@ -143,7 +144,6 @@ def padding_fraction(blocks: list[Block], seq_len: int) -> float:
 
 class BlockDataset(torch.utils.data.Dataset):
     """Map-style dataset over :class:`Block` s (raw text travels with the ids, for the teachers)."""
-
     def __init__(self, blocks: list[Block]):
         self.blocks = blocks
 
@@ -180,8 +180,6 @@ class StreamingBlocks(torch.utils.data.IterableDataset):
 
     def blocks(self) -> Iterator[Block]:
         """The whole stream (all ranks' blocks), capped at ``max_blocks``."""
-        from stillroom.inputs.text import iter_texts
-
         rows = iter_texts(self.path, self.text_field, self.documents)
         return itertools.islice(iter_blocks(rows, self.tokenizer, self.seq_len, self.add_bos, self.pack,
                                             warn_padding=False), self.max_blocks)

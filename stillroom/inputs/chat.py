@@ -41,7 +41,9 @@ import numpy as np
 import torch
 
 from stillroom.errors import ConfigError, DataError, MissingPathError
+from stillroom.inputs.text import json_lines, numbered_lines
 from stillroom.tokenization.special import pad_id
+from stillroom.tokenization.tokens import TokenTable
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("text", "prompt_completion", "chat")
@@ -76,7 +78,6 @@ def load_examples(path: str | os.PathLike, *, need_completion: bool = True) -> l
     ``need_completion=False`` also accepts prompt-only records (no ``completion``; a conversation whose last
     message is not the assistant's). Every bad record raises :class:`DataError` naming ``file:line``, the field
     and the fix."""
-    from stillroom.inputs.text import _json_lines, _lines
 
     path = Path(path)
     if not path.exists():
@@ -86,7 +87,7 @@ def load_examples(path: str | os.PathLike, *, need_completion: bool = True) -> l
                         "line: {\"prompt\", \"completion\"} or {\"messages\": [...]})")
     out: list[Example] = []
     seen: set[str] = set()
-    for n, rec in _json_lines(path, _lines(path)):
+    for n, rec in json_lines(path, numbered_lines(path)):
         ex = _example(rec, f"{path}:{n}", f"{path.stem}:{n}", need_completion)
         if ex.example_id in seen:
             raise DataError(f"DATA {path}:{n}: id {ex.example_id!r} is used twice; ids must be unique")
@@ -324,8 +325,6 @@ class CompletionCollator:
         self._table = None
 
     def __call__(self, examples: list[Example]) -> dict[str, Any]:
-        from stillroom.tokenization.tokens import TokenTable
-
         if self._table is None:
             self._table = TokenTable.from_tokenizer(self.tokenizer)
         return collate_rows([encode_example(self.tokenizer, ex, self.max_len, self._table) for ex in examples],
@@ -334,7 +333,6 @@ class CompletionCollator:
 
 class ExampleDataset(torch.utils.data.Dataset):
     """A list of :class:`Example` as a map-style dataset (the collator tokenizes)."""
-
     def __init__(self, examples: list[Example]):
         self.examples = list(examples)
 

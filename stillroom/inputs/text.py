@@ -271,7 +271,7 @@ def _checked(rows: Iterator[tuple[str, str, bool]], path: Path, text_field: str)
                         f"{text_field!r} field)")
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
     """``(line number, line)`` of a UTF-8 file read line by line with universal newlines (``\\r\\n`` and ``\\r``
     end a line, as :func:`_read_text`); the same UTF-8 and NUL errors, naming the line."""
     n = 0
@@ -303,7 +303,7 @@ def _iter_text_file(path: Path, name: str, documents: str) -> Iterator[tuple[str
         return
     para: list[str] = []
     first = 0
-    for n, line in _lines(path):
+    for n, line in numbered_lines(path):
         if documents == "line":
             if line.strip():
                 yield f"{name}:{n}", line, False
@@ -333,7 +333,7 @@ def _iter_txt_folder(path: Path, documents: str) -> Iterator[tuple[str, str, boo
 
 def _iter_json(path: Path, text_field: str) -> Iterator[tuple[str, str, bool]]:
     """JSONL record by record, or a ``.json`` array element by element (an incremental parser over lines)."""
-    lines = _lines(path)
+    lines = numbered_lines(path)
     if path.suffix.lower() == ".json":
         head = []
         for _n, line in lines:
@@ -343,9 +343,9 @@ def _iter_json(path: Path, text_field: str) -> Iterator[tuple[str, str, bool]]:
         if head and head[-1].lstrip().startswith("["):
             records = _json_array(path, "\n".join(head), lines)
         else:
-            records = _json_lines(path, itertools.chain(enumerate(head, 1), lines))
+            records = json_lines(path, itertools.chain(enumerate(head, 1), lines))
     else:
-        records = _json_lines(path, lines)
+        records = json_lines(path, lines)
     for n, rec in records:
         if not isinstance(rec, dict) or text_field not in rec:
             raise DataError(f"DATA {path}:{n}: record has no {text_field!r} field (fields: "
@@ -355,7 +355,7 @@ def _iter_json(path: Path, text_field: str) -> Iterator[tuple[str, str, bool]]:
                rec.get("id") is not None)
 
 
-def _json_lines(path: Path, lines) -> Iterator[tuple[int, object]]:
+def json_lines(path: Path, lines) -> Iterator[tuple[int, object]]:
     for n, line in lines:
         if not line.strip():
             continue  # blank lines between records are allowed in JSONL

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from stillroom.losses.distill import check_finite, reduce_rows
+from stillroom.losses.fused_linear import auto_chunk_size, scaled_grad, sparse_grad
 from stillroom.losses.sparse import buckets, check_sparse, target_rows
 from stillroom.targets import SparseTarget
 
@@ -174,8 +175,6 @@ class _FusedLinearEMO(torch.autograd.Function):
     @staticmethod
     @torch.no_grad()
     def forward(ctx, hidden, weight, cost, labels, ids, logprobs, tail, counted, mode, chunk_size, den):
-        from stillroom.losses.fused_linear import sparse_grad
-
         N, V = hidden.shape[0], cost.shape[0]
         W = weight[:V]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -228,10 +227,8 @@ class _FusedLinearEMO(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from stillroom.losses.fused_linear import _scaled
-
         grad_h, grad_w = ctx.saved_tensors
-        return _scaled(grad_h, grad_out, ctx.dtypes[0]), _scaled(grad_w, grad_out, ctx.dtypes[1]), None, None, None, None, None, None, None, None, None
+        return scaled_grad(grad_h, grad_out, ctx.dtypes[0]), scaled_grad(grad_w, grad_out, ctx.dtypes[1]), None, None, None, None, None, None, None, None, None
 
 
 def fused_linear_emo_loss(hidden: torch.Tensor, weight: torch.Tensor, cost_embedding: torch.Tensor | None = None,
@@ -245,7 +242,6 @@ def fused_linear_emo_loss(hidden: torch.Tensor, weight: torch.Tensor, cost_embed
     ("adaptive"). Its vocabulary V sets the loss's vocabulary (rows of ``weight`` beyond it get no gradient).
     One-hot form with ``labels``; soft form with ``target`` (``SparseTarget``, labels then unused).
     """
-    from stillroom.losses.fused_linear import auto_chunk_size
 
     _check(mode, reduction)
     if (labels is None) == (target is None):

@@ -90,7 +90,7 @@ def sparse_grad(s: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail
     return loss, grad
 
 
-def _scaled(grad: torch.Tensor | None, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+def scaled_grad(grad: torch.Tensor | None, grad_out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """``grad · grad_out`` without a copy when grad_out is 1 (a V×H copy would double the peak)."""
     if grad is None:
         return None
@@ -191,7 +191,7 @@ class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return (_scaled(grad_h, grad_out, ctx.dtypes[0]), _scaled(grad_w, grad_out, ctx.dtypes[1]),
+        return (scaled_grad(grad_h, grad_out, ctx.dtypes[0]), scaled_grad(grad_w, grad_out, ctx.dtypes[1]),
                 None, None, None, None, None, None, None, None, None)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from stillroom.losses.fused_linear import auto_chunk_size
+
 
 class _OwnLogprob(torch.autograd.Function):
     """``log softmax(h W^T)[y]`` per row without keeping [N, V]: forward and backward each rebuild one chunk of
@@ -46,6 +48,5 @@ def own_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
                  chunk_size: int | None = None) -> torch.Tensor:
     """``[N]`` log-probability of each row's label under ``softmax(hidden @ weight.T)`` (``nan`` where the label
     is -100), differentiable, chunked: at most ``chunk_size`` × V logits exist at once."""
-    from stillroom.losses.fused_linear import auto_chunk_size
 
     return _OwnLogprob.apply(hidden, weight, labels, int(chunk_size or auto_chunk_size(weight.shape[0])))

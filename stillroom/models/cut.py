@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from stillroom.errors import ConfigError, ModelError
+from stillroom.models.loading import load_causal_lm
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -68,6 +69,4 @@ def cut_layers(model: torch.nn.Module, layers: list[int]) -> torch.nn.Module:
 
 def cut_from(path, layers: list[int], dtype: torch.dtype = torch.float32, what: str = "student.init_from"):
     """Load the model at ``path`` (a folder or ``.gguf`` file, through :mod:`stillroom.models.loading`) and cut it."""
-    from stillroom.models.loading import load_causal_lm
-
     return cut_layers(load_causal_lm(path, what, dtype=dtype), layers)

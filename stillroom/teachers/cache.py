@@ -58,7 +58,7 @@ from stillroom.models.loading import load_tokenizer, resolve_model
 from stillroom.progress import bar as progress_bar
 from stillroom.targets import TeacherOutput
 from stillroom.teachers.codec import Encoding, logprob_step, topk_kl
-from stillroom.teachers.online import OnlineTeacher, _dir_hash, tokenizer_hash
+from stillroom.teachers.online import OnlineTeacher, dir_hash, tokenizer_hash
 
 FORMAT = "stillroom-cache/1"
 
@@ -318,7 +318,7 @@ class CachedTeacher:
                 want.update(teacher_hash=teacher.teacher_hash, tokenizer_hash=teacher.tokenizer_hash)
             else:
                 teacher = resolve_model(teacher, "teacher")
-                want.update(teacher_hash=_dir_hash(Path(teacher)),
+                want.update(teacher_hash=dir_hash(Path(teacher)),
                             tokenizer_hash=tokenizer_hash(load_tokenizer(teacher, "teacher")))
         if top_k is not None:
             want["top_k"] = int(top_k)

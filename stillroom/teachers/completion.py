@@ -14,6 +14,9 @@ import torch
 
 from stillroom.errors import ConfigError
 from stillroom.inputs.chat import completion_ids, marker_id, prompt_ids
+from stillroom.targets import SparseTarget, TeacherOutput, stack_rows
+from stillroom.tokenization.align import align
+from stillroom.tokenization.project import student_targets
 
 
 def region_ids(ids, prompt_len: int, marker: int) -> np.ndarray:
@@ -26,7 +29,6 @@ def region_ids(ids, prompt_len: int, marker: int) -> np.ndarray:
 def region_output(out, prompt_len: int, marker: int):
     """A teacher output over ``prompt + completion`` cut to its completion region (rows ``prompt_len - 1`` on,
     input ids as :func:`region_ids`)."""
-    from stillroom.targets import TeacherOutput
 
     a = prompt_len - 1
     return TeacherOutput(out.example_id, torch.as_tensor(region_ids(out.input_ids.numpy(), prompt_len, marker)),
@@ -35,8 +37,6 @@ def region_output(out, prompt_len: int, marker: int):
 
 def place(target, ce: torch.Tensor, start: int):
     """A region's target and CE put back at student rows ``start, start + 1, ...``; rows before are invalid."""
-    from stillroom.targets import SparseTarget
-
     k = target.ids.shape[-1]
     ids = torch.cat([torch.zeros(start, k, dtype=torch.long), torch.as_tensor(target.ids)])
     lp = torch.cat([torch.full((start, k), float("-inf")), torch.as_tensor(target.logprobs).float()])
@@ -78,8 +78,6 @@ def aligned_targets(teacher, batch: dict[str, Any]):
     """:class:`stillroom.teachers.kd.AlignedTeacher` on a completion batch: run its online source on its own
     rendering of each row, align the completion regions at byte level and project (``student_targets``);
     rows outside the completion are invalid (``nan`` CE). Returns ``(SparseTarget [B, T, k], CE [B, T])``."""
-    from stillroom.targets import stack_rows
-    from stillroom.tokenization.project import student_targets
 
     targets, ces = [], []
     for out, sid, sp in _regions(teacher, batch):
@@ -96,7 +94,6 @@ def aligned_regions(teacher, batch: dict[str, Any]) -> list[tuple[Any, Any]]:
     """An ALM / ULD teacher (:class:`stillroom.teachers.objectives.ObjectiveTeacher`) on a completion batch: per row,
     (its output over its own rendering cut to the completion region, the byte alignment of that region with
     the student's, teacher as source). Region token i of the student is row token ``prompt_len - 1 + i``."""
-    from stillroom.tokenization.align import align
 
     return [(out, align(out.input_ids.numpy(), sid, teacher.teacher_table, teacher.student_table))
             for out, sid, _ in _regions(teacher, batch)]

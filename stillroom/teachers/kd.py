@@ -18,6 +18,7 @@ from stillroom.inputs.blocks import model_inputs
 from stillroom.models import runtime
 from stillroom.targets import SparseTarget, stack_rows
 from stillroom.teachers import completion
+from stillroom.tokenization.project import student_targets
 
 
 class Teacher(Protocol):
@@ -82,8 +83,6 @@ class AlignedTeacher:
 
     @torch.no_grad()
     def targets(self, batch: dict[str, Any]) -> tuple[SparseTarget, torch.Tensor]:
-        from stillroom.tokenization.project import student_targets
-
         if "prompt_len" in batch:  # completion data: its own rendering, completion regions aligned
             return completion.aligned_targets(self, batch)
         outs = self.source.signal(batch["text"], batch["example_id"])

@@ -28,9 +28,13 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from stillroom.losses import alm_loss, token_logprobs, uld_loss
+from stillroom.losses.fused_linear import auto_chunk_size
 from stillroom.losses.own_logprob import own_logprobs
 from stillroom.targets import SparseTarget
+from stillroom.teachers.alm_fusion import fused_alm
 from stillroom.teachers.config import ObjectiveConfig
+from stillroom.tokenization.align import align
 
 
 @runtime_checkable
@@ -67,7 +71,6 @@ class ObjectiveTeacher:
         """Per batch row: (teacher output, alignment with the teacher as source and the student's unpadded ids).
         On a completion batch (``prompt_len``; :mod:`stillroom.inputs.chat`) both are the completion regions'
         (:func:`stillroom.teachers.completion.aligned_regions`: each model renders the prompt with its own template)."""
-        from stillroom.tokenization.align import align
 
         if "prompt_len" in batch:
             from stillroom.teachers.completion import aligned_regions
@@ -190,7 +193,6 @@ def student_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: t
                            chunk_size: int | None = None) -> torch.Tensor:
     """``[B, T]`` token-indexed log-probs of the student's own tokens (entry j from row j − 1; ``nan`` at 0 and
     where the label is -100), from ``hidden [B, T-1, H]`` chunk by chunk (:func:`own_logprobs`)."""
-    from stillroom.losses import token_logprobs
 
     B, R, H = hidden.shape
     rows = own_logprobs(hidden.reshape(-1, H), weight, labels[:, 1:].reshape(-1), chunk_size).view(B, R)
@@ -204,7 +206,6 @@ def alm_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, p
     own-token log-probs, and the teacher's, from ``gold_ce``; ``chunks``: (groups, masks) per row
     (:meth:`ObjectiveTeacher.chunks`; default the alignment groups, exact ones kept); ``offsets``: where each
     alignment starts in the student's row (:func:`region_offsets`)."""
-    from stillroom.losses import alm_loss, token_logprobs
 
     student = student_token_logprobs(hidden, weight, labels, config.chunk_size)
     if offsets is not None:
@@ -245,8 +246,6 @@ def uld_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, p
     logits at a time (each chunk recomputed in backward, so only one chunk × V exists at once)."""
     from torch.utils.checkpoint import checkpoint
 
-    from stillroom.losses import uld_loss
-    from stillroom.losses.fused_linear import auto_chunk_size
 
     b, s, tgt = uld_pairs(pairs, labels, offsets)
     dev = hidden.device
@@ -287,9 +286,6 @@ class FusedALM:
 
     def loss_sum(self, hidden: torch.Tensor, weight: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """w · Σ over the batch rows of the fused ALM term."""
-        from stillroom.losses import token_logprobs
-        from stillroom.teachers.alm_fusion import fused_alm
-
         c = self.config
         student = student_token_logprobs(hidden, weight, batch["labels"], c.chunk_size)
         pairs = [m.aligned(batch) for m in self.members]  # [teacher][row] -> (out, alignment)

@@ -20,14 +20,15 @@ import torch
 
 from stillroom.errors import ConfigError, DataError
 from stillroom.models.loading import check_device, load_causal_lm, load_tokenizer, resolve_model
+from stillroom.models.precision import auto_dtype, parse_dtype
 from stillroom.models.runtime import forward_accepts, freeze_teacher, frozen
 from stillroom.targets import TeacherOutput
 from stillroom.tokenization.special import pad_id
+from stillroom.tokenization.tokens import TokenTable
 
 
 class TeacherSignal(Protocol):
     """What the trainer needs from a teacher, online or cached."""
-
     top_k: int
     temperature: float
     teacher_hash: str
@@ -39,8 +40,6 @@ class TeacherSignal(Protocol):
 
 def tokenizer_hash(tokenizer) -> str:
     """Content hash of a tokenizer (``TokenTable.hash``: tokenizer JSON including added tokens)."""
-    from stillroom.tokenization.tokens import TokenTable
-
     return TokenTable.from_tokenizer(tokenizer).hash
 
 
@@ -53,10 +52,10 @@ def teacher_hash(model_or_dir) -> str:
     otherwise its config and parameter bytes are hashed.
     """
     if isinstance(model_or_dir, (str, os.PathLike)):
-        return _dir_hash(Path(model_or_dir))
+        return dir_hash(Path(model_or_dir))
     src = getattr(model_or_dir, "name_or_path", "") or ""
     if src and Path(src).is_dir() and list(Path(src).glob("*.safetensors")):
-        return _dir_hash(Path(src))
+        return dir_hash(Path(src))
     h = hashlib.sha256(model_or_dir.config.to_json_string(use_diff=False).encode())
     for name, t in model_or_dir.state_dict().items():
         h.update(name.encode())
@@ -64,7 +63,7 @@ def teacher_hash(model_or_dir) -> str:
     return h.hexdigest()
 
 
-def _dir_hash(path: Path) -> str:
+def dir_hash(path: Path) -> str:
     files = sorted(path.glob("*.safetensors"))
     if not (path / "config.json").exists() or not files:
         raise FileNotFoundError(f"teacher folder {path} needs config.json and *.safetensors weights")
@@ -111,7 +110,7 @@ class OnlineTeacher:
             model = resolve_model(model, "teacher")  # a .gguf file: its converted folder (converted once)
             device = check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
             tokenizer = tokenizer or load_tokenizer(model, "teacher")
-            self.teacher_hash = _dir_hash(Path(model))
+            self.teacher_hash = dir_hash(Path(model))
             model = load_causal_lm(model, "teacher", dtype=_pick_dtype(dtype, device), device=device,
                                    tokenizer=tokenizer)
         else:
@@ -254,6 +253,4 @@ def topk_logsumexp(z: torch.Tensor, k: int, tau: float = 1.0, *, rows: int = 32,
 
 def _pick_dtype(dtype: str, device: torch.device):
     """``auto``: measured by :func:`stillroom.models.precision.auto_dtype` (bf16 only where this machine runs it faster)."""
-    from stillroom.models.precision import auto_dtype, parse_dtype
-
     return auto_dtype(device, parse_dtype(dtype, "--dtype"))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from stillroom.targets import SparseTarget, TeacherOutput
-from stillroom.tokenization.align import Alignment
+from stillroom.tokenization.align import Alignment, align
 
 
 def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab_map, student_ids, *,
@@ -25,7 +25,6 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
     Causal shift: teacher row ``i`` predicts teacher token ``i+1``; output row ``j`` is the target of the
     student logits that predict student token ``j+1``. So for a group starting at teacher token ``i0`` and
     student token ``j0`` (same text before both), student row ``j0-1`` gets teacher row ``i0-1``:
-
     - 1-to-1 group: ``p_s(v) = sum_{c: map(c) = v} p_t(c)`` over the teacher's top-k ``c`` (duplicates summed,
       ``map`` = ``vocab_map.masked_mapping`` (a :class:`~stillroom.tokenization.vocab.VocabMap`, source -> target) or
       ``vocab_map.mapping`` / an int array; ids mapped to ``-1`` move their mass to the tail);
@@ -53,7 +52,6 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
     """
     import torch
 
-    from stillroom.targets import SparseTarget
 
     if fallback not in ("onehot", "bytes", "none", "prefix"):
         raise ValueError(f"project: fallback must be 'onehot', 'bytes', 'none' or 'prefix', got {fallback!r}")
@@ -196,7 +194,6 @@ def student_targets(out: TeacherOutput, student_ids, student_table=None, teacher
         if len(ce):
             ce[-1] = float("nan")
         return out.target(), ce
-    from stillroom.tokenization.align import align
 
     alignment = align(out.input_ids.numpy(), sid.numpy(), teacher_table, student_table)
     target = project(out.topk_ids, out.topk_logprobs, alignment, vocab_map, sid, fallback=fallback,

@@ -6,7 +6,6 @@ contributes to decoded text (from ``TokenTable``), so SentencePiece's ``<0x0A>``
 are the same byte ``0x0A`` and match exactly, and ``▁the`` matches ``Ġthe`` (both ``b" the"``).
 
 Rule (deterministic, and the one every reference in tests and ``bench/vocab.py`` uses):
-
     mapping[s] = argmin_t (lev(bytes[s], bytes[t]), t)       over candidate targets t
 
 i.e. the smallest byte Levenshtein distance (unit-cost insert/delete/substitute of one byte), ties broken by
@@ -43,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from stillroom import files
+from stillroom.files import atomic_write
 
 FORMAT_VERSION = "1"  # bump when the rule or the file layout changes; old files are then refused
 _NONE = np.iinfo(np.int64).max
@@ -361,7 +361,6 @@ class VocabMap:
         """Write a safetensors file (no pickle) holding the arrays and both tokenizers' hashes."""
         from safetensors.numpy import save_file
 
-        from stillroom.files import atomic_write
 
         path = Path(path)
         meta = {"format": "stillroom.vocab_map", "version": FORMAT_VERSION, "src_hash": self.src_hash,

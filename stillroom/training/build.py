@@ -11,7 +11,9 @@ from stillroom.models import precision
 from stillroom.models.loading import load_causal_lm
 from stillroom.teachers.kd import AlignedTeacher, SameTokenizerTeacher
 from stillroom.teachers.objectives import ObjectiveConfig, ObjectiveTeacher, objective_teacher
-from stillroom.tokenization.tokens import same_tokenizer
+from stillroom.tokenization.tokens import TokenTable, same_tokenizer
+from stillroom.tokenization.unbiased import BoundaryBias, unigram_probs
+from stillroom.tokenization.vocab import VocabMap
 from stillroom.training.data import sample_texts
 from stillroom.training.plan import Plan
 
@@ -31,8 +33,6 @@ def build_teachers(plan: Plan, device=None) -> list:
             model = load_causal_lm(spec.path, f"teachers.{i}.path", tokenizer=tok, dtype=dtype)
             teachers.append(SameTokenizerTeacher(model, recipe.fusion.top_k, recipe.loss.temperature, name))
             continue
-        from stillroom.tokenization.tokens import TokenTable
-        from stillroom.tokenization.vocab import VocabMap
 
         s_table, t_table = TokenTable.from_tokenizer(student_tok), TokenTable.from_tokenizer(tok)
         vmap = VocabMap.cached(t_table, s_table)
@@ -53,7 +53,6 @@ def build_teachers(plan: Plan, device=None) -> list:
 def build_teacher(spec, index: int, student_tok, teacher_tok, recipe) -> ObjectiveTeacher:
     """The recipe's ``teachers[index]`` with ``objective: alm | uld``: online (top-1 is enough for ALM, which
     reads only ``gold_ce``) or from its cache."""
-    from stillroom.tokenization.tokens import TokenTable
 
     if spec.cache is not None:
         from stillroom.teachers.cache import CachedTeacher
@@ -79,7 +78,6 @@ def build_teacher(spec, index: int, student_tok, teacher_tok, recipe) -> Objecti
 def bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, threshold: float, sample_chars: int = 1_000_000):
     """The unbiased-boundary rule of a teacher/student pair, with unigram probabilities counted on the first
     ``sample_chars`` characters of the training data (``stillroom.tokenization.unbiased``)."""
-    from stillroom.tokenization.unbiased import BoundaryBias, unigram_probs
 
     texts, n = [], 0
     for text in sample_texts(recipe):

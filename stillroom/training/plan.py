@@ -23,6 +23,7 @@ from stillroom.inputs.chat import load_examples
 from stillroom.inputs.text import iter_texts, load_texts, text_sha
 from stillroom.models.loading import check_vocab_fits, load_tokenizer, model_context, resolve_model
 from stillroom.models.student import student_tokenizer
+from stillroom.teachers.cache import CachedTeacher
 from stillroom.tokenization.tokens import same_tokenizer
 from stillroom.training import switches
 from stillroom.training.data import streaming_blocks, training_blocks
@@ -104,7 +105,6 @@ def make_plan(recipe: Recipe | dict | str | os.PathLike, overrides: Sequence[str
 def _check_cache(recipe, spec, i: int, student_tok) -> None:
     """The cache must have been built for this teacher (weights and tokenizer hashes) and temperature, over the
     recipe's training blocks (``train --export-blocks``): every block's id must be in it, with the same text."""
-    from stillroom.teachers.cache import CachedTeacher
 
     key = f"teachers.{i}.cache"
     try:

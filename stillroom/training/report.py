@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from stillroom.models.student import describe_student
+
 Series = dict[str, tuple[list[float], list[float]]]
 
 
@@ -108,7 +110,6 @@ def card_metadata(recipe) -> dict:
 def model_card(recipe, metrics: dict, n_blocks: int | str, student=None) -> str:
     import yaml
 
-    from stillroom.models.student import describe_student
 
     teachers = "\n".join(f"- `{t.path}`" + (f" (offline cache `{t.cache}`)" if t.cache else "")
                          for t in recipe.teachers) or "- none (plain CE / EMO)"

@@ -1,7 +1,6 @@
 """Distillation and multi-teacher fusion on ``transformers.Trainer``.
 
 The loss (FuseLLM, Wan et al. 2024, eq. 4) per student position i that has a gold next token:
-
     L = (1/N) * sum_i [ λ · CE(y_i, q_i) + (1 − λ) · D(p_fused,i ‖ q_i) · valid_i ]
 
 with N the number of labelled positions in the *whole* optimizer step (all micro-batches, all ranks), so
@@ -12,7 +11,6 @@ batch × sequence × vocabulary tensor is built.
 
 Everything else — checkpoints, resume, logging backends, accelerate / DeepSpeed / FSDP — is the Hugging Face
 ``Trainer``'s. Usable from a script::
-
     blocks = make_blocks(load_texts("corpus.txt"), student_tok, seq_len=128)
     teachers = [SameTokenizerTeacher(teacher_model, top_k=10)]
     trainer = DistillTrainer(model=student, args=TrainingArguments(...), train_dataset=BlockDataset(blocks),
@@ -30,6 +28,8 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from stillroom import losses
+from stillroom.evaluation import document_sums as score
 from stillroom.inputs import chat
 from stillroom.inputs.blocks import (
     model_inputs,
@@ -171,7 +171,6 @@ class DistillTrainer(Trainer):
         """Σ over labelled positions of λ·CE + (1−λ)·D (not yet divided by N). In training with λ < 1 or EMO,
         Σ CE alone goes to ``_step_ce`` (from the same chunked pass; EMO: one more head pass, no gradient):
         logged as ``ce``, with ``kd`` = (loss − λ·ce) / (1 − λ)."""
-        from stillroom import losses
 
         hidden = _last_hidden(model, inputs)[:, :-1]
         labels = inputs["labels"][:, 1:]
@@ -247,7 +246,6 @@ class DistillTrainer(Trainer):
         exactly as ``stillroom eval`` scores them (:func:`stillroom.evaluation.evaluate`: whole documents, first
         token conditioned on BOS, sliding windows over the model's context), so the two numbers agree; of
         completion tokens and bytes for :class:`stillroom.inputs.chat.Example` s (:func:`~stillroom.evaluation.completion_sums`)."""
-        from stillroom.evaluation import document_sums as score
 
         docs = eval_dataset if eval_dataset is not None else self.eval_dataset
         if docs is None:
