@@ -3,7 +3,7 @@ without, and the compile time it costs first.
 
     flock /tmp/stillroom-heavy.lock python -m bench.compile [--steps 5] [--batch 4] [--seq 256]
 
-The step is the trainer's plain-CE step: the student's forward up to its last hidden states (``_last_hidden``,
+The step is the trainer's plain-CE step: the student's forward up to its last hidden states (``last_hidden``,
 as :class:`stillroom.training.trainer.DistillTrainer` runs it), the chunked fused-linear CE, backward and an AdamW step.
 Students: a tiny GPT-2 (2 layers, 128 wide, the fixture tokenizer's vocabulary) and, when SmolLM2-135M is
 converted here (``stillroom models get smollm2-135m-instruct``), the student cut from it to 6 of its 30 layers
@@ -25,7 +25,7 @@ from stillroom import losses
 from stillroom.models.registry import converted_folder
 from stillroom.training import switches
 from stillroom.training.recipe import TrainSpec
-from stillroom.training.trainer import _last_hidden
+from stillroom.training.trainer import last_hidden
 
 CUT_LAYERS = [0, 6, 12, 18, 24, 29]
 
@@ -61,7 +61,7 @@ def make_step(model, compile_: bool, batch: int, seq: int):
 
     def step() -> float:
         start = time.perf_counter()
-        h = _last_hidden(model, inputs)[:, :-1].reshape(-1, weight.shape[1])
+        h = last_hidden(model, inputs)[:, :-1].reshape(-1, weight.shape[1])
         loss = losses.fused_linear_distill_loss(h, weight, labels=ids[:, 1:].reshape(-1), ce_weight=1.0)
         loss.backward()
         opt.step()

@@ -199,7 +199,7 @@ def build_caches(args, data: dict[str, str], out: Path, top1: bool = False) -> d
 
     from stillroom.teachers.cache import write_cache
     from stillroom.teachers.online import OnlineTeacher
-    from stillroom.training.build import export_training_blocks
+    from stillroom.training.data import export_training_blocks
     from stillroom.training.recipe import load_recipe
 
     src = cache_source(args, out)

@@ -46,7 +46,7 @@ from stillroom.training.recipe import FusionSpec, LossSpec
 # --- the trainer --------------------------------------------------------------------------------------------
 
 
-def _last_hidden(model, inputs: dict[str, Any]) -> torch.Tensor:
+def last_hidden(model, inputs: dict[str, Any]) -> torch.Tensor:
     """The student's final hidden states (input of ``lm_head``), taken by a hook on the base model while the
     forward goes through the (possibly DDP/FSDP-wrapped) model with ``logits_to_keep=1``: the full logits are
     never materialised and the wrapper's gradient hooks still run."""
@@ -172,7 +172,7 @@ class DistillTrainer(Trainer):
         Σ CE alone goes to ``_step_ce`` (from the same chunked pass; EMO: one more head pass, no gradient):
         logged as ``ce``, with ``kd`` = (loss − λ·ce) / (1 − λ)."""
 
-        hidden = _last_hidden(model, inputs)[:, :-1]
+        hidden = last_hidden(model, inputs)[:, :-1]
         labels = inputs["labels"][:, 1:]
         H = hidden.shape[-1]
         weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight
@@ -200,7 +200,7 @@ class DistillTrainer(Trainer):
         t0 = self.teachers[0]
         if len(self.teachers) == 1 and isinstance(t0, SameTokenizerTeacher) and t0.top_k is None:
             with runtime.frozen():
-                th = _last_hidden(t0.model, inputs)[:, :-1]
+                th = last_hidden(t0.model, inputs)[:, :-1]
             tw = self.accelerator.unwrap_model(t0.model).get_output_embeddings().weight
             total = losses.fused_linear_distill_loss(
                 h, weight, teacher_hidden=th.reshape(h.shape[0], -1), teacher_weight=tw, labels=y,
