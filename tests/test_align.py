@@ -453,3 +453,60 @@ def test_gemma_space_runs_align_with_byte_level_spaces(shared_tokenizer):
     assert al.exact.all() and al.exact_fraction == 1.0
     for s0, s1, t0, t1 in al.groups.tolist():  # each group: the same text by both tokenizers' own decoders
         assert tg.decode(a[s0:s1]) == tl.decode(b[t0:t1])
+
+
+def test_projection_next_bytes_hand_checked(shared_tokenizer):
+    """``next_bytes`` on "year 1850." (llama3 teacher, qwen2.5 student): inside the 185 = 1|8|5 group, each row
+    gets the teacher's belief about the next bytes given the digits the group already spelled.
+
+    Teacher row 1 (after "year Ġ") says: "b" 0.5, "185" 0.3, "18" 0.1, tail 0.1.
+    row 1 -> "1" (group start): as ``prefix``: b 0.5, "1" 0.3 + 0.1 (both begin with "1"), tail 0.1;
+    row 2 -> "8" (pre "1"): "185" and "18" continue "1" with "85" / "8", both begin with "8": mass 0.4;
+        nothing ends inside "1"; Z = 0.4 + tail 0.1 → "8" 0.8, tail 0.2;
+    row 3 -> "5" (pre "18"): "185" continues with "5" (0.3); "18" ends exactly at "18" (0.1: unknown what
+        follows) and the tail (0.1) stay in the tail; Z = 0.5 → "5" 0.6, tail 0.4.
+    """
+    (tl, L), (tq, Q) = tok_and_table(shared_tokenizer, "llama3"), tok_and_table(shared_tokenizer, "qwen2.5")
+    a, b = tl("year 1850.").input_ids, tq("year 1850.").input_ids
+    assert tl.convert_ids_to_tokens(a)[-5:] == ["year", "Ġ", "185", "0", "."]
+    al = align(a, b, L, Q)
+    t, q = tl.convert_tokens_to_ids, tq.convert_tokens_to_ids
+    rows = [("a", "Ġ", "c"), ("b", "185", "18"), ("c", "0", "d"), ("d", ".", "e"), ("e", "year", "f")]
+    t_ids = torch.tensor([[t(x) for x in r] for r in rows])
+    t_lp = torch.log(torch.tensor([[0.5, 0.3, 0.1]] * 5))
+    tail = torch.full((5,), 0.1)
+    out = project(t_ids, t_lp, al, np.zeros(L.vocab_size, np.int64), b, fallback="next_bytes", teacher_tail=tail)
+
+    def row(j):
+        return {i: round(p, 6) for i, p in zip(out.ids[j].tolist(), out.logprobs[j].exp().tolist(), strict=True)
+                if p > 0}
+
+    assert row(1) == {q("b"): 0.5, q("1"): 0.4} and abs(float(out.tail[1]) - 0.1) < 1e-6
+    assert row(2) == {q("8"): 0.8} and abs(float(out.tail[2]) - 0.2) < 1e-6
+    assert row(3) == {q("5"): 0.6} and abs(float(out.tail[3]) - 0.4) < 1e-6
+    assert row(0) == {q("a"): 0.5, q("Ġ"): 0.3, q("c"): 0.1}  # 1-to-1 rows: as prefix
+    prefix = project(t_ids, t_lp, al, np.zeros(L.vocab_size, np.int64), b, fallback="prefix", teacher_tail=tail)
+    for j in (0, 1, 4, 5):
+        assert torch.equal(out.ids[j], prefix.ids[j]) and torch.allclose(out.logprobs[j], prefix.logprobs[j])
+    assert out.valid.tolist() == [True] * 6 + [False]
+    # no teacher candidate continues "1" in the group: the row falls back (one-hot, or invalid without fill)
+    t_ids[1] = torch.tensor([t("b"), t("c"), t("d")])
+    none = project(t_ids, t_lp, al, np.zeros(L.vocab_size, np.int64), b, fallback="next_bytes", teacher_tail=tail,
+                   fill=False)
+    assert none.valid.tolist() == [True, True, False, False, True, True, False]
+
+
+def test_projection_next_bytes_keeps_every_row_a_distribution(shared_tokenizer):
+    """On real text across tokenizer families, every valid row's kept mass plus tail is 1."""
+    text = "Tokyo 東京, naïve café 1850! The quick brown fox — jumped over 12,345 lazy dogs.\n\tdone"
+    (tg, G), (ts, S) = tok_and_table(shared_tokenizer, "gemma3"), tok_and_table(shared_tokenizer, "qwen2.5")
+    a, b = tg(text).input_ids, ts(text).input_ids
+    al = align(a, b, G, S)
+    rng = np.random.default_rng(0)
+    t_ids = torch.tensor(rng.integers(0, G.vocab_size, size=(len(a), 8)))
+    t_ids[:-1, 0] = torch.tensor(a[1:])  # the true next token among the candidates
+    p = torch.tensor(rng.dirichlet(np.ones(9), size=len(a))[:, :8], dtype=torch.float32)
+    out = project(t_ids, p.log(), al, np.zeros(G.vocab_size, np.int64), b, fallback="next_bytes")
+    total = out.logprobs.exp().sum(1) + out.tail
+    assert torch.allclose(total[out.valid], torch.ones(int(out.valid.sum())), atol=1e-5)
+    assert int(out.valid.sum()) == len(b) - 1

@@ -15,6 +15,9 @@ import torch
 
 from stillroom.targets import SparseTarget, TeacherOutput
 from stillroom.tokenization.align import Alignment, align
+from stillroom.tokenization.vocab import first_token, prefix_map
+
+FALLBACKS = ("onehot", "bytes", "none", "prefix", "next_bytes")
 
 
 def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab_map, student_ids, *,
@@ -40,6 +43,16 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
       with) instead of ``vocab_map``: both sides predict the bytes that start at the same offset, so this moves
       the teacher's belief about the next bytes onto the student token that begins them. Inside a multi-token
       student group, one-hot as above.
+      ``"next_bytes"`` — ``prefix`` at every group start, and inside a multi-token student group the teacher's
+      belief about the next bytes *given the bytes the group's earlier student tokens already spelled*
+      (``pre``), from the same teacher row ``i0-1``: with ``p_t(c)`` over the top-k,
+
+          p_s(v | pre) = Σ_{c : bytes(c) = pre + r, first(r) = v} p_t(c) / Z,
+          Z = Σ_{c : bytes(c) starts with pre, longer} p_t(c) + Σ_{c : bytes(c) a prefix of pre} p_t(c) + tail_t
+
+      (``first(r)``: the longest student token ``r`` starts with, :func:`~stillroom.tokenization.vocab.first_token`;
+      candidates that end inside ``pre`` and the teacher's tail stay in the tail: the teacher said nothing about
+      what follows them). A row whose candidates never extend ``pre`` falls back to one-hot.
 
     ``fill=False`` marks the rows that would get the one-hot gold ``valid=False`` instead: they carry no teacher
     knowledge, so a fusion of several teachers should take them from a teacher that has a distribution there
@@ -50,11 +63,8 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
     Returns a :class:`~stillroom.targets.SparseTarget` with leading dim ``len(student_ids)`` and the
     teacher's ``k`` (one-hot rows are padded: id 0, log-prob ``-inf``).
     """
-    import torch
-
-
-    if fallback not in ("onehot", "bytes", "none", "prefix"):
-        raise ValueError(f"project: fallback must be 'onehot', 'bytes', 'none' or 'prefix', got {fallback!r}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"project: fallback must be one of {', '.join(map(repr, FALLBACKS))}, got {fallback!r}")
     t_ids = _numpy(teacher_topk_ids).astype(np.int64)
     t_lp = _numpy(teacher_topk_logprobs, np.float64)
     if t_ids.ndim != 2 or t_ids.shape != t_lp.shape:
@@ -73,9 +83,7 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
         if h is not None and h != table.hash:
             raise ValueError(f"project: vocab_map was built for other tokenizers ({side} {h} != {table.hash}); "
                              "build it with VocabMap.build(teacher_table, student_table)")
-    if fallback == "prefix":
-        from stillroom.tokenization.vocab import prefix_map
-
+    if fallback in ("prefix", "next_bytes"):
         mapping = prefix_map(alignment.src_table, alignment.tgt_table)
         if hasattr(vocab_map, "masked_mapping"):  # special tokens: as the vocabulary map says
             special = np.asarray(alignment.src_table.is_special, bool)
@@ -104,7 +112,7 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
     starts = g[(g[:, 3] > g[:, 2]) & (g[:, 2] >= 1)]  # groups with student tokens, not at position 0
     one = ((starts[:, 1] - starts[:, 0]) == 1) & ((starts[:, 3] - starts[:, 2]) == 1) & (starts[:, 0] >= 1)
     src_row[starts[one, 2] - 1] = starts[one, 0] - 1
-    if fallback in ("bytes", "prefix"):
+    if fallback in ("bytes", "prefix", "next_bytes"):
         multi = ~one & (starts[:, 1] > starts[:, 0]) & (starts[:, 0] >= 1)
         src_row[starts[multi, 2] - 1] = starts[multi, 0] - 1
         use_bytes[starts[multi, 2] - 1] = fallback == "bytes"
@@ -148,6 +156,8 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
         out_ids[rows[u_row], slot] = uniq % V_s
         out_p[rows[u_row], slot] = mass
         out_tail[rows] = tail_t[src_row[rows]] + lost
+    if fallback == "next_bytes":
+        _inside_groups(out_ids, out_p, out_tail, transfer, g, t_ids, probs_t, tail_t, s_ids, alignment)
     onehot = valid & ~transfer
     if fallback == "none" or not fill:
         valid &= ~onehot
@@ -162,6 +172,47 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
         logp = np.where(out_p > 0, np.log(np.where(out_p > 0, out_p, 1.0)), -np.inf)
     return SparseTarget(ids=torch.from_numpy(out_ids), logprobs=torch.from_numpy(logp.astype(np.float32)),
                         tail=torch.from_numpy(out_tail.astype(np.float32)), valid=torch.from_numpy(valid))
+
+
+def _inside_groups(out_ids, out_p, out_tail, transfer, groups, t_ids, probs_t, tail_t, s_ids, alignment) -> None:
+    """``next_bytes`` on the rows inside multi-token student groups (see :func:`project`): fills the rows in place
+    and marks them in ``transfer``."""
+    st, tt = alignment.src_table, alignment.tgt_table
+    first = first_token(tt)
+    s_stream, s_off = tt.pieces(s_ids)
+    s_bytes = s_stream.tobytes()
+    k = t_ids.shape[1]
+    for i0, _i1, j0, j1 in groups.tolist():
+        if j1 - j0 < 2 or i0 < 1:
+            continue
+        row = i0 - 1
+        cand = [(st.token_bytes[c], p) for c, p in zip(t_ids[row].tolist(), probs_t[row].tolist(), strict=True)]
+        for j in range(j0 + 1, j1):
+            r = j - 1  # the row predicting student token j
+            if r >= len(out_tail) - 1:
+                continue
+            pre = s_bytes[s_off[j0]:s_off[j]]
+            mass: dict[int, float] = {}
+            unknown = tail_t[row]
+            for b, p in cand:
+                if len(b) > len(pre) and b.startswith(pre):
+                    v = first(b[len(pre):])
+                    if v >= 0:
+                        mass[v] = mass.get(v, 0.0) + p
+                    else:
+                        unknown += p
+                elif b and pre.startswith(b):
+                    unknown += p
+            if not mass:
+                continue
+            z = sum(mass.values()) + unknown
+            ids = sorted(mass, key=mass.get, reverse=True)[:k]
+            out_ids[r, :] = 0
+            out_p[r, :] = 0.0
+            out_ids[r, :len(ids)] = ids
+            out_p[r, :len(ids)] = [mass[v] / z for v in ids]
+            out_tail[r] = 1.0 - sum(mass[v] for v in ids) / z
+            transfer[r] = True
 
 
 def _numpy(x, dtype=None) -> np.ndarray:

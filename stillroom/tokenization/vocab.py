@@ -444,21 +444,38 @@ def prefix_map(src_table, tgt_table) -> np.ndarray:
     key = (src_table.hash, tgt_table.hash)
     if key in _PREFIX_MAPS:
         return _PREFIX_MAPS[key]
-    tgt_special = np.asarray(tgt_table.is_special, bool)
-    by_bytes: dict[bytes, int] = {}
-    for i, b in enumerate(tgt_table.token_bytes):
-        if b and not tgt_special[i] and b not in by_bytes:
-            by_bytes[b] = i
-    longest = max((len(b) for b in by_bytes), default=0)
+    first = first_token(tgt_table)
     src_special = np.asarray(src_table.is_special, bool)
     out = np.full(src_table.vocab_size, -1, dtype=np.int64)
     for i, b in enumerate(src_table.token_bytes):
-        if not b or src_special[i]:
-            continue
-        for n in range(min(len(b), longest), 0, -1):
-            t = by_bytes.get(b[:n])
-            if t is not None:
-                out[i] = t
-                break
+        if b and not src_special[i]:
+            out[i] = first(b)
     _PREFIX_MAPS[key] = out
     return out
+
+
+_FIRST: dict[str, Callable[[bytes], int]] = {}
+
+
+def first_token(table) -> Callable[[bytes], int]:
+    """``f(data) ->`` the longest ordinary token of ``table`` whose bytes ``data`` starts with (the smallest id
+    among tokens with the same bytes), -1 when none: greedy longest match standing in for the tokenizer's first
+    token of ``data``. Built once per table."""
+    if table.hash in _FIRST:
+        return _FIRST[table.hash]
+    special = np.asarray(table.is_special, bool)
+    by_bytes: dict[bytes, int] = {}
+    for i, b in enumerate(table.token_bytes):
+        if b and not special[i] and b not in by_bytes:
+            by_bytes[b] = i
+    longest = max((len(b) for b in by_bytes), default=0)
+
+    def first(data: bytes) -> int:
+        for n in range(min(len(data), longest), 0, -1):
+            t = by_bytes.get(data[:n])
+            if t is not None:
+                return t
+        return -1
+
+    _FIRST[table.hash] = first
+    return first

@@ -129,10 +129,11 @@ class FusionSpec(_Strict):
     weight_temperature: float = Field(1.0, gt=0.0)
     include_student: bool = Field(False, description="FuseLLM: the student's own initial distribution (a frozen "
                                   "copy of its starting weights) is one more fusion candidate")
-    projection: Literal["onehot", "bytes", "prefix", "none"] = Field(
+    projection: Literal["onehot", "bytes", "prefix", "next_bytes", "none"] = Field(
         "onehot", description="how teacher mass reaches the student vocabulary: 'onehot' (FuseLLM), 'bytes', "
-        "'prefix' (longest student token each teacher token starts with); 'none' = teachers share the student "
-        "tokenizer")
+        "'prefix' (longest student token each teacher token starts with), 'next_bytes' (prefix, and inside a "
+        "multi-token student group the teacher's next bytes given those already spelled); 'none' = teachers "
+        "share the student tokenizer")
 
 
 class TrainSpec(_Strict):
