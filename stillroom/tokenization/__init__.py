@@ -9,6 +9,9 @@ Contract: ids in, arrays out; no model, no training. Depends on numpy, torch (pr
 - ``project``: :func:`project`, :func:`student_targets` — a teacher's top-k moved onto the student's positions;
 - ``unbiased``: ALM's unbiased chunk boundaries;
 - ``special``: which special token pads a batch (:func:`pad_id`) or starts a document (:func:`separator_id`).
+
+``align`` and ``project`` share their modules' names, so import them from there (or ``from stillroom import
+align, project``).
 """
 
 from stillroom.exports import lazy
@@ -17,11 +20,9 @@ _EXPORTS = {
     "TokenTable": "stillroom.tokenization.tokens",
     "same_tokenizer": "stillroom.tokenization.tokens",
     "Alignment": "stillroom.tokenization.align",
-    "align": "stillroom.tokenization.align",
     "VocabMap": "stillroom.tokenization.vocab",
     "min_edit_distance_map": "stillroom.tokenization.vocab",
     "prefix_map": "stillroom.tokenization.vocab",
-    "project": "stillroom.tokenization.project",
     "student_targets": "stillroom.tokenization.project",
     "BoundaryBias": "stillroom.tokenization.unbiased",
     "unbiased_chunks": "stillroom.tokenization.unbiased",

@@ -1,4 +1,4 @@
-"""stillroom.training.plan.check_recipe: what `train --check` knows before any model loads — accepting what works."""
+"""stillroom.training.plan.make_plan: what `train --check` knows before any model loads — accepting what works."""
 
 from __future__ import annotations
 

@@ -63,3 +63,32 @@ def test_check_output_dir_reuses_only_empty_or_marked_folders(tmp_path):
         check_output_dir(tmp_path / "theirs", "--out", marker="plan.json")
     with pytest.raises(OutputExistsError, match="is an existing file"):
         check_output_dir(tmp_path / "theirs" / "notes.txt", "--out", marker="plan.json")
+
+
+def test_cache_dir_is_one_rule(tmp_path, monkeypatch):
+    from stillroom.files import cache_dir
+
+    monkeypatch.setenv("STILLROOM_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c" and cache_dir("models") == tmp_path / "c" / "models"
+    monkeypatch.delenv("STILLROOM_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir("vocab") == tmp_path / "home" / ".cache" / "stillroom" / "vocab"
+
+
+def test_atomic_write_fsyncs_the_file_and_then_its_folder(tmp_path, monkeypatch):
+    """Durable: the data is on disk before the rename, and the rename itself once the folder is synced."""
+    import stat
+
+    from stillroom import files
+
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    files.atomic_write(tmp_path / "a" / "x.json", "{}")
+    assert synced == ["file", "dir"] and (tmp_path / "a" / "x.json").read_text() == "{}"
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.json"]  # no temporary left
