@@ -68,7 +68,7 @@ def machine() -> str:
 
 
 def cpu_line() -> str:
-    """The machine a number was measured on, for docs/benchmarks.md: CPU model (as lscpu names it), whether it has
+    """The machine a number was measured on, for the pages of docs/benchmarks/: CPU model (as lscpu names it), whether it has
     the instructions that decide bf16 speed, torch version and threads."""
     import torch
 

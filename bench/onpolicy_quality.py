@@ -22,7 +22,7 @@ every arm with the same steps, batch, lr, schedule and seed, on the prompts of `
 
 Rows of a sampled batch that no teacher distribution reaches stay out of the loss (``stillroom.training.onpolicy``: the
 one-hot *gold next token* FuseLLM fills in elsewhere would be the student's own sample there, training it to
-repeat itself). Runs before that fix (session 6, ``docs/benchmarks.md``) had that self-fill and collapsed.
+repeat itself). Runs before that fix (2026-12-02, ``docs/benchmarks/onpolicy_quality.md``, History) had that self-fill and collapsed.
 
 Every arm uses the generalised JSD (β = 0.5, no CE term: GKD's loss) against the teacher's top-10 distribution
 aligned at byte level to the student's tokens (projection ``prefix``).

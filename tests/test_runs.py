@@ -1,5 +1,6 @@
-"""stillroom.training.runs: guarded output folders, Ctrl-C and resume, the loss parts in metrics.jsonl, like-with-like
-plots, the model card's front matter, and the generated results table of docs/benchmarks.md."""
+"""stillroom.training.runs, callbacks and report: guarded output folders, Ctrl-C and resume, the loss parts in
+metrics.jsonl, like-with-like plots, the model card's front matter, and the generated results table of
+docs/benchmarks.md (from the pages under docs/benchmarks/)."""
 
 from __future__ import annotations
 
@@ -280,7 +281,7 @@ def test_model_card_front_matter(tiny_models, data_dir, tmp_path):
     assert "base_model" not in meta  # a student built from scratch has no base model
 
 
-# --- docs/benchmarks.md -------------------------------------------------------------------------------------
+# --- docs/benchmarks.md and docs/benchmarks/ -----------------------------------------------------------------
 
 
 def test_benchmarks_results_table_is_generated_from_its_sections():
@@ -289,20 +290,33 @@ def test_benchmarks_results_table_is_generated_from_its_sections():
     spec = importlib.util.spec_from_file_location("results_table", ROOT / "scripts" / "results_table.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    pages = mod.load_pages()  # exactly the pages the script lists
+    assert sorted(pages) == sorted(p.stem for p in (ROOT / "docs" / "benchmarks").glob("*.md"))
     text = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
-    assert mod.rewrite(text) == text, "run: python scripts/results_table.py"
-    rows = mod.results_rows(text)
-    sections = re.findall(r"^### .*\(`bench/(\w+)\.py`\)", text, flags=re.M)
-    assert [r["benchmark"] for r in rows] == sections and len(rows) >= 5
-    for r, (_, _, body) in zip(rows, mod.sections(text), strict=True):
-        # every number of the headline is one the section measured (it appears outside the headline line too)
+    assert mod.rewrite(text, pages) == text, "run: python scripts/results_table.py"
+    assert not re.search(r"^#+ .*\(`bench/", text, flags=re.M)  # the short page holds no benchmark section
+    rows = mod.results_rows(pages)
+    sections = [(page, name) for page in mod.PAGES
+                for name in re.findall(r"^## .*\(`bench/(\w+)\.py`\)$", pages[page], flags=re.M)]
+    assert [r["benchmark"] for r in rows] == [name for _, name in sections] and len(rows) >= 5
+    assert all(page == name for page, name in sections)  # every section sits on its benchmark's page
+    for page, body in pages.items():  # every page ends with its earlier runs
+        assert re.findall(r"^## .*$", body, flags=re.M)[-1] == "## History", page
+    for r, (_, link, body) in zip(rows, mod.sections(pages), strict=True):
+        # the link names a heading of its page
+        file, anchor = link.split("#")
+        headings = re.findall(r"^#+ (.*)$", (ROOT / "docs" / file).read_text(encoding="utf-8"), flags=re.M)
+        assert anchor in {mod.anchor(h) for h in headings}, link
+        # every number of the headline is one the section measured (it appears outside the headline line too,
+        # and above the page's History)
+        assert "## History" not in body
         rest = "\n".join(line for line in body.splitlines() if not line.startswith("Headline:"))
         numbers = re.findall(r"\d[\d,]*(?:\.\d+)?", r["median"] + " " + r["ratio"].split()[0])
         assert numbers and all(n in rest for n in numbers), (r["benchmark"], numbers)
         assert r["command"] in body
     # a stale table is detected and rewritten
     stale = text.replace(rows[0]["median"] + " |", "0 / 0 |", 1)
-    assert stale != text and mod.rewrite(stale) == text
+    assert stale != text and mod.rewrite(stale, pages) == text
 
 
 # --- progress -----------------------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def student_precision(name: str = "auto", device: str | torch.device | None = No
     ``auto``: bf16 where :func:`auto_dtype` picks bf16 (a GPU with bf16, a CPU measured faster at it), else fp32.
     fp16 on CPU is refused: its 5-bit exponent needs loss scaling against underflowing gradients, while bf16 keeps
     fp32's range and is at least as fast on every CPU with half-precision kernels (on CPUs without, both are
-    emulated: a 512² matmul ran 14x slower than fp32 in either on the AMD EPYC of docs/benchmarks.md)."""
+    emulated: a 512² matmul ran 14x slower than fp32 in either on the AMD EPYC of docs/benchmarks/precision.md)."""
     device = torch.device(device) if device is not None else training_device()
     if name not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision: {name!r} is not a precision; use auto, fp32, bf16 or fp16")

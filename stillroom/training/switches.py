@@ -62,7 +62,7 @@ def check(recipe, config, device: str | torch.device | None = None) -> list[str]
                 raise ConfigError("train.compile: torch.compile on CPU needs a C++ compiler (c++, g++ or clang++) "
                                   "on PATH; install one (e.g. apt-get install g++) or set train.compile=false")
             warnings.append("train.compile: on CPU it measured slower (0.60-0.85x eager tokens/s on an AMD EPYC, "
-                            "docs/benchmarks.md) and its first compile takes minutes; set train.compile=false "
+                            "docs/benchmarks/compile.md) and its first compile takes minutes; set train.compile=false "
                             "unless you measured a gain on this machine")
     return [w for w in warnings if w]
 
