@@ -486,10 +486,12 @@ def test_projection_next_bytes_hand_checked(shared_tokenizer):
     assert row(3) == {q("5"): 0.6} and abs(float(out.tail[3]) - 0.4) < 1e-6
     assert row(0) == {q("a"): 0.5, q("Ġ"): 0.3, q("c"): 0.1}  # 1-to-1 rows: as prefix
     prefix = project(t_ids, t_lp, al, np.zeros(L.vocab_size, np.int64), b, fallback="prefix", teacher_tail=tail)
-    for j in (0, 1, 4, 5):
-        assert torch.equal(out.ids[j], prefix.ids[j]) and torch.allclose(out.logprobs[j], prefix.logprobs[j])
+    for j in (0, 1, 4, 5):  # the rows where the teacher's tokens are the student's: as prefix
+        want = {i: round(p, 6) for i, p in zip(prefix.ids[j].tolist(), prefix.logprobs[j].exp().tolist(),
+                                                strict=True) if p > 0}
+        assert row(j) == want and abs(float(out.tail[j] - prefix.tail[j])) < 1e-6
     assert out.valid.tolist() == [True] * 6 + [False]
-    # no teacher candidate continues "1" in the group: the row falls back (one-hot, or invalid without fill)
+    # no teacher candidate continues "1" inside the group: those rows fall back (one-hot, or invalid without fill)
     t_ids[1] = torch.tensor([t("b"), t("c"), t("d")])
     none = project(t_ids, t_lp, al, np.zeros(L.vocab_size, np.int64), b, fallback="next_bytes", teacher_tail=tail,
                    fill=False)
@@ -510,3 +512,35 @@ def test_projection_next_bytes_keeps_every_row_a_distribution(shared_tokenizer):
     total = out.logprobs.exp().sum(1) + out.tail
     assert torch.allclose(total[out.valid], torch.ones(int(out.valid.sum())), atol=1e-5)
     assert int(out.valid.sum()) == len(b) - 1
+
+
+def test_projection_next_bytes_chains_a_finer_teacher_along_the_text(shared_tokenizer):
+    """A teacher that splits finer than the student (qwen2.5 digits 1|8|5 under llama3's "185"): the student row
+    predicting "185" gets p("1") · p("8" | 1) · p("5" | 18) from the teacher's own rows along the text.
+
+    Teacher row 1 (after "year Ġ"): "1" 0.6, "2" 0.2, "x" 0.1, tail 0.1; its row 2 gives "8" 0.5, row 3 "5" 0.4.
+    "1" agrees with the text but ends inside "185": 0.6 · 0.5 · 0.4 = 0.12 to "185", 0.48 to the tail;
+    "2" and "x" depart from the text: to the student tokens they begin with. Z = 1: "185" 0.12, "2" 0.2,
+    "x" 0.1, tail 0.58.
+    """
+    (tq, Q), (tl, L) = tok_and_table(shared_tokenizer, "qwen2.5"), tok_and_table(shared_tokenizer, "llama3")
+    a, b = tq("year 1850.").input_ids, tl("year 1850.").input_ids
+    assert tq.convert_ids_to_tokens(a)[-7:] == ["year", "Ġ", "1", "8", "5", "0", "."]
+    assert tl.convert_ids_to_tokens(b)[-5:] == ["year", "Ġ", "185", "0", "."]
+    al = align(a, b, Q, L)
+    q, l_ = tq.convert_tokens_to_ids, tl.convert_tokens_to_ids
+    t_ids = torch.tensor([[q("x"), q("y"), q("z")]] * len(a))
+    t_ids[1] = torch.tensor([q("1"), q("2"), q("x")])
+    t_lp = torch.log(torch.tensor([[0.6, 0.2, 0.1]] * len(a)))
+    gold = torch.log(torch.tensor([0.9, 0.9, 0.5, 0.4, 0.9, 0.9, 0.9]))
+    out = project(t_ids, t_lp, al, np.zeros(Q.vocab_size, np.int64), b, fallback="next_bytes",
+                  teacher_tail=torch.full((len(a),), 0.1), teacher_gold_logprobs=gold)
+    got = {i: round(p, 6) for i, p in zip(out.ids[1].tolist(), out.logprobs[1].exp().tolist(), strict=True) if p > 0}
+    assert got == {l_("185"): 0.12, l_("2"): 0.2, l_("x"): 0.1} and abs(float(out.tail[1]) - 0.58) < 1e-6
+    # without the teacher's gold path, its top-k is read for it: here its rows hold no "8" / "5", so the
+    # chain through "1" carries nothing to "185"
+    plain = project(t_ids, t_lp, al, np.zeros(Q.vocab_size, np.int64), b, fallback="next_bytes",
+                    teacher_tail=torch.full((len(a),), 0.1))
+    got = {i: round(p, 6) for i, p in zip(plain.ids[1].tolist(), plain.logprobs[1].exp().tolist(), strict=True)
+           if p > 0}
+    assert got == {l_("2"): 0.2, l_("x"): 0.1}

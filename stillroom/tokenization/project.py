@@ -21,7 +21,8 @@ FALLBACKS = ("onehot", "bytes", "none", "prefix", "next_bytes")
 
 
 def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab_map, student_ids, *,
-            fallback: str = "onehot", teacher_tail=None, fill: bool = True) -> SparseTarget:
+            fallback: str = "onehot", teacher_tail=None, fill: bool = True,
+            teacher_gold_logprobs=None) -> SparseTarget:
     """Move a teacher's top-k next-token distributions onto the student's positions and vocabulary.
 
     ``alignment`` is ``align(teacher_ids, student_ids, teacher_table, student_table)`` (teacher = source).
@@ -43,16 +44,19 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
       with) instead of ``vocab_map``: both sides predict the bytes that start at the same offset, so this moves
       the teacher's belief about the next bytes onto the student token that begins them. Inside a multi-token
       student group, one-hot as above.
-      ``"next_bytes"`` — ``prefix`` at every group start, and inside a multi-token student group the teacher's
-      belief about the next bytes *given the bytes the group's earlier student tokens already spelled*
-      (``pre``), from the same teacher row ``i0-1``: with ``p_t(c)`` over the top-k,
-
-          p_s(v | pre) = Σ_{c : bytes(c) = pre + r, first(r) = v} p_t(c) / Z,
-          Z = Σ_{c : bytes(c) starts with pre, longer} p_t(c) + Σ_{c : bytes(c) a prefix of pre} p_t(c) + tail_t
-
-      (``first(r)``: the longest student token ``r`` starts with, :func:`~stillroom.tokenization.vocab.first_token`;
-      candidates that end inside ``pre`` and the teacher's tail stay in the tail: the teacher said nothing about
-      what follows them). A row whose candidates never extend ``pre`` falls back to one-hot.
+      ``"next_bytes"`` — every student row gets the teacher's belief about the bytes that start at its next
+      token, read along the actual text. For the student token ``s*`` spelling bytes ``g`` at offset ``o``,
+      take the teacher row whose context ends at the start of the teacher token holding byte ``o`` (``pre``:
+      the bytes of that token before ``o``, already seen by the student); each candidate ``c`` with
+      ``p_t(c)``: a candidate that contradicts ``pre`` is not a possible continuation (left out of ``Z``); one
+      that agrees with the text over all of ``g`` gives ``p_t(c)`` to ``s*``; the teacher's own token ending
+      inside ``g`` gives ``p_t(c) · Π p_t(next teacher tokens along the text)`` to ``s*`` (the chain rule over
+      the teacher's rows inside ``g``, ``teacher_gold_logprobs``), the rest of its mass to the tail; a candidate
+      that departs from the text gives its mass to the longest student token its remaining bytes start with
+      (:func:`~stillroom.tokenization.vocab.first_token`); candidates ending inside ``pre`` and the tail stay in
+      the tail. Normalised by the mass of the candidates consistent with ``pre`` (``Z``), so inside a
+      multi-token group the row is the teacher's conditional given the bytes the student has seen. Rows in
+      inexact groups or with no consistent candidate fall back to one-hot.
 
     ``fill=False`` marks the rows that would get the one-hot gold ``valid=False`` instead: they carry no teacher
     knowledge, so a fusion of several teachers should take them from a teacher that has a distribution there
@@ -157,7 +161,14 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
         out_p[rows[u_row], slot] = mass
         out_tail[rows] = tail_t[src_row[rows]] + lost
     if fallback == "next_bytes":
-        _inside_groups(out_ids, out_p, out_tail, transfer, g, t_ids, probs_t, tail_t, s_ids, alignment)
+        if teacher_gold_logprobs is None:  # the teacher's own next token, where its top-k holds it
+            gold_p = np.zeros(T_t)
+            nxt = np.append(np.asarray(alignment.src_ids, np.int64)[1:], -1)
+            hit = t_ids == nxt[:, None]
+            gold_p[hit.any(1)] = probs_t[hit].astype(np.float64)
+        else:
+            gold_p = np.nan_to_num(np.exp(_numpy(teacher_gold_logprobs, np.float64).reshape(T_t)), nan=0.0)
+        _next_bytes(out_ids, out_p, out_tail, transfer, alignment, t_ids, probs_t, tail_t, gold_p, s_ids)
     onehot = valid & ~transfer
     if fallback == "none" or not fill:
         valid &= ~onehot
@@ -174,44 +185,71 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
                         tail=torch.from_numpy(out_tail.astype(np.float32)), valid=torch.from_numpy(valid))
 
 
-def _inside_groups(out_ids, out_p, out_tail, transfer, groups, t_ids, probs_t, tail_t, s_ids, alignment) -> None:
-    """``next_bytes`` on the rows inside multi-token student groups (see :func:`project`): fills the rows in place
-    and marks them in ``transfer``."""
+def _next_bytes(out_ids, out_p, out_tail, transfer, alignment, t_ids, probs_t, tail_t, gold_p, s_ids) -> None:
+    """The ``next_bytes`` projection on every student row it can fill (see :func:`project`), in place."""
     st, tt = alignment.src_table, alignment.tgt_table
     first = first_token(tt)
     s_stream, s_off = tt.pieces(s_ids)
-    s_bytes = s_stream.tobytes()
-    k = t_ids.shape[1]
-    for i0, _i1, j0, j1 in groups.tolist():
-        if j1 - j0 < 2 or i0 < 1:
-            continue
-        row = i0 - 1
-        cand = [(st.token_bytes[c], p) for c, p in zip(t_ids[row].tolist(), probs_t[row].tolist(), strict=True)]
-        for j in range(j0 + 1, j1):
+    text = s_stream.tobytes()
+    t_off = st.pieces(alignment.src_ids)[1]
+    k, last = t_ids.shape[1], len(out_tail) - 1
+    for (i0, i1, j0, j1), exact in zip(alignment.groups.tolist(), alignment.exact.tolist(), strict=True):
+        if not exact or i1 <= i0:
+            continue  # the two byte streams differ here (normaliser, unknown token): no byte-level belief
+        m = i0
+        for j in range(max(j0, 1), j1):
             r = j - 1  # the row predicting student token j
-            if r >= len(out_tail) - 1:
+            if r >= last:
                 continue
-            pre = s_bytes[s_off[j0]:s_off[j]]
+            o, end = int(s_off[j]), int(s_off[j + 1])
+            while m + 1 < i1 and t_off[m + 1] <= o:
+                m += 1  # teacher token m holds the byte student token j starts at
+            if m < 1 or end <= o:
+                continue
+            row, pre = m - 1, text[t_off[m]:o]
+            ahead = text[o:o + 64]
+            gold, span = int(s_ids[j]), end - o
             mass: dict[int, float] = {}
-            unknown = tail_t[row]
-            for b, p in cand:
-                if len(b) > len(pre) and b.startswith(pre):
-                    v = first(b[len(pre):])
+            unknown = float(tail_t[row])
+            for c, p in zip(t_ids[row].tolist(), probs_t[row].tolist(), strict=True):
+                b = st.token_bytes[c]
+                if not b:
+                    continue
+                if len(b) <= len(pre):  # ends inside what the student has seen: consistent or not, no belief
+                    unknown += p if pre.startswith(b) else 0.0
+                    continue
+                if not b.startswith(pre):
+                    continue  # contradicts the bytes the student has seen: not a possible continuation
+                rest = b[len(pre):]
+                if ahead.startswith(rest) and len(rest) >= span:
+                    mass[gold] = mass.get(gold, 0.0) + p  # agrees with the text over the whole student token
+                elif ahead.startswith(rest):  # ends inside it: the teacher's own path says how it goes on
+                    q = 1.0
+                    if c == int(alignment.src_ids[m]):
+                        n = m
+                        while n + 1 < i1 and t_off[n + 1] < end:
+                            q *= gold_p[n]
+                            n += 1
+                    else:
+                        q = 0.0  # another token that ends inside: what the teacher would say next is unknown
+                    mass[gold] = mass.get(gold, 0.0) + p * q
+                    unknown += p * (1.0 - q)
+                else:  # another text: the student token that begins those bytes
+                    v = first(rest)
                     if v >= 0:
                         mass[v] = mass.get(v, 0.0) + p
                     else:
                         unknown += p
-                elif b and pre.startswith(b):
-                    unknown += p
-            if not mass:
+            kept = sum(mass.values())
+            if kept <= 0:
                 continue
-            z = sum(mass.values()) + unknown
+            z = kept + unknown
             ids = sorted(mass, key=mass.get, reverse=True)[:k]
             out_ids[r, :] = 0
             out_p[r, :] = 0.0
             out_ids[r, :len(ids)] = ids
             out_p[r, :len(ids)] = [mass[v] / z for v in ids]
-            out_tail[r] = 1.0 - sum(mass[v] for v in ids) / z
+            out_tail[r] = max(0.0, 1.0 - sum(mass[v] for v in ids) / z)
             transfer[r] = True
 
 
@@ -248,7 +286,7 @@ def student_targets(out: TeacherOutput, student_ids, student_table=None, teacher
 
     alignment = align(out.input_ids.numpy(), sid.numpy(), teacher_table, student_table)
     target = project(out.topk_ids, out.topk_logprobs, alignment, vocab_map, sid, fallback=fallback,
-                     teacher_tail=out.tail, fill=fill)
+                     teacher_tail=out.tail, fill=fill, teacher_gold_logprobs=-out.gold_ce)
     return target, _group_ce(out.gold_ce, np.asarray(alignment.groups), len(sid))
 
 
