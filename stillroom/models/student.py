@@ -10,6 +10,7 @@ import torch
 
 from stillroom.models.cut import cut_from
 from stillroom.models.loading import load_causal_lm, load_tokenizer, resolve_model
+from stillroom.models.lora import add_lora, trainable_parameters
 
 
 def student_tokenizer(spec):
@@ -20,7 +21,16 @@ def student_tokenizer(spec):
 
 
 def build_student(spec, tokenizer) -> torch.nn.Module:
-    """The float32 student for ``spec`` (a ``StudentSpec``); ``tokenizer`` is the student's (checked to fit)."""
+    """The float32 student for ``spec`` (a ``StudentSpec``); ``tokenizer`` is the student's (checked to fit).
+    With ``spec.lora``, the student wrapped with LoRA adapters (:func:`stillroom.models.lora.add_lora`)."""
+    model = _build(spec, tokenizer)
+    lora = getattr(spec, "lora", None)
+    if lora is None:
+        return model
+    return add_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+
+
+def _build(spec, tokenizer) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec.kind == "pretrained":
@@ -45,6 +55,10 @@ def describe_student(spec, model: torch.nn.Module | None = None) -> str:
     if model is not None:
         n = sum(p.numel() for p in model.parameters())
         size = f" ({n / 1e6:.1f}M parameters, {model.config.num_hidden_layers} layers)"
+    lora = getattr(spec, "lora", None)
+    if lora is not None and model is not None:
+        trainable, total = trainable_parameters(model)
+        size += f"; LoRA r={lora.r} on {lora.target_modules}: {trainable / 1e6:.2f}M of {total / 1e6:.1f}M train"
     if spec.kind == "pretrained":
         return f"pretrained student: weights from `{spec.path}`{size}"
     if spec.kind == "reinit":

@@ -193,6 +193,17 @@ class OnPolicySpec(_Strict):
     seed: int | None = Field(None, description="seed of the λ coin and the samples (default: train.seed)")
 
 
+class LoraSpec(_Strict):
+    """LoRA adapters on the student (``stillroom.models.lora``): only they train; the saved student is merged."""
+
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0.0, description="scale α (the update is α / r · B A)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or all-linear: every linear "
+        "layer but the head")
+
+
 class StudentSpec(_Strict):
     """Where the student comes from — exactly one kind:
 
@@ -209,6 +220,8 @@ class StudentSpec(_Strict):
     tokenizer: str | None = Field(None, description="from-scratch student: folder holding its tokenizer")
     config: dict | None = Field(None, description="with tokenizer: the model config, e.g. {model_type: gpt2, "
                                 "n_layer: 2, n_embd: 128, n_head: 4}; vocab and special ids come from the tokenizer")
+    lora: LoraSpec | None = Field(None, description="train LoRA adapters only, on any student kind: {r, alpha, "
+                                  "dropout, target_modules}")
 
     @property
     def kind(self) -> str:

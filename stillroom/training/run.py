@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from stillroom.files import atomic_write
+from stillroom.models.lora import is_lora, merge_lora
 from stillroom.models.student import build_student, describe_student
 from stillroom.progress import phase, say
 from stillroom.teachers.kd import SameTokenizerTeacher
@@ -138,7 +139,13 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
                 metrics.update({k: v for k, v in last[-1].items() if k.startswith("eval_")} if last
                                else trainer.evaluate())
             with phase("saving the student", enabled=show):
-                trainer.save_model(str(out))
+                if is_lora(trainer.accelerator.unwrap_model(trainer.model)):  # the adapter, and the merged student
+                    if trainer.is_world_process_zero():
+                        adapted = trainer.accelerator.unwrap_model(trainer.model)
+                        adapted.save_pretrained(out / "adapter")
+                        merge_lora(adapted).save_pretrained(out)
+                else:
+                    trainer.save_model(str(out))
                 if trainer.is_world_process_zero():
                     tok.save_pretrained(out)
                     n_blocks = "streamed" if recipe.data.streaming else len(dataset)

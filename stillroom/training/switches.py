@@ -81,8 +81,9 @@ def apply(model: torch.nn.Module, train) -> torch.nn.Module:
     """Compile each decoder layer of ``model`` in place when ``train.compile``; returns ``model``."""
     if train.compile:
         from stillroom.models.cut import decoder_layers
+        from stillroom.models.lora import base_model
 
-        for layer in decoder_layers(model):
+        for layer in decoder_layers(base_model(model)):
             layer.compile()
     return model
 

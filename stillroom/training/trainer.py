@@ -34,7 +34,7 @@ from stillroom.inputs import chat
 from stillroom.inputs.blocks import (
     model_inputs,
 )
-from stillroom.models import runtime
+from stillroom.models import lora, runtime
 from stillroom.targets import SparseTarget
 from stillroom.teachers import objectives
 from stillroom.teachers.fusion import fuse, fusion_weights, votes
@@ -52,7 +52,7 @@ def last_hidden(model, inputs: dict[str, Any]) -> torch.Tensor:
     never materialised and the wrapper's gradient hooks still run."""
     from transformers.modeling_utils import unwrap_model
 
-    base = unwrap_model(model).base_model
+    base = lora.base_model(unwrap_model(model)).base_model  # the decoder body (inside a LoRA wrapper too)
     seen: dict[str, torch.Tensor] = {}
 
     def hook(_module, _args, output):
