@@ -3,7 +3,7 @@
 Every verb and recipe that takes a model goes through :func:`resolve_model` → :func:`load_tokenizer` /
 :func:`load_causal_lm`. A ``.gguf`` file (llama.cpp's format) is accepted anywhere a folder is: it is converted
 once — dequantised to float32 by transformers, saved as safetensors with its tokenizer — into a folder of the
-model cache keyed by the file's sha256 (:func:`gguf_folder`), and that folder is used from then on. A folder must hold ``config.json``, safetensors weights (pickle ``.bin`` files are refused)
+model cache, named for the model or keyed by the file's sha256 (:func:`gguf_folder`), and that folder is used from then on. A folder must hold ``config.json``, safetensors weights (pickle ``.bin`` files are refused)
 and tokenizer files; a tokenizer with more ids than the model's embedding, or with (almost) no vocabulary — what
 transformers 5 quietly builds when a folder has no tokenizer files — is refused too, with one line naming the
 folder and the fix.
