@@ -91,7 +91,7 @@ def test_the_readme_module_table_matches_the_tree():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     listed = set(re.findall(r"^\| `(stillroom(?:\.\w+)*)` \|", text, flags=re.M))
     mods = set(modules())
-    packages_listed_whole = {"stillroom.losses"}  # one row for the package's plain functions
+    packages_listed_whole = {"stillroom.losses", "stillroom.cli"}  # one row each: plain functions, verbs
     expected = {m for m in mods if not any(m.startswith(p + ".") for p in packages_listed_whole)}
     expected -= {"stillroom.__main__", "stillroom.tokenization", "stillroom.models", "stillroom.inputs",
                  "stillroom.teachers", "stillroom.generation", "stillroom.training"}  # packages: their modules are rows
