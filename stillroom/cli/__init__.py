@@ -10,7 +10,10 @@ loading any model, and nothing heavy (torch, transformers) is imported at import
 ``--version`` answer at once.
 """
 
-from stillroom.cli import models, pipeline, text, tokenizers  # noqa: F401  (each registers its verbs, in --help order)
+# isort: off
+# each module registers its verbs on the one app, in the order --help lists them
+from stillroom.cli import pipeline, text, tokenizers, models  # noqa: F401
+# isort: on
 from stillroom.cli.app import app, main
 
 __all__ = ["app", "main"]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
 
-from stillroom.cli.app import app
+from stillroom.cli.app import _choice, app
+from stillroom.errors import MissingPathError
 
 # --- models -----------------------------------------------------------------------------------------------
 models_app = typer.Typer(help="Real pretrained models from the package registries, converted for stillroom.",
@@ -39,3 +42,22 @@ def models_list() -> None:
     for m in MODELS.values():
         folder = converted_folder(m.name)
         print(f"{m.name}\t{folder if folder else 'not converted'}\t{m.description}; licence: {m.licence}")
+
+
+# --- export -----------------------------------------------------------------------------------------------
+@app.command()
+def export(
+    model: Path = typer.Option(..., "--model", help="The student: a Hugging Face folder (a training run's output)."),
+    gguf: Path = typer.Option(..., "--gguf", help="Output GGUF file (llama.cpp's format)."),
+    dtype: str = typer.Option("f16", help="2-D weights as f32, f16 or q8_0 (norms stay f32)."),
+    overwrite: bool = typer.Option(False, help="Replace --gguf if it exists."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Write a student as one GGUF file (llama.cpp, ollama) with its tokenizer and chat template."""
+    _choice("--dtype", dtype, ("f32", "f16", "q8_0"))
+    if not model.exists():
+        raise MissingPathError(f"--model {model} does not exist; pass a model folder (e.g. a run's output_dir)")
+    from stillroom.models.export import export_gguf
+
+    out = export_gguf(model, gguf, dtype=dtype, overwrite=overwrite, progress=progress)
+    print(f"{out} ({out.stat().st_size / 1e6:.1f} MB, {dtype})")
