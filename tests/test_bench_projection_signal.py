@@ -41,5 +41,5 @@ def test_a_teacher_projected_onto_its_own_tokenizer_scores_as_the_same_tokenizer
     assert abs(a["smol_exact"] - a["gemma_exact"]) < 1e-9
     for v in r["projections"].values():
         assert v["defined"] > 0.9  # every row is a 1-to-1 group (BOS rows aside)
-        assert abs(v["projected"] - v["smol_topk"]) < 1e-6 and abs(v["kept_advantage"]) < 1e-6
+        assert abs(v["projected"] - v["smol_topk"]) < 1e-4 and abs(v["kept_advantage"]) < 1e-4  # float32 rounding
         assert abs(v["advantage"]) < 1e-9
