@@ -46,7 +46,6 @@ from stillroom.tokenization.special import pad_id
 from stillroom.tokenization.tokens import TokenTable
 
 ROLES = ("system", "user", "assistant")
-FORMATS = ("text", "prompt_completion", "chat")
 
 # stillroom's plain chat template, for tokenizers that ship none: BOS, then "role:\ncontent\n\n" per turn, then
 # "assistant:\n" as the generation prompt. A completion ends with EOS (the template has no end-of-turn token).
