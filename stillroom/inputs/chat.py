@@ -293,7 +293,7 @@ def encode_example(tokenizer, ex: Example, max_len: int, table=None) -> dict[str
 
 def collate_rows(rows: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Rows (``prompt_ids``, ``completion_ids``, ``completion``, ``ended``, ``example``) -> the batch format
-    of issue 16: right-padded ``input_ids``/``attention_mask``, ``labels`` = completion ids (else -100),
+    of completion data: right-padded ``input_ids``/``attention_mask``, ``labels`` = completion ids (else -100),
     ``prompt_len``, and the row lists ``completion``, ``ended``, ``example``, ``example_id``, ``text``."""
     T = max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
     B = len(rows)

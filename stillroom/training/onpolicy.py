@@ -59,7 +59,7 @@ def batch_prompts(batch: dict[str, Any], keep: int | None = None) -> list[list[i
 
 def student_batch(batch: dict[str, Any], prompts: list[list[int]], samples: list[rollout.Sample],
                   pad_id: int) -> dict[str, Any]:
-    """The batch rebuilt on the student's samples (issue 16's format): ``prompt + sample.ids``, labels on the
+    """The batch rebuilt on the student's samples (the completion-batch format): ``prompt + sample.ids``, labels on the
     sampled tokens (the end token included when the sample ended), the sampled text as ``completion``, and
     ``sampled: True`` — so rows no teacher reaches stay out of the divergence instead of getting the one-hot on
     the gold next token (here the student's own sample: that fill would teach it to copy itself)."""
