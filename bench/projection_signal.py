@@ -107,15 +107,13 @@ def score(args, out: Path) -> dict:
         s_tgt, s_ce = student_targets(so, sid, S, S, v_ss, fallback="onehot", fill=False)
         s_bits, s_hit = row_bits(_rows(s_tgt, len(sid) - 1), gold, S.vocab_size)
         s_exact = s_ce[:-1].double() / math.log(2)
-        first = None
         for proj in PROJECTIONS:
             g_tgt, g_ce = student_targets(go, sid, S, G, v_gs, fallback=proj, fill=False)
             g_tgt = _rows(g_tgt, len(sid) - 1)
             g_bits, g_hit = row_bits(g_tgt, gold, S.vocab_size)
             g_exact = g_ce[:-1].double() / math.log(2)
             defined = g_tgt.valid & real & s_tgt.valid[:-1] & torch.isfinite(g_exact) & torch.isfinite(s_exact)
-            if first is None:  # every row, whatever the projection: the teachers as models
-                first = True
+            if proj == PROJECTIONS[0]:  # every row, whatever the projection: the teachers as models
                 every = real & torch.isfinite(g_exact) & torch.isfinite(s_exact) & s_tgt.valid[:-1]
                 _add(sums["all"], rows=float(real.sum()), counted=float(every.sum()),
                      bytes=float(nbytes[every].sum()), all_bytes=float(nbytes[real].sum()),

@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from stillroom.cli.app import _choice, app
-from stillroom.errors import MissingPathError
+from stillroom.cli.app import app
 
 # --- models -----------------------------------------------------------------------------------------------
 models_app = typer.Typer(help="Real pretrained models from the package registries, converted for stillroom.",
@@ -54,9 +53,6 @@ def export(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Write a student as one GGUF file (llama.cpp, ollama) with its tokenizer and chat template."""
-    _choice("--dtype", dtype, ("f32", "f16", "q8_0"))
-    if not model.exists():
-        raise MissingPathError(f"--model {model} does not exist; pass a model folder (e.g. a run's output_dir)")
     from stillroom.models.export import export_gguf
 
     out = export_gguf(model, gguf, dtype=dtype, overwrite=overwrite, progress=progress)

@@ -22,7 +22,7 @@ import numpy as np
 
 from stillroom.errors import ConfigError
 from stillroom.files import atomic_write, check_output_file
-from stillroom.models.loading import load_causal_lm, load_tokenizer, model_context
+from stillroom.models.loading import load_causal_lm, load_tokenizer, model_context, resolve_model
 from stillroom.progress import bar
 
 DTYPES = ("f32", "f16", "q8_0")
@@ -57,21 +57,28 @@ def llama_tensors(state: dict, config) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def _tokenizer_metadata(writer, tokenizer, folder: Path) -> None:
-    """Tokens (in id order), merges, kinds, special ids and chat template of a byte-level BPE tokenizer."""
-    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+def _byte_level_bpe(folder: Path) -> dict:
+    """The folder's ``tokenizer.json``, checked to be a byte-level BPE tokenizer (the one kind exported)."""
+    path = folder / "tokenizer.json"
+    spec = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     model = spec.get("model", {})
     if model.get("type") != "BPE" or not any(p.get("type") == "ByteLevel" for p in _pre_tokenizers(spec)):
-        raise ConfigError(f"--model {folder}: export supports byte-level BPE tokenizers (GPT-2, SmolLM2, Llama 3 "
-                          "style); this one is not")
+        raise ConfigError(f"--model {folder}: export supports byte-level BPE tokenizers in a tokenizer.json (GPT-2, "
+                          "SmolLM2, Llama 3 style); this one is not")
+    return spec
+
+
+def _tokenizer_metadata(writer, tokenizer, spec: dict) -> None:
+    """Tokens (in id order), merges, kinds, special ids and chat template of a byte-level BPE tokenizer."""
+    model = spec["model"]
     vocab: dict[str, int] = dict(model["vocab"])
-    special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-    vocab.update(special)
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    vocab.update({text: t["id"] for text, t in added.items()})
     size = max(vocab.values()) + 1
     tokens, kinds = [f"[PAD{i}]" for i in range(size)], [5] * size  # unused ids: llama.cpp's "unused" kind
     for text, i in vocab.items():
         tokens[i] = text
-        kinds[i] = 3 if text in special and _is_special(spec, text) else (4 if text in special else 1)
+        kinds[i] = (3 if added[text].get("special", False) else 4) if text in added else 1  # control / user / normal
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
@@ -91,10 +98,6 @@ def _tokenizer_metadata(writer, tokenizer, folder: Path) -> None:
 def _pre_tokenizers(spec: dict) -> list[dict]:
     pre = spec.get("pre_tokenizer") or {}
     return pre.get("pretokenizers", [pre]) if pre else []
-
-
-def _is_special(spec: dict, text: str) -> bool:
-    return any(t["content"] == text and t.get("special", False) for t in spec.get("added_tokens", []))
 
 
 def _encode(w: np.ndarray, dtype: str):
@@ -119,14 +122,17 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}; pick one of those")
     out = check_output_file(out, "--gguf", overwrite=overwrite)
-    folder = Path(model_dir)
-    tokenizer = load_tokenizer(folder, "--model")
-    model = load_causal_lm(folder, "--model", tokenizer=tokenizer)
-    config = model.config
-    arch = config.model_type
+    from transformers import AutoConfig
+
+    folder = resolve_model(model_dir, "--model")  # cheap checks first: folder, config, tokenizer; then the weights
+    arch = AutoConfig.from_pretrained(folder, trust_remote_code=False).model_type
     if arch not in SUPPORTED:
         raise ConfigError(f"--model {folder}: export supports {', '.join(SUPPORTED)} students (SmolLM2 and the "
                           f"students cut from it); this one is {arch!r}")
+    spec = _byte_level_bpe(folder)
+    tokenizer = load_tokenizer(folder, "--model")
+    model = load_causal_lm(folder, "--model", tokenizer=tokenizer)
+    config = model.config
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     tensors = llama_tensors(state, config)
 
@@ -147,7 +153,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: 
                                                                                                 10000.0)
         w.add_rope_freq_base(float(theta))
         w.add_vocab_size(config.vocab_size)
-        _tokenizer_metadata(w, tokenizer, folder)
+        _tokenizer_metadata(w, tokenizer, spec)
         with bar(enabled=progress, transient=True) as shown:
             task = shown.add_task(f"export {folder.name} ({dtype})", total=len(tensors))
             for name, t in tensors:

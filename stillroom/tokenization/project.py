@@ -55,8 +55,9 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
       that departs from the text gives its mass to the longest student token its remaining bytes start with
       (:func:`~stillroom.tokenization.vocab.first_token`); candidates ending inside ``pre`` and the tail stay in
       the tail. Normalised by the mass of the candidates consistent with ``pre`` (``Z``), so inside a
-      multi-token group the row is the teacher's conditional given the bytes the student has seen. Rows in
-      inexact groups or with no consistent candidate fall back to one-hot.
+      multi-token group the row is the teacher's conditional given the bytes the student has seen. Rows it
+      cannot fill (inexact groups, no consistent candidate) keep ``prefix``'s target at a group start and fall
+      back to one-hot inside a group.
 
     ``fill=False`` marks the rows that would get the one-hot gold ``valid=False`` instead: they carry no teacher
     knowledge, so a fusion of several teachers should take them from a teacher that has a distribution there
@@ -286,7 +287,8 @@ def student_targets(out: TeacherOutput, student_ids, student_table=None, teacher
 
     alignment = align(out.input_ids.numpy(), sid.numpy(), teacher_table, student_table)
     target = project(out.topk_ids, out.topk_logprobs, alignment, vocab_map, sid, fallback=fallback,
-                     teacher_tail=out.tail, fill=fill, teacher_gold_logprobs=-out.gold_ce)
+                     teacher_tail=out.tail, fill=fill,
+                     teacher_gold_logprobs=-out.gold_ce if fallback == "next_bytes" else None)
     return target, _group_ce(out.gold_ce, np.asarray(alignment.groups), len(sid))
 
 
