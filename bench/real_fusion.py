@@ -113,7 +113,7 @@ def verdicts(results: dict[str, dict[int, float]], min_seeds: int = 3) -> list[s
 
 SCALE = ("steps", "batch_size", "seq_len", "lr", "ce_weight", "projection", "top_k", "eval_chars", "student_from",
          "layers", "smollm2", "gemma3")
-CACHE_KEYS = ("steps", "batch_size", "seq_len", "top_k", "student_from", "smollm2", "gemma3")  # the blocks, k, models
+CACHE_KEYS = ("seq_len", "top_k", "student_from", "smollm2", "gemma3")  # the blocks' shape, k, models
 REFERENCE_KEYS = ("eval_chars", "student_from", "layers", "smollm2", "gemma3")  # the test text and the models
 
 
@@ -171,8 +171,9 @@ def recipe(args: argparse.Namespace, data: dict[str, str], name: str, out_dir: P
 
 
 def cache_source(args, out: Path) -> Path:
-    """Where the top-k caches are read: ``--cache-from`` (another OUT whose caches cover the same blocks with the
-    same teachers and k; checked — λ, lr, projection or the layers kept may differ) or OUT."""
+    """Where the top-k caches are read: ``--cache-from`` (another OUT whose caches cover at least these blocks —
+    the blocks are a prefix of one stream, so a run with more steps × batch size does — with the same teachers and
+    k; checked — λ, lr, projection or the layers kept may differ) or OUT."""
     from stillroom.errors import ConfigError, MissingPathError
 
     src = args.cache_from
@@ -181,10 +182,16 @@ def cache_source(args, out: Path) -> Path:
     opts = src / "options.json"
     if not opts.exists():
         raise MissingPathError(f"--cache-from {src}: no options.json there; point it at a bench.real_fusion OUT")
-    diff = _differ(json.loads(opts.read_text()), args, CACHE_KEYS)
+    have = json.loads(opts.read_text())
+    diff = _differ(have, args, CACHE_KEYS)
     if diff:
         raise ConfigError(f"--cache-from {src} was built with other options {diff} (there, here); its caches cover "
                           f"other blocks: drop --cache-from or use the same options")
+    # the training blocks are the first steps × batch_size of one stream: a run over more blocks covers these
+    there, here = have["steps"] * have["batch_size"], args.steps * args.batch_size
+    if there < here:
+        raise ConfigError(f"--cache-from {src} caches {there} blocks, this run trains on {here}: drop --cache-from "
+                          f"or point it at a run with at least as many steps × batch size")
     for name in ("smollm2", "gemma3"):
         if not (src / "cache" / name / "manifest.json").exists():
             raise MissingPathError(f"--cache-from {src}: cache/{name} is not finished; run that benchmark first")

@@ -161,11 +161,15 @@ def test_cache_from_reads_another_run_only_with_the_same_options(tmp_path):
         _manifest(src / "cache" / name, [(1, 1)])
     assert cache_source(_args(cache_from=src), tmp_path / "mine") == src
     assert cache_source(_args(), tmp_path / "mine") == tmp_path / "mine"
-    with pytest.raises(ConfigError, match=r"'steps': \(1, 2\)"):
+    with pytest.raises(ConfigError, match="caches 1 blocks, this run trains on 2"):
         cache_source(_args(cache_from=src, steps=2), tmp_path / "mine")
+    with pytest.raises(ConfigError, match=r"'seq_len': \(1, 2\)"):
+        cache_source(_args(cache_from=src, seq_len=2), tmp_path / "mine")
     with pytest.raises(ConfigError, match=r"'top_k': \(1, 16\)"):
         cache_source(_args(cache_from=src, top_k=16), tmp_path / "mine")
-    # what the caches do not depend on may differ: λ, learning rate, projection, layers kept, test text
+    # what the caches do not depend on may differ: λ, learning rate, projection, layers kept, test text; fewer blocks
+    (src / "options.json").write_text(json.dumps({k: getattr(_args(steps=4), k) for k in SCALE}))
+    assert cache_source(_args(cache_from=src, steps=2, batch_size=2), tmp_path / "mine") == src
     assert cache_source(_args(cache_from=src, ce_weight=0.5, lr=2, projection="onehot", layers=[0, 1],
                               eval_chars=9), tmp_path / "mine") == src
 
