@@ -9,11 +9,13 @@ STAMP  := $(VENV)/.stillroom-installed
 setup: $(STAMP)
 
 # torch is installed first, pinned, so that pip never resolves a newer multi-GB CUDA build on a
-# CPU machine; the package and its dev extras follow and find torch already satisfied.
+# CPU machine; the package and its dev extras follow and find torch already satisfied. The dev extras
+# build llama.cpp from source (llama-cpp-python; pip keeps the built wheel), without its multimodal part.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	$(PY) -c "import stillroom, torch, transformers"
 	touch $(STAMP)
 

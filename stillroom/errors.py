@@ -33,3 +33,8 @@ class ConfigError(StillroomError, ValueError):
 
 class MissingPathError(StillroomError, FileNotFoundError):
     """An input path that does not exist."""
+
+
+class ServerError(StillroomError, ConnectionError):
+    """A teacher server that cannot be used: unreachable, not OpenAI-compatible, without log-probs, or whose
+    answers no reading fits."""

@@ -12,8 +12,9 @@ Two tokenizer families are built, the two that real teachers most often use:
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -234,3 +235,77 @@ def write_tiny_llama_gguf(path: str | os.PathLike, seed: int = 0) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+# --- a real llama.cpp server --------------------------------------------------------------------------------
+
+
+def probe_teacher(root: str | os.PathLike, probe: str, steps: int = 200) -> tuple[Path, Path]:
+    """A tiny Llama (byte-level BPE, vocabulary 400, no BOS added) trained until the next tokens of ``probe``
+    (a served teacher's, :data:`stillroom.teachers.served.PROBE`) are nearly certain, as a real teacher's are;
+    returns its folder and its f32 GGUF (written by :func:`stillroom.models.export.export_gguf`)."""
+    import torch
+
+    from stillroom.models.export import export_gguf
+
+    root = Path(root)
+    tok = train_byte_bpe([t[:20_000] for t in corpus_texts("train")] + [probe] * 20, vocab_size=400)
+    model = tiny_llama(len(tok), n_layer=2, hidden=64, n_head=4, intermediate=128, seed=3)
+    texts = [probe, probe, probe, corpus_texts("train")[0][:300]]
+    batch = [torch.tensor([tok(t)["input_ids"]]) for t in texts]
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        x = batch[step % len(batch)]
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    folder = save_pair(model, tok, root / "probe-teacher")
+    return folder, export_gguf(folder, root / "probe-teacher.gguf", dtype="f32", progress=False)
+
+
+@contextlib.contextmanager
+def llama_server(gguf: str | os.PathLike, *args: str, n_ctx: int = 512, threads: int = 1,
+                 timeout: float = 120.0) -> Iterator[str]:
+    """Serve ``gguf`` with llama-cpp-python's OpenAI-compatible server (``python -m llama_cpp.server``) on a free
+    port of 127.0.0.1; yields its URL once ``/v1/models`` answers and stops it on exit. ``args``: more server
+    options (e.g. ``"--logits_all", "false"``)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port",
+           str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads), *args]
+    log = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads would fill and stall the server
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"llama_cpp.server exited ({proc.returncode}): {log.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
+                    if json.loads(r.read()).get("data"):
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"llama_cpp.server on {url} did not answer in {timeout:.0f} s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        log.close()

@@ -29,6 +29,15 @@ def shared() -> Path:
 
 
 @pytest.fixture(scope="session")
+def probe_teacher(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Llama that knows the served-teacher probe: its folder and its f32 GGUF (stillroom.testing)."""
+    from stillroom.teachers.served import PROBE
+    from stillroom.testing import probe_teacher
+
+    return probe_teacher(tmp_path_factory.mktemp("probe-teacher"), PROBE)
+
+
+@pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """``train.txt`` (12,000 characters) and ``val.txt`` (1,500) from the shipped corpus, for short training runs."""
     from stillroom.testing import corpus_texts

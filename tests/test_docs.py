@@ -6,7 +6,8 @@ temporary working folder.
 Commands are the lines starting with ``stillroom`` in ```bash blocks of README.md and docs/ (backslash
 continuations joined). They run in order, one temporary working folder per page (with ``stillroom/`` and
 ``recipes/`` linked in, so shipped paths resolve), and with the documented variables ($TEACHER_A,
-$TEACHER_B, $STUDENT, $DATA, $HELDOUT, and the real models' $SMOL and $GEMMA) pointing at tiny fixtures. Each command runs as written except
+$TEACHER_B, $STUDENT, $DATA, $HELDOUT, the real models' $SMOL and $GEMMA, a served teacher's $TEACHER_GGUF
+and its $SERVER, a real llama.cpp server) pointing at tiny fixtures. Each command runs as written except
 for its length: training and demo commands get options appended that cut them to a few steps (a repeated
 option's last value wins).
 """
@@ -89,7 +90,7 @@ def test_docs_only_name_existing_verbs():
 
 
 @pytest.fixture(scope="module")
-def doc_env(tiny_models, tmp_path_factory):
+def doc_env(tiny_models, tmp_path_factory, probe_teacher):
     data = tmp_path_factory.mktemp("doc-data")
     from stillroom.testing import corpus_texts
 
@@ -105,6 +106,13 @@ def doc_env(tiny_models, tmp_path_factory):
 
     tok = AutoTokenizer.from_pretrained(tiny_models["gpt2-bpe-teacher"])
     smol = save_pair(tiny_llama(len(tok), n_layer=30, hidden=32, n_head=2, intermediate=64), tok, data / "smol")
+    from stillroom.testing import llama_server
+
+    with llama_server(probe_teacher[1]) as url:  # $SERVER: a real llama.cpp server running $TEACHER_GGUF
+        yield {"SERVER": url, "TEACHER_GGUF": str(probe_teacher[1]), **_env(tiny_models, data, smol)}
+
+
+def _env(tiny_models, data, smol) -> dict[str, str]:
     return {"SMOL": str(smol), "GEMMA": str(tiny_models["llama-spm"]),
             "TEACHER_A": str(tiny_models["gpt2-bpe-teacher"]), "TEACHER_B": str(tiny_models["llama-spm"]),
             "STUDENT": str(tiny_models["gpt2-bpe"]), "DATA": str(data / "train.txt"),

@@ -83,3 +83,20 @@ def test_cli_export_writes_the_file_and_refuses_in_one_line(llama_student, tmp_p
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--overwrite" in r.stderr
     r = CliRunner().invoke(app, ["export", "--model", str(tmp_path / "nope"), "--gguf", str(tmp_path / "n.gguf")])
     assert r.exit_code != 0 and r.stderr.startswith("error: --model") and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(("name", "pre"), [("gpt2", "gpt-2"), ("llama3", "llama-bpe"), ("qwen2.5", "qwen2"),
+                                           ("deepseek-coder", None)])
+def test_the_pre_tokenizer_is_named_as_llama_cpp_knows_it_or_refused(shared, name, pre):
+    """llama.cpp splits text by a named regex: a tokenizer is written with the name of the one it uses, and one
+    whose split llama.cpp does not know is refused rather than tokenized differently there."""
+    import json
+
+    from stillroom.models.export import _pre_name
+
+    spec = json.loads((shared / "tokenizers" / name / "tokenizer.json").read_text(encoding="utf-8"))
+    if pre is None:
+        with pytest.raises(ConfigError, match="pre-tokenizer is none llama.cpp knows"):
+            _pre_name(spec)
+    else:
+        assert _pre_name(spec) == pre

@@ -57,12 +57,13 @@ def _naive(targets, ces, method, level, tau=1.0):
             vals = [c[b, j].item() for j in range(T) if math.isfinite(c[b, j].item())]
             seq.append(sum(vals) / len(vals) if vals else math.inf)
         for j in range(T):
-            voters = [i for i, (t, c) in enumerate(zip(targets, ces, strict=True))
-                      if t.valid[b, j] and math.isfinite(c[b, j].item())]
+            # a teacher votes where its target is valid and its CE is known somewhere in the sequence
+            voters = [i for i, t in enumerate(targets) if t.valid[b, j] and math.isfinite(seq[i])]
             if not voters:
                 continue
             valid[b, j] = True
-            score = {i: (seq[i] if level == "sequence" else ces[i][b, j].item()) for i in voters}
+            here = {i: ces[i][b, j].item() for i in voters}  # token level: an unknown CE is the sequence mean
+            score = {i: (seq[i] if level == "sequence" or not math.isfinite(here[i]) else here[i]) for i in voters}
             if method == "min_ce":
                 best = min(voters, key=lambda i: (score[i], i))
                 w = {best: 1.0}
@@ -83,7 +84,8 @@ def test_fuse_matches_naive_reference(method, level):
     B, T = 3, 7
     targets = [_random_target(gen, (B, T), k) for k in (4, 3, 5)]
     ces = [torch.rand(B, T, generator=gen) * 4 for _ in targets]
-    ces[1][0, 2] = float("nan")  # a hole in one teacher's CE
+    ces[1][0, 2] = float("nan")  # a hole in one teacher's CE (still votes there with its valid target)
+    ces[0][2, :] = float("nan")  # a teacher whose CE is unknown over a whole sequence: no basis, no vote
     targets[2].valid[1] = False  # a teacher with nothing for a whole sequence
     fused = fuse(targets, ces, method, level)
     ref, ref_valid = _naive(targets, ces, method, level)

@@ -58,7 +58,13 @@ def demo(
 # --- cache ------------------------------------------------------------------------------------------------
 @app.command()
 def cache(
-    teacher: Optional[Path] = typer.Option(None, help="Teacher model folder (safetensors + tokenizer)."),
+    teacher: Optional[Path] = typer.Option(None, help="Teacher model folder (safetensors + tokenizer) or .gguf; "
+                                           "with --server, a folder or .gguf with at least its tokenizer."),
+    server: Optional[str] = typer.Option(None, help="Score with the teacher served at this OpenAI-compatible "
+                                         "URL (llama.cpp, vLLM: http://HOST:PORT) instead of loading it here."),
+    server_model: Optional[str] = typer.Option(None, help="With --server: the served model's name when it hosts "
+                                               "several."),
+    concurrency: int = typer.Option(4, min=1, help="With --server: requests in flight at once."),
     data: Optional[Path] = typer.Option(None, help="Text file, folder of .txt, JSONL with a text field, Parquet "
                                                    "file with a text column, or a datasets folder (streamed: "
                                                    "never held in memory)."),
@@ -67,7 +73,8 @@ def cache(
     top_k: int = typer.Option(16, "--top-k", min=1, help="Teacher entries kept per position."),
     temperature: float = typer.Option(1.0, help="Teacher softmax temperature for the stored log-probs."),
     max_length: Optional[int] = typer.Option(None, help="Window length in tokens (default: the teacher's "
-                                                        "context); longer texts are cut into overlapping windows."),
+                                                        "context); longer texts are cut into overlapping windows. "
+                                                        "With --server: the longest text (default 2048)."),
     overlap: Optional[int] = typer.Option(None, help="Context tokens re-read by each later window "
                                                      "(default max-length/8)."),
     text_field: str = typer.Option("text", help="JSONL / datasets field holding the text."),
@@ -87,7 +94,7 @@ def cache(
     from stillroom.files import check_output_dir
     from stillroom.inputs.text import TextSource
     from stillroom.models.loading import check_device, check_model_dir
-    from stillroom.teachers.cache import verify_cache, write_cache
+    from stillroom.teachers.cache import verify_cache
     from stillroom.teachers.online import OnlineTeacher
 
     if verify is not None:
@@ -115,6 +122,23 @@ def cache(
     check_output_dir(out, "--out", marker="plan.json", create=False)
     rows = TextSource(data, text_field, documents)  # streamed, never held; a bad row stops the first pass
     next(iter(rows))  # the data opens and holds a first document (checked before the teacher loads)
+    if server is not None:  # scored by the server: only the tokenizer is read here
+        from stillroom.teachers.served import ServedTeacher
+
+        local = [o for o, v, d in (("--device", device, None), ("--dtype", dtype, "auto"),
+                                   ("--batch-tokens", batch_tokens, None), ("--overlap", overlap, None)) if v != d]
+        if local:
+            raise ConfigError(f"{', '.join(local)}: options of a teacher run here; with --server remove them")
+        with console.status(f"probing {server}: its tokenizer and how it reports log-probs"):
+            t = ServedTeacher.from_path(server, teacher, "--teacher", model=server_model, top_k=top_k,
+                                        temperature=temperature, max_length=max_length or 2048,
+                                        concurrency=concurrency)
+        console.print(f"server {t.base} serves {t.model!r}: rows read at offset {t.offset:+d}")
+        _write_cache(t, rows, out, shard_size, text_field, progress)
+        console.print(f"server answers: {t.stats.line()}")
+        return
+    elif server_model is not None:
+        raise ConfigError("--server-model names a model on --server; give --server URL too, or remove it")
     check_model_dir(teacher, "--teacher")
     if threads is not None:
         import torch
@@ -131,6 +155,14 @@ def cache(
             device = f"cuda:{os.environ['LOCAL_RANK']}"
     t = OnlineTeacher(teacher, top_k=top_k, temperature=temperature, max_length=max_length, overlap=overlap,
                       batch_tokens=batch_tokens, device=device, dtype=dtype)
+    _write_cache(t, rows, out, shard_size, text_field, progress)
+
+
+def _write_cache(t, rows, out: Path, shard_size: int, text_field: str, progress: bool) -> None:
+    import os
+
+    from stillroom.teachers.cache import write_cache
+
     s = write_cache(t, rows, out, shard_size=shard_size, text_field=text_field, progress=progress,
                     console=console)
     console.print(f"rank {os.environ.get('RANK', 0)}: {s.shards_written} shards written, {s.shards_skipped} "

@@ -81,7 +81,12 @@ def _tokenizer_metadata(writer, tokenizer, spec: dict) -> None:
         kinds[i] = (3 if added[text].get("special", False) else 4) if text in added else 1  # control / user / normal
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(_pre_name(spec))
+    probe = "Hello world"
+    plain, full = tokenizer(probe, add_special_tokens=False)["input_ids"], tokenizer(probe)["input_ids"]
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    writer.add_add_bos_token(bool(len(full) > len(plain) and full[0] == bos))  # llama.cpp adds what HF adds
+    writer.add_add_eos_token(bool(len(full) > len(plain) and full[-1] == eos and full[:len(plain)] == plain))
     writer.add_token_list(tokens)
     writer.add_token_types(kinds)
     writer.add_token_merges(merges)
@@ -93,6 +98,30 @@ def _tokenizer_metadata(writer, tokenizer, spec: dict) -> None:
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
         writer.add_chat_template(template)
+
+
+#: llama.cpp's names for the pre-tokenizer regexes it implements, keyed by the tokenizer.json Split pattern
+_SPLITS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+
+
+def _pre_name(spec: dict) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer: GPT-2's regex (a ByteLevel that splits) or one of
+    the Split patterns it knows; anything else is refused rather than tokenized differently by llama.cpp."""
+    pres = _pre_tokenizers(spec)
+    if len(pres) == 1 and pres[0].get("use_regex", True):
+        return "gpt-2"
+    splits = [p for p in pres if p.get("type") == "Split"]
+    if len(pres) == 2 and len(splits) == 1 and not pres[1].get("use_regex", True):
+        name = _SPLITS.get(splits[0].get("pattern", {}).get("Regex", ""))
+        if name:
+            return name
+    raise ConfigError("export: this tokenizer's pre-tokenizer is none llama.cpp knows by name (GPT-2's, Llama 3's, "
+                      "Qwen2's); llama.cpp would split text differently, so it is not exported")
 
 
 def _pre_tokenizers(spec: dict) -> list[dict]:

@@ -121,11 +121,18 @@ def converted_from(folder: Path) -> str | None:
         return None
 
 
+def gguf_tokenizer(src: Path):
+    """The tokenizer in a GGUF file's metadata (transformers' GGUF reader; the weights are not read)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name, trust_remote_code=False)
+
+
 def _convert_gguf(src: Path, out: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     try:
-        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        tok = gguf_tokenizer(src)
         model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32,
                                                      quantization_config=GgufConfig(dequantize=True))
     except Exception as e:  # unsupported architecture or quantisation, truncated file: all mean "unusable"
@@ -171,9 +178,16 @@ def check_model_dir(path: str | os.PathLike, what: str = "model", *, weights: bo
 
 def load_tokenizer(path: str | os.PathLike, what: str = "model", *, model: bool = True):
     """The folder's tokenizer (offline-friendly, no remote code); refuses empty or unloadable ones.
-    ``model=False`` accepts a tokenizer-only folder (no config.json, no weights)."""
+    ``model=False`` accepts a tokenizer-only folder (no config.json, no weights) or reads a ``.gguf`` file's
+    tokenizer alone (its weights are neither read nor converted: a served teacher's GGUF may be 40 GB)."""
     from transformers import AutoTokenizer
 
+    if not model and Path(path).suffix.lower() == ".gguf" and Path(path).is_file():
+        try:
+            return gguf_tokenizer(Path(path))
+        except Exception as e:  # noqa: BLE001 - any unreadable metadata means the same to the user
+            raise ModelError(f"{what} {path}: its tokenizer does not load from the GGUF metadata ({_first_line(e)}); "
+                             "give the teacher's tokenizer folder instead") from None
     if model:
         folder = resolve_model(path, what, weights=False)
     else:

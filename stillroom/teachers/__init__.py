@@ -9,7 +9,8 @@ Contract: two kinds of teacher, two small protocols the trainer calls.
   :class:`ALMTeacher`, :class:`ULDTeacher` (``objectives``; several ALM teachers fuse into one term,
   ``alm_fusion``). A new objective is one class implementing :class:`TermTeacher`.
 
-Their signals come from :class:`OnlineTeacher` (a model run in-process, ``online``) or :class:`CachedTeacher`
+Their signals come from :class:`OnlineTeacher` (a model run in-process, ``online``), :class:`ServedTeacher` (a
+model behind an OpenAI-compatible server — llama.cpp, vLLM — ``served``) or :class:`CachedTeacher`
 (a compact top-k cache written once by :func:`write_cache`, ``cache`` + ``codec``); completion batches align
 only the completion regions (``completion``).
 """
@@ -28,6 +29,8 @@ _EXPORTS = {
     "objective_teacher": "stillroom.teachers.objectives",
     "OnlineTeacher": "stillroom.teachers.online",
     "TeacherSignal": "stillroom.teachers.online",
+    "ServedTeacher": "stillroom.teachers.served",
+    "ServedStats": "stillroom.teachers.served",
     "CachedTeacher": "stillroom.teachers.cache",
     "verify_cache": "stillroom.teachers.cache",
     "write_cache": "stillroom.teachers.cache",

@@ -3,8 +3,9 @@
 Every teacher gives a :class:`~stillroom.targets.SparseTarget` already projected onto the *student's*
 positions and vocabulary (leading shape ``[B, T]`` or ``[T]``) and, per student position, its cross-entropy
 on the gold next token (``ce``, same leading shape; ``nan`` where unknown). A teacher *votes* at a position
-only where its target is valid and its CE is finite; elsewhere it is excluded — never counted as CE 0 or as
-a zero distribution.
+where its target is valid and it has a known CE somewhere in the sequence; elsewhere it is excluded — never
+counted as CE 0 or as a zero distribution. A position whose CE is unknown (a served teacher's answer may not
+hold the gold token) is scored, at token level, with the teacher's mean CE over the sequence.
 
 Methods (``method``) and levels (``level``):
 
@@ -44,8 +45,8 @@ LEVELS = ("sequence", "token")
 
 
 def votes(target: SparseTarget, ce: torch.Tensor) -> torch.Tensor:
-    """Where a teacher votes: its target is valid and its CE there is finite."""
-    return target.valid & torch.isfinite(ce)
+    """Where a teacher votes: its target is valid and its CE is known somewhere in the sequence."""
+    return target.valid & torch.isfinite(sequence_ce(ce)).unsqueeze(-1)
 
 
 def sequence_ce(ce: torch.Tensor) -> torch.Tensor:
@@ -66,10 +67,12 @@ def teacher_scores(ces: list[torch.Tensor], vote: torch.Tensor, level: Level) ->
     teacher predicted those bytes, and every teacher is then scored on the same text."""
     dt = torch.float64 if any(c.dtype == torch.float64 for c in ces) else torch.float32  # float64 stays float64
     ce = torch.stack([c.to(dt) for c in ces])
+    seq = sequence_ce(ce).unsqueeze(-1).expand_as(ce)  # [n, ..., T]
     if level == "sequence":
-        seq = sequence_ce(ce)  # [n, ...leading without T]
-        ce = seq.unsqueeze(-1).expand_as(ce)
-    elif level != "token":
+        ce = seq
+    elif level == "token":  # an unknown CE: the teacher's mean over the sequence
+        ce = torch.where(torch.isfinite(ce), ce, seq)
+    else:
         raise ValueError(f"fusion level {level!r} is not one of {LEVELS}")
     return torch.where(vote, ce, torch.full_like(ce, float("inf")))
 

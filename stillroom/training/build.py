@@ -28,7 +28,7 @@ def build_teachers(plan: Plan, device=None) -> list:
         if spec.objective != "kd":  # its own ALM / ULD term, never projected or fused
             teachers.append(build_teacher(spec, i, student_tok, tok, recipe))
             continue
-        if spec.cache is None and same_tokenizer(student_tok, tok):
+        if spec.cache is None and spec.server is None and same_tokenizer(student_tok, tok):
             dtype = precision.auto_dtype(device or precision.training_device(), spec.dtype)
             model = load_causal_lm(spec.path, f"teachers.{i}.path", tokenizer=tok, dtype=dtype)
             teachers.append(SameTokenizerTeacher(model, recipe.fusion.top_k, recipe.loss.temperature, name))
@@ -36,33 +36,34 @@ def build_teachers(plan: Plan, device=None) -> list:
 
         s_table, t_table = TokenTable.from_tokenizer(student_tok), TokenTable.from_tokenizer(tok)
         vmap = VocabMap.cached(t_table, s_table)
-        if spec.cache is not None:
-            from stillroom.teachers.cache import CachedTeacher
-
-            source = CachedTeacher(spec.cache)
-        else:
-            from stillroom.teachers.online import OnlineTeacher
-
-            source = OnlineTeacher(spec.path, top_k=recipe.fusion.top_k, temperature=recipe.loss.temperature,
-                                   dtype=spec.dtype)
+        source = signal_source(spec, tok, recipe.fusion.top_k, recipe.loss.temperature)
         fallback = recipe.fusion.projection if recipe.fusion.projection != "none" else "onehot"
         teachers.append(AlignedTeacher(source, s_table, t_table, vmap, fallback, name))
     return teachers
+
+
+def signal_source(spec, tok, top_k: int, temperature: float):
+    """Where a teacher entry's signal comes from: its cache, its server, or the model run here."""
+    if spec.cache is not None:
+        from stillroom.teachers.cache import CachedTeacher
+
+        return CachedTeacher(spec.cache)
+    if spec.server is not None:
+        from stillroom.teachers.served import ServedTeacher
+
+        return ServedTeacher(spec.server, tok, model=spec.server_model, top_k=top_k, temperature=temperature,
+                             concurrency=spec.server_concurrency, source=f"{spec.server} ({spec.name})")
+    from stillroom.teachers.online import OnlineTeacher
+
+    return OnlineTeacher(spec.path, top_k=top_k, temperature=temperature, dtype=spec.dtype)
 
 
 def build_teacher(spec, index: int, student_tok, teacher_tok, recipe) -> ObjectiveTeacher:
     """The recipe's ``teachers[index]`` with ``objective: alm | uld``: online (top-1 is enough for ALM, which
     reads only ``gold_ce``) or from its cache."""
 
-    if spec.cache is not None:
-        from stillroom.teachers.cache import CachedTeacher
-
-        source = CachedTeacher(spec.cache)
-    else:
-        from stillroom.teachers.online import OnlineTeacher
-
-        k = 1 if spec.objective == "alm" else recipe.fusion.top_k
-        source = OnlineTeacher(spec.path, top_k=k, temperature=recipe.loss.temperature, dtype=spec.dtype)
+    k = 1 if spec.objective == "alm" and spec.server is None else recipe.fusion.top_k  # ALM reads gold_ce only
+    source = signal_source(spec, teacher_tok, k, recipe.loss.temperature)
     lam = recipe.loss.ce_weight
     cfg = ObjectiveConfig(kind=spec.objective, weight=1.0 - lam if spec.weight is None else spec.weight,
                           alm_temperature=spec.alm_temperature, alm_divergence=spec.alm_divergence,

@@ -24,7 +24,7 @@ from stillroom.inputs.text import iter_texts, load_texts, text_sha
 from stillroom.models.loading import check_vocab_fits, load_tokenizer, model_context, resolve_model
 from stillroom.models.student import student_tokenizer
 from stillroom.teachers.cache import CachedTeacher
-from stillroom.tokenization.tokens import same_tokenizer
+from stillroom.tokenization.tokens import TokenTable, same_tokenizer
 from stillroom.training import switches
 from stillroom.training.data import streaming_blocks, training_blocks
 from stillroom.training.recipe import REPORTERS, Recipe, load_recipe
@@ -85,31 +85,40 @@ def make_plan(recipe: Recipe | dict | str | os.PathLike, overrides: Sequence[str
     teacher_toks = []
     for i, spec in enumerate(recipe.teachers):
         key = f"teachers.{i}.path"
-        tok = load_tokenizer(spec.path, key)
-        folder = resolve_model(spec.path, key)  # a .gguf teacher is converted here, once
-        check_vocab_fits(AutoConfig.from_pretrained(folder, trust_remote_code=False), tok, f"{key} {spec.path}")
+        if spec.server is not None:  # scored by the server: only its tokenizer is needed here
+            tok = load_tokenizer(spec.path, key, model=False)  # a folder or a .gguf, its weights untouched
+        else:
+            tok = load_tokenizer(spec.path, key)
+            folder = resolve_model(spec.path, key)  # a .gguf teacher is converted here, once
+            check_vocab_fits(AutoConfig.from_pretrained(folder, trust_remote_code=False), tok, f"{key} {spec.path}")
         teacher_toks.append(tok)
         if recipe.fusion.projection == "none" and not same_tokenizer(student_tok, tok):
             raise ConfigError(f"{key}: {spec.path} uses a different tokenizer from the student and "
                               "fusion.projection is 'none'; set fusion.projection to 'onehot' or 'bytes' "
                               "to project it onto the student vocabulary")
-        if recipe.fusion.top_k is None and (len(recipe.teachers) != 1 or spec.cache is not None
+        if recipe.fusion.top_k is None and (len(recipe.teachers) != 1 or spec.cache is not None or spec.server
                                             or recipe.fusion.include_student or not same_tokenizer(student_tok, tok)):
             raise ConfigError("fusion.top_k: null (the dense teacher distribution) needs exactly one online "
                               "teacher with the student's tokenizer; set fusion.top_k to a number (e.g. 10)")
         if spec.cache is not None:
-            _check_cache(recipe, spec, i, student_tok)
+            _check_cache(recipe, spec, i, student_tok, tok)
     return Plan(recipe=recipe, student_tokenizer=student_tok, teacher_tokenizers=teacher_toks, warnings=warnings)
 
 
-def _check_cache(recipe, spec, i: int, student_tok) -> None:
+def _check_cache(recipe, spec, i: int, student_tok, tok) -> None:
     """The cache must have been built for this teacher (weights and tokenizer hashes) and temperature, over the
     recipe's training blocks (``train --export-blocks``): every block's id must be in it, with the same text."""
 
     key = f"teachers.{i}.cache"
     try:
-        cached = CachedTeacher(spec.cache, teacher=resolve_model(spec.path, f"teachers.{i}.path"),
-                               temperature=recipe.loss.temperature)
+        if spec.server is None:
+            cached = CachedTeacher(spec.cache, teacher=resolve_model(spec.path, f"teachers.{i}.path"),
+                                   temperature=recipe.loss.temperature)
+        else:  # weights live on the server: the cache must be of this tokenizer (and the server's own record)
+            cached = CachedTeacher(spec.cache, temperature=recipe.loss.temperature)
+            if cached.tokenizer_hash != TokenTable.from_tokenizer(tok).hash:
+                raise ConfigError(f"cache {spec.cache} was built with another tokenizer than {spec.path}'s; "
+                                  "rebuild it with stillroom cache --server for this teacher")
     except (ConfigError, ModelError, ValueError, FileNotFoundError) as e:
         raise ConfigError(f"{key}: {e}") from None
     d = recipe.data

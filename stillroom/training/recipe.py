@@ -46,8 +46,13 @@ class _Strict(BaseModel):
 
 
 class TeacherSpec(_Strict):
-    path: str = Field(description="Hugging Face model folder of the teacher (model + tokenizer)")
+    path: str = Field(description="Hugging Face model folder of the teacher (model + tokenizer), or a .gguf file; "
+                      "with server: a folder or .gguf holding at least its tokenizer")
     cache: str | None = Field(None, description="offline cache folder (stillroom cache) instead of running it")
+    server: str | None = Field(None, description="URL of an OpenAI-compatible completions server running this "
+                               "teacher (llama.cpp, vLLM: http://HOST:PORT); scored there, not loaded here")
+    server_model: str | None = Field(None, description="server only: the served model's name when it hosts several")
+    server_concurrency: int = Field(4, ge=1, description="server only: requests in flight at once")
     name: str | None = Field(None, description="label in metrics and the model card (default: the folder name)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype an online teacher loads and runs in; auto: bfloat16 where this machine runs it "
@@ -75,6 +80,12 @@ class TeacherSpec(_Strict):
             raise ValueError(f"{', '.join(wrong)} set but objective is {self.objective!r}: weight is for alm / uld "
                              f"teachers (kd teachers share the fused (1 − λ) term), alm_* for alm teachers; remove "
                              f"them or set objective")
+        wrong = sorted(k for k in self.model_fields_set if k.startswith("server_") and self.server is None)
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} set without server: they apply to a teacher behind a server; set "
+                             "server: URL or remove them")
+        if self.server is not None and not self.server.startswith(("http://", "https://")):
+            raise ValueError(f"server {self.server!r} is not an http(s) URL; give it as http://HOST:PORT")
         return self
 
 
@@ -278,7 +289,11 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         for i, t in enumerate(self.teachers):
-            _check_model_path(t.path, f"teachers.{i}.path")
+            if t.server is None:
+                _check_model_path(t.path, f"teachers.{i}.path")
+            elif not Path(os.path.expanduser(t.path)).exists():  # a served teacher: only its tokenizer is here
+                raise ValueError(f"teachers.{i}.path: {t.path} does not exist; with server, point it at the "
+                                 "teacher's tokenizer (a folder or its .gguf)")
             if t.cache is not None and not Path(t.cache).is_dir():
                 raise ValueError(f"teachers.{i}.cache: {t.cache} is not a folder (build it with `stillroom cache`)")
             if t.objective != "kd" and t.weight is None and self.loss.ce_weight == 1.0:
