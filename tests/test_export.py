@@ -27,6 +27,51 @@ def llama_student(tmp_path_factory):
     return save_pair(model, tok, tmp_path_factory.mktemp("student") / "llama-student")
 
 
+@pytest.fixture(scope="module")
+def qwen2_student(tmp_path_factory):
+    """A tiny Qwen2 (q/k/v biases, GQA, untied head) with a byte-level BPE tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = train_byte_bpe([t[:50_000] for t in corpus_texts("train")], vocab_size=400)
+    torch.manual_seed(2)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, rope_theta=1e6)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # biases a random init leaves at zero would hide a wrong layout
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return save_pair(model, tok, tmp_path_factory.mktemp("qwen2") / "qwen2-student")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_exported_student_runs_in_llama_cpp_as_in_transformers(llama_student, qwen2_student, tmp_path, family):
+    """The round trip through the real engine: llama.cpp (llama-cpp-python) reads the f32 file, tokenizes as the
+    Hugging Face tokenizer and gives transformers' logits (f32 KV cache: kernels alone differ)."""
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = llama_student if family == "llama" else qwen2_student
+    out = export_gguf(folder, tmp_path / f"{family}.gguf", dtype="f32", progress=False)
+    ref, tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    llm = Llama(model_path=str(out), n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0)
+    for text in (TEXT, "Ünïcödé — “quotes” 123 4567\n\tend"):
+        ids = tok(text)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text, add_special_tokens=False)["input_ids"]
+        llm.reset()
+        llm.eval(ids)
+        with torch.no_grad():
+            want = ref(input_ids=torch.tensor([ids])).logits[0]
+        got = torch.tensor(llm.scores[: len(ids)])
+        assert (got - want).abs().max() < 1e-3, float((got - want).abs().max())
+    if family == "qwen2":  # and transformers' own GGUF loader reads it back
+        model, _ = _reload(out)
+        ids = torch.tensor([tok(TEXT)["input_ids"]])
+        with torch.no_grad():
+            assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-4)
+
+
 def _reload(path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

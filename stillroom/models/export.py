@@ -8,8 +8,9 @@ reordered as llama.cpp expects for its rotary layout (``w.reshape(heads, 2, d/2,
 undo it). Norms and other 1-D tensors stay float32; 2-D weights are ``f32``, ``f16`` or ``q8_0`` (blocks of 32
 values with one scale; rows whose length is not a multiple of 32 stay f16).
 
-Families: Llama (SmolLM2 and the students cut from it) with a byte-level BPE tokenizer; others are refused in one
-line naming what is supported.
+Families: Llama (SmolLM2 and the students cut from it) and Qwen2, with a byte-level BPE tokenizer whose
+pre-tokenizer llama.cpp knows by name (GPT-2's, Llama 3's, Qwen2's); others are refused in one line naming what
+is supported.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from stillroom.models.loading import load_causal_lm, load_tokenizer, model_conte
 from stillroom.progress import bar
 
 DTYPES = ("f32", "f16", "q8_0")
-SUPPORTED = ("llama",)
+SUPPORTED = ("llama", "qwen2")
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -34,10 +35,13 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama_tensors(state: dict, config) -> list[tuple[str, np.ndarray]]:
-    """``(gguf name, float32 array)`` of every tensor of a Llama state dict, q/k permuted; ``output.weight``
-    only when the head is not tied to the embedding."""
+def llama_tensors(state: dict, config, arch: str = "llama") -> list[tuple[str, np.ndarray]]:
+    """``(gguf name, float32 array)`` of every tensor of a Llama or Qwen2 state dict; ``output.weight`` only
+    when the head is not tied to the embedding. Llama's q/k rows are permuted (llama.cpp ropes Llama in
+    interleaved pairs); Qwen2 keeps them (llama.cpp ropes it in halves, as transformers) and adds the q/k/v
+    biases."""
     heads, kv = config.num_attention_heads, config.num_key_value_heads
+    permute = arch == "llama"
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -46,11 +50,16 @@ def llama_tensors(state: dict, config) -> list[tuple[str, np.ndarray]]:
     for i in range(config.num_hidden_layers):
         for hf, gg in names.items():
             w = state[f"model.layers.{i}.{hf}.weight"]
-            if gg == "attn_q":
+            if permute and gg == "attn_q":
                 w = _permute(w, heads)
-            elif gg == "attn_k":
+            elif permute and gg == "attn_k":
                 w = _permute(w, kv)
             out.append((f"blk.{i}.{gg}.weight", w))
+            bias = state.get(f"model.layers.{i}.{hf}.bias")
+            if bias is not None:
+                if permute and gg in ("attn_q", "attn_k"):
+                    bias = _permute(bias, heads if gg == "attn_q" else kv)
+                out.append((f"blk.{i}.{gg}.bias", bias))
     out.append(("output_norm.weight", state["model.norm.weight"]))
     if not getattr(config, "tie_word_embeddings", False):
         out.append(("output.weight", state["lm_head.weight"]))
@@ -156,14 +165,14 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: 
     folder = resolve_model(model_dir, "--model")  # cheap checks first: folder, config, tokenizer; then the weights
     arch = AutoConfig.from_pretrained(folder, trust_remote_code=False).model_type
     if arch not in SUPPORTED:
-        raise ConfigError(f"--model {folder}: export supports {', '.join(SUPPORTED)} students (SmolLM2 and the "
-                          f"students cut from it); this one is {arch!r}")
+        raise ConfigError(f"--model {folder}: export supports {', '.join(SUPPORTED)} students (SmolLM2, Qwen2 and "
+                          f"the students cut from them); this one is {arch!r}")
     spec = _byte_level_bpe(folder)
     tokenizer = load_tokenizer(folder, "--model")
     model = load_causal_lm(folder, "--model", tokenizer=tokenizer)
     config = model.config
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    tensors = llama_tensors(state, config)
+    tensors = llama_tensors(state, config, arch)
 
     def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(str(tmp), arch)
