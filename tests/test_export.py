@@ -110,7 +110,7 @@ def test_refusals_are_one_line_naming_the_option(llama_student, tiny_models, tmp
     assert out.read_text() == "yours"  # never a user's file changed
     with pytest.raises(ConfigError, match="--dtype 'q4'"):
         export_gguf(llama_student, tmp_path / "y.gguf", dtype="q4", progress=False)
-    with pytest.raises(ConfigError, match=r"export supports llama .* 'gpt2'"):
+    with pytest.raises(ConfigError, match=r"export supports llama, qwen2 .* 'gpt2'"):
         export_gguf(tiny_models["gpt2-bpe"], tmp_path / "z.gguf", progress=False)
     assert not (tmp_path / "z.gguf").exists()
 
