@@ -30,12 +30,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -63,6 +64,10 @@ class ServedStats:
     empty_rows: int = 0       # rows no request gave (tail = 1)
     gold_unknown: int = 0     # rows whose gold next token was not among the returned entries
     rows: int = 0
+
+    def add(self, other: ServedStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def line(self) -> str:
         share = lambda n, d: f"{n:,} ({100 * n / max(d, 1):.2f}%)"  # noqa: E731
@@ -121,6 +126,7 @@ class ServedTeacher:
         self.vocab_size = self.table.vocab_size
         self.tokenizer_hash = self.table.hash
         self.stats = ServedStats()
+        self._stats_lock = threading.Lock()  # requests run in threads: counts are merged under it
         self._by_text = self._text_index()
         self.model = model or self._only_model()
         self.source = source or f"{self.base} ({self.model})"
@@ -145,10 +151,10 @@ class ServedTeacher:
         url, last = self.base + path, ""
         for attempt in range(self.retries + 1):
             if attempt:
-                self.stats.retries += 1
+                self._count(ServedStats(retries=1))
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                self.stats.requests += 1
+                self._count(ServedStats(requests=1))
                 return _post(url, body, self.timeout)
             except urllib.error.HTTPError as e:
                 msg = _server_message(e)
@@ -308,7 +314,7 @@ class ServedTeacher:
             alone = self.complete(prefix, echo=False)
             if alone.top and alone.top[-1] is not None:
                 rows[r] = self._row(alone.top[-1])
-                self.stats.extra_rows += 1
+                self._count(ServedStats(extra_rows=1))
         return self._output(example_id, local, rows, k)
 
     def _output(self, example_id: str, local: list[int], rows, k: int) -> TeacherOutput:
@@ -317,7 +323,7 @@ class ServedTeacher:
         lp = torch.full((n, k), float("-inf"))
         tail = torch.ones(n)
         ce = torch.full((n,), float("nan"))
-        st = self.stats
+        st = ServedStats()  # this text's counts, merged once at the end
         for r, row in enumerate(rows):
             st.rows += 1
             if row is None:
@@ -338,7 +344,12 @@ class ServedTeacher:
                     ce[r] = -gold[0]
                 else:
                     st.gold_unknown += 1
+        self._count(st)
         return TeacherOutput(example_id, torch.as_tensor(local, dtype=torch.long), ids, lp, tail, ce)
+
+    def _count(self, delta: ServedStats) -> None:
+        with self._stats_lock:
+            self.stats.add(delta)
 
 
 def _map(workers: int, fn: Callable[[int], TeacherOutput], items) -> list[TeacherOutput]:
