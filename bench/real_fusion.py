@@ -15,7 +15,8 @@ through FuseLLM's MinED map alone, projection ``onehot``), ``uld-gemma3`` (ULD o
 over the exact chunks), ``alm-unbiased-gemma3`` (ALM over the unbiased chunks), ``alm+kd-gemma3`` (ALM next to KD
 via ``--projection``), ``fused-alm-min_ce`` / ``fused-alm-avg_ce`` (both teachers as ALM terms fused per
 sequence), ``fused-min_ce-mined`` (the two teachers fused per sequence, Gemma through the MinED map: fusion with
-the best single-teacher cross-tokenizer objective). ALM reads only the teacher's log-prob of its own tokens, from a top-1 cache
+the best single-teacher cross-tokenizer objective), ``xtoken-gemma3`` (X-Token's direction: the student's
+distribution moved into Gemma's vocabulary, KL against its own top-k at every aligned boundary). ALM reads only the teacher's log-prob of its own tokens, from a top-1 cache
 (``OUT/cache/gemma3-top1``); ULD and KD read the top-k cache. ``--cache-from DIR`` reads the top-k caches of
 another OUT built over the same blocks with the same teachers and k (λ, lr, projection may differ; read only:
 nothing is written there).
@@ -276,7 +277,7 @@ def references(args, texts: list[str], out: Path) -> dict[str, float]:
 FUSION_ARMS = ("ce-only", "kd-smollm2", "kd-gemma3", "fused-min_ce", "fused-avg_ce")
 TOKEN_ARMS = ("fused-min_ce-token", "fused-avg_ce-token")
 OBJECTIVE_ARMS = ("kd-gemma3-mined", "uld-gemma3", "alm-gemma3", "alm-unbiased-gemma3", "alm+kd-gemma3",
-                  "fused-alm-min_ce", "fused-alm-avg_ce", "fused-min_ce-mined")
+                  "fused-alm-min_ce", "fused-alm-avg_ce", "fused-min_ce-mined", "xtoken-gemma3")
 ALL_ARMS = FUSION_ARMS + TOKEN_ARMS + OBJECTIVE_ARMS
 
 
@@ -296,6 +297,8 @@ def arms(args, caches: dict[str, str]) -> dict[str, dict]:
              "fused-avg_ce-token": arm([sm, gm], "avg_ce", "token"),
              "kd-gemma3-mined": arm([gm], projection="onehot"),
              "uld-gemma3": arm([{**gm, "name": "gemma3-uld", "objective": "uld"}]),
+             # X-Token's direction: the student's distribution moved into Gemma's vocabulary (stillroom.teachers.xtoken)
+             "xtoken-gemma3": arm([{**gm, "name": "gemma3-xtoken", "objective": "xtoken"}]),
              "alm-gemma3": arm([alm]), "alm-unbiased-gemma3": arm([{**alm, "alm_chunks": "unbiased"}]),
              "alm+kd-gemma3": arm([gm, alm]),
              # both teachers as ALM terms, fused per sequence (stillroom.teachers.alm_fusion); SmolLM2's from its top-k cache

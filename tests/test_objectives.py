@@ -333,3 +333,52 @@ def test_recipe_rejects_bad_objective_settings(teacher, lam, match, tiny_models,
     raw = _raw(tiny_models, data_dir, tmp_path, [{"path": str(tiny_models["llama-spm"]), **teacher}], lam=lam)
     with pytest.raises(ValueError, match=match):
         load_recipe(raw)
+
+
+def test_xtoken_training_step_equals_a_dense_loss_in_the_teacher_vocabulary(tiny_models, data_dir, tmp_path):
+    """objective: xtoken — at every alignment group past token 0, the teacher's dense top-k (+ tail, ids no student
+    token reaches moved to it) against softmax(student) @ W, summed; W is the map (tested in tests/test_reverse.py)."""
+    from stillroom.tokenization.reverse import reverse_map
+    from stillroom.tokenization.tokens import TokenTable
+
+    t = tiny_models["llama-spm"]
+    raw = _raw(tiny_models, data_dir, tmp_path, [{"path": str(t), "objective": "xtoken", "weight": 0.4,
+                                                  "name": "spm-x"}], lam=0.6)
+    raw["fusion"] = {"top_k": 5}
+    tr, batch, toks = _trainer(raw)
+    got = tr.compute_loss(tr.model.train(), batch)
+    tr.log({"loss": float(got.detach())})
+    logged = tr.state.log_history[-1]
+    got.backward()
+    g_got = tr.model.get_output_embeddings().weight.grad.clone()
+    tr.model.zero_grad()
+
+    t_tok = toks.teacher_tokenizers[0]
+    w = reverse_map(TokenTable.from_tokenizer(toks.student_tokenizer), TokenTable.from_tokenizer(t_tok),
+                    t_tok).dense().double()
+    reach = w.sum(0) > 0
+    logp = _dense(tr, batch)
+    ce, x, n, pairs = 0.0, 0.0, 0, 0
+    for r, al in enumerate(_alignments(batch, toks, t_tok)):
+        lab = batch["labels"][r]
+        ce = ce - sum(logp[r, j - 1, lab[j]] for j in range(1, SEQ) if lab[j] != -100)
+        n += int((lab[1:] != -100).sum())
+        _, t_lp = _teacher_rows(t, t_tok, batch["text"][r])
+        for t0, _, s0, _ in al.groups.tolist():
+            if t0 == 0 or s0 == 0 or lab[s0] == -100:
+                continue
+            top = t_lp[t0 - 1].topk(5)
+            q = logp[r, s0 - 1].exp() @ w
+            keep = reach[top.indices]
+            p_k, q_k = top.values.exp()[keep], q[top.indices][keep]
+            p_tail, q_tail = 1 - p_k.sum(), 1 - q_k.sum()
+            x = x + (p_k * (p_k.log() - q_k.log())).sum() + p_tail * (p_tail.log() - q_tail.log())
+            pairs += 1
+    assert pairs > 20
+    want = (0.6 * ce + 0.4 * x) / n
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-4)
+    assert logged["xtoken/spm-x"] == pytest.approx(float(x.detach()) / n, rel=1e-4)
+    want.backward()
+    g_want = tr.model.get_output_embeddings().weight.grad
+    assert g_got.abs().sum() > 0
+    torch.testing.assert_close(g_got.double(), g_want.double(), rtol=1e-3, atol=1e-7)

@@ -138,10 +138,15 @@ OBJECTIVES: dict[str, type[ObjectiveTeacher]] = {"alm": ALMTeacher, "uld": ULDTe
 
 
 def objective_teacher(source, student_table, teacher_table, config: ObjectiveConfig, name: str = "teacher",
-                      bias_rule=None) -> ObjectiveTeacher:
-    """The term teacher of ``config.kind`` (a key of :data:`OBJECTIVES`)."""
+                      bias_rule=None, reverse=None) -> ObjectiveTeacher:
+    """The term teacher of ``config.kind`` (a key of :data:`OBJECTIVES`, or ``xtoken``:
+    :class:`stillroom.teachers.xtoken.XTokenTeacher`, which needs ``reverse``, the student → teacher map)."""
+    if config.kind == "xtoken":
+        from stillroom.teachers.xtoken import XTokenTeacher
+
+        return XTokenTeacher(source, student_table, teacher_table, config, name, reverse=reverse)
     if config.kind not in OBJECTIVES:
-        raise ValueError(f"objective {config.kind!r}: use one of {', '.join(OBJECTIVES)}")
+        raise ValueError(f"objective {config.kind!r}: use one of {', '.join([*OBJECTIVES, 'xtoken'])}")
     extra = {"bias_rule": bias_rule} if config.kind == "alm" else {}
     return OBJECTIVES[config.kind](source, student_table, teacher_table, config, name, **extra)
 
@@ -255,7 +260,7 @@ def uld_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, p
     total = hidden.sum() * 0.0
 
     def piece(hc, w, ids, lp, tail, valid):
-        return uld_loss(hc @ w.T, SparseTarget(ids, lp, tail, valid), temperature=config.uld_temperature,
+        return uld_loss(hc @ w.T, SparseTarget(ids, lp, tail, valid), temperature=config.temperature,
                         reduction="sum")
 
     for a in range(0, h.shape[0], chunk):

@@ -59,7 +59,7 @@ def signal_source(spec, tok, top_k: int, temperature: float):
 
 
 def build_teacher(spec, index: int, student_tok, teacher_tok, recipe) -> ObjectiveTeacher:
-    """The recipe's ``teachers[index]`` with ``objective: alm | uld``: online (top-1 is enough for ALM, which
+    """The recipe's ``teachers[index]`` with ``objective: alm | uld | xtoken``: online (top-1 is enough for ALM, which
     reads only ``gold_ce``) or from its cache."""
 
     k = 1 if spec.objective == "alm" and spec.server is None else recipe.fusion.top_k  # ALM reads gold_ce only
@@ -67,13 +67,17 @@ def build_teacher(spec, index: int, student_tok, teacher_tok, recipe) -> Objecti
     lam = recipe.loss.ce_weight
     cfg = ObjectiveConfig(kind=spec.objective, weight=1.0 - lam if spec.weight is None else spec.weight,
                           alm_temperature=spec.alm_temperature, alm_divergence=spec.alm_divergence,
-                          alm_chunks=spec.alm_chunks, uld_temperature=recipe.loss.temperature,
+                          alm_chunks=spec.alm_chunks, temperature=recipe.loss.temperature,
                           chunk_size=recipe.loss.chunk_size, alm_bias_threshold=spec.alm_bias_threshold)
     s_table, t_table = TokenTable.from_tokenizer(student_tok), TokenTable.from_tokenizer(teacher_tok)
-    rule = None
+    rule = reverse = None
     if spec.objective == "alm" and spec.alm_chunks == "unbiased":
         rule = bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, spec.alm_bias_threshold)
-    return objective_teacher(source, s_table, t_table, cfg, spec.name or f"teacher{index}", rule)
+    if spec.objective == "xtoken":
+        from stillroom.tokenization.reverse import reverse_map
+
+        reverse = reverse_map(s_table, t_table, teacher_tok)
+    return objective_teacher(source, s_table, t_table, cfg, spec.name or f"teacher{index}", rule, reverse)
 
 
 def bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, threshold: float, sample_chars: int = 1_000_000):

@@ -26,13 +26,15 @@ def loss_panels(history: list[dict]) -> dict[str, Series]:
     """One run's curves, grouped so each panel holds one quantity in one unit: cross-entropy of the gold
     token (training ``ce`` and held-out ``eval_loss``, nats/token), the distillation term ``kd``, each ALM
     teacher's term ``alm/NAME`` (binary divergence per student token), each ULD teacher's ``uld/NAME`` (L1
-    between sorted distributions, per token) and held-out bits per byte. Empty series and panels are left out."""
+    between sorted distributions, per token), each X-Token teacher's ``xtoken/NAME`` (KL in its vocabulary, per
+    token) and held-out bits per byte. Empty series and panels are left out."""
     keys = sorted({k for h in history for k in h})
     panels = {"cross-entropy (nats/token)": {"train CE": points(history, "ce"),
                                              "held-out CE": points(history, "eval_loss")},
               "distillation term D (nats/token)": {"train D": points(history, "kd")},
               "ALM term (per token)": {k[4:]: points(history, k) for k in keys if k.startswith("alm/")},
               "ULD term (per token)": {k[4:]: points(history, k) for k in keys if k.startswith("uld/")},
+              "X-Token term (nats/token)": {k[7:]: points(history, k) for k in keys if k.startswith("xtoken/")},
               "held-out bits per byte": {"held-out": points(history, "eval_bpb")}}
     return _nonempty(panels)
 

@@ -1,0 +1,82 @@
+"""A divergence in the *teacher's* vocabulary: the student's distribution moved there (X-Token's direction).
+
+For a student row paired with a teacher row that predicts the token starting at the same byte, the student's
+``p = softmax(z / T)`` over its vocabulary is moved into the teacher's by a sparse map W (each student token's
+mass spread over the teacher pieces that spell it; :mod:`stillroom.tokenization.reverse`):
+
+    q_t = Σ_s p_s · W[s, t]        for the teacher's top-k ids t,      q_tail = 1 − Σ_t q_t
+
+and compared with the teacher's own top-k p_t and tail over the k + 1 buckets, ``D(p_teacher ‖ q)`` (any kind of
+:mod:`stillroom.losses.divergences`; forward KL by default). A teacher id no student token reaches (W's column
+empty) cannot be matched by any student: its teacher mass joins the tail bucket, so the divergence stays finite
+and its gradient unchanged. Only the k columns of W a row needs are gathered (``columns``: W by teacher column,
+CSC), never a ``[n, V_t]`` matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stillroom.losses.distill import reduce_rows, student_rows
+from stillroom.losses.divergences import check_kind, row_divergence
+from stillroom.losses.sparse import TAIL_FLOOR
+from stillroom.targets import SparseTarget
+
+
+def projected_mass(p: torch.Tensor, ids: torch.Tensor,
+                   columns: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [n, k]`` with ``q[r, j] = Σ_s p[r, s] · W[s, ids[r, j]]`` and ``reach [n, k]`` (W's column non-empty),
+    from W by teacher column: ``columns = (ptr [V_t + 1], rows [nnz], weights [nnz])``."""
+    ptr, rows, weights = (c.to(p.device) for c in columns)
+    n, k = ids.shape
+    flat = ids.reshape(-1)
+    start, count = ptr[flat], ptr[flat + 1] - ptr[flat]
+    slot = torch.repeat_interleave(torch.arange(flat.numel(), device=p.device), count)
+    first = torch.cumsum(count, 0) - count  # where each slot's entries begin in the expanded list
+    pos = start[slot] + torch.arange(slot.numel(), device=p.device) - first[slot]
+    contrib = p[slot // k, rows[pos]] * weights[pos].to(p.dtype)
+    q = torch.zeros(n * k, dtype=p.dtype, device=p.device).index_add(0, slot, contrib)
+    return q.view(n, k), (count > 0).view(n, k)
+
+
+def projected_student_kl(student_logits: torch.Tensor, target: SparseTarget,
+                         columns: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, kind: str = "forward_kl",
+                         temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
+                         mask: torch.Tensor | None = None, reduction: str = "mean",
+                         num_items: int | float | torch.Tensor | None = None) -> torch.Tensor:
+    """D(teacher ‖ student moved by W) over the teacher's top-k + tail (module docstring).
+
+    ``student_logits [..., V_s]``; ``target`` the teacher's own ``SparseTarget`` (ids in *its* vocabulary) with
+    the same leading shape; ``columns`` W by teacher column (:attr:`stillroom.tokenization.reverse.ReverseMap.columns`);
+    ``mask`` True = counted (with ``target.valid``); reductions as ``distill_loss``."""
+    check_kind(kind, beta, alpha)
+    leading, logits, counted = student_rows(student_logits, mask, reduction, temperature)
+    k = target.ids.shape[-1]
+    if tuple(target.ids.shape[:-1]) != leading:
+        raise ValueError(f"target rows {tuple(target.ids.shape[:-1])} do not match the student's leading shape "
+                         f"{leading}")
+    ids = target.ids.reshape(-1, k).long().to(logits.device)
+    lp = target.logprobs.reshape(-1, k).to(logits.device, logits.dtype)
+    tail = target.tail.reshape(-1).to(logits.device, logits.dtype)
+    counted = counted & target.valid.reshape(-1).bool().to(logits.device)
+    if ids.numel() and int(ids.max()) >= columns[0].numel() - 1:
+        raise ValueError(f"teacher id {int(ids.max())} is outside the map's {columns[0].numel() - 1} columns; the "
+                         "map was built for another teacher tokenizer")
+    p = torch.softmax(logits / temperature, -1)
+    q, reach = projected_mass(p, ids.clamp_min(0), columns)
+    live_t = torch.isfinite(lp)
+    live = live_t & reach
+    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    pt = torch.where(live_t, lp.exp(), zero)
+    tail_t = tail + torch.where(live_t & ~reach, pt, zero).sum(-1)  # unreachable teacher ids: tail mass
+    q_tail = (1.0 - torch.where(live, q, zero).sum(-1)).clamp_min(1e-12)
+    tiny = torch.finfo(logits.dtype).tiny
+    logq = torch.cat([torch.where(live, q.clamp_min(tiny).log(), zero), q_tail.log().unsqueeze(-1)], -1)
+    reverse = kind == "reverse_kl" or (kind == "jsd" and beta == 1.0)
+    floor = TAIL_FLOOR if reverse else tiny  # as the student-vocabulary sparse loss (stillroom.losses.sparse)
+    logp = torch.cat([torch.where(live, lp, zero), tail_t.clamp_min(floor).log().unsqueeze(-1)], -1)
+    buckets = torch.cat([live, torch.ones_like(live[:, :1])], -1)  # the tail bucket always counts
+    per_row = row_divergence(logq, logp, kind, beta, alpha, buckets)
+    per_row = torch.where(counted, per_row, zero)
+    out = reduce_rows(per_row, counted, reduction, num_items)
+    return out.reshape(leading) if reduction == "none" else out
