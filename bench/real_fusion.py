@@ -16,7 +16,9 @@ over the exact chunks), ``alm-unbiased-gemma3`` (ALM over the unbiased chunks), 
 via ``--projection``), ``fused-alm-min_ce`` / ``fused-alm-avg_ce`` (both teachers as ALM terms fused per
 sequence), ``fused-min_ce-mined`` (the two teachers fused per sequence, Gemma through the MinED map: fusion with
 the best single-teacher cross-tokenizer objective), ``xtoken-gemma3`` (X-Token's direction: the student's
-distribution moved into Gemma's vocabulary, KL against its own top-k at every aligned boundary). ALM reads only the teacher's log-prob of its own tokens, from a top-1 cache
+distribution moved into Gemma's vocabulary, KL against its own top-k at every aligned boundary),
+``kd-gemma3-mined-nofill`` (MinED with the rows it leaves uncovered out of the distillation term instead of
+given the one-hot gold token: DSKD's confound, extra CE). ALM reads only the teacher's log-prob of its own tokens, from a top-1 cache
 (``OUT/cache/gemma3-top1``); ULD and KD read the top-k cache. ``--cache-from DIR`` reads the top-k caches of
 another OUT built over the same blocks with the same teachers and k (λ, lr, projection may differ; read only:
 nothing is written there).
@@ -152,9 +154,9 @@ def prepare_data(corpus: Path, out: Path) -> dict[str, str]:
 
 def recipe(args: argparse.Namespace, data: dict[str, str], name: str, out_dir: Path, seed: int,
            teachers: list[dict] = (), method: str = "min_ce", level: str = "sequence",
-           projection: str | None = None) -> dict:
+           projection: str | None = None, fill: bool = True) -> dict:
     """One arm's training recipe; ``teachers``: recipe teacher entries (name, path, cache, objective...);
-    ``projection`` overrides ``--projection`` for this arm."""
+    ``projection`` overrides ``--projection`` for this arm; ``fill``: ``fusion.fill_uncovered``."""
     return {
         "name": name,
         "student": {"init_from": args.student_from, "layers": args.layers},
@@ -163,7 +165,7 @@ def recipe(args: argparse.Namespace, data: dict[str, str], name: str, out_dir: P
                  "max_blocks": args.steps * args.batch_size},  # every block trained on once
         "loss": {"kind": "forward_kl", "ce_weight": args.ce_weight if teachers else 1.0, "temperature": 1.0},
         "fusion": {"method": method, "level": level, "top_k": args.top_k,
-                   "projection": projection or args.projection},
+                   "projection": projection or args.projection, "fill_uncovered": fill},
         "train": {"output_dir": str(out_dir), "max_steps": args.steps, "batch_size": args.batch_size,
                   "lr": args.lr, "warmup_steps": max(1, args.steps // 10), "seed": seed,
                   "logging_steps": max(1, args.steps // 10), "eval_steps": None, "eval_max_blocks": 8,
@@ -277,7 +279,8 @@ def references(args, texts: list[str], out: Path) -> dict[str, float]:
 FUSION_ARMS = ("ce-only", "kd-smollm2", "kd-gemma3", "fused-min_ce", "fused-avg_ce")
 TOKEN_ARMS = ("fused-min_ce-token", "fused-avg_ce-token")
 OBJECTIVE_ARMS = ("kd-gemma3-mined", "uld-gemma3", "alm-gemma3", "alm-unbiased-gemma3", "alm+kd-gemma3",
-                  "fused-alm-min_ce", "fused-alm-avg_ce", "fused-min_ce-mined", "xtoken-gemma3")
+                  "fused-alm-min_ce", "fused-alm-avg_ce", "fused-min_ce-mined", "xtoken-gemma3",
+                  "kd-gemma3-mined-nofill")
 ALL_ARMS = FUSION_ARMS + TOKEN_ARMS + OBJECTIVE_ARMS
 
 
@@ -288,14 +291,16 @@ def arms(args, caches: dict[str, str]) -> dict[str, dict]:
     gm = {"name": "gemma3", "path": args.gemma3, "cache": caches["gemma3"]}
     alm = {"name": "gemma3-alm", "path": args.gemma3, "cache": caches.get("gemma3-top1"), "objective": "alm"}
 
-    def arm(teachers, method="min_ce", level="sequence", projection=None):
-        return {"teachers": teachers, "method": method, "level": level, "projection": projection}
+    def arm(teachers, method="min_ce", level="sequence", projection=None, fill=True):
+        return {"teachers": teachers, "method": method, "level": level, "projection": projection, "fill": fill}
 
     table = {"ce-only": arm([]), "kd-smollm2": arm([sm]), "kd-gemma3": arm([gm]),
              "fused-min_ce": arm([sm, gm]), "fused-avg_ce": arm([sm, gm], "avg_ce"),
              "fused-min_ce-token": arm([sm, gm], level="token"),
              "fused-avg_ce-token": arm([sm, gm], "avg_ce", "token"),
              "kd-gemma3-mined": arm([gm], projection="onehot"),
+             # the MinED confound: rows the map leaves uncovered get no target instead of the one-hot gold
+             "kd-gemma3-mined-nofill": arm([gm], projection="onehot", fill=False),
              "uld-gemma3": arm([{**gm, "name": "gemma3-uld", "objective": "uld"}]),
              # X-Token's direction: the student's distribution moved into Gemma's vocabulary (stillroom.teachers.xtoken)
              "xtoken-gemma3": arm([{**gm, "name": "gemma3-xtoken", "objective": "xtoken"}]),
@@ -327,7 +332,7 @@ def run_arm(args, data, out: Path, seed: int, arm: str, spec, texts: list[str]) 
     console.rule(f"seed {seed}: {arm}")
     t = time.perf_counter()
     res = train(recipe(args, data, f"real-fusion-{arm}", folder / "model", seed, spec["teachers"], spec["method"],
-                       spec["level"], spec["projection"]))
+                       spec["level"], spec["projection"], spec.get("fill", True)))
     train_s = time.perf_counter() - t
     model, tok = load_model(res.output_dir)
     t = time.perf_counter()

@@ -228,6 +228,29 @@ def test_aligned_teacher_target_is_the_projection_with_its_fallback(projection, 
     assert n_onehot > 0  # the fallback rows were exercised
 
 
+def test_fill_uncovered_false_leaves_the_one_hot_rows_out(tiny_models, data_dir, tmp_path):
+    """``fusion.fill_uncovered: false``: the rows the projection leaves without a teacher target (student_targets'
+    one-hot fallback rows) are not counted in the distillation term; every other row is the same target."""
+    from stillroom.tokenization.project import student_targets
+
+    trainer, _ = _trainer(tiny_models, data_dir, tmp_path, teachers=("llama-spm",),
+                          overrides=["fusion.projection=onehot", "fusion.fill_uncovered=false"])
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+    got = trainer.fused_target(batch)
+    t = trainer.teachers[0]
+    skipped = 0
+    for r, out in enumerate(t.source.signal(batch["text"], batch["example_id"])):
+        sid = batch["input_ids"][r][batch["attention_mask"][r].bool()]
+        covered, _ = student_targets(out, sid.numpy(), t.student_table, t.teacher_table, t.vocab_map,
+                                     fallback="onehot", fill=False)
+        filled, _ = student_targets(out, sid.numpy(), t.student_table, t.teacher_table, t.vocab_map,
+                                    fallback="onehot")
+        n = len(sid)
+        assert torch.equal(got.valid[r, :n], covered.valid)
+        skipped += int((filled.valid & ~covered.valid).sum())
+    assert skipped > 0  # rows the default would have filled with the gold token
+
+
 def test_include_student_adds_a_frozen_copy_as_candidate(tiny_models, data_dir, tmp_path):
     from stillroom.training.run import train
 

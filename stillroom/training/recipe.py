@@ -146,6 +146,9 @@ class FusionSpec(_Strict):
         "'prefix' (longest student token each teacher token starts with), 'next_bytes' (prefix, and inside a "
         "multi-token student group the teacher's next bytes given those already spelled); 'none' = teachers "
         "share the student tokenizer")
+    fill_uncovered: bool = Field(True, description="rows no kd teacher's target covers (inside a multi-token "
+                                 "group, for onehot / bytes / prefix) get the one-hot gold next token as their target: "
+                                 "extra cross-entropy, not teacher knowledge; false leaves them out of the (1 − λ)·D term")
 
 
 class TrainSpec(_Strict):

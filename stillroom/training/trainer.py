@@ -150,7 +150,9 @@ class DistillTrainer(Trainer):
             share = w.flatten(1).sum(1).cpu()
             self._fusion_share = share if self._fusion_share is None else self._fusion_share + share
         fused = fuse(targets, ces, f.method, f.level, weight_temperature=f.weight_temperature, top_k=f.fused_top_k)
-        return fused if inputs.get("sampled") else fused.fill_onehot(next_labels(inputs["labels"]))
+        if inputs.get("sampled") or not f.fill_uncovered:  # a sample's gold is the student's own token
+            return fused
+        return fused.fill_onehot(next_labels(inputs["labels"]))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._parts is not None and "loss" in logs:  # the loss's parts, averaged like HF averages `loss`
