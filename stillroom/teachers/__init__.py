@@ -7,7 +7,7 @@ Contract: two kinds of teacher, two small protocols the trainer calls.
   :class:`SameTokenizerTeacher`, :class:`AlignedTeacher` (byte-aligned and projected, ``kd``);
 - a **term teacher** (:class:`TermTeacher`: ``loss_sum(hidden, weight, batch) -> w·ΣD``) adds its own term:
   :class:`ALMTeacher`, :class:`ULDTeacher` (``objectives``; several ALM teachers fuse into one term,
-  ``alm_fusion``). A new objective is one class implementing :class:`TermTeacher`.
+  ``alm_fusion``), :class:`XTokenTeacher` (a KL in the teacher's own vocabulary, ``xtoken``). A new objective is one class implementing :class:`TermTeacher`.
 
 Their signals come from :class:`OnlineTeacher` (a model run in-process, ``online``), :class:`ServedTeacher` (a
 model behind an OpenAI-compatible server — llama.cpp, vLLM — ``served``) or :class:`CachedTeacher`
@@ -27,6 +27,7 @@ _EXPORTS = {
     "TermTeacher": "stillroom.teachers.objectives",
     "ULDTeacher": "stillroom.teachers.objectives",
     "objective_teacher": "stillroom.teachers.objectives",
+    "XTokenTeacher": "stillroom.teachers.xtoken",
     "OnlineTeacher": "stillroom.teachers.online",
     "TeacherSignal": "stillroom.teachers.online",
     "ServedTeacher": "stillroom.teachers.served",

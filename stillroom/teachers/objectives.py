@@ -138,15 +138,11 @@ OBJECTIVES: dict[str, type[ObjectiveTeacher]] = {"alm": ALMTeacher, "uld": ULDTe
 
 
 def objective_teacher(source, student_table, teacher_table, config: ObjectiveConfig, name: str = "teacher",
-                      bias_rule=None, reverse=None) -> ObjectiveTeacher:
-    """The term teacher of ``config.kind`` (a key of :data:`OBJECTIVES`, or ``xtoken``:
-    :class:`stillroom.teachers.xtoken.XTokenTeacher`, which needs ``reverse``, the student → teacher map)."""
-    if config.kind == "xtoken":
-        from stillroom.teachers.xtoken import XTokenTeacher
-
-        return XTokenTeacher(source, student_table, teacher_table, config, name, reverse=reverse)
+                      bias_rule=None) -> ObjectiveTeacher:
+    """The term teacher of ``config.kind`` (a key of :data:`OBJECTIVES`; ``xtoken`` teachers are built as
+    :class:`stillroom.teachers.xtoken.XTokenTeacher` with their map)."""
     if config.kind not in OBJECTIVES:
-        raise ValueError(f"objective {config.kind!r}: use one of {', '.join([*OBJECTIVES, 'xtoken'])}")
+        raise ValueError(f"objective {config.kind!r}: use one of {', '.join(OBJECTIVES)}")
     extra = {"bias_rule": bias_rule} if config.kind == "alm" else {}
     return OBJECTIVES[config.kind](source, student_table, teacher_table, config, name, **extra)
 

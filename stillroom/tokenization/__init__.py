@@ -7,6 +7,7 @@ Contract: ids in, arrays out; no model, no training. Depends on numpy, torch (pr
 - ``align``: :func:`align` — groups of tokens spelling the same bytes (exact, or FuseLLM's DTW);
 - ``vocab``: :class:`VocabMap` (exact / MinED) and :func:`prefix_map` — one vocabulary onto another;
 - ``project``: :func:`project`, :func:`student_targets` — a teacher's top-k moved onto the student's positions;
+- ``reverse``: :func:`reverse_map` — the other way: each student token re-tokenized by a teacher (X-Token's map);
 - ``unbiased``: ALM's unbiased chunk boundaries;
 - ``special``: which special token pads a batch (:func:`pad_id`) or starts a document (:func:`separator_id`).
 
@@ -24,6 +25,8 @@ _EXPORTS = {
     "min_edit_distance_map": "stillroom.tokenization.vocab",
     "prefix_map": "stillroom.tokenization.vocab",
     "student_targets": "stillroom.tokenization.project",
+    "ReverseMap": "stillroom.tokenization.reverse",
+    "reverse_map": "stillroom.tokenization.reverse",
     "BoundaryBias": "stillroom.tokenization.unbiased",
     "unbiased_chunks": "stillroom.tokenization.unbiased",
     "unigram_probs": "stillroom.tokenization.unbiased",

@@ -11,6 +11,8 @@ from stillroom.models import precision
 from stillroom.models.loading import load_causal_lm
 from stillroom.teachers.kd import AlignedTeacher, SameTokenizerTeacher
 from stillroom.teachers.objectives import ObjectiveConfig, ObjectiveTeacher, objective_teacher
+from stillroom.teachers.xtoken import XTokenTeacher
+from stillroom.tokenization.reverse import reverse_map
 from stillroom.tokenization.tokens import TokenTable, same_tokenizer
 from stillroom.tokenization.unbiased import BoundaryBias, unigram_probs
 from stillroom.tokenization.vocab import VocabMap
@@ -70,14 +72,13 @@ def build_teacher(spec, index: int, student_tok, teacher_tok, recipe) -> Objecti
                           alm_chunks=spec.alm_chunks, temperature=recipe.loss.temperature,
                           chunk_size=recipe.loss.chunk_size, alm_bias_threshold=spec.alm_bias_threshold)
     s_table, t_table = TokenTable.from_tokenizer(student_tok), TokenTable.from_tokenizer(teacher_tok)
-    rule = reverse = None
+    name = spec.name or f"teacher{index}"
+    if spec.objective == "xtoken":  # the student's vocabulary moved into the teacher's
+        return XTokenTeacher(source, s_table, t_table, cfg, name, reverse=reverse_map(s_table, t_table, teacher_tok))
+    rule = None
     if spec.objective == "alm" and spec.alm_chunks == "unbiased":
         rule = bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, spec.alm_bias_threshold)
-    if spec.objective == "xtoken":
-        from stillroom.tokenization.reverse import reverse_map
-
-        reverse = reverse_map(s_table, t_table, teacher_tok)
-    return objective_teacher(source, s_table, t_table, cfg, spec.name or f"teacher{index}", rule, reverse)
+    return objective_teacher(source, s_table, t_table, cfg, name, rule)
 
 
 def bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, threshold: float, sample_chars: int = 1_000_000):
