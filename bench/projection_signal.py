@@ -20,7 +20,16 @@ for every student row that predicts a real next token:
 
 Bits are divided by the UTF-8 bytes of the gold tokens of the counted rows. Rows the fill would make one-hot
 (FuseLLM / DSKD's MinED) are reported separately: scored as one-hot they cost 0 bits — extra CE, not teacher
-signal. Writes ``OUT/results.json`` and ``OUT/report.md``; ends with a ``SUMMARY:`` line.
+signal.
+
+The other direction (``objective: xtoken``, X-Token) projects nothing of the teacher: its target is Gemma's own
+top-k at every aligned boundary (the student row before an alignment group), against the student moved into
+Gemma's vocabulary by the re-tokenization map (``stillroom.tokenization.reverse``). Its row scores, on those
+rows, Gemma's top-k probability of the *first Gemma piece* of the student's gold token (the gold token itself
+where Gemma spells it as one token: most rows) the same way — its tail spread over the Gemma ids some student
+token reaches (46,444 of 262,144: spread over all of them, every miss would cost log2(262144/49152) = 2.4 bits
+more than a student-vocabulary target's, an artefact of the scoring, not of the signal) — and reports the share of the top-k mass on Gemma ids
+some student token reaches (the rest joins the tail: the student cannot express it). Writes ``OUT/results.json`` and ``OUT/report.md``; ends with a ``SUMMARY:`` line.
 
     python -m bench.projection_signal --blocks 80 --out runs/bench-projection-signal
     python -m bench.projection_signal --blocks 2 --seq-len 64 --out runs/ps-smoke   # smoke
@@ -128,8 +137,57 @@ def score(args, out: Path) -> dict:
                  kept=float(mass[defined].sum()),
                  onehot_rows=float((real & ~g_tgt.valid).sum()),
                  onehot_bytes=float(nbytes[real & ~g_tgt.valid].sum()))
+    sums["xtoken"] = xtoken_sums(blocks, smol, gemma, S, G, load_tokenizer(args.gemma3), v_ss)
     console.print(f"scored {len(blocks)} blocks in {time.perf_counter() - t0:.0f} s")
     return sums
+
+
+def xtoken_sums(blocks, smol, gemma, S, G, g_tok, v_ss) -> dict[str, float]:
+    """The X-Token row (module docstring): boundary rows, Gemma's own top-k scored on the first Gemma piece of
+    the student's gold token, SmolLM2's top-k and both exact CEs on the same rows, and the reachable mass."""
+    import numpy as np
+    import torch
+
+    from stillroom.tokenization.align import align
+    from stillroom.tokenization.project import student_targets
+    from stillroom.tokenization.reverse import reverse_map
+
+    w = reverse_map(S, G, g_tok)
+    reach = w.ptr.diff() > 0
+    first = torch.full((len(S.token_bytes),), -1, dtype=torch.long)  # each student token's first Gemma piece
+    cols = torch.repeat_interleave(torch.arange(w.ptr.numel() - 1), w.ptr.diff())
+    best = torch.zeros(len(S.token_bytes))
+    for s, t, v in zip(w.rows.tolist(), cols.tolist(), w.weights.tolist(), strict=True):
+        if v > best[s]:
+            best[s], first[s] = v, t
+    acc: dict[str, float] = {}
+    for b, so, go in zip(blocks, smol, gemma, strict=True):
+        sid = np.asarray(b.input_ids)
+        al = align(go.input_ids.numpy(), sid, G, S)
+        g = np.asarray(al.groups).reshape(-1, 4)
+        g = g[(g[:, 0] >= 1) & (g[:, 2] >= 1)]
+        s_rows, t_rows = torch.as_tensor(g[:, 2] - 1), torch.as_tensor(g[:, 0] - 1)
+        gold = torch.as_tensor(sid[g[:, 2]], dtype=torch.long)
+        nbytes = torch.tensor([len(S.token_bytes[i]) for i in gold.tolist()], dtype=torch.float64)
+        s_tgt, s_ce = student_targets(so, sid, S, S, v_ss, fallback="onehot", fill=False)
+        s_bits, _ = row_bits(_rows(s_tgt, len(sid) - 1), torch.as_tensor(sid[1:]), S.vocab_size)
+        lp, ids, tail = go.topk_logprobs[t_rows].double(), go.topk_ids[t_rows].long(), go.tail[t_rows].double()
+        p = lp.exp()
+        piece = first[gold]
+        hit = (ids == piece[:, None]) & (p > 0)
+        outside = int(reach.sum()) - ((p > 0) & reach[ids]).sum(1)  # the tail over the ids a student token reaches
+        q = torch.where(hit.any(1), (p * hit).sum(1), tail.clamp_min(0) / outside.clamp_min(1))
+        bits = -torch.log2(q.clamp_min(1e-300))
+        g_exact = go.gold_ce[t_rows].double() / math.log(2)  # Gemma's CE of its own next token at the boundary
+        s_exact = s_ce[s_rows].double() / math.log(2)
+        ok = (nbytes > 0) & (piece >= 0) & torch.isfinite(s_exact) & s_tgt.valid[s_rows] & torch.isfinite(g_exact)
+        one = ok & (torch.tensor([len(G.token_bytes[t]) for t in piece.clamp_min(0).tolist()]) == nbytes)
+        _add(acc, rows=float(len(sid) - 1), defined=float(ok.sum()), bytes=float(nbytes[ok].sum()),
+             projected=float(bits[ok].sum()), smol_topk=float(s_bits[s_rows][ok].sum()),
+             smol_exact=float(s_exact[ok].sum()), hit=float(hit.any(1)[ok].sum()),
+             kept=float((p * reach[ids]).sum(1)[ok].sum()), topk_mass=float(p.sum(1)[ok].sum()),
+             whole=float(one.sum()))
+    return acc
 
 
 def _rows(target, n: int):
@@ -167,6 +225,14 @@ def table(sums: dict) -> tuple[list[str], list[list[str]], dict]:
                      f"{r['smol_topk']:.4f}", f"{r['smol_exact']:.4f}", f"{r['gemma_exact']:.4f}",
                      f"{r['advantage']:+.4f}", f"{r['kept_advantage']:+.4f}",
                      f"{r['hit']:.1%} / {r['smol_hit']:.1%}", f"{r['kept']:.3f}", f"{r['onehot_rows']:.1%}"])
+    x = sums.get("xtoken")
+    if x:
+        by = x["bytes"]
+        out["xtoken"] = {"defined": x["defined"] / x["rows"], "projected": x["projected"] / by,
+                         "smol_topk": x["smol_topk"] / by, "smol_exact": x["smol_exact"] / by,
+                         "hit": x["hit"] / x["defined"], "reached_mass": x["kept"] / x["defined"],
+                         "topk_mass": x["topk_mass"] / x["defined"], "whole_gold": x["whole"] / x["defined"]}
+        out["xtoken"]["kept_advantage"] = out["xtoken"]["smol_topk"] - out["xtoken"]["projected"]
     return cols, rows, {"all": head, "projections": out}
 
 
@@ -198,10 +264,20 @@ def main(argv: list[str] | None = None) -> dict:
              f"(gold in support {a['smol_gold_in_support']:.1%}).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    x = result["projections"].get("xtoken")
+    if x:
+        lines += ["", "X-Token's direction (Gemma's own top-k at the aligned boundaries, scored on the first Gemma piece "
+                  "of the student's gold token):", "",
+                  "| rows defined | Gemma top-k bits/byte | SmolLM2 top-k, same rows | SmolLM2 exact, same rows | "
+                  "target better by | gold piece in support | top-k mass | of it on ids a student token reaches | "
+                  "gold one Gemma token |", "|---|---|---|---|---|---|---|---|---|",
+                  f"| {x['defined']:.1%} | {x['projected']:.4f} | {x['smol_topk']:.4f} | {x['smol_exact']:.4f} | "
+                  f"{x['kept_advantage']:+.4f} | {x['hit']:.1%} | {x['topk_mass']:.3f} | "
+                  f"{x['reached_mass'] / x['topk_mass']:.1%} | {x['whole_gold']:.1%} |"]
     (args.out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (args.out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     console.print("\n".join(lines))
-    best = max(result["projections"], key=lambda p: result["projections"][p]["kept_advantage"])
+    best = max(PROJECTIONS, key=lambda p: result["projections"][p]["kept_advantage"])
     b = result["projections"][best]
     summary(f"Gemma-3 as a model {a['smol_exact'] - a['gemma_exact']:+.4f} bits/byte vs SmolLM2; best projection "
             f"{best}: target {b['projected']:.4f} vs SmolLM2 top-{args.top_k} {b['smol_topk']:.4f} bits/byte on its "
