@@ -179,8 +179,7 @@ def choose_alignment(asked: str, student_tok, teacher_tok) -> tuple[bool, str]:
 
 def probe_loss_path(uld) -> Counter:
     """Count, on GOLD's ``ULDLoss`` instance, the branches that run: ``uld`` (each distillation-term call),
-    ``byte_alignment`` (extended ULD: one per sequence), ``hybrid`` (hybrid ULD: one per sequence), ``ce`` (the CE
-    term is added)."""
+    ``byte_alignment`` (extended ULD: one per sequence), ``hybrid`` (hybrid ULD: one per sequence)."""
     calls: Counter = Counter()
 
     def wrap(name: str, key: str) -> None:
@@ -195,7 +194,6 @@ def probe_loss_path(uld) -> Counter:
     wrap("_compute_distillation_loss", "uld")
     wrap("_align_by_byte_offsets", "byte_alignment")
     wrap("_compute_hybrid_uld_loss", "hybrid")
-    call = uld.forward if hasattr(uld, "forward") and False else None  # noqa: F841  (ULDLoss defines __call__)
     return calls
 
 
@@ -220,7 +218,7 @@ def gold_config(args, folder: Path, seed: int, arm: str, extended: bool):
         disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         bf16=False, fp16=False, gradient_checkpointing=False,  # GOLD's defaults are True: fp32, as stillroom
         lmbda=0.0, use_uld_loss=True, use_extended_uld=extended, uld_use_hybrid_loss=arm == "gold-uld-hybrid",
-        uld_crossentropy_weight=args.ce_weight, uld_distillation_weight=1.0 - args.ce_weight,
+        uld_crossentropy_weight=args.ce_weight, uld_distillation_weight=round(1.0 - args.ce_weight, 12),
         uld_student_temperature=1.0, uld_teacher_temperature=1.0, uld_skip_student_eos=False,
         uld_skip_teacher_eos=True, teacher_tokenizer_name_or_path=args.teacher)
 
@@ -298,6 +296,8 @@ def run_arm(args, out: Path, seed: int, arm: str, blocks: list[str], texts: list
     t = time.perf_counter()
     res = trainer.train()
     train_s = time.perf_counter() - t
+    if (folder / "trainer").is_dir() and not any((folder / "trainer").iterdir()):
+        (folder / "trainer").rmdir()  # nothing saved there (save_strategy "no")
     model = trainer.accelerator.unwrap_model(trainer.model)
     t = time.perf_counter()
     bpb = bits_per_byte(model, trainer.processing_class, texts, arm)
@@ -355,8 +355,8 @@ def report_md(args, found: dict[str, list[dict]], theirs: dict[str, dict[int, fl
     for arm, rs in found.items():
         v = [r["test_bpb"] for r in rs]
         paths = sorted({r["loss_path"]["name"] for r in rs})
-        lines.append(f"| {arm} | {statistics.fmean(v):.4f} | {spread(v):.4f} | "
-                     f"{' '.join(f'{r['seed']}: {r['test_bpb']:.4f}' for r in rs)} | "
+        per_seed = " ".join(f"{r['seed']}: {r['test_bpb']:.4f}" for r in rs)
+        lines.append(f"| {arm} | {statistics.fmean(v):.4f} | {spread(v):.4f} | {per_seed} | "
                      f"{statistics.median(r['train_seconds'] for r in rs):.0f} | "
                      f"{statistics.median(r['seconds_per_step'] for r in rs):.2f} | {', '.join(paths)} |")
     if theirs:

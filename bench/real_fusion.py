@@ -16,7 +16,8 @@ over the exact chunks), ``alm-unbiased-gemma3`` (ALM over the unbiased chunks), 
 via ``--projection``), ``fused-alm-min_ce`` / ``fused-alm-avg_ce`` (both teachers as ALM terms fused per
 sequence), ``fused-min_ce-mined`` (the two teachers fused per sequence, Gemma through the MinED map: fusion with
 the best single-teacher cross-tokenizer objective), ``xtoken-gemma3`` (X-Token's direction: the student's
-distribution moved into Gemma's vocabulary, KL against its own top-k at every aligned boundary),
+distribution moved into Gemma's vocabulary, KL against its own top-k at every aligned boundary), ``hybrid-gemma3``
+(GOLD's hybrid ULD at the same boundaries),
 ``kd-gemma3-mined-nofill`` (MinED with the rows it leaves uncovered out of the distillation term instead of
 given the one-hot gold token: DSKD's confound, extra CE). ALM reads only the teacher's log-prob of its own tokens, from a top-1 cache
 (``OUT/cache/gemma3-top1``); ULD and KD read the top-k cache. ``--cache-from DIR`` reads the top-k caches of
@@ -280,7 +281,7 @@ FUSION_ARMS = ("ce-only", "kd-smollm2", "kd-gemma3", "fused-min_ce", "fused-avg_
 TOKEN_ARMS = ("fused-min_ce-token", "fused-avg_ce-token")
 OBJECTIVE_ARMS = ("kd-gemma3-mined", "uld-gemma3", "alm-gemma3", "alm-unbiased-gemma3", "alm+kd-gemma3",
                   "fused-alm-min_ce", "fused-alm-avg_ce", "fused-min_ce-mined", "xtoken-gemma3",
-                  "kd-gemma3-mined-nofill")
+                  "kd-gemma3-mined-nofill", "hybrid-gemma3")
 ALL_ARMS = FUSION_ARMS + TOKEN_ARMS + OBJECTIVE_ARMS
 
 
@@ -304,6 +305,8 @@ def arms(args, caches: dict[str, str]) -> dict[str, dict]:
              "uld-gemma3": arm([{**gm, "name": "gemma3-uld", "objective": "uld"}]),
              # X-Token's direction: the student's distribution moved into Gemma's vocabulary (stillroom.teachers.xtoken)
              "xtoken-gemma3": arm([{**gm, "name": "gemma3-xtoken", "objective": "xtoken"}]),
+             # GOLD's hybrid ULD: Gemma ids with an exact SmolLM2 twin id by id, the rest sorted
+             "hybrid-gemma3": arm([{**gm, "name": "gemma3-hybrid", "objective": "hybrid"}]),
              "alm-gemma3": arm([alm]), "alm-unbiased-gemma3": arm([{**alm, "alm_chunks": "unbiased"}]),
              "alm+kd-gemma3": arm([gm, alm]),
              # both teachers as ALM terms, fused per sequence (stillroom.teachers.alm_fusion); SmolLM2's from its top-k cache

@@ -101,3 +101,45 @@ def test_a_teacher_id_outside_the_map_is_refused():
     t = SparseTarget(torch.tensor([[7]]), torch.tensor([[0.0]]), torch.tensor([0.0]), torch.tensor([True]))
     with pytest.raises(ValueError, match="outside the map"):
         projected_student_kl(torch.zeros(1, 4), t, _columns(w))
+
+
+def test_hybrid_is_the_matched_kl_plus_the_mass_weighted_sorted_l1_of_the_rest():
+    """A looped reference: twins compared id by id (+ one bucket for everything else), the teacher's entries
+    without a twin sorted against the student's largest unmatched probabilities, weighted by their teacher mass."""
+    from stillroom.losses.reverse_kl import hybrid_loss
+
+    g = torch.Generator().manual_seed(3)
+    vs, vt, n, k = 10, 16, 6, 4
+    w = torch.zeros(vs, vt)
+    for s in range(7):  # student ids 0..6 have a twin (teacher id 2s); 7..9 have none
+        w[s, 2 * s] = 1.0
+    unmatched = torch.tensor([False] * 7 + [True] * 3)
+    ids = torch.stack([torch.randperm(vt, generator=g)[:k] for _ in range(n)])
+    lp = torch.log_softmax(torch.randn(n, k + 1, generator=g, dtype=torch.float64), -1)
+    tail, lp = lp[:, -1].exp(), lp[:, :k].contiguous()
+    logits = torch.randn(n, vs, generator=g, dtype=torch.float64, requires_grad=True)
+    got = hybrid_loss(logits, SparseTarget(ids, lp, tail, torch.ones(n, dtype=torch.bool)), _columns(w),
+                      unmatched, reduction="sum")
+    want = 0.0
+    for r in range(n):
+        q = torch.softmax(logits[r], -1)
+        p_m, q_m, p_un = [], [], []
+        for j in range(k):
+            t, p = int(ids[r, j]), lp[r, j].exp()
+            if t % 2 == 0 and t // 2 < 7:
+                p_m.append(p)
+                q_m.append(q[t // 2])
+            else:
+                p_un.append(p)
+        zero = torch.zeros((), dtype=torch.float64)
+        rest_p, rest_q = 1 - sum(p_m, zero), 1 - sum(q_m, zero)
+        kl = sum((a * (a.log() - b.log()) for a, b in zip(p_m, q_m, strict=True)), zero)
+        kl = kl + rest_p * (rest_p.log() - rest_q.log())
+        p_sorted = sorted(p_un, reverse=True)
+        q_sorted = q[7:].sort(descending=True).values
+        l1 = sum(abs((q_sorted[i] if i < len(q_sorted) else 0) - p_sorted[i]) for i in range(len(p_sorted)))
+        want = want + kl + sum(p_un) * l1
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    g_got, = torch.autograd.grad(got, logits)
+    g_want, = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-8)

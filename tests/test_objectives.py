@@ -382,3 +382,61 @@ def test_xtoken_training_step_equals_a_dense_loss_in_the_teacher_vocabulary(tiny
     g_want = tr.model.get_output_embeddings().weight.grad
     assert g_got.abs().sum() > 0
     torch.testing.assert_close(g_got.double(), g_want.double(), rtol=1e-3, atol=1e-7)
+
+
+def test_hybrid_training_step_equals_a_looped_gold_hybrid(tiny_models, data_dir, tmp_path):
+    """objective: hybrid — at every group start the teacher's dense top-k: ids whose bytes are a student token
+    compared with it (+ one bucket for the rest), the others sorted against the student's largest probabilities
+    among its tokens without a twin, weighted by their teacher mass."""
+    from stillroom.tokenization.tokens import TokenTable
+
+    t = tiny_models["llama-spm"]
+    raw = _raw(tiny_models, data_dir, tmp_path, [{"path": str(t), "objective": "hybrid", "weight": 0.3,
+                                                  "name": "spm-h"}], lam=0.7)
+    raw["fusion"] = {"top_k": 5}
+    tr, batch, toks = _trainer(raw)
+    got = tr.compute_loss(tr.model.train(), batch)
+    tr.log({"loss": float(got.detach())})
+    logged = tr.state.log_history[-1]
+
+    t_tok = toks.teacher_tokenizers[0]
+    st, tt = TokenTable.from_tokenizer(toks.student_tokenizer), TokenTable.from_tokenizer(t_tok)
+    by_bytes = {}
+    for s, b in enumerate(st.token_bytes):
+        if b and not st.is_special[s]:
+            by_bytes[b] = s
+    twin = {}
+    for i, b in enumerate(tt.token_bytes):
+        if b and not tt.is_special[i] and b in by_bytes and by_bytes[b] not in twin.values():
+            twin[i] = by_bytes[b]
+    unmatched = [s for s, b in enumerate(st.token_bytes) if b and not st.is_special[s] and s not in twin.values()]
+    logp = _dense(tr, batch)
+    ce, h, n = 0.0, 0.0, 0
+    zero = torch.zeros((), dtype=torch.float64)
+    for r, al in enumerate(_alignments(batch, toks, t_tok)):
+        lab = batch["labels"][r]
+        ce = ce - sum(logp[r, j - 1, lab[j]] for j in range(1, SEQ) if lab[j] != -100)
+        n += int((lab[1:] != -100).sum())
+        _, t_lp = _teacher_rows(t, t_tok, batch["text"][r])
+        for t0, _, s0, _ in al.groups.tolist():
+            if t0 == 0 or s0 == 0 or lab[s0] == -100:
+                continue
+            top = t_lp[t0 - 1].topk(5)
+            q = logp[r, s0 - 1].exp()
+            pm, qm, pu = [], [], []
+            for v, i in zip(top.values.exp(), top.indices.tolist(), strict=True):
+                if i in twin:
+                    pm.append(v)
+                    qm.append(q[twin[i]])
+                else:
+                    pu.append(v)
+            rest_p, rest_q = 1 - sum(pm, zero), 1 - sum(qm, zero)
+            kl = sum((a * (a.log() - b.log()) for a, b in zip(pm, qm, strict=True)), zero)
+            kl = kl + rest_p * (rest_p.log() - rest_q.log())
+            qs = q[unmatched].sort(descending=True).values
+            ps = sorted(pu, reverse=True)
+            l1 = sum((abs((qs[i] if i < len(qs) else 0) - ps[i]) for i in range(len(ps))), zero)
+            h = h + kl + sum(pu, zero) * l1
+    want = (0.7 * ce + 0.3 * h) / n
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-4)
+    assert logged["hybrid/spm-h"] == pytest.approx(float(h.detach()) / n, rel=1e-4)

@@ -121,3 +121,19 @@ def reverse_map(student: TokenTable, teacher: TokenTable, teacher_tokenizer, *, 
     return ReverseMap(torch.from_numpy(np.cumsum(ptr)), torch.from_numpy(rows_a),
                       torch.from_numpy(vals_a.astype(np.float32)), len(student.token_bytes), len(by_id),
                       sum(len(v) > 1 for v in by_id.values()))
+
+
+def exact_map(student: TokenTable, teacher: TokenTable) -> ReverseMap:
+    """W with one entry per student token whose exact bytes are one teacher token (its twin, the smallest such
+    teacher id), weight 1: GOLD's matched vocabulary, compared by bytes so ``Ġthe`` and ``▁the`` are twins."""
+    index: dict[bytes, int] = {}
+    for t, b in enumerate(teacher.token_bytes):
+        if b and not teacher.is_special[t]:
+            index.setdefault(b, t)
+    pairs = sorted((index[b], s) for s, b in enumerate(student.token_bytes)
+                   if b and not student.is_special[s] and b in index)
+    cols = np.asarray([t for t, _ in pairs], dtype=np.int64)
+    ptr = np.zeros(len(teacher.token_bytes) + 1, dtype=np.int64)
+    np.add.at(ptr, cols + 1, 1)
+    return ReverseMap(torch.from_numpy(np.cumsum(ptr)), torch.as_tensor([s for _, s in pairs], dtype=torch.long),
+                      torch.ones(len(pairs)), len(student.token_bytes), len(pairs), 0)

@@ -44,7 +44,7 @@ class MetricsJsonlCallback(TrainerCallback):
 SHOWN = ("loss", "ce", "kd", "eval_loss", "eval_bpb", "learning_rate")
 
 
-TERMS = ("alm/", "uld/", "xtoken/")  # each ALM / ULD / X-Token teacher's term (stillroom.teachers.objectives.term_logs)
+TERMS = ("alm/", "uld/", "xtoken/", "hybrid/")  # each ALM / ULD / X-Token teacher's term (stillroom.teachers.objectives.term_logs)
 
 
 class RichProgressCallback(TrainerCallback):

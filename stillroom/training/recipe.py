@@ -57,12 +57,13 @@ class TeacherSpec(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype an online teacher loads and runs in; auto: bfloat16 where this machine runs it "
         "measurably faster (stillroom.models.precision), else float32")
-    objective: Literal["kd", "alm", "uld", "xtoken"] = Field(
+    objective: Literal["kd", "alm", "uld", "xtoken", "hybrid"] = Field(
         "kd", description="kd: projected onto the student vocabulary and fused into the (1 − λ)·D target; alm: "
         "its own approximate-likelihood-matching term over aligned chunks; uld: its own universal logit "
         "distillation term; xtoken: its own KL in the teacher's vocabulary, the student's distribution moved there "
+        "; hybrid: GOLD's hybrid ULD, exact-bytes twins id by id and the rest sorted "
         "(see stillroom.teachers.objectives, stillroom.teachers.xtoken)")
-    weight: float | None = Field(None, ge=0.0, description="alm / uld / xtoken only: w in λ·CE + Σ w·D (default 1 − λ)")
+    weight: float | None = Field(None, ge=0.0, description="alm / uld / xtoken / hybrid only: w in λ·CE + Σ w·D (default 1 − λ)")
     alm_temperature: float = Field(ObjectiveConfig.alm_temperature, gt=0.0, description="alm only: binarisation temperature")
     alm_divergence: Literal["bce", "kl", "reverse_kl"] = Field(ObjectiveConfig.alm_divergence, description="alm only: binarised divergence")
     alm_chunks: Literal["exact", "all", "unbiased"] = Field(
@@ -78,7 +79,7 @@ class TeacherSpec(_Strict):
         wrong = sorted(k for k in self.model_fields_set if (k == "weight" and self.objective == "kd")
                        or (k.startswith("alm_") and self.objective != "alm"))
         if wrong:
-            raise ValueError(f"{', '.join(wrong)} set but objective is {self.objective!r}: weight is for alm / uld / xtoken "
+            raise ValueError(f"{', '.join(wrong)} set but objective is {self.objective!r}: weight is for alm / uld / xtoken / hybrid "
                              f"teachers (kd teachers share the fused (1 − λ) term), alm_* for alm teachers; remove "
                              f"them or set objective")
         wrong = sorted(k for k in self.model_fields_set if k.startswith("server_") and self.server is None)

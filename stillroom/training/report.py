@@ -35,6 +35,7 @@ def loss_panels(history: list[dict]) -> dict[str, Series]:
               "ALM term (per token)": {k[4:]: points(history, k) for k in keys if k.startswith("alm/")},
               "ULD term (per token)": {k[4:]: points(history, k) for k in keys if k.startswith("uld/")},
               "X-Token term (nats/token)": {k[7:]: points(history, k) for k in keys if k.startswith("xtoken/")},
+              "hybrid term (per token)": {k[7:]: points(history, k) for k in keys if k.startswith("hybrid/")},
               "held-out bits per byte": {"held-out": points(history, "eval_bpb")}}
     return _nonempty(panels)
 
