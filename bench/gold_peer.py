@@ -40,12 +40,13 @@ Gemma → SmolLM2 the positional path runs. Which branch actually ran is recorde
 ``ULDLoss`` (ULD calls, byte-alignment calls, hybrid calls) and written to ``result.json`` (``loss_path``).
 
 **What still differs from stillroom's protocol** (bench.real_fusion's ``uld-gemma3`` / ``kd-gemma3``):
-positional pairing (student token k vs Gemma token k, which drift apart along the block: Gemma needs fewer tokens
-for the same text, so the student's last positions get no distillation term), where stillroom pairs rows by exact
+positional pairing (student token k vs Gemma token k, which drift apart along the block: Gemma needs 6.5% fewer
+tokens for the 800 blocks of a 200 × 4 run, so a block's last ~16 student positions get no distillation term), where stillroom pairs rows by exact
 byte alignment; the dense full-vocabulary teacher run online each step, where stillroom reads a top-k (k = 10)
-cache (ULD ranks 1..k exact plus a tail bucket; KD through a projection); D averaged per sequence then over the
-batch, where stillroom averages over the batch's counted rows; GOLD's "observed" logit slice (positions at the
-completion tokens, predicting the next token, on both sides); the block re-tokenised from its text (no separator
+cache (ULD ranks 1..k exact plus a tail bucket; KD through a projection); D averaged over each sequence's paired
+positions then over the sequences, where stillroom sums D over its paired rows and divides by the batch's
+CE-labelled tokens; GOLD's "observed" logit slice (positions at the completion tokens, predicting the next
+token, on both sides); the block re-tokenised from its text (no separator
 before a document that starts inside a block and no per-document attention isolation, which stillroom's packed
 blocks have; the ids of a block's first token may differ from those cut out of the whole document); the teacher
 sees ``<bos>`` + the prompt's characters + the completion tokenised separately (GOLD's
@@ -56,6 +57,7 @@ Resumable: each arm writes ``OUT/seed{S}/{arm}/result.json`` and is skipped when
 ``OUT/report.md`` (with the stillroom arms of ``--blocks-from`` for the same seeds when its options match) and
 ends with a ``SUMMARY:`` line.
 
+    python -m bench.real_fusion --seeds 0 1 2 --steps 200 --batch-size 4 --out runs/bench-real-fusion  # the blocks
     python -m bench.gold_peer --blocks-from runs/bench-real-fusion --steps 200 --batch-size 4 --seeds 0 1 2 \\
         --out runs/bench-gold-peer                                                   # the full run
     python -m bench.gold_peer --blocks-from runs/bench-real-fusion --steps 2 --batch-size 2 --eval-chars 300 \\
@@ -207,16 +209,22 @@ def path_name(calls: Counter) -> str:
 
 
 def gold_config(args, folder: Path, seed: int, arm: str, extended: bool):
+    """GOLD's config for one arm: stillroom's optimiser settings, λ as the ULD weights, off-policy, fp32."""
+    import dataclasses
+
     import torch
     from trl.experimental.gold import GOLDConfig
 
+    # TRL defaults to activation checkpointing (named gradient_checkpointing before transformers 5.2x) and bf16
+    names = {f.name for f in dataclasses.fields(GOLDConfig)}
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return GOLDConfig(
         output_dir=str(folder / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=1, learning_rate=args.lr, weight_decay=0.0, warmup_steps=max(1, args.steps // 10),
         lr_scheduler_type="cosine", max_grad_norm=1.0, optim="adamw_torch", seed=seed, data_seed=seed,
         logging_steps=max(1, args.steps // 10), save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
-        bf16=False, fp16=False, gradient_checkpointing=False,  # GOLD's defaults are True: fp32, as stillroom
+        bf16=False, fp16=False, **{ckpt: False},  # fp32 and no checkpointing, as stillroom trains
         lmbda=0.0, use_uld_loss=True, use_extended_uld=extended, uld_use_hybrid_loss=arm == "gold-uld-hybrid",
         uld_crossentropy_weight=args.ce_weight, uld_distillation_weight=round(1.0 - args.ce_weight, 12),
         uld_student_temperature=1.0, uld_teacher_temperature=1.0, uld_skip_student_eos=False,
@@ -312,6 +320,8 @@ def run_arm(args, out: Path, seed: int, arm: str, blocks: list[str], texts: list
                             "ce_weight": trainer.uld_loss_fn.crossentropy_weight,
                             "distillation_weight": trainer.uld_loss_fn.distillation_weight,
                             "merge_strategy": trainer.uld_loss_fn.token_merge_strategy},
+              "checkpointing": bool(getattr(model, "is_activation_checkpointing",
+                                            getattr(model, "is_gradient_checkpointing", False))),
               "block_order": collate.order, "trl": trl.__version__}
     done.write_text(json.dumps(result, indent=1))
     console.print(f"{arm} seed {seed}: {bpb:.4f} bits/byte (train {train_s:.0f} s, {per_step:.1f} s/step, "
