@@ -335,6 +335,24 @@ def test_recipe_rejects_bad_objective_settings(teacher, lam, match, tiny_models,
         load_recipe(raw)
 
 
+def _group_starts(tr, batch, toks, t, k):
+    """The looped reference's walk shared by the term objectives: (CE sum, labelled count, [(teacher top-k at the
+    row before each group, the student's probabilities at the row before it)]) over every group past token 0."""
+    t_tok = toks.teacher_tokenizers[0]
+    logp = _dense(tr, batch)
+    ce, n, rows = 0.0, 0, []
+    for r, al in enumerate(_alignments(batch, toks, t_tok)):
+        lab = batch["labels"][r]
+        ce = ce - sum(logp[r, j - 1, lab[j]] for j in range(1, SEQ) if lab[j] != -100)
+        n += int((lab[1:] != -100).sum())
+        _, t_lp = _teacher_rows(t, t_tok, batch["text"][r])
+        for t0, _, s0, _ in al.groups.tolist():
+            if t0 == 0 or s0 == 0 or lab[s0] == -100:
+                continue
+            rows.append((t_lp[t0 - 1].topk(k), logp[r, s0 - 1].exp()))
+    return ce, n, rows
+
+
 def test_xtoken_training_step_equals_a_dense_loss_in_the_teacher_vocabulary(tiny_models, data_dir, tmp_path):
     """objective: xtoken — at every alignment group past token 0, the teacher's dense top-k (+ tail, ids no student
     token reaches moved to it) against softmax(student) @ W, summed; W is the map (tested in tests/test_reverse.py)."""
@@ -357,23 +375,14 @@ def test_xtoken_training_step_equals_a_dense_loss_in_the_teacher_vocabulary(tiny
     w = reverse_map(TokenTable.from_tokenizer(toks.student_tokenizer), TokenTable.from_tokenizer(t_tok),
                     t_tok).dense().double()
     reach = w.sum(0) > 0
-    logp = _dense(tr, batch)
-    ce, x, n, pairs = 0.0, 0.0, 0, 0
-    for r, al in enumerate(_alignments(batch, toks, t_tok)):
-        lab = batch["labels"][r]
-        ce = ce - sum(logp[r, j - 1, lab[j]] for j in range(1, SEQ) if lab[j] != -100)
-        n += int((lab[1:] != -100).sum())
-        _, t_lp = _teacher_rows(t, t_tok, batch["text"][r])
-        for t0, _, s0, _ in al.groups.tolist():
-            if t0 == 0 or s0 == 0 or lab[s0] == -100:
-                continue
-            top = t_lp[t0 - 1].topk(5)
-            q = logp[r, s0 - 1].exp() @ w
-            keep = reach[top.indices]
-            p_k, q_k = top.values.exp()[keep], q[top.indices][keep]
-            p_tail, q_tail = 1 - p_k.sum(), 1 - q_k.sum()
-            x = x + (p_k * (p_k.log() - q_k.log())).sum() + p_tail * (p_tail.log() - q_tail.log())
-            pairs += 1
+    ce, n, rows = _group_starts(tr, batch, toks, t, 5)
+    x, pairs = 0.0, len(rows)
+    for top, p_s in rows:
+        q = p_s @ w
+        keep = reach[top.indices]
+        p_k, q_k = top.values.exp()[keep], q[top.indices][keep]
+        p_tail, q_tail = 1 - p_k.sum(), 1 - q_k.sum()
+        x = x + (p_k * (p_k.log() - q_k.log())).sum() + p_tail * (p_tail.log() - q_tail.log())
     assert pairs > 20
     want = (0.6 * ce + 0.4 * x) / n
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-4)
@@ -410,33 +419,24 @@ def test_hybrid_training_step_equals_a_looped_gold_hybrid(tiny_models, data_dir,
         if b and not tt.is_special[i] and b in by_bytes and by_bytes[b] not in twin.values():
             twin[i] = by_bytes[b]
     unmatched = [s for s, b in enumerate(st.token_bytes) if b and not st.is_special[s] and s not in twin.values()]
-    logp = _dense(tr, batch)
-    ce, h, n = 0.0, 0.0, 0
+    ce, n, rows = _group_starts(tr, batch, toks, t, 5)
+    h = 0.0
     zero = torch.zeros((), dtype=torch.float64)
-    for r, al in enumerate(_alignments(batch, toks, t_tok)):
-        lab = batch["labels"][r]
-        ce = ce - sum(logp[r, j - 1, lab[j]] for j in range(1, SEQ) if lab[j] != -100)
-        n += int((lab[1:] != -100).sum())
-        _, t_lp = _teacher_rows(t, t_tok, batch["text"][r])
-        for t0, _, s0, _ in al.groups.tolist():
-            if t0 == 0 or s0 == 0 or lab[s0] == -100:
-                continue
-            top = t_lp[t0 - 1].topk(5)
-            q = logp[r, s0 - 1].exp()
-            pm, qm, pu = [], [], []
-            for v, i in zip(top.values.exp(), top.indices.tolist(), strict=True):
-                if i in twin:
-                    pm.append(v)
-                    qm.append(q[twin[i]])
-                else:
-                    pu.append(v)
-            rest_p, rest_q = 1 - sum(pm, zero), 1 - sum(qm, zero)
-            kl = sum((a * (a.log() - b.log()) for a, b in zip(pm, qm, strict=True)), zero)
-            kl = kl + rest_p * (rest_p.log() - rest_q.log())
-            qs = q[unmatched].sort(descending=True).values
-            ps = sorted(pu, reverse=True)
-            l1 = sum((abs((qs[i] if i < len(qs) else 0) - ps[i]) for i in range(len(ps))), zero)
-            h = h + kl + sum(pu, zero) * l1
+    for top, q in rows:
+        pm, qm, pu = [], [], []
+        for v, i in zip(top.values.exp(), top.indices.tolist(), strict=True):
+            if i in twin:
+                pm.append(v)
+                qm.append(q[twin[i]])
+            else:
+                pu.append(v)
+        rest_p, rest_q = 1 - sum(pm, zero), 1 - sum(qm, zero)
+        kl = sum((a * (a.log() - b.log()) for a, b in zip(pm, qm, strict=True)), zero)
+        kl = kl + rest_p * (rest_p.log() - rest_q.log())
+        qs = q[unmatched].sort(descending=True).values
+        ps = sorted(pu, reverse=True)
+        l1 = sum((abs((qs[i] if i < len(qs) else 0) - ps[i]) for i in range(len(ps))), zero)
+        h = h + kl + sum(pu, zero) * l1
     want = (0.7 * ce + 0.3 * h) / n
     assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-4)
     assert logged["hybrid/spm-h"] == pytest.approx(float(h.detach()) / n, rel=1e-4)

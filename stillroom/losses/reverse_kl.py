@@ -39,6 +39,51 @@ def projected_mass(p: torch.Tensor, ids: torch.Tensor,
     return q.view(n, k), (count > 0).view(n, k)
 
 
+def _teacher_rows(student_logits: torch.Tensor, target: SparseTarget, columns, mask, reduction: str,
+                  temperature: float):
+    """Checks shared by the two losses, then ``(leading, counted [n], p [n, V_s], ids, logprobs [n, k], tail [n])``:
+    the student's probabilities once, the teacher's rows on their device."""
+    leading, logits, counted = student_rows(student_logits, mask, reduction, temperature)
+    k = target.ids.shape[-1]
+    if tuple(target.ids.shape[:-1]) != leading:
+        raise ValueError(f"target rows {tuple(target.ids.shape[:-1])} do not match the student's leading shape "
+                         f"{leading}")
+    ids = target.ids.reshape(-1, k).long().to(logits.device)
+    if ids.numel() and int(ids.max()) >= columns[0].numel() - 1:
+        raise ValueError(f"teacher id {int(ids.max())} is outside the map's {columns[0].numel() - 1} columns; the "
+                         "map was built for another teacher tokenizer")
+    lp = target.logprobs.reshape(-1, k).to(logits.device, logits.dtype)
+    tail = target.tail.reshape(-1).to(logits.device, logits.dtype)
+    counted = counted & target.valid.reshape(-1).bool().to(logits.device)
+    return leading, counted, torch.softmax(logits / temperature, -1), ids.clamp_min(0), lp, tail
+
+
+def _divergence_rows(p: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, tail: torch.Tensor, columns,
+                     kind: str, beta: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row D(teacher ‖ p moved by W) over k + 1 buckets, and ``reach [n, k]`` (the teacher id's column of W
+    is non-empty)."""
+    q, reach = projected_mass(p, ids, columns)
+    live_t = torch.isfinite(lp)
+    live = live_t & reach
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    pt = torch.where(live_t, lp.exp(), zero)
+    tail_t = tail + torch.where(live_t & ~reach, pt, zero).sum(-1)  # unreachable teacher ids: tail mass
+    q_tail = (1.0 - torch.where(live, q, zero).sum(-1)).clamp_min(1e-12)
+    tiny = torch.finfo(p.dtype).tiny
+    logq = torch.cat([torch.where(live, q.clamp_min(tiny).log(), zero), q_tail.log().unsqueeze(-1)], -1)
+    reverse = kind == "reverse_kl" or (kind == "jsd" and beta == 1.0)
+    floor = TAIL_FLOOR if reverse else tiny  # as the student-vocabulary sparse loss (stillroom.losses.sparse)
+    logp = torch.cat([torch.where(live, lp, zero), tail_t.clamp_min(floor).log().unsqueeze(-1)], -1)
+    buckets = torch.cat([live, torch.ones_like(live[:, :1])], -1)  # the tail bucket always counts
+    return row_divergence(logq, logp, kind, beta, alpha, buckets), reach
+
+
+def _reduce(per_row: torch.Tensor, counted: torch.Tensor, leading, reduction: str, num_items) -> torch.Tensor:
+    per_row = torch.where(counted, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device))
+    out = reduce_rows(per_row, counted, reduction, num_items)
+    return out.reshape(leading) if reduction == "none" else out
+
+
 def projected_student_kl(student_logits: torch.Tensor, target: SparseTarget,
                          columns: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, kind: str = "forward_kl",
                          temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
@@ -50,36 +95,9 @@ def projected_student_kl(student_logits: torch.Tensor, target: SparseTarget,
     the same leading shape; ``columns`` W by teacher column (:attr:`stillroom.tokenization.reverse.ReverseMap.columns`);
     ``mask`` True = counted (with ``target.valid``); reductions as ``distill_loss``."""
     check_kind(kind, beta, alpha)
-    leading, logits, counted = student_rows(student_logits, mask, reduction, temperature)
-    k = target.ids.shape[-1]
-    if tuple(target.ids.shape[:-1]) != leading:
-        raise ValueError(f"target rows {tuple(target.ids.shape[:-1])} do not match the student's leading shape "
-                         f"{leading}")
-    ids = target.ids.reshape(-1, k).long().to(logits.device)
-    lp = target.logprobs.reshape(-1, k).to(logits.device, logits.dtype)
-    tail = target.tail.reshape(-1).to(logits.device, logits.dtype)
-    counted = counted & target.valid.reshape(-1).bool().to(logits.device)
-    if ids.numel() and int(ids.max()) >= columns[0].numel() - 1:
-        raise ValueError(f"teacher id {int(ids.max())} is outside the map's {columns[0].numel() - 1} columns; the "
-                         "map was built for another teacher tokenizer")
-    p = torch.softmax(logits / temperature, -1)
-    q, reach = projected_mass(p, ids.clamp_min(0), columns)
-    live_t = torch.isfinite(lp)
-    live = live_t & reach
-    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
-    pt = torch.where(live_t, lp.exp(), zero)
-    tail_t = tail + torch.where(live_t & ~reach, pt, zero).sum(-1)  # unreachable teacher ids: tail mass
-    q_tail = (1.0 - torch.where(live, q, zero).sum(-1)).clamp_min(1e-12)
-    tiny = torch.finfo(logits.dtype).tiny
-    logq = torch.cat([torch.where(live, q.clamp_min(tiny).log(), zero), q_tail.log().unsqueeze(-1)], -1)
-    reverse = kind == "reverse_kl" or (kind == "jsd" and beta == 1.0)
-    floor = TAIL_FLOOR if reverse else tiny  # as the student-vocabulary sparse loss (stillroom.losses.sparse)
-    logp = torch.cat([torch.where(live, lp, zero), tail_t.clamp_min(floor).log().unsqueeze(-1)], -1)
-    buckets = torch.cat([live, torch.ones_like(live[:, :1])], -1)  # the tail bucket always counts
-    per_row = row_divergence(logq, logp, kind, beta, alpha, buckets)
-    per_row = torch.where(counted, per_row, zero)
-    out = reduce_rows(per_row, counted, reduction, num_items)
-    return out.reshape(leading) if reduction == "none" else out
+    leading, counted, p, ids, lp, tail = _teacher_rows(student_logits, target, columns, mask, reduction, temperature)
+    per_row, _ = _divergence_rows(p, ids, lp, tail, columns, kind, beta, alpha)
+    return _reduce(per_row, counted, leading, reduction, num_items)
 
 
 def hybrid_loss(student_logits: torch.Tensor, target: SparseTarget,
@@ -99,24 +117,15 @@ def hybrid_loss(student_logits: torch.Tensor, target: SparseTarget,
     teacher's *vocabulary*, whatever the row says (Gemma-3 against SmolLM2: 14,837 of 262,144 raw strings match,
     0.057, so the matched part nearly vanishes; by bytes 46,145, 0.18); here each row weighs by where the teacher's
     probability is."""
-    matched = projected_student_kl(student_logits, target, twins, temperature=temperature, mask=mask,
-                                   reduction="none")
-    leading, logits, counted = student_rows(student_logits, mask, reduction, temperature)
-    k = target.ids.shape[-1]
-    ids = target.ids.reshape(-1, k).long().to(logits.device)
-    lp = target.logprobs.reshape(-1, k).to(logits.device, logits.dtype)
-    counted = counted & target.valid.reshape(-1).bool().to(logits.device)
-    ptr = twins[0].to(logits.device)
-    twin = (ptr[ids.clamp_min(0) + 1] - ptr[ids.clamp_min(0)]) > 0
-    zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    leading, counted, p, ids, lp, tail = _teacher_rows(student_logits, target, twins, mask, reduction, temperature)
+    matched, twin = _divergence_rows(p, ids, lp, tail, twins, "forward_kl", 0.5, 0.1)
+    k = ids.shape[-1]
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
     p_un = torch.where(torch.isfinite(lp) & ~twin, lp.exp(), zero).sort(-1, descending=True).values
     m = (p_un > 0).sum(-1, keepdim=True)
-    q = torch.softmax(logits / temperature, -1)[:, unmatched.to(logits.device)]
+    q = p[:, unmatched.to(p.device)]
     q_un = q.topk(min(k, q.shape[-1]), -1).values if q.shape[-1] else q.new_zeros(q.shape[0], 0)
     q_un = torch.nn.functional.pad(q_un, (0, k - q_un.shape[-1]))
-    ranks = torch.arange(k, device=logits.device)[None]
+    ranks = torch.arange(k, device=p.device)[None]
     uld = torch.where(ranks < m, (q_un - p_un).abs(), zero).sum(-1)
-    per_row = matched.reshape(-1) + p_un.sum(-1) * uld
-    per_row = torch.where(counted, per_row, zero)
-    out = reduce_rows(per_row, counted, reduction, num_items)
-    return out.reshape(leading) if reduction == "none" else out
+    return _reduce(matched + p_un.sum(-1) * uld, counted, leading, reduction, num_items)

@@ -218,14 +218,17 @@ def alm_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, p
                     divergence=config.alm_divergence, weighting="tokens", reduction="sum")
 
 
-def uld_pairs(pairs, labels: torch.Tensor, offsets: list[int] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, SparseTarget]:
-    """(batch row, student row, teacher target) for every one-to-one exact group past token 0: student row
-    s0 − 1 and teacher row t0 − 1 both predict the group's token from the same text (student token indices
-    shifted by ``offsets[b]`` where the alignment covers a region of the row)."""
+def group_pairs(pairs, labels: torch.Tensor, offsets: list[int] | None = None, *, one_to_one: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, SparseTarget]:
+    """(batch row, student row, the teacher's own target) for every alignment group starting past token 0 on both
+    sides: student row s0 − 1 and teacher row t0 − 1 predict tokens starting at the group's first byte (student
+    token indices shifted by ``offsets[b]`` where the alignment covers a region of the row). ``one_to_one``: only
+    the one-to-one exact groups, where both predict the same token text (ULD); else every group start (X-Token)."""
     b_idx, s_rows, ids, lps, tails = [], [], [], [], []
     for b, (out, al) in enumerate(pairs):
-        g = np.asarray(al.groups)[al.one_to_one & al.exact]
+        g = np.asarray(al.groups).reshape(-1, 4)
+        if one_to_one:
+            g = g[al.one_to_one & al.exact]
         g = g[(g[:, 0] >= 1) & (g[:, 2] >= 1)]
         if offsets is not None and len(g):
             g = g + np.array([0, 0, offsets[b], offsets[b]])
@@ -241,29 +244,35 @@ def uld_pairs(pairs, labels: torch.Tensor, offsets: list[int] | None = None
     return torch.cat(b_idx), torch.cat(s_rows), target
 
 
-def uld_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pairs, config: ObjectiveConfig,
-             offsets: list[int] | None = None) -> torch.Tensor:
-    """Σ of ULD over the one-to-one exact pairs of the batch (:func:`uld_pairs`), ``chunk_size`` rows of student
-    logits at a time (each chunk recomputed in backward, so only one chunk × V exists at once)."""
+def pair_term(hidden: torch.Tensor, weight: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor, SparseTarget],
+              divergence, chunk_size: int | None = None) -> torch.Tensor:
+    """Σ of ``divergence(student_logits, target)`` (a sum over rows) over paired rows (:func:`group_pairs`),
+    ``chunk_size`` rows of student logits at a time (each chunk recomputed in backward, so only one chunk × V
+    exists at once)."""
     from torch.utils.checkpoint import checkpoint
 
-
-    b, s, tgt = uld_pairs(pairs, labels, offsets)
+    b, s, tgt = rows
     dev = hidden.device
     h = hidden[b.to(dev), s.to(dev)]
     tgt = tgt.to(dev)
-    chunk = int(config.chunk_size or auto_chunk_size(weight.shape[0]))
+    chunk = int(chunk_size or auto_chunk_size(weight.shape[0]))
     total = hidden.sum() * 0.0
 
     def piece(hc, w, ids, lp, tail, valid):
-        return uld_loss(hc @ w.T, SparseTarget(ids, lp, tail, valid), temperature=config.temperature,
-                        reduction="sum")
+        return divergence(hc @ w.T, SparseTarget(ids, lp, tail, valid))
 
     for a in range(0, h.shape[0], chunk):
         sl = slice(a, a + chunk)
         total = total + checkpoint(piece, h[sl], weight, tgt.ids[sl], tgt.logprobs[sl], tgt.tail[sl], tgt.valid[sl],
                                    use_reentrant=False)
     return total
+
+
+def uld_term(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, pairs, config: ObjectiveConfig,
+             offsets: list[int] | None = None) -> torch.Tensor:
+    """Σ of ULD over the one-to-one exact pairs of the batch (:func:`group_pairs`), chunked (:func:`pair_term`)."""
+    return pair_term(hidden, weight, group_pairs(pairs, labels, offsets),
+                     lambda z, t: uld_loss(z, t, temperature=config.temperature, reduction="sum"), config.chunk_size)
 
 
 class FusedALM:

@@ -14,35 +14,11 @@ compared id by id, the rest by ULD's sorted comparison, weighted by the teacher 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from stillroom.losses.fused_linear import auto_chunk_size
 from stillroom.losses.reverse_kl import hybrid_loss, projected_student_kl
 from stillroom.targets import SparseTarget
-from stillroom.teachers.objectives import ObjectiveTeacher
-
-
-def boundary_pairs(pairs, labels: torch.Tensor, offsets: list[int] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, SparseTarget]:
-    """(batch row, student row, the teacher's own target) for every alignment group starting past token 0 on both
-    sides: student row s0 − 1 and teacher row t0 − 1 predict the tokens that start at the group's first byte."""
-    b_idx, s_rows, ids, lps, tails = [], [], [], [], []
-    for b, (out, al) in enumerate(pairs):
-        g = np.asarray(al.groups).reshape(-1, 4)
-        g = g[(g[:, 0] >= 1) & (g[:, 2] >= 1)]
-        if offsets is not None and len(g):
-            g = g + np.array([0, 0, offsets[b], offsets[b]])
-        g = g[labels[b, g[:, 2]].cpu().numpy() != -100] if len(g) else g
-        t_rows = torch.as_tensor(g[:, 0] - 1, dtype=torch.long)
-        b_idx.append(torch.full((len(g),), b, dtype=torch.long))
-        s_rows.append(torch.as_tensor(g[:, 2] - 1, dtype=torch.long))
-        ids.append(out.topk_ids[t_rows].long())
-        lps.append(out.topk_logprobs[t_rows].float())
-        tails.append(out.tail[t_rows].float())
-    lp = torch.cat(lps)
-    target = SparseTarget(torch.cat(ids), lp, torch.cat(tails), torch.ones(lp.shape[0], dtype=torch.bool))
-    return torch.cat(b_idx), torch.cat(s_rows), target
+from stillroom.teachers.objectives import ObjectiveTeacher, group_pairs, pair_term
 
 
 class XTokenTeacher(ObjectiveTeacher):
@@ -60,24 +36,9 @@ class XTokenTeacher(ObjectiveTeacher):
         self.reverse = reverse
 
     def term(self, hidden, weight, labels, pairs, offsets):
-        from torch.utils.checkpoint import checkpoint
-
-        b, s, tgt = boundary_pairs(pairs, labels, offsets)
-        dev = hidden.device
-        h = hidden[b.to(dev), s.to(dev)]
-        tgt = SparseTarget(tgt.ids.to(dev), tgt.logprobs.to(dev), tgt.tail.to(dev), tgt.valid.to(dev))
-        cols = tuple(c.to(dev) for c in self.reverse.columns)
-        chunk = int(self.config.chunk_size or auto_chunk_size(weight.shape[0]))
-        total = hidden.sum() * 0.0
-
-        def piece(hc, w, ids, lp, tail, valid):
-            return self.divergence(hc @ w.T, SparseTarget(ids, lp, tail, valid), cols)
-
-        for a in range(0, h.shape[0], chunk):
-            sl = slice(a, a + chunk)
-            total = total + checkpoint(piece, h[sl], weight, tgt.ids[sl], tgt.logprobs[sl], tgt.tail[sl],
-                                       tgt.valid[sl], use_reentrant=False)
-        return total
+        cols = tuple(c.to(hidden.device) for c in self.reverse.columns)
+        return pair_term(hidden, weight, group_pairs(pairs, labels, offsets, one_to_one=False),
+                         lambda z, t: self.divergence(z, t, cols), self.config.chunk_size)
 
     def divergence(self, logits: torch.Tensor, target: SparseTarget, cols) -> torch.Tensor:
         """Σ over the rows of KL(teacher ‖ student moved into its vocabulary)."""

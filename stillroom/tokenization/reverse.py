@@ -137,3 +137,11 @@ def exact_map(student: TokenTable, teacher: TokenTable) -> ReverseMap:
     np.add.at(ptr, cols + 1, 1)
     return ReverseMap(torch.from_numpy(np.cumsum(ptr)), torch.as_tensor([s for _, s in pairs], dtype=torch.long),
                       torch.ones(len(pairs)), len(student.token_bytes), len(pairs), 0)
+
+
+def without_twin(student: TokenTable, twins: ReverseMap) -> torch.Tensor:
+    """bool ``[V_s]``: the student's text tokens (not special, some bytes) that ``twins`` (:func:`exact_map`) gives
+    no teacher twin — the part GOLD's hybrid compares by sorted probabilities."""
+    out = torch.as_tensor([bool(b) for b in student.token_bytes]) & ~torch.as_tensor(student.is_special)
+    out[twins.rows] = False
+    return out

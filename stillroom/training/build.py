@@ -7,14 +7,12 @@ run in-process, or an online / cached teacher aligned at byte level and projecte
 
 from __future__ import annotations
 
-import torch
-
 from stillroom.models import precision
 from stillroom.models.loading import load_causal_lm
 from stillroom.teachers.kd import AlignedTeacher, SameTokenizerTeacher
 from stillroom.teachers.objectives import ObjectiveConfig, ObjectiveTeacher, objective_teacher
 from stillroom.teachers.xtoken import HybridTeacher, XTokenTeacher
-from stillroom.tokenization.reverse import exact_map, reverse_map
+from stillroom.tokenization.reverse import exact_map, reverse_map, without_twin
 from stillroom.tokenization.tokens import TokenTable, same_tokenizer
 from stillroom.tokenization.unbiased import BoundaryBias, unigram_probs
 from stillroom.tokenization.vocab import VocabMap
@@ -79,11 +77,8 @@ def build_teacher(spec, index: int, student_tok, teacher_tok, recipe) -> Objecti
         return XTokenTeacher(source, s_table, t_table, cfg, name, reverse=reverse_map(s_table, t_table, teacher_tok))
     if spec.objective == "hybrid":  # GOLD's hybrid: exact twins id by id, the rest sorted
         twins = exact_map(s_table, t_table)
-        unmatched = torch.ones(len(s_table.token_bytes), dtype=torch.bool)
-        unmatched[twins.rows] = False
-        unmatched[torch.as_tensor(s_table.is_special)] = False
-        unmatched[torch.as_tensor([not b for b in s_table.token_bytes])] = False
-        return HybridTeacher(source, s_table, t_table, cfg, name, reverse=twins, unmatched=unmatched)
+        return HybridTeacher(source, s_table, t_table, cfg, name, reverse=twins,
+                             unmatched=without_twin(s_table, twins))
     rule = None
     if spec.objective == "alm" and spec.alm_chunks == "unbiased":
         rule = bias_rule(recipe, student_tok, teacher_tok, s_table, t_table, spec.alm_bias_threshold)
