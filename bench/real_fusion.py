@@ -19,7 +19,10 @@ the best single-teacher cross-tokenizer objective), ``xtoken-gemma3`` (X-Token's
 distribution moved into Gemma's vocabulary, KL against its own top-k at every aligned boundary), ``hybrid-gemma3``
 (GOLD's hybrid ULD at the same boundaries),
 ``kd-gemma3-mined-nofill`` (MinED with the rows it leaves uncovered out of the distillation term instead of
-given the one-hot gold token: DSKD's confound, extra CE). ALM reads only the teacher's log-prob of its own tokens, from a top-1 cache
+given the one-hot gold token: DSKD's confound, extra CE), ``kd-smollm2-served`` (``kd-smollm2`` with SmolLM2's
+cache written through a real llama.cpp server, ``llama_cpp.server`` serving the GGUF its folder was converted
+from: ``OUT/cache/smollm2-served``, shards of 8 blocks, so a killed run resumes). ALM reads only the teacher's
+log-prob of its own tokens, from a top-1 cache
 (``OUT/cache/gemma3-top1``); ULD and KD read the top-k cache. ``--cache-from DIR`` reads the top-k caches of
 another OUT built over the same blocks with the same teachers and k (λ, lr, projection may differ; read only:
 nothing is written there).
@@ -239,6 +242,37 @@ def build_caches(args, data: dict[str, str], out: Path, top1: bool = False) -> d
     return caches
 
 
+def served_cache(args, out: Path) -> str:
+    """SmolLM2's top-k cache of this run's training blocks written through ``llama_cpp.server`` serving
+    ``--served-gguf`` (default: the GGUF SmolLM2's folder was converted from) — the served teacher's path
+    (``stillroom.teachers.served``) as a user runs it with ``stillroom cache --server``; resumable."""
+    from stillroom.teachers.cache import write_cache
+    from stillroom.teachers.served import ServedTeacher
+    from stillroom.testing import llama_server
+
+    cache = out / "cache" / "smollm2-served"
+    if (cache / "manifest.json").exists():
+        return str(cache)
+    gguf = args.served_gguf or Path(json.loads((Path(args.smollm2) / "stillroom-gguf.json").read_text())["source"])
+    rows = [json.loads(x) for x in (out / "train_blocks.jsonl").read_text().splitlines()]
+    data = [(r["id"], r["text"]) for r in rows[: args.steps * args.batch_size]]  # this run's blocks only
+    t = time.perf_counter()
+    with llama_server(gguf, n_ctx=2 * args.seq_len, threads=args.threads) as url:
+        teacher = ServedTeacher.from_path(url, args.smollm2, top_k=args.top_k, concurrency=1)
+        s = write_cache(teacher, data, cache, shard_size=8, console=console)
+        console.print(f"smollm2-served: {s.tokens:,} teacher tokens through {url} in {time.perf_counter() - t:.0f} s "
+                      f"({s.shards_skipped} shards reused; {teacher.stats.line()}) → {cache}")
+    return str(cache)
+
+
+def served_url(cache: str | None) -> str | None:
+    """The URL a served cache was written through (its manifest's ``teacher``): the recipe names it as a user's
+    would (``teachers.N.server``); training reads the cache and never asks the server."""
+    if cache is None:
+        return None
+    return json.loads((Path(cache) / "manifest.json").read_text())["teacher"].split()[0]
+
+
 def bits_per_byte(model, tok, texts: list[str], name: str) -> float:
     import torch
 
@@ -281,7 +315,7 @@ FUSION_ARMS = ("ce-only", "kd-smollm2", "kd-gemma3", "fused-min_ce", "fused-avg_
 TOKEN_ARMS = ("fused-min_ce-token", "fused-avg_ce-token")
 OBJECTIVE_ARMS = ("kd-gemma3-mined", "uld-gemma3", "alm-gemma3", "alm-unbiased-gemma3", "alm+kd-gemma3",
                   "fused-alm-min_ce", "fused-alm-avg_ce", "fused-min_ce-mined", "xtoken-gemma3",
-                  "kd-gemma3-mined-nofill", "hybrid-gemma3")
+                  "kd-gemma3-mined-nofill", "hybrid-gemma3", "kd-smollm2-served")
 ALL_ARMS = FUSION_ARMS + TOKEN_ARMS + OBJECTIVE_ARMS
 
 
@@ -307,6 +341,9 @@ def arms(args, caches: dict[str, str]) -> dict[str, dict]:
              "xtoken-gemma3": arm([{**gm, "name": "gemma3-xtoken", "objective": "xtoken"}]),
              # GOLD's hybrid ULD: Gemma ids with an exact SmolLM2 twin id by id, the rest sorted
              "hybrid-gemma3": arm([{**gm, "name": "gemma3-hybrid", "objective": "hybrid"}]),
+             # SmolLM2's cache written through a real llama.cpp server (served_cache)
+             "kd-smollm2-served": arm([{**sm, "name": "smollm2-served", "cache": caches.get("smollm2-served"),
+                                        "server": served_url(caches.get("smollm2-served"))}]),
              "alm-gemma3": arm([alm]), "alm-unbiased-gemma3": arm([{**alm, "alm_chunks": "unbiased"}]),
              "alm+kd-gemma3": arm([gm, alm]),
              # both teachers as ALM terms, fused per sequence (stillroom.teachers.alm_fusion); SmolLM2's from its top-k cache
@@ -414,6 +451,8 @@ def main() -> None:
     ap.add_argument("--smollm2", default=SMOLLM2)
     ap.add_argument("--gemma3", default=GEMMA3)
     ap.add_argument("--corpus", type=Path, default=CORPUS)
+    ap.add_argument("--served-gguf", type=Path, default=None,
+                    help="the GGUF llama.cpp serves for kd-smollm2-served (default: SmolLM2's source GGUF)")
     ap.add_argument("--keep-models", action="store_true", help="keep each trained student's weights")
     ap.add_argument("--out", type=Path, default=Path("runs/bench-real-fusion"))
     args = ap.parse_args()
@@ -433,6 +472,8 @@ def main() -> None:
     t = time.perf_counter()
     table_names = args.arms or []
     caches = build_caches(args, data, args.out, top1=any("alm" in a for a in table_names))
+    if "kd-smollm2-served" in table_names:
+        caches["smollm2-served"] = served_cache(args, args.out)
     console.print(f"caches ready in {time.perf_counter() - t:.0f} s")
     refs = references(args, texts, args.out)
     table = arms(args, caches)
