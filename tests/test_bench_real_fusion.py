@@ -111,6 +111,22 @@ def test_default_arms_are_the_fusion_arms_and_objective_arms_run_only_when_named
     assert all("objective" not in t for t in both["teachers"])  # both KD, Gemma through the MinED map
 
 
+def test_served_arm_reads_the_served_cache_and_names_its_server(tmp_path):
+    """kd-smollm2-served is kd-smollm2 on the cache written through llama.cpp; the recipe names the URL the cache
+    was written through, as a user's does (training reads the cache and never asks the server)."""
+    import json
+
+    from bench.real_fusion import arms
+
+    served = tmp_path / "smollm2-served"
+    served.mkdir()
+    (served / "manifest.json").write_text(json.dumps({"teacher": "http://127.0.0.1:4567 (smollm2)"}))
+    arm = arms(_args(arms=["kd-smollm2-served"]), {**CACHES, "smollm2-served": str(served)})["kd-smollm2-served"]
+    assert arm["teachers"] == [{"name": "smollm2-served", "path": "/m/smollm2", "cache": str(served),
+                                "server": "http://127.0.0.1:4567"}]
+    assert arm["method"] == "min_ce" and arm["projection"] is None
+
+
 def test_recipe_carries_each_arms_teachers_and_projection(tmp_path):
     from bench.real_fusion import arms, recipe
 

@@ -7,7 +7,9 @@ with one-line :mod:`stillroom.errors` for anything a user can get wrong. Knows n
   GGUF conversion (:func:`gguf_folder`);
 - ``registry``: real pretrained models from PyPI (``stillroom models get``);
 - ``cut``: a student cut from a model's decoder layers; ``student``: the student a recipe's ``student`` names;
-- ``runtime``: fast activations, frozen teachers; ``precision``: which dtype is fast on this machine.
+- ``runtime``: fast activations, frozen teachers; ``precision``: which dtype is fast on this machine;
+- ``export``: a student as one GGUF file (:func:`export_gguf`), with ``gguf_arch`` (each family's metadata and
+  tensors under llama.cpp's names) and ``gguf_vocab`` (its tokenizer as llama.cpp reads it); ``lora``: adapters.
 """
 
 from stillroom.exports import lazy
@@ -30,6 +32,7 @@ _EXPORTS = {
     "fast_activations": "stillroom.models.runtime",
     "freeze_teacher": "stillroom.models.runtime",
     "auto_dtype": "stillroom.models.precision",
+    "export_gguf": "stillroom.models.export",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy(__name__, _EXPORTS)
