@@ -76,6 +76,19 @@ def gemma3_student(shared, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def gemma3_cut_student(gemma3_student, tmp_path_factory):
+    """A student cut from the tiny Gemma 3 (its layers 1 and 2: global then sliding, a pattern no default has)."""
+    from transformers import AutoTokenizer
+
+    from stillroom.models.cut import cut_from
+
+    model = cut_from(gemma3_student, [1, 2])
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    return save_pair(model, AutoTokenizer.from_pretrained(gemma3_student),
+                     tmp_path_factory.mktemp("gemma3cut") / "gemma3-cut")
+
+
+@pytest.fixture(scope="module")
 def gemma3_plain(tiny_models, tmp_path_factory):
     """A tiny Gemma 3 in the shape transformers' GGUF loader assumes (every 6th layer global, query scale 1/16):
     2 sliding layers of window 8, head_dim 256; the fixture's SentencePiece-style tokenizer."""
@@ -101,7 +114,7 @@ def gpt2_student(tiny_models, tmp_path_factory):
     return save_pair(model, tok, tmp_path_factory.mktemp("gpt2") / "gpt2-student")
 
 
-FAMILIES = ["llama", "qwen2", "gemma3", "gpt2", "llama-spm"]
+FAMILIES = ["llama", "qwen2", "gemma3", "gemma3_cut", "gpt2", "llama-spm"]
 
 
 @pytest.fixture
