@@ -225,3 +225,14 @@ def test_server_keys_are_checked_in_the_recipe(tiny_models, data_dir, tmp_path, 
 
     with pytest.raises(ConfigError, match=match):
         load_recipe(_recipe(tiny_models, data_dir, tmp_path, teacher_spec))
+
+
+@pytest.mark.parametrize(("message", "fix"), [
+    ("Only no echo is supported", "serve the teacher with llama_cpp.server"),  # llama.cpp's llama-server, verbatim
+    ("logprobs must be at most 5", "lower --top-k / fusion.top_k (asked 10)"),  # k above the server.s maximum
+    ("model not found", None)])
+def test_a_refusal_names_the_fix_a_user_can_apply(message, fix):
+    from stillroom.teachers.served import _hint
+
+    hint = _hint(message, 10)
+    assert (fix in hint) if fix else hint == ""

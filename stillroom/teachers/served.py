@@ -371,7 +371,12 @@ def _server_message(e: urllib.error.HTTPError) -> str:
 
 
 def _hint(msg: str, k: int) -> str:
+    """The fix for the 4xx answers a user can meet: k above the server's maximum, or a server that cannot echo
+    the prompt (llama.cpp's own ``llama-server`` answers "Only no echo is supported")."""
     low = msg.lower()
     if "logprob" in low and any(w in low for w in ("max", "exceed", "greater", "less than", "at most")):
         return f"; lower --top-k / fusion.top_k (asked {k})"
+    if "echo" in low:
+        return ("; this server cannot return a prompt's log-probs (echo): serve the teacher with llama_cpp.server "
+                "(pip install 'llama-cpp-python[server]') or vLLM")
     return ""
