@@ -229,7 +229,7 @@ def test_server_keys_are_checked_in_the_recipe(tiny_models, data_dir, tmp_path, 
 
 @pytest.mark.parametrize(("message", "fix"), [
     ("Only no echo is supported", "serve the teacher with llama_cpp.server"),  # llama.cpp's llama-server, verbatim
-    ("logprobs must be at most 5", "lower --top-k / fusion.top_k (asked 10)"),  # k above the server.s maximum
+    ("logprobs must be at most 5", "lower --top-k / fusion.top_k (asked 10)"),  # k above the server's maximum
     ("model not found", None)])
 def test_a_refusal_names_the_fix_a_user_can_apply(message, fix):
     from stillroom.teachers.served import _hint
