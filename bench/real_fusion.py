@@ -1,7 +1,8 @@
 """Does fusion help on real pretrained models? FuseLLM's setting on this machine (issue 14, part 3).
 
 Target: a student cut from SmolLM2-135M-Instruct (6 of its 30 decoder layers, SmolLM2's tokenizer) — the
-target is one of the source families, as in FuseLLM. Sources, each cached offline once (top-k):
+target is one of the source families, as in FuseLLM. ``--scratch``: a Llama of the same shape with fresh weights
+(SmolLM2's tokenizer), a student no teacher's weights are inside of. Sources, each cached offline once (top-k):
 SmolLM2-135M-Instruct itself (same tokenizer) and Gemma-3-270M (262k ids: exact byte alignment, projection
 ``--projection``, default ``prefix`` as the shipped cross-tokenizer recipes and the demo; FuseLLM's own is
 ``onehot``). Arms, with the same training blocks, steps and seed:
@@ -119,13 +120,16 @@ def verdicts(results: dict[str, dict[int, float]], min_seeds: int = 3) -> list[s
 
 
 SCALE = ("steps", "batch_size", "seq_len", "lr", "ce_weight", "projection", "top_k", "eval_chars", "student_from",
-         "layers", "smollm2", "gemma3")
+         "layers", "smollm2", "gemma3", "scratch")
 CACHE_KEYS = ("seq_len", "top_k", "student_from", "smollm2", "gemma3")  # the blocks' shape, k, models
-REFERENCE_KEYS = ("eval_chars", "student_from", "layers", "smollm2", "gemma3")  # the test text and the models
+REFERENCE_KEYS = ("eval_chars", "student_from", "layers", "smollm2", "gemma3", "scratch")  # the test text, the models
+#: options added after runs were recorded: a recorded run without one had its default
+LATER = {"scratch": False}
 
 
 def _differ(have: dict, args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
-    return {k: (have.get(k), getattr(args, k)) for k in keys if have.get(k) != getattr(args, k)}
+    return {k: (have.get(k, LATER.get(k)), getattr(args, k)) for k in keys
+            if have.get(k, LATER.get(k)) != getattr(args, k)}
 
 
 def check_scale(args: argparse.Namespace, out: Path) -> None:
@@ -163,7 +167,7 @@ def recipe(args: argparse.Namespace, data: dict[str, str], name: str, out_dir: P
     ``projection`` overrides ``--projection`` for this arm; ``fill``: ``fusion.fill_uncovered``."""
     return {
         "name": name,
-        "student": {"init_from": args.student_from, "layers": args.layers},
+        "student": student_spec(args),
         "teachers": [dict(t) for t in teachers],
         "data": {"train": data["train"], "eval": data["validation"], "seq_len": args.seq_len,
                  "max_blocks": args.steps * args.batch_size},  # every block trained on once
@@ -175,6 +179,21 @@ def recipe(args: argparse.Namespace, data: dict[str, str], name: str, out_dir: P
                   "logging_steps": max(1, args.steps // 10), "eval_steps": None, "eval_max_blocks": 8,
                   "threads": args.threads, "plot": False, "overwrite": True},
     }
+
+
+#: the cut student's shape (SmolLM2-135M's, 6 layers) for ``--scratch``: a Llama with fresh weights
+SCRATCH = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+           "tie_word_embeddings": True}
+
+
+def student_spec(args) -> dict:
+    """The recipe's ``student``: ``--layers`` of ``--student-from``, or with ``--scratch`` a Llama of the same shape
+    (``len(--layers)`` layers) with fresh weights and ``--student-from``'s tokenizer — a student no teacher's
+    weights are inside of."""
+    if args.scratch:
+        return {"tokenizer": args.student_from, "config": {**SCRATCH, "num_hidden_layers": len(args.layers)}}
+    return {"init_from": args.student_from, "layers": args.layers}
 
 
 def cache_source(args, out: Path) -> Path:
@@ -295,7 +314,9 @@ def references(args, texts: list[str], out: Path) -> dict[str, float]:
             and not _differ(json.loads((src / "options.json").read_text()), args, REFERENCE_KEYS)):
         path.write_text((src / "references.json").read_text())  # same text and models: same references
     ref = json.loads(path.read_text()) if path.exists() else {}
-    todo = [("teacher smollm2", args.smollm2), ("teacher gemma3", args.gemma3), ("cut student, untrained", None)]
+    todo = [("teacher smollm2", args.smollm2), ("teacher gemma3", args.gemma3)]
+    if not args.scratch:  # a fresh student's untrained score is its random init's
+        todo.append(("cut student, untrained", None))
     for label, folder in todo:
         if label in ref:
             continue
@@ -411,7 +432,8 @@ def report_md(args, results, secs, refs: dict[str, float], lines: list[str], siz
     out = [f"# bench.real_fusion report\n\nmachine: {machine()}\n\n`python -m bench.real_fusion --seeds "
            f"{' '.join(map(str, args.seeds))} --steps {args.steps} --batch-size {args.batch_size} --seq-len "
            f"{args.seq_len} --lr {args.lr} --ce-weight {args.ce_weight} --projection {args.projection} --top-k "
-           f"{args.top_k} --eval-chars {args.eval_chars}`\n\nstudent: layers {args.layers} of `{args.student_from}`; "
+           f"{args.top_k} --eval-chars {args.eval_chars}{' --scratch' if args.scratch else ''}`\n\nstudent: "
+           f"{'a fresh Llama of the shape of ' if args.scratch else ''}layers {args.layers} of `{args.student_from}`; "
            f"{tokens:,} training tokens per arm ({args.steps} steps × {args.batch_size} × {args.seq_len}); test: "
            f"first {args.eval_chars:,} characters of {', '.join(TEST_WORKS)}\n",
            "| arm | mean bits/byte | ± spread (half range) | per seed | train s / arm (median) | cache B/token |",
@@ -448,6 +470,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--student-from", default=SMOLLM2)
     ap.add_argument("--layers", type=int, nargs="+", default=LAYERS)
+    ap.add_argument("--scratch", action="store_true", help="a student of the cut's shape with fresh weights "
+                    "(--student-from's tokenizer) instead of the cut one")
     ap.add_argument("--smollm2", default=SMOLLM2)
     ap.add_argument("--gemma3", default=GEMMA3)
     ap.add_argument("--corpus", type=Path, default=CORPUS)

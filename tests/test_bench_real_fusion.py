@@ -77,7 +77,7 @@ def _args(**kw):
     from bench.real_fusion import SCALE
 
     base = {k: 1 for k in SCALE} | {"smollm2": "/m/smollm2", "gemma3": "/m/gemma3", "arms": None, "token_level": False,
-                                     "cache_from": None}
+                                     "cache_from": None, "scratch": False, "threads": 1}
     return argparse.Namespace(**(base | kw))
 
 
@@ -233,3 +233,24 @@ def test_references_are_reused_from_cache_from_only_for_the_same_text_and_models
     other = tmp_path / "other"
     other.mkdir()
     assert references(_args(cache_from=src, eval_chars=9), ["t"], other) == dict.fromkeys(theirs, 9.0)
+
+
+def test_scratch_student_has_the_cut_shape_and_fresh_weights_and_older_runs_read_as_cut(tmp_path):
+    """--scratch: a Llama of the cut student's shape built from the tokenizer (no teacher's weights inside); an
+    OUT recorded before the option existed reads as a cut run, so its arms are reused by a cut rerun only."""
+    import json
+
+    from bench.real_fusion import check_scale, recipe
+    from stillroom.errors import ConfigError
+
+    data = {"train": "/d/train", "validation": "/d/val"}
+    cut = recipe(_args(scratch=False, layers=[0, 5], student_from="/m/smollm2"), data, "x", tmp_path / "o", 0)["student"]
+    assert cut == {"init_from": "/m/smollm2", "layers": [0, 5]}
+    fresh = recipe(_args(scratch=True, layers=[0, 5], student_from="/m/smollm2"), data, "x", tmp_path / "o", 0)["student"]
+    assert set(fresh) == {"tokenizer", "config"} and fresh["tokenizer"] == "/m/smollm2"  # the recipe's scratch kind
+    assert fresh["config"]["num_hidden_layers"] == 2 and fresh["config"]["hidden_size"] == 576
+    old = {k: v for k, v in vars(_args(scratch=False)).items() if k != "scratch"}
+    (tmp_path / "options.json").write_text(json.dumps(old))
+    check_scale(_args(scratch=False), tmp_path)  # the same run
+    with pytest.raises(ConfigError, match="scratch"):
+        check_scale(_args(scratch=True), tmp_path)
