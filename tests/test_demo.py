@@ -33,6 +33,7 @@ def test_demo_pipeline_on_fixtures(tiny_models, tmp_path):
     for png in ("loss_curves.png", "bits_per_byte.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "fused" / "model.safetensors").exists() and (out / "ce-only" / "README.md").exists()
+    assert not [p.name for p in (out / "fused").iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]  # no pickle
     # the loss plot draws like with like: each student's CE (the fused one's CE part, not its total loss)
     curves = data["curves"]
     for name, folder in (("fused student", "fused"), ("CE-only student", "ce-only")):

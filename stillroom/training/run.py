@@ -147,6 +147,9 @@ def train(recipe, overrides: list[str] | tuple[str, ...] = (), callbacks: list |
                 else:
                     trainer.save_model(str(out))
                 if trainer.is_world_process_zero():
+                    # the Trainer pickles its arguments beside the weights; the student folder holds no pickle
+                    # (the recipe and the run marker record the settings)
+                    (out / "training_args.bin").unlink(missing_ok=True)
                     tok.save_pretrained(out)
                     n_blocks = "streamed" if recipe.data.streaming else len(dataset)
                     atomic_write(out / "README.md", report.model_card(recipe, metrics, n_blocks, trainer.model))
