@@ -86,7 +86,7 @@ def pre_name(spec: dict) -> str:
                       "Qwen2's); llama.cpp would split text differently, so it is not exported")
 
 
-def _tokens(spec: dict, size: int, spm: bool) -> tuple[list[str], list[int], dict[str, dict]]:
+def _tokens(spec: dict, size: int, spm: bool) -> tuple[list[str], list[int]]:
     """Tokens in id order (``size`` of them: ids no token holds are unused placeholders) and their kinds."""
     vocab: dict[str, int] = dict(spec["model"]["vocab"])
     added = {t["content"]: t for t in spec.get("added_tokens", [])}
@@ -99,7 +99,7 @@ def _tokens(spec: dict, size: int, spm: bool) -> tuple[list[str], list[int], dic
             kinds[i] = CONTROL if added[text].get("special", False) else USER
         else:
             kinds[i] = BYTE if spm and _BYTE.match(text) else NORMAL
-    return tokens, kinds, added
+    return tokens, kinds
 
 
 def spm_scores(spec: dict, tokens: list[str], kinds: list[int]) -> list[float]:
@@ -125,7 +125,7 @@ def spm_scores(spec: dict, tokens: list[str], kinds: list[int]) -> list[float]:
 def write_tokenizer(writer, tokenizer, kind: str, spec: dict, n_vocab: int) -> None:
     """Tokens, kinds (and merges or scores), special ids, BOS/EOS policy and chat template into ``writer``."""
     spm = kind == "spm_bpe"
-    tokens, kinds, _ = _tokens(spec, n_vocab, spm)
+    tokens, kinds = _tokens(spec, n_vocab, spm)
     if spm:
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
