@@ -53,7 +53,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: 
 
     folder = resolve_model(model_dir, "--model")  # cheap checks first: folder, config, tokenizer; then the weights
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    fam = family(config.model_type, config)
+    fam = family(config.model_type, config, f"--model {folder}")
     kind, spec = read_spec(folder)
     tokenizer = load_tokenizer(folder, "--model")
     model = load_causal_lm(folder, "--model", tokenizer=tokenizer)
