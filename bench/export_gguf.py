@@ -113,8 +113,8 @@ def measure(label: str, folder: str, texts: list[str], args) -> dict:
                     break
             secs.append(time.perf_counter() - t)
         r["gen_tok_s"] = args.new_tokens / statistics.median(secs)
-        r["greedy_same_as_transformers"] = next((i for i, (a, b) in enumerate(zip(out, hf_out, strict=False))
-                                                 if a != b), len(out))  # the first tokens both engines agree on
+        r["greedy_tokens_agreeing"] = next((i for i, (a, b) in enumerate(zip(out, hf_out, strict=False))
+                                           if a != b), len(out))  # how many first tokens both engines agree on
         res[dtype] = r
         del gen
         if not args.keep_files:

@@ -128,8 +128,8 @@ LATER = {"scratch": False}
 
 
 def _differ(have: dict, args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
-    return {k: (have.get(k, LATER.get(k)), getattr(args, k)) for k in keys
-            if have.get(k, LATER.get(k)) != getattr(args, k)}
+    was = {k: have.get(k, LATER.get(k)) for k in keys}
+    return {k: (was[k], getattr(args, k)) for k in keys if was[k] != getattr(args, k)}
 
 
 def check_scale(args: argparse.Namespace, out: Path) -> None:
