@@ -52,6 +52,9 @@ from stillroom.tokenization.vocab import VocabMap
 
 LOG2E = 1.0 / math.log(2.0)
 MAX_DEFAULT_CONTEXT = 2048  # default window cap, so long-context models do not get [1, 128k, V] logits
+#: fp32 logits one forward may hold ([windows, width, V]; 2^28 = 1 GiB): ``batch_size`` windows of a 262k vocabulary
+#: would need 17 GiB at width 2048, so fewer go together; a window over the budget still runs, alone
+LOGITS_BUDGET = 1 << 28
 
 
 # --- results ------------------------------------------------------------------------------------------------
@@ -133,6 +136,29 @@ def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
+def _vocab(model) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(getattr(getattr(model, "config", None), "vocab_size", None) or 1)  # unknown: no cap but batch_size
+
+
+def forward_groups(widths: Sequence[int], batch_size: int, vocab: int, budget: int | None = None) -> list[range]:
+    """Consecutive groups of windows for one forward each: at most ``batch_size`` windows, and their padded
+    ``[n, max width, vocab]`` logits within ``budget`` (``LOGITS_BUDGET``) unless one window alone exceeds it."""
+    budget = LOGITS_BUDGET if budget is None else budget
+    groups, start, widest = [], 0, 0
+    for i, w in enumerate(widths):
+        wider = max(widest, w)
+        if i > start and (i - start == batch_size or (i - start + 1) * wider * vocab > budget):
+            groups.append(range(start, i))
+            start, wider = i, w
+        widest = wider
+    if widths:
+        groups.append(range(start, len(widths)))
+    return groups
+
+
 def score_windows(model, seq: torch.Tensor, *, context: int, stride: int, batch_size: int = 8,
                   device: str | torch.device = "cpu") -> Iterator[tuple[int, torch.Tensor]]:
     """Log-probabilities predicting positions ``1..len(seq)-1`` of ``seq``, window by window, in order.
@@ -141,8 +167,8 @@ def score_windows(model, seq: torch.Tensor, *, context: int, stride: int, batch_
     logits) predicting ``seq[first + r]``.
     """
     spans = window_spans(len(seq), context, stride)
-    for b in range(0, len(spans), batch_size):
-        group = spans[b:b + batch_size]
+    for g in forward_groups([e - s for s, e, _ in spans], batch_size, _vocab(model)):
+        group = spans[g.start:g.stop]
         width = max(e - s for s, e, _ in group)
         # Right padding: a causal model's outputs at real positions do not depend on later (padded) ones.
         batch = torch.zeros(len(group), width, dtype=torch.long)
@@ -320,10 +346,10 @@ def evaluate(model, tokenizer, texts: Sequence[str], *, name: str = "model", tea
             jobs = [(seq, span) for _, seq, _ in work for span in window_spans(len(seq), context, stride)]
             if bar is not None:
                 task = bar.add_task(f"eval {name}", total=len(jobs))
-            for b in range(0, len(jobs), batch_size):
-                total_nats += _nll_block(model, jobs[b:b + batch_size], device)
+            for g in forward_groups([e - s for _, (s, e, _) in jobs], batch_size, _vocab(model)):
+                total_nats += _nll_block(model, jobs[g.start:g.stop], device)
                 if bar is not None:
-                    bar.advance(task, len(jobs[b:b + batch_size]))
+                    bar.advance(task, len(g))
         else:  # text by text, the student and each teacher in lockstep
             if bar is not None:
                 task = bar.add_task(f"eval {name}", total=len(work))

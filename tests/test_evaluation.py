@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stillroom.evaluation import evaluate, window_spans
+from stillroom.evaluation import evaluate, forward_groups, window_spans
 
 
 class CharTokenizer:
@@ -101,6 +101,36 @@ def test_same_bits_per_byte_whatever_the_windows():
         r = evaluate(model, tok, texts, context=context, stride=stride, batch_size=batch)
         assert r.bits_per_byte == pytest.approx(expected, rel=1e-5), (context, stride, batch)
         assert r.tokens == sum(len(t) for t in texts)
+
+
+def test_forward_groups_keep_each_forwards_logits_within_the_budget():
+    assert forward_groups([4, 4, 4, 4, 4], batch_size=2, vocab=10) == [range(0, 2), range(2, 4), range(4, 5)]
+    # 3 windows of width 4 × vocab 10 = 120 logits > 100: two go together; the wider third alone
+    assert forward_groups([4, 4, 3, 9], batch_size=8, vocab=10, budget=100) == [range(0, 2), range(2, 3), range(3, 4)]
+    assert forward_groups([30, 2], batch_size=8, vocab=10, budget=100) == [range(0, 1), range(1, 2)]  # over, alone
+    assert forward_groups([], batch_size=8, vocab=10) == []
+
+
+def test_a_large_vocabulary_runs_fewer_windows_per_forward_with_the_same_result(monkeypatch):
+    import stillroom.evaluation as ev
+
+    torch.manual_seed(0)
+    model = Bigram(torch.log_softmax(torch.randn(4, 4) * 2, -1))
+    model.config = SimpleNamespace(vocab_size=4)
+    shapes = []
+    forward = model.forward
+    model.forward = lambda input_ids: shapes.append(tuple(input_ids.shape)) or forward(input_ids)
+    tok = CharTokenizer("abc")
+    texts = ["abcabcab" * 5, "cab" * 7]
+    teachers = [("t", Bigram(torch.log_softmax(torch.randn(4, 4), -1)), tok)]
+    full = evaluate(model, tok, texts, context=8, stride=4, batch_size=8, teachers=teachers)
+    assert max(n for n, _ in shapes) > 2
+    shapes.clear()
+    monkeypatch.setattr(ev, "LOGITS_BUDGET", 2 * 8 * 4)  # two windows of 8 positions × 4 ids
+    capped = evaluate(model, tok, texts, context=8, stride=4, batch_size=8, teachers=teachers)
+    assert shapes and all(n * w * 4 <= 2 * 8 * 4 for n, w in shapes)
+    assert capped.nll_bits == pytest.approx(full.nll_bits, rel=1e-9)
+    assert capped.teachers[0].kl_nats == pytest.approx(full.teachers[0].kl_nats, rel=1e-9)
 
 
 def test_uniform_model_is_log2_vocab_per_token(tiny_models):

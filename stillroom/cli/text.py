@@ -113,7 +113,7 @@ def eval_(
     context: Optional[int] = typer.Option(None, min=2, help="Window length in tokens (default: the model's maximum, "
                                           "at most 2048)."),
     stride: Optional[int] = typer.Option(None, min=1, help="Tokens between window starts (default: context/2)."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass, at most (fewer when their logits would pass 1 GiB)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of reports instead of a table."),
 ) -> None:
