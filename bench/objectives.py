@@ -1,4 +1,4 @@
-"""Cross-tokenizer objectives on the embedded default: CE only, KD via MinED (onehot) and prefix projection,
+"""Cross-tokenizer objectives on the embedded default: CE only, KD via MinED (onehot), prefix and next_bytes projection,
 ULD, ALM (exact / unbiased chunks), ALM + prefix KD — one cross-tokenizer teacher, same data, steps and seeds.
 
 Each arm trains the demo's from-scratch student (``stillroom.demo.DemoOptions``: λ = 0.5, lr 2e-3, batch 8,
@@ -26,6 +26,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench.common import cache_bytes_per_token, console, machine, print_table, spread, summary  # noqa: E402
 from stillroom.demo import DemoOptions, build_caches, build_vocab_maps, evaluate_folders, held_out_texts  # noqa: E402
 
+PROJECTION = {"kd-mined": "onehot", "kd-next_bytes": "next_bytes"}  # every other arm with a KD term: prefix
+
 
 def arms(teacher: str, cache: str, cache1: str) -> dict[str, list[dict]]:
     """Arm name -> teacher entries of the recipe (projection set per arm in ``run``)."""
@@ -34,6 +36,7 @@ def arms(teacher: str, cache: str, cache1: str) -> dict[str, list[dict]]:
         "ce-only": [],
         "kd-mined": [kd],
         "kd-prefix": [kd],
+        "kd-next_bytes": [kd],
         "uld": [{**kd, "name": "uld", "objective": "uld"}],
         "alm": [{"path": teacher, "cache": cache1, "name": "alm", "objective": "alm"}],
         "alm-unbiased": [{"path": teacher, "cache": cache1, "name": "alm", "objective": "alm", "alm_chunks": "unbiased"}],
@@ -68,7 +71,7 @@ def run(opts: DemoOptions, seeds: list[int], out: Path, teacher_index: int, only
             recipe = opts.recipe(f"bench-{name}", out / f"seed{seed}" / name)
             recipe["teachers"] = teachers
             recipe["loss"]["ce_weight"] = opts.ce_weight if teachers else 1.0
-            recipe["fusion"]["projection"] = "onehot" if name == "kd-mined" else "prefix"
+            recipe["fusion"]["projection"] = PROJECTION.get(name, "prefix")
             recipe["train"]["eval_steps"] = None  # the held-out score below is the result
             t = time.perf_counter()
             res = train(recipe)
