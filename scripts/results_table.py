@@ -28,7 +28,7 @@ PAGE = ROOT / "docs" / "benchmarks.md"
 PAGES_DIR = ROOT / "docs" / "benchmarks"
 PAGES = ("align", "vocab", "losses", "sparse_tail", "cache", "train", "onpolicy", "decode_kernels",
          "onpolicy_quality", "healing", "fusion", "real_fusion", "real_speed", "objectives", "projection_signal",
-         "gold_peer", "served", "export_gguf", "lora", "packing", "streaming", "precision", "compile")
+         "held_out_slices", "gold_peer", "served", "export_gguf", "lora", "packing", "streaming", "precision", "compile")
 HEADER = ("| benchmark | command | machine | peer | median (stillroom / peer) | ratio |\n"
           "|---|---|---|---|---|---|\n")
 SECTION = re.compile(r"^## (.*\(`bench/(\w+)\.py`\))$", re.M)
