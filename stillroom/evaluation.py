@@ -28,7 +28,6 @@ tokens that map to the same student token are summed; identity when the tokenize
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -46,15 +45,13 @@ from stillroom.models.loading import check_device, load_causal_lm, load_tokenize
 from stillroom.models.runtime import freeze_teacher
 from stillroom.progress import bar as progress_bar
 from stillroom.progress import stderr_console
+from stillroom.scoring import forward_groups, score_windows, vocab_size, window_nll, window_spans
 from stillroom.tokenization.align import align
 from stillroom.tokenization.tokens import TokenTable, same_tokenizer
 from stillroom.tokenization.vocab import VocabMap
 
 LOG2E = 1.0 / math.log(2.0)
 MAX_DEFAULT_CONTEXT = 2048  # default window cap, so long-context models do not get [1, 128k, V] logits
-#: fp32 logits one forward may hold ([windows, width, V]; 2^28 = 1 GiB): ``batch_size`` windows of a 262k vocabulary
-#: would need 17 GiB at width 2048, so fewer go together; a window over the budget still runs, alone
-LOGITS_BUDGET = 1 << 28
 
 
 # --- results ------------------------------------------------------------------------------------------------
@@ -105,100 +102,7 @@ def load_eval_texts(data: str | os.PathLike, documents: str = "file") -> list[st
     return [text for _, text in load_texts(data, documents=documents)]
 
 
-# --- scoring ------------------------------------------------------------------------------------------------
-def window_spans(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
-    """Sliding windows over a sequence of ``n`` positions whose position 0 is given (never predicted).
-
-    Returns ``(start, end, first)``: feed positions ``[start, end)`` and score positions ``[first, end)``.
-    Every position ``1..n-1`` is scored exactly once.
-    """
-    if context < 2:
-        raise ValueError(f"context must be >= 2 (got {context})")
-    if not 1 <= stride <= context - 1:
-        raise ValueError(f"stride must be in [1, context - 1] = [1, {context - 1}] (got {stride})")
-    spans = []
-    start, done = 0, 1
-    while done < n:
-        end = min(start + context, n)
-        if end > done:
-            spans.append((start, end, done))
-            done = end
-        start += stride
-    return spans
-
-
-def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    # windows are never padded; saying so (when the model takes a mask) silences transformers' padding warning
-    takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
-    out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)) if takes_mask \
-        else model(input_ids=input_ids)
-    logits = out.logits if hasattr(out, "logits") else out
-    return logits.float()
-
-
-def _vocab(model) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    return int(getattr(getattr(model, "config", None), "vocab_size", None) or 1)  # unknown: no cap but batch_size
-
-
-def forward_groups(widths: Sequence[int], batch_size: int, vocab: int, budget: int | None = None) -> list[range]:
-    """Consecutive groups of windows for one forward each: at most ``batch_size`` windows, and their padded
-    ``[n, max width, vocab]`` logits within ``budget`` (``LOGITS_BUDGET``) unless one window alone exceeds it."""
-    budget = LOGITS_BUDGET if budget is None else budget
-    groups, start, widest = [], 0, 0
-    for i, w in enumerate(widths):
-        wider = max(widest, w)
-        if i > start and (i - start == batch_size or (i - start + 1) * wider * vocab > budget):
-            groups.append(range(start, i))
-            start, wider = i, w
-        widest = wider
-    if widths:
-        groups.append(range(start, len(widths)))
-    return groups
-
-
-def score_windows(model, seq: torch.Tensor, *, context: int, stride: int, batch_size: int = 8,
-                  device: str | torch.device = "cpu") -> Iterator[tuple[int, torch.Tensor]]:
-    """Log-probabilities predicting positions ``1..len(seq)-1`` of ``seq``, window by window, in order.
-
-    Yields ``(first, logprobs)``: ``logprobs[r]`` is the distribution over the vocabulary (log-softmax of the
-    logits) predicting ``seq[first + r]``.
-    """
-    spans = window_spans(len(seq), context, stride)
-    for g in forward_groups([e - s for s, e, _ in spans], batch_size, _vocab(model)):
-        group = spans[g.start:g.stop]
-        width = max(e - s for s, e, _ in group)
-        # Right padding: a causal model's outputs at real positions do not depend on later (padded) ones.
-        batch = torch.zeros(len(group), width, dtype=torch.long)
-        for r, (s, e, _) in enumerate(group):
-            batch[r, :e - s] = seq[s:e]
-        with torch.inference_mode():
-            logprobs = torch.log_softmax(_logits(model, batch.to(device)), dim=-1).cpu()
-        for r, (s, e, first) in enumerate(group):
-            # logits at window offset o predict position s + o + 1
-            yield first, logprobs[r, first - s - 1:e - s - 1]
-
-
-def _nll_block(model, jobs: list[tuple[torch.Tensor, tuple[int, int, int]]], device) -> float:
-    """Total NLL (nats) of the scored positions of a batch of windows ``(seq, (start, end, first))``."""
-    width = max(e - s for _, (s, e, _) in jobs)
-    batch = torch.zeros(len(jobs), width, dtype=torch.long)
-    targets = torch.zeros(len(jobs), width, dtype=torch.long)
-    scored = torch.zeros(len(jobs), width, dtype=torch.bool)
-    for r, (seq, (s, e, first)) in enumerate(jobs):
-        batch[r, :e - s] = seq[s:e]
-        # logits at window offset o predict position s + o + 1; positions first..e-1 are scored
-        targets[r, first - s - 1:e - s - 1] = seq[first:e]
-        scored[r, first - s - 1:e - s - 1] = True
-    with torch.inference_mode():
-        logits = _logits(model, batch.to(device))
-        # log p(target) = logit(target) - logsumexp(logits), without materialising a second [B, W, V] tensor
-        picked = (logits.gather(-1, targets.to(logits.device)[..., None])[..., 0] - torch.logsumexp(logits, -1)).cpu()
-    return -picked[scored].double().sum().item()
-
-
+# --- tokens -------------------------------------------------------------------------------------------------
 def _start_id(tokenizer) -> int | None:
     return getattr(tokenizer, "bos_token_id", None)
 
@@ -346,8 +250,8 @@ def evaluate(model, tokenizer, texts: Sequence[str], *, name: str = "model", tea
             jobs = [(seq, span) for _, seq, _ in work for span in window_spans(len(seq), context, stride)]
             if bar is not None:
                 task = bar.add_task(f"eval {name}", total=len(jobs))
-            for g in forward_groups([e - s for _, (s, e, _) in jobs], batch_size, _vocab(model)):
-                total_nats += _nll_block(model, jobs[g.start:g.stop], device)
+            for g in forward_groups([e - s for _, (s, e, _) in jobs], batch_size, vocab_size(model)):
+                total_nats += window_nll(model, jobs[g.start:g.stop], device)
                 if bar is not None:
                     bar.advance(task, len(g))
         else:  # text by text, the student and each teacher in lockstep

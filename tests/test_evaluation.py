@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from stillroom.evaluation import evaluate, forward_groups, window_spans
+from stillroom.evaluation import evaluate
 
 
 class CharTokenizer:
@@ -58,16 +58,6 @@ def hand_bigram() -> Bigram:
     return Bigram(p.log())
 
 
-def test_window_spans_score_every_position_once():
-    for n in range(1, 40):
-        for context in (2, 3, 5, 8, 64):
-            for stride in range(1, context):
-                spans = window_spans(n, context, stride)
-                scored = [p for _, e, first in spans for p in range(first, e)]
-                assert scored == list(range(1, n))
-                assert all(e - s <= context and s < first for s, e, first in spans)
-
-
 def test_bits_per_byte_hand_computed():
     # "abb": -log2 p(a|BOS) - log2 p(b|a) - log2 p(b|b) = 1 + 2 + 3 = 6 bits over 3 bytes.
     r = evaluate(hand_bigram(), CharTokenizer("ab"), ["abb"])
@@ -103,16 +93,8 @@ def test_same_bits_per_byte_whatever_the_windows():
         assert r.tokens == sum(len(t) for t in texts)
 
 
-def test_forward_groups_keep_each_forwards_logits_within_the_budget():
-    assert forward_groups([4, 4, 4, 4, 4], batch_size=2, vocab=10) == [range(0, 2), range(2, 4), range(4, 5)]
-    # 3 windows of width 4 × vocab 10 = 120 logits > 100: two go together; the wider third alone
-    assert forward_groups([4, 4, 3, 9], batch_size=8, vocab=10, budget=100) == [range(0, 2), range(2, 3), range(3, 4)]
-    assert forward_groups([30, 2], batch_size=8, vocab=10, budget=100) == [range(0, 1), range(1, 2)]  # over, alone
-    assert forward_groups([], batch_size=8, vocab=10) == []
-
-
 def test_a_large_vocabulary_runs_fewer_windows_per_forward_with_the_same_result(monkeypatch):
-    import stillroom.evaluation as ev
+    import stillroom.scoring as scoring
 
     torch.manual_seed(0)
     model = Bigram(torch.log_softmax(torch.randn(4, 4) * 2, -1))
@@ -126,7 +108,7 @@ def test_a_large_vocabulary_runs_fewer_windows_per_forward_with_the_same_result(
     full = evaluate(model, tok, texts, context=8, stride=4, batch_size=8, teachers=teachers)
     assert max(n for n, _ in shapes) > 2
     shapes.clear()
-    monkeypatch.setattr(ev, "LOGITS_BUDGET", 2 * 8 * 4)  # two windows of 8 positions × 4 ids
+    monkeypatch.setattr(scoring, "LOGITS_BUDGET", 2 * 8 * 4)  # two windows of 8 positions × 4 ids
     capped = evaluate(model, tok, texts, context=8, stride=4, batch_size=8, teachers=teachers)
     assert shapes and all(n * w * 4 <= 2 * 8 * 4 for n, w in shapes)
     assert capped.nll_bits == pytest.approx(full.nll_bits, rel=1e-9)
