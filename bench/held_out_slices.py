@@ -4,14 +4,13 @@
 cast list, the first scene), the most reproduced part of the most reproduced texts in English. This benchmark
 scores the same models on that *opening* and on the work's *body* (``--body-chars`` characters from the middle
 of each test work, fixed before any result), and both teachers on the text they taught from (their own
-cross-entropy over the training blocks (every text token but each block's first), read from the caches the students were trained with). It trains
-nothing: it re-scores the students a ``bench.real_fusion --keep-models`` run kept (``RUN/seed{S}/{arm}/model``).
+cross-entropy over the training blocks, read from the caches the students were trained with). It trains nothing:
+it re-scores the students a ``bench.real_fusion --keep-models`` run kept (``RUN/seed{S}/{arm}/model``).
 
-    python -m bench.held_out_slices --runs runs/rf-200 runs/rf-200-nb --out runs/held-out-slices
+    python -m bench.held_out_slices --runs runs/rf-200 runs/rf-200-keep --paired-with rf-200-keep/kd-smollm2
 
 Writes ``OUT/scores-O-B.json`` (one entry per model and slice for ``--opening-chars O --body-chars B``, reused on a
-rerun) and ``OUT/report.md``; ends with a
-``SUMMARY:`` line.
+rerun) and ``OUT/report.md``; ends with a ``SUMMARY:`` line.
 """
 
 from __future__ import annotations
@@ -75,20 +74,16 @@ def models(runs: list[Path], smollm2: str, gemma3: str) -> dict[str, str]:
 
 def score_all(found: dict[str, str], texts: dict[str, list[str]], path: Path) -> dict[str, float]:
     """``{"LABEL SLICE": bits/byte}`` for every model and slice, appended to ``path`` as each finishes."""
-    import torch
-
-    from stillroom.evaluation import evaluate, load_model
-    from stillroom.models.runtime import freeze_teacher
+    from bench.real_fusion import bits_per_byte
+    from stillroom.evaluation import load_model
 
     scores = json.loads(path.read_text()) if path.exists() else {}
     for label, folder in found.items():
         if all(f"{label} {s}" in scores for s in SLICES):
             continue
         model, tok = load_model(folder)
-        model = freeze_teacher(model)
-        with torch.no_grad():
-            for s in SLICES:
-                scores[f"{label} {s}"] = evaluate(model, tok, texts[s], name=label).bits_per_byte
+        for s in SLICES:
+            scores[f"{label} {s}"] = bits_per_byte(model, tok, texts[s], label)
         console.print(f"{label}: opening {scores[f'{label} opening']:.4f}, body {scores[f'{label} body']:.4f}")
         path.write_text(json.dumps(scores, indent=1))
         del model
