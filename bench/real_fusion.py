@@ -25,8 +25,9 @@ cache written through a real llama.cpp server, ``llama_cpp.server`` serving the 
 from: ``OUT/cache/smollm2-served``, shards of 8 blocks, so a killed run resumes). ALM reads only the teacher's
 log-prob of its own tokens, from a top-1 cache
 (``OUT/cache/gemma3-top1``); ULD and KD read the top-k cache. ``--cache-from DIR`` reads the top-k caches of
-another OUT built over the same blocks with the same teachers and k (λ, lr, projection may differ; read only:
-nothing is written there).
+another OUT built over the same blocks with the same teachers, k and ``--temperature`` (λ, lr, projection may
+differ; read only: nothing is written there). ``--temperature τ``: KD at τ (Hinton: the caches are written at τ,
+the student is softened alike and the term scaled by τ²).
 
 λ = ``loss.ce_weight`` = 0.9 (FuseLLM's continual-training value and the project default). Data: the shared
 Shakespeare corpus split by whole works (fixed lists below; the test works are never trained on and never used
@@ -120,11 +121,11 @@ def verdicts(results: dict[str, dict[int, float]], min_seeds: int = 3) -> list[s
 
 
 SCALE = ("steps", "batch_size", "seq_len", "lr", "ce_weight", "projection", "top_k", "eval_chars", "student_from",
-         "layers", "smollm2", "gemma3", "scratch")
-CACHE_KEYS = ("seq_len", "top_k", "student_from", "smollm2", "gemma3")  # the blocks' shape, k, models
+         "layers", "smollm2", "gemma3", "scratch", "temperature")
+CACHE_KEYS = ("seq_len", "top_k", "student_from", "smollm2", "gemma3", "temperature")  # blocks' shape, k, models, τ
 REFERENCE_KEYS = ("eval_chars", "student_from", "layers", "smollm2", "gemma3", "scratch")  # the test text, the models
 #: options added after runs were recorded: a recorded run without one had its default
-LATER = {"scratch": False}
+LATER = {"scratch": False, "temperature": 1.0}
 
 
 def _differ(have: dict, args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
@@ -171,7 +172,8 @@ def recipe(args: argparse.Namespace, data: dict[str, str], name: str, out_dir: P
         "teachers": [dict(t) for t in teachers],
         "data": {"train": data["train"], "eval": data["validation"], "seq_len": args.seq_len,
                  "max_blocks": args.steps * args.batch_size},  # every block trained on once
-        "loss": {"kind": "forward_kl", "ce_weight": args.ce_weight if teachers else 1.0, "temperature": 1.0},
+        "loss": {"kind": "forward_kl", "ce_weight": args.ce_weight if teachers else 1.0,
+                 "temperature": args.temperature},
         "fusion": {"method": method, "level": level, "top_k": args.top_k,
                    "projection": projection or args.projection, "fill_uncovered": fill},
         "train": {"output_dir": str(out_dir), "max_steps": args.steps, "batch_size": args.batch_size,
@@ -253,7 +255,7 @@ def build_caches(args, data: dict[str, str], out: Path, top1: bool = False) -> d
         if where != out:
             continue  # read only
         t = time.perf_counter()
-        teacher = OnlineTeacher(path, top_k=k)
+        teacher = OnlineTeacher(path, top_k=k, temperature=args.temperature)
         s = write_cache(teacher, blocks, cache, console=console)
         console.print(f"{name}: {s.tokens:,} teacher tokens cached in {time.perf_counter() - t:.0f} s "
                       f"({s.shards_skipped} shards reused) → {cache}")
@@ -277,7 +279,8 @@ def served_cache(args, out: Path) -> str:
     data = [(r["id"], r["text"]) for r in rows[: args.steps * args.batch_size]]  # this run's blocks only
     t = time.perf_counter()
     with llama_server(gguf, n_ctx=2 * args.seq_len, threads=args.threads) as url:
-        teacher = ServedTeacher.from_path(url, args.smollm2, top_k=args.top_k, concurrency=1)
+        teacher = ServedTeacher.from_path(url, args.smollm2, top_k=args.top_k, temperature=args.temperature,
+                                          concurrency=1)
         s = write_cache(teacher, data, cache, shard_size=8, console=console)
         console.print(f"smollm2-served: {s.tokens:,} teacher tokens through {url} in {time.perf_counter() - t:.0f} s "
                       f"({s.shards_skipped} shards reused; {teacher.stats.line()}) → {cache}")
@@ -461,6 +464,8 @@ def main() -> None:
     ap.add_argument("--ce-weight", type=float, default=0.9, help="λ (FuseLLM's continual-training value)")
     ap.add_argument("--projection", default="prefix")
     ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="KD temperature τ: the caches' and loss.temperature (both sides softened, the term × τ²)")
     ap.add_argument("--token-level", action="store_true", help="also fused arms at token level")
     ap.add_argument("--arms", nargs="+", choices=ALL_ARMS, default=None,
                     help="arms to run (default: the fusion arms; the objective arms run only when named)")

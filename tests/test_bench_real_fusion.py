@@ -142,6 +142,32 @@ def test_recipe_carries_each_arms_teachers_and_projection(tmp_path):
     assert r["loss"]["ce_weight"] == 1
 
 
+def test_temperature_reaches_the_loss_and_keeps_caches_apart(tmp_path):
+    """--temperature τ is the recipe's loss.temperature (the caches are written at it), a cache written at another τ
+    is not read, and a run recorded before the option read as τ = 1."""
+    import json
+
+    from bench.real_fusion import SCALE, arms, cache_source, check_scale, recipe
+    from stillroom.errors import ConfigError
+
+    args = _args(projection="prefix", layers=[0, 1], temperature=2.0)
+    r = recipe(args, {"train": "/d/train", "validation": "/d/val"}, "x", tmp_path / "o", 0,
+               **arms(args, CACHES)["kd-gemma3"])
+    assert r["loss"]["temperature"] == 2.0
+    src = tmp_path / "src"
+    for name in ("smollm2", "gemma3"):
+        _manifest(src / "cache" / name, [(1, 1)])
+    old = {k: v for k, v in vars(_args()).items() if k in SCALE and k != "temperature"}  # before the option
+    (src / "options.json").write_text(json.dumps(old))
+    assert cache_source(_args(cache_from=src, temperature=1.0), tmp_path / "mine") == src
+    with pytest.raises(ConfigError, match=r"'temperature': \(1.0, 2.0\)"):
+        cache_source(_args(cache_from=src, temperature=2.0), tmp_path / "mine")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "options.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="temperature"):
+        check_scale(_args(temperature=2.0), tmp_path / "run")
+
+
 def _manifest(folder, shards):
     import json
 
