@@ -1,0 +1,143 @@
+"""The shape of KD targets on the blocks a student is taught from: how confident, how soft, how close to each other.
+
+``bench.real_fusion`` trains the same student from several teachers' top-k caches; this script reads those caches
+over the first ``--blocks`` training blocks and builds each teacher's target on the student's rows exactly as
+training does (``student_targets``: a same-tokenizer cache as it is, another tokenizer's projected with
+``--projection``, uncovered rows left out). On the rows where every target is defined and the next token has bytes,
+per target (means over rows):
+
+- ``mass``: probability on the target's support (the rest is its tail);
+- ``top-1``: its largest entry; ``top-1 = gold``: how often that entry is the next token;
+- ``q(gold)``: its probability of the next token (0 outside the support);
+- ``entropy``: of the support renormalised, in bits — how soft the target is;
+- ``bits/byte``: −log₂ q(gold) over the next tokens' UTF-8 bytes, a gold outside the support getting the tail spread
+  uniformly over the rest of the student's vocabulary;
+- ``TV to X``: total variation between the two targets' supports (½ Σ |q − q'|).
+
+Trains nothing; minutes on two cores. Writes ``OUT/report.md``, ends with a ``SUMMARY:`` line.
+
+    python -m bench.target_shapes --blocks-from runs/rf-200 --blocks 100 \\
+        --target smollm2=runs/rf-200/cache/smollm2 --target gemma3=runs/rf-200/cache/gemma3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench.common import console, machine, summary  # noqa: E402
+
+STATS = ("mass", "top-1", "top-1 = gold", "q(gold)", "entropy")
+
+
+def row_stats(q: dict[int, float], gold: int, vocab_size: int) -> tuple[dict[str, float], float]:
+    """One row's statistics (:data:`STATS`) and its −log₂ q(gold) (a gold outside the support gets the tail mass
+    spread over the ``vocab_size − len(q)`` other ids)."""
+    z = sum(q.values())
+    top = max(q, key=q.get)
+    stats = {"mass": z, "top-1": q[top], "top-1 = gold": float(top == gold), "q(gold)": q.get(gold, 0.0),
+             "entropy": -sum(p / z * math.log2(p / z) for p in q.values() if p > 0)}
+    p_gold = q[gold] if gold in q else max(1.0 - z, 1e-12) / (vocab_size - len(q))
+    return stats, -math.log2(p_gold)
+
+
+def total_variation(a: dict[int, float], b: dict[int, float]) -> float:
+    """½ Σ |a − b| over the union of the two supports."""
+    return 0.5 * sum(abs(a.get(i, 0.0) - b.get(i, 0.0)) for i in set(a) | set(b))
+
+
+def shapes(blocks: list[dict], caches: dict[str, Path], student: str, projection: str) -> dict[str, dict]:
+    """``{label: {stat: mean, "bits/byte": …, "TV to L": …}, "_rows": {"rows": n, "bytes": b}}``."""
+    import numpy as np
+
+    from stillroom.models.loading import load_tokenizer
+    from stillroom.teachers.cache import CachedTeacher
+    from stillroom.tokenization.project import student_targets
+    from stillroom.tokenization.tokens import TokenTable
+    from stillroom.tokenization.vocab import VocabMap
+
+    s_table = TokenTable.from_tokenizer(load_tokenizer(student))
+    texts, ids = [b["text"] for b in blocks], [b["id"] for b in blocks]
+    sources, maps = {}, {}
+    for label, cache in caches.items():
+        teacher = json.loads((cache / "manifest.json").read_text())["teacher"]
+        t_table = TokenTable.from_tokenizer(load_tokenizer(teacher))
+        maps[label] = (t_table, None if t_table.hash == s_table.hash else VocabMap.cached(t_table, s_table))
+        sources[label] = CachedTeacher(cache).signal(texts, ids)
+    s_tok = load_tokenizer(student)  # the block's text as a same-tokenizer teacher's cache has it
+    student_ids = [np.asarray(ids) for ids in s_tok(texts, add_special_tokens=True)["input_ids"]]
+    labels = list(caches)
+    sums = {k: dict.fromkeys((*STATS, "bits", *(f"TV to {o}" for o in labels if o != k)), 0.0) for k in labels}
+    n_rows = n_bytes = 0
+    for sid, outs in zip(student_ids, zip(*(sources[k] for k in labels), strict=True), strict=True):
+        rows = {}
+        for k, out in zip(labels, outs, strict=True):
+            t_table, vmap = maps[k]
+            tgt, _ = student_targets(out, sid, s_table, t_table, vmap, fallback=projection, fill=False)
+            rows[k] = (tgt.ids.numpy(), tgt.logprobs.double().exp().numpy(), tgt.valid.numpy())
+        for r in range(len(sid) - 1):
+            gold, nb = int(sid[r + 1]), len(s_table.token_bytes[int(sid[r + 1])])
+            if nb == 0 or not all(rows[k][2][r] for k in labels):
+                continue
+            q = {k: {int(i): float(p) for i, p in zip(rows[k][0][r], rows[k][1][r], strict=True) if p > 0}
+                 for k in labels}
+            n_rows, n_bytes = n_rows + 1, n_bytes + nb
+            for k in labels:
+                st, bits = row_stats(q[k], gold, len(s_table.token_bytes))
+                for name, v in st.items():
+                    sums[k][name] += v
+                sums[k]["bits"] += bits
+                for o in labels:
+                    if o != k:
+                        sums[k][f"TV to {o}"] += total_variation(q[k], q[o])
+    result = {k: {name: (v / n_bytes if name == "bits" else v / n_rows) for name, v in s.items()} for k, s in sums.items()}
+    for r in result.values():
+        r["bits/byte"] = r.pop("bits")
+    result["_rows"] = {"rows": n_rows, "bytes": n_bytes}
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.real_fusion import SMOLLM2
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--blocks-from", type=Path, required=True, help="a bench.real_fusion OUT (its train_blocks.jsonl)")
+    ap.add_argument("--blocks", type=int, default=100, help="the first N training blocks")
+    ap.add_argument("--target", action="append", required=True, metavar="LABEL=CACHE",
+                    help="a teacher's top-k cache over those blocks (repeat)")
+    ap.add_argument("--projection", default="next_bytes", help="for a cache of another tokenizer")
+    ap.add_argument("--student", default=SMOLLM2, help="the student's tokenizer (a model folder)")
+    ap.add_argument("--out", type=Path, default=Path("runs/target-shapes"))
+    args = ap.parse_args(argv)
+    from stillroom.errors import ConfigError
+
+    caches = {}
+    for spec in args.target:
+        label, sep, cache = spec.partition("=")
+        if not sep or not (Path(cache) / "manifest.json").exists():
+            raise ConfigError(f"--target {spec}: expected LABEL=CACHE, a finished top-k cache folder")
+        caches[label] = Path(cache)
+    lines = (args.blocks_from / "train_blocks.jsonl").read_text().splitlines()[:args.blocks]
+    res = shapes([json.loads(x) for x in lines], caches, args.student, args.projection)
+    rows = res.pop("_rows")
+    cols = [*STATS, "bits/byte", *(f"TV to {o}" for o in caches)]
+    md = [f"# Target shapes\n\nmachine: {machine()}\n\n{len(lines)} blocks of {args.blocks_from}, {rows['rows']:,} "
+          f"student rows where every target is defined ({rows['bytes']:,} bytes); projection `{args.projection}`\n",
+          "| target | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for k, r in res.items():
+        md.append(f"| {k} | " + " | ".join(f"{r[c]:.4f}" if c in r else "—" for c in cols) + " |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    console.print("\n".join(md))
+    summary("; ".join(f"{k}: entropy {r['entropy']:.3f} bits, q(gold) {r['q(gold)']:.3f}, {r['bits/byte']:.4f} "
+                      f"bits/byte" for k, r in res.items()))
+
+
+if __name__ == "__main__":
+    main()
