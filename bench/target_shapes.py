@@ -62,7 +62,8 @@ def shapes(blocks: list[dict], caches: dict[str, Path], student: str, projection
     from stillroom.tokenization.tokens import TokenTable
     from stillroom.tokenization.vocab import VocabMap
 
-    s_table = TokenTable.from_tokenizer(load_tokenizer(student))
+    s_tok = load_tokenizer(student)
+    s_table = TokenTable.from_tokenizer(s_tok)
     texts, ids = [b["text"] for b in blocks], [b["id"] for b in blocks]
     sources, maps = {}, {}
     for label, cache in caches.items():
@@ -70,7 +71,7 @@ def shapes(blocks: list[dict], caches: dict[str, Path], student: str, projection
         t_table = TokenTable.from_tokenizer(load_tokenizer(teacher))
         maps[label] = (t_table, None if t_table.hash == s_table.hash else VocabMap.cached(t_table, s_table))
         sources[label] = CachedTeacher(cache).signal(texts, ids)
-    s_tok = load_tokenizer(student)  # the block's text as a same-tokenizer teacher's cache has it
+    # the block's text as a same-tokenizer teacher's cache has it
     student_ids = [np.asarray(ids) for ids in s_tok(texts, add_special_tokens=True)["input_ids"]]
     labels = list(caches)
     sums = {k: dict.fromkeys((*STATS, "bits", *(f"TV to {o}" for o in labels if o != k)), 0.0) for k in labels}

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/weaker-teacher"))
     args = ap.parse_args(argv)
     import torch
+    from transformers import AutoConfig
 
     from bench.real_fusion import bits_per_byte
     from stillroom.errors import ConfigError
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 
     score("gemma3", lambda: load_model(args.gemma3))
     score("smollm2", lambda: load_model(args.smollm2))
-    n_layers = load_model(args.smollm2)[0].config.num_hidden_layers
+    n_layers = AutoConfig.from_pretrained(args.smollm2).num_hidden_layers  # no second load of the weights
     n = 0
     while choose(scores, args.gap) is None:
         n += 1
