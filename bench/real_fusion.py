@@ -27,7 +27,8 @@ log-prob of its own tokens, from a top-1 cache
 (``OUT/cache/gemma3-top1``); ULD and KD read the top-k cache. ``--cache-from DIR`` reads the top-k caches of
 another OUT built over the same blocks with the same teachers, k and ``--temperature`` (λ, lr, projection may
 differ; read only: nothing is written there). ``--temperature τ``: KD at τ (Hinton: the caches are written at τ,
-the student is softened alike and the term scaled by τ²).
+the student is softened alike and the term scaled by τ²); ``--support-temperature T``: the teacher's target alone
+softened within its top-k (``loss.support_temperature``; the caches are those of τ).
 
 λ = ``loss.ce_weight`` = 0.9 (FuseLLM's continual-training value and the project default). Data: the shared
 Shakespeare corpus split by whole works (fixed lists below; the test works are never trained on and never used
@@ -121,11 +122,11 @@ def verdicts(results: dict[str, dict[int, float]], min_seeds: int = 3) -> list[s
 
 
 SCALE = ("steps", "batch_size", "seq_len", "lr", "ce_weight", "projection", "top_k", "eval_chars", "student_from",
-         "layers", "smollm2", "gemma3", "scratch", "temperature")
+         "layers", "smollm2", "gemma3", "scratch", "temperature", "support_temperature")
 CACHE_KEYS = ("seq_len", "top_k", "student_from", "smollm2", "gemma3", "temperature")  # blocks' shape, k, models, τ
 REFERENCE_KEYS = ("eval_chars", "student_from", "layers", "smollm2", "gemma3", "scratch")  # the test text, the models
 #: options added after runs were recorded: a recorded run without one had its default
-LATER = {"scratch": False, "temperature": 1.0}
+LATER = {"scratch": False, "temperature": 1.0, "support_temperature": 1.0}
 
 
 def _differ(have: dict, args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
@@ -173,7 +174,7 @@ def recipe(args: argparse.Namespace, data: dict[str, str], name: str, out_dir: P
         "data": {"train": data["train"], "eval": data["validation"], "seq_len": args.seq_len,
                  "max_blocks": args.steps * args.batch_size},  # every block trained on once
         "loss": {"kind": "forward_kl", "ce_weight": args.ce_weight if teachers else 1.0,
-                 "temperature": args.temperature},
+                 "temperature": args.temperature, "support_temperature": args.support_temperature},
         "fusion": {"method": method, "level": level, "top_k": args.top_k,
                    "projection": projection or args.projection, "fill_uncovered": fill},
         "train": {"output_dir": str(out_dir), "max_steps": args.steps, "batch_size": args.batch_size,
@@ -435,7 +436,9 @@ def report_md(args, results, secs, refs: dict[str, float], lines: list[str], siz
     out = [f"# bench.real_fusion report\n\nmachine: {machine()}\n\n`python -m bench.real_fusion --seeds "
            f"{' '.join(map(str, args.seeds))} --steps {args.steps} --batch-size {args.batch_size} --seq-len "
            f"{args.seq_len} --lr {args.lr} --ce-weight {args.ce_weight} --projection {args.projection} --top-k "
-           f"{args.top_k} --eval-chars {args.eval_chars}{' --scratch' if args.scratch else ''}`\n\nstudent: "
+           f"{args.top_k} --eval-chars {args.eval_chars}{' --scratch' if args.scratch else ''}"
+           f"{'' if args.temperature == 1 else f' --temperature {args.temperature}'}"
+           f"{'' if args.support_temperature == 1 else f' --support-temperature {args.support_temperature}'}`\n\nstudent: "
            f"{'a fresh Llama of the shape of ' if args.scratch else ''}layers {args.layers} of `{args.student_from}`; "
            f"{tokens:,} training tokens per arm ({args.steps} steps × {args.batch_size} × {args.seq_len}); test: "
            f"first {args.eval_chars:,} characters of {', '.join(TEST_WORKS)}\n",
@@ -466,6 +469,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--temperature", type=float, default=1.0,
                     help="KD temperature τ: the caches' and loss.temperature (both sides softened, the term × τ²)")
+    ap.add_argument("--support-temperature", type=float, default=1.0,
+                    help="loss.support_temperature: the teacher target's spread within its top-k (>1 softer)")
     ap.add_argument("--token-level", action="store_true", help="also fused arms at token level")
     ap.add_argument("--arms", nargs="+", choices=ALL_ARMS, default=None,
                     help="arms to run (default: the fusion arms; the objective arms run only when named)")

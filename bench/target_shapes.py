@@ -14,6 +14,11 @@ per target (means over rows):
   uniformly over the rest of the student's vocabulary;
 - ``TV to X``: total variation between the two targets' supports (½ Σ |q − q'|).
 
+``--soften LABEL=T`` reshapes a target within its support as ``loss.support_temperature: T`` does in training
+(``SparseTarget.soften_support``; the row becomes another target, labelled ``LABEL@T``); ``--match-entropy LABEL``
+finds, for every other target, the support temperature that gives it ``LABEL``'s mean entropy (bisection; the entropy
+of p^(1/T) renormalised rises with T).
+
 Trains nothing; minutes on two cores. Writes ``OUT/report.md``, ends with a ``SUMMARY:`` line.
 
     python -m bench.target_shapes --blocks-from runs/rf-200 --blocks 100 \\
@@ -52,8 +57,11 @@ def total_variation(a: dict[int, float], b: dict[int, float]) -> float:
     return 0.5 * sum(abs(a.get(i, 0.0) - b.get(i, 0.0)) for i in set(a) | set(b))
 
 
-def shapes(blocks: list[dict], caches: dict[str, Path], student: str, projection: str) -> dict[str, dict]:
-    """``{label: {stat: mean, "bits/byte": …, "TV to L": …}, "_rows": {"rows": n, "bytes": b}}``."""
+def target_rows(blocks: list[dict], caches: dict[str, Path], student: str, projection: str,
+                soften: dict[str, float] | None = None) -> tuple[list[tuple[int, int, dict]], int]:
+    """The rows where every target is defined and the next token has bytes: ``(gold, bytes, {label: {id: p}})``,
+    each target built as training builds it (then ``soften[label]`` applied, as ``loss.support_temperature``);
+    and the student's vocabulary size."""
     import numpy as np
 
     from stillroom.models.loading import load_tokenizer
@@ -62,6 +70,7 @@ def shapes(blocks: list[dict], caches: dict[str, Path], student: str, projection
     from stillroom.tokenization.tokens import TokenTable
     from stillroom.tokenization.vocab import VocabMap
 
+    soften = soften or {}
     s_tok = load_tokenizer(student)
     s_table = TokenTable.from_tokenizer(s_tok)
     texts, ids = [b["text"] for b in blocks], [b["id"] for b in blocks]
@@ -73,35 +82,70 @@ def shapes(blocks: list[dict], caches: dict[str, Path], student: str, projection
         sources[label] = CachedTeacher(cache).signal(texts, ids)
     # the block's text as a same-tokenizer teacher's cache has it
     student_ids = [np.asarray(ids) for ids in s_tok(texts, add_special_tokens=True)["input_ids"]]
-    labels = list(caches)
-    sums = {k: dict.fromkeys((*STATS, "bits", *(f"TV to {o}" for o in labels if o != k)), 0.0) for k in labels}
-    n_rows = n_bytes = 0
+    labels, rows = list(caches), []
     for sid, outs in zip(student_ids, zip(*(sources[k] for k in labels), strict=True), strict=True):
-        rows = {}
+        built = {}
         for k, out in zip(labels, outs, strict=True):
             t_table, vmap = maps[k]
             tgt, _ = student_targets(out, sid, s_table, t_table, vmap, fallback=projection, fill=False)
-            rows[k] = (tgt.ids.numpy(), tgt.logprobs.double().exp().numpy(), tgt.valid.numpy())
+            tgt = tgt.soften_support(soften.get(k, 1.0))
+            built[k] = (tgt.ids.numpy(), tgt.logprobs.double().exp().numpy(), tgt.valid.numpy())
         for r in range(len(sid) - 1):
             gold, nb = int(sid[r + 1]), len(s_table.token_bytes[int(sid[r + 1])])
-            if nb == 0 or not all(rows[k][2][r] for k in labels):
+            if nb == 0 or not all(built[k][2][r] for k in labels):
                 continue
-            q = {k: {int(i): float(p) for i, p in zip(rows[k][0][r], rows[k][1][r], strict=True) if p > 0}
-                 for k in labels}
-            n_rows, n_bytes = n_rows + 1, n_bytes + nb
-            for k in labels:
-                st, bits = row_stats(q[k], gold, len(s_table.token_bytes))
-                for name, v in st.items():
-                    sums[k][name] += v
-                sums[k]["bits"] += bits
-                for o in labels:
-                    if o != k:
-                        sums[k][f"TV to {o}"] += total_variation(q[k], q[o])
-    result = {k: {name: (v / n_bytes if name == "bits" else v / n_rows) for name, v in s.items()} for k, s in sums.items()}
+            rows.append((gold, nb, {k: {int(i): float(p) for i, p in zip(built[k][0][r], built[k][1][r], strict=True)
+                                        if p > 0} for k in labels}))
+    return rows, len(s_table.token_bytes)
+
+
+def summarise(rows: list[tuple[int, int, dict]], vocab_size: int) -> dict[str, dict]:
+    """``{label: {stat: mean, "bits/byte": …, "TV to L": …}, "_rows": {"rows": n, "bytes": b}}``."""
+    labels = list(rows[0][2]) if rows else []
+    sums = {k: dict.fromkeys((*STATS, "bits", *(f"TV to {o}" for o in labels if o != k)), 0.0) for k in labels}
+    n_bytes = 0
+    for gold, nb, q in rows:
+        n_bytes += nb
+        for k in labels:
+            st, bits = row_stats(q[k], gold, vocab_size)
+            for name, v in st.items():
+                sums[k][name] += v
+            sums[k]["bits"] += bits
+            for o in labels:
+                if o != k:
+                    sums[k][f"TV to {o}"] += total_variation(q[k], q[o])
+    n_rows = max(1, len(rows))
+    result = {k: {name: (v / max(1, n_bytes) if name == "bits" else v / n_rows) for name, v in s.items()}
+              for k, s in sums.items()}
     for r in result.values():
         r["bits/byte"] = r.pop("bits")
-    result["_rows"] = {"rows": n_rows, "bytes": n_bytes}
+    result["_rows"] = {"rows": len(rows), "bytes": n_bytes}
     return result
+
+
+def mean_entropy(rows: list[tuple[int, int, dict]], label: str, temperature: float = 1.0) -> float:
+    """Mean entropy (bits) of ``label``'s supports renormalised after p → p^(1/T)."""
+    import numpy as np
+
+    total = 0.0
+    for _, _, q in rows:
+        lp = np.log(np.fromiter(q[label].values(), float)) / temperature
+        p = np.exp(lp - lp.max())
+        p /= p.sum()
+        total -= float((p[p > 0] * np.log2(p[p > 0])).sum())
+    return total / max(1, len(rows))
+
+
+def match_entropy(rows: list[tuple[int, int, dict]], label: str, entropy: float, lo: float = 0.05,
+                  hi: float = 20.0, tol: float = 1e-4) -> float:
+    """The support temperature T at which ``label``'s mean entropy is ``entropy`` (bisection on log T)."""
+    if not mean_entropy(rows, label, lo) <= entropy <= mean_entropy(rows, label, hi):
+        raise ValueError(f"{label}: no support temperature in [{lo}, {hi}] gives a mean entropy of {entropy:.4f}")
+    a, b = math.log(lo), math.log(hi)
+    while b - a > tol:
+        m = (a + b) / 2
+        a, b = (m, b) if mean_entropy(rows, label, math.exp(m)) < entropy else (a, m)
+    return math.exp((a + b) / 2)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -114,31 +158,53 @@ def main(argv: list[str] | None = None) -> None:
                     help="a teacher's top-k cache over those blocks (repeat)")
     ap.add_argument("--projection", default="next_bytes", help="for a cache of another tokenizer")
     ap.add_argument("--student", default=SMOLLM2, help="the student's tokenizer (a model folder)")
+    ap.add_argument("--soften", action="append", default=[], metavar="LABEL=T",
+                    help="also LABEL's target with loss.support_temperature T (labelled LABEL@T; repeat)")
+    ap.add_argument("--match-entropy", metavar="LABEL", default=None,
+                    help="the support temperature giving every other target LABEL's mean entropy")
     ap.add_argument("--out", type=Path, default=Path("runs/target-shapes"))
     args = ap.parse_args(argv)
     from stillroom.errors import ConfigError
 
-    caches = {}
+    caches, soften = {}, {}
     for spec in args.target:
         label, sep, cache = spec.partition("=")
         if not sep or not (Path(cache) / "manifest.json").exists():
             raise ConfigError(f"--target {spec}: expected LABEL=CACHE, a finished top-k cache folder")
         caches[label] = Path(cache)
+    for spec in args.soften:
+        label, sep, t = spec.partition("=")
+        try:
+            temperature = float(t)
+        except ValueError:
+            temperature = 0.0
+        if not sep or label not in caches or not temperature > 0:
+            raise ConfigError(f"--soften {spec}: expected LABEL=T with LABEL one of --target's "
+                              f"({', '.join(caches)}) and T > 0")
+        caches[f"{label}@{t}"], soften[f"{label}@{t}"] = caches[label], temperature
+    if args.match_entropy is not None and args.match_entropy not in caches:
+        raise ConfigError(f"--match-entropy {args.match_entropy}: not a target label ({', '.join(caches)})")
     lines = (args.blocks_from / "train_blocks.jsonl").read_text().splitlines()[:args.blocks]
-    res = shapes([json.loads(x) for x in lines], caches, args.student, args.projection)
-    rows = res.pop("_rows")
+    rows, vocab_size = target_rows([json.loads(x) for x in lines], caches, args.student, args.projection, soften)
+    res = summarise(rows, vocab_size)
+    n = res.pop("_rows")
     cols = [*STATS, "bits/byte", *(f"TV to {o}" for o in caches)]
-    md = [f"# Target shapes\n\nmachine: {machine()}\n\n{len(lines)} blocks of {args.blocks_from}, {rows['rows']:,} "
-          f"student rows where every target is defined ({rows['bytes']:,} bytes); projection `{args.projection}`\n",
+    md = [f"# Target shapes\n\nmachine: {machine()}\n\n{len(lines)} blocks of {args.blocks_from}, {n['rows']:,} "
+          f"student rows where every target is defined ({n['bytes']:,} bytes); projection `{args.projection}`\n",
           "| target | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for k, r in res.items():
         md.append(f"| {k} | " + " | ".join(f"{r[c]:.4f}" if c in r else "—" for c in cols) + " |")
+    matched = {}
+    if args.match_entropy is not None:
+        goal = res[args.match_entropy]["entropy"]
+        matched = {k: match_entropy(rows, k, goal) for k in caches if k != args.match_entropy and k not in soften}
+        md += ["", f"support temperature giving {args.match_entropy}'s mean entropy ({goal:.4f} bits):", ""]
+        md += [f"- {k}: T = {t:.4f}" for k, t in matched.items()]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     console.print("\n".join(md))
-    summary("; ".join(f"{k}: entropy {r['entropy']:.3f} bits, q(gold) {r['q(gold)']:.3f}, {r['bits/byte']:.4f} "
-                      f"bits/byte" for k, r in res.items()))
-
+    summary("; ".join([f"{k}: entropy {r['entropy']:.3f} bits, q(gold) {r['q(gold)']:.3f}, {r['bits/byte']:.4f} "
+                       f"bits/byte" for k, r in res.items()] + [f"{k} T = {t:.4f}" for k, t in matched.items()]))
 
 if __name__ == "__main__":
     main()

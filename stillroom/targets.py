@@ -72,6 +72,26 @@ class SparseTarget:
         tail[fill] = 0.0
         return SparseTarget(ids, lp, tail, self.valid | fill)
 
+    def soften_support(self, temperature: float) -> SparseTarget:
+        """The target with its spread inside each row's support set by ``temperature``, its support mass and tail kept:
+
+            p'_j = m · p_j^{1/T} / Σ_{i ∈ S} p_i^{1/T},   m = Σ_{i ∈ S} p_i,   tail' = tail
+
+        over the row's live entries S (finite log-prob). T > 1 softens, T < 1 sharpens, T = 1 is the target itself.
+        Unlike KD's temperature (both sides softened, ``loss.temperature``), this changes the teacher's target only,
+        and where the target is a top-k of a large vocabulary it does not move the support's mass into the tail.
+        """
+        if temperature <= 0:
+            raise ValueError(f"support temperature must be > 0, got {temperature}")
+        if temperature == 1.0:
+            return self
+        live = torch.isfinite(self.logprobs)
+        mass = torch.logsumexp(self.logprobs, -1, keepdim=True)  # log m (−inf for a row without entries)
+        scaled = self.logprobs / temperature
+        lp = scaled - torch.logsumexp(scaled, -1, keepdim=True) + mass
+        lp = torch.where(live, lp, torch.full_like(lp, float("-inf")))
+        return SparseTarget(self.ids, lp, self.tail, self.valid)
+
 
 def stack_rows(rows: list[SparseTarget], ces: list[torch.Tensor], seq_len: int
                ) -> tuple[SparseTarget, torch.Tensor]:

@@ -168,6 +168,31 @@ def test_temperature_reaches_the_loss_and_keeps_caches_apart(tmp_path):
         check_scale(_args(temperature=2.0), tmp_path / "run")
 
 
+def test_support_temperature_reaches_the_loss_and_shares_the_caches(tmp_path):
+    """--support-temperature T is the recipe's loss.support_temperature; the caches of another OUT are read whatever
+    its T (the teacher's top-k is the same), and a run recorded before the option read as T = 1."""
+    import json
+
+    from bench.real_fusion import SCALE, arms, cache_source, check_scale, recipe
+    from stillroom.errors import ConfigError
+
+    args = _args(projection="next_bytes", layers=[0, 1], temperature=1.0, support_temperature=1.5)
+    r = recipe(args, {"train": "/d/train", "validation": "/d/val"}, "x", tmp_path / "o", 0,
+               **arms(args, CACHES)["kd-gemma3"])
+    assert r["loss"]["support_temperature"] == 1.5 and r["loss"]["temperature"] == 1.0
+    src = tmp_path / "src"
+    for name in ("smollm2", "gemma3"):
+        _manifest(src / "cache" / name, [(1, 1)])
+    old = {k: v for k, v in vars(_args(temperature=1.0)).items() if k in SCALE and k != "support_temperature"}
+    (src / "options.json").write_text(json.dumps(old))
+    assert cache_source(_args(cache_from=src, temperature=1.0, support_temperature=1.5), tmp_path / "mine") == src
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "options.json").write_text(json.dumps(old))
+    check_scale(_args(temperature=1.0, support_temperature=1.0), tmp_path / "run")  # the recorded run: T = 1
+    with pytest.raises(ConfigError, match=r"'support_temperature': \(1.0, 1.5\)"):
+        check_scale(_args(temperature=1.0, support_temperature=1.5), tmp_path / "run")
+
+
 def _manifest(folder, shards):
     import json
 

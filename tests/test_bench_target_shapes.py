@@ -22,6 +22,16 @@ def test_row_statistics_by_hand():
     assert ts.total_variation({1: 0.5, 2: 0.5}, {2: 0.25, 3: 0.75}) == pytest.approx(0.5 * (0.5 + 0.25 + 0.75))
 
 
+def test_match_entropy_by_hand():
+    """{0.8, 0.2} tempered to {0.6, 0.4}: 4^(1/T) = 1.5, so T = ln 4 / ln 1.5."""
+    rows = [(0, 1, {"a": {0: 0.8, 1: 0.2}})]
+    goal = -(0.6 * math.log2(0.6) + 0.4 * math.log2(0.4))
+    assert ts.mean_entropy(rows, "a") == pytest.approx(-(0.8 * math.log2(0.8) + 0.2 * math.log2(0.2)))
+    assert ts.match_entropy(rows, "a", goal) == pytest.approx(math.log(4) / math.log(1.5), rel=1e-3)
+    with pytest.raises(ValueError, match="no support temperature"):
+        ts.match_entropy(rows, "a", 1.5)  # above the uniform's 1 bit
+
+
 def test_means_over_a_cache_are_the_teachers_own_top_k(tiny_models, shared, tmp_path):
     import torch
 
@@ -39,7 +49,7 @@ def test_means_over_a_cache_are_the_teachers_own_top_k(tiny_models, shared, tmp_
     write_cache(OnlineTeacher(str(folder), top_k=4), run / "train_blocks.jsonl", run / "cache" / "t")
     out = tmp_path / "out"
     ts.main(["--blocks-from", str(run), "--blocks", "3", "--target", f"t={run / 'cache' / 't'}",
-             "--student", str(folder), "--out", str(out)])
+             "--student", str(folder), "--soften", "t=2", "--match-entropy", "t@2", "--out", str(out)])
     model, tok = load_model(str(folder))
     mass = qg = n = 0.0
     for t in texts:  # the model's own softmax, its top-4, on every row that predicts a token with bytes
@@ -58,7 +68,16 @@ def test_means_over_a_cache_are_the_teachers_own_top_k(tiny_models, shared, tmp_
     cells = [float(c) for c in row.strip("|").split("|")[1:] if c.strip() != "—"]
     assert cells[0] == pytest.approx(mass / n, abs=2e-3)  # the cache stores log-probs in 1/16-nat steps
     assert cells[3] == pytest.approx(qg / n, abs=2e-3)
+    report = (out / "report.md").read_text()
+    soft = next(line for line in report.splitlines() if line.startswith("| t@2 |"))
+    soft_cells = [float(c) for c in soft.strip("|").split("|")[1:] if c.strip() != "—"]
+    assert soft_cells[0] == pytest.approx(cells[0], abs=1e-6)  # the support keeps its mass
+    assert soft_cells[4] > cells[4]  # and is softer
+    matched = float(report.split("- t: T = ")[1].split()[0])
+    assert matched == pytest.approx(2.0, rel=1e-3)  # the softened copy's entropy is reached at T = 2
     from stillroom.errors import ConfigError
 
     with pytest.raises(ConfigError, match="LABEL=CACHE"):
         ts.main(["--blocks-from", str(run), "--target", "nocache", "--out", str(out)])
+    with pytest.raises(ConfigError, match="--soften u=2"):
+        ts.main(["--blocks-from", str(run), "--target", f"t={run / 'cache' / 't'}", "--soften", "u=2", "--out", str(out)])

@@ -547,3 +547,24 @@ def test_two_process_ddp_streaming_equals_one_process(tiny_models, nodrop_studen
     single = _params(train(load_recipe(raw, ["train.batch_size=4", *common])).model)
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-4)
+
+
+def test_support_temperature_reshapes_the_target_inside_its_support_only(tiny_models, data_dir, tmp_path):
+    """``loss.support_temperature: 2``: every valid row of the trainer's target is the T = 1 row with its entries
+    raised to 1/2 and renormalised to the same support mass (written out here with numpy); ids, tail and valid
+    rows are unchanged."""
+    import numpy as np
+
+    plain, _ = _trainer(tiny_models, data_dir, tmp_path / "a", overrides=["fusion.top_k=5"])
+    soft, _ = _trainer(tiny_models, data_dir, tmp_path / "b", overrides=["fusion.top_k=5", "loss.support_temperature=2"])
+    batch = plain.data_collator([plain.train_dataset[i] for i in range(2)])
+    a, b = plain.fused_target(batch), soft.fused_target(batch)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.valid, b.valid) and torch.equal(a.tail, b.tail)
+    pa, pb = a.logprobs.double().exp().numpy(), b.logprobs.double().exp().numpy()
+    checked = 0
+    for r, t in zip(*np.nonzero(a.valid.numpy()), strict=True):
+        p = pa[r, t]
+        w = np.sqrt(p)
+        np.testing.assert_allclose(pb[r, t], p.sum() * w / w.sum(), rtol=1e-5, atol=1e-7)
+        checked += 1
+    assert checked > 50 and not np.allclose(pa[a.valid.numpy()], pb[a.valid.numpy()])

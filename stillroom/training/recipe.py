@@ -116,6 +116,8 @@ class LossSpec(_Strict):
     kind: str = Field("forward_kl", description="a divergence of stillroom.losses (KINDS) or 'emo'")
     ce_weight: float = Field(0.9, ge=0.0, le=1.0, description="λ in λ·CE + (1−λ)·D")
     temperature: float = Field(1.0, gt=0.0)
+    support_temperature: float = Field(1.0, gt=0.0, description="the kd target's spread within its top-k: "
+                                       "p^(1/T) renormalised to the support's mass, the tail kept (>1 softer)")
     beta: float = Field(0.5, ge=0.0, le=1.0)
     alpha: float = Field(0.1, ge=0.0, le=1.0)
     chunk_size: int | None = Field(None, ge=1, description="rows per loss chunk (default: automatic)")

@@ -137,7 +137,8 @@ class DistillTrainer(Trainer):
     def fused_target(self, inputs: dict[str, Any]) -> SparseTarget:
         """Every teacher's target over the student's positions, fused (``stillroom.teachers.fusion.fuse``); rows no
         teacher reached get the one-hot gold next token (FuseLLM's fallback), except on the student's own
-        samples (``sampled`` batches, :mod:`stillroom.training.onpolicy`), where they stay invalid (no divergence)."""
+        samples (``sampled`` batches, :mod:`stillroom.training.onpolicy`), where they stay invalid (no divergence).
+        ``loss.support_temperature`` sets the fused target's spread within its support (``SparseTarget.soften_support``)."""
         targets, ces = [], []
         for t in self.teachers:
             tgt, ce = t.targets(inputs)
@@ -150,6 +151,7 @@ class DistillTrainer(Trainer):
             share = w.flatten(1).sum(1).cpu()
             self._fusion_share = share if self._fusion_share is None else self._fusion_share + share
         fused = fuse(targets, ces, f.method, f.level, weight_temperature=f.weight_temperature, top_k=f.fused_top_k)
+        fused = fused.soften_support(self.loss_cfg.support_temperature)
         if inputs.get("sampled") or not f.fill_uncovered:  # a sample's gold is the student's own token
             return fused
         return fused.fill_onehot(next_labels(inputs["labels"]))
