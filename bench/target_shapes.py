@@ -41,13 +41,22 @@ from bench.common import console, machine, summary  # noqa: E402
 STATS = ("mass", "top-1", "top-1 = gold", "q(gold)", "entropy")
 
 
+def support_entropy(probs, temperature: float = 1.0) -> float:
+    """Entropy (bits) of a support renormalised after p → p^(1/T) (T = 1: the support as it is)."""
+    lp = [math.log(p) / temperature for p in probs if p > 0]
+    top = max(lp)
+    w = [math.exp(x - top) for x in lp]
+    z = sum(w)
+    return -sum(x / z * math.log2(x / z) for x in w if x > 0)
+
+
 def row_stats(q: dict[int, float], gold: int, vocab_size: int) -> tuple[dict[str, float], float]:
     """One row's statistics (:data:`STATS`) and its −log₂ q(gold) (a gold outside the support gets the tail mass
     spread over the ``vocab_size − len(q)`` other ids)."""
     z = sum(q.values())
     top = max(q, key=q.get)
     stats = {"mass": z, "top-1": q[top], "top-1 = gold": float(top == gold), "q(gold)": q.get(gold, 0.0),
-             "entropy": -sum(p / z * math.log2(p / z) for p in q.values() if p > 0)}
+             "entropy": support_entropy(q.values())}
     p_gold = q[gold] if gold in q else max(1.0 - z, 1e-12) / (vocab_size - len(q))
     return stats, -math.log2(p_gold)
 
@@ -125,15 +134,7 @@ def summarise(rows: list[tuple[int, int, dict]], vocab_size: int) -> dict[str, d
 
 def mean_entropy(rows: list[tuple[int, int, dict]], label: str, temperature: float = 1.0) -> float:
     """Mean entropy (bits) of ``label``'s supports renormalised after p → p^(1/T)."""
-    import numpy as np
-
-    total = 0.0
-    for _, _, q in rows:
-        lp = np.log(np.fromiter(q[label].values(), float)) / temperature
-        p = np.exp(lp - lp.max())
-        p /= p.sum()
-        total -= float((p[p > 0] * np.log2(p[p > 0])).sum())
-    return total / max(1, len(rows))
+    return sum(support_entropy(q[label].values(), temperature) for _, _, q in rows) / max(1, len(rows))
 
 
 def match_entropy(rows: list[tuple[int, int, dict]], label: str, entropy: float, lo: float = 0.05,
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     console.print("\n".join(md))
     summary("; ".join([f"{k}: entropy {r['entropy']:.3f} bits, q(gold) {r['q(gold)']:.3f}, {r['bits/byte']:.4f} "
                        f"bits/byte" for k, r in res.items()] + [f"{k} T = {t:.4f}" for k, t in matched.items()]))
+
 
 if __name__ == "__main__":
     main()

@@ -30,3 +30,16 @@ def test_a_loaded_recipe_with_teachers_keeps_them():
     assert [t.name for t in again.teachers] == [t.name for t in loaded.teachers]
     assert [t.path for t in again.teachers] == [t.path for t in loaded.teachers]
     assert again.fusion.method == "avg_ce"
+
+
+@pytest.mark.parametrize("override", ["fusion.top_k=null", "teachers.0.objective=alm"])
+def test_a_support_temperature_without_a_kd_top_k_target_is_refused(override):
+    """loss.support_temperature reshapes a kd teacher's top-k target: with the dense teacher (top_k null) or no kd
+    teacher it would be ignored silently, so the recipe is refused naming the field and the fix."""
+    from stillroom.errors import ConfigError
+
+    path = Path(__file__).resolve().parent.parent / "recipes" / "fusellm-two-teachers.yaml"
+    overrides = ["teachers=[{name: a, path: " + str(load_recipe(path).teachers[0].path) + "}]"]
+    assert load_recipe(path, [*overrides, "loss.support_temperature=1.2"]).loss.support_temperature == 1.2
+    with pytest.raises(ConfigError, match="loss.support_temperature: .*set fusion.top_k"):
+        load_recipe(path, [*overrides, "loss.support_temperature=1.2", override])

@@ -313,6 +313,11 @@ class Recipe(_Strict):
                 raise ValueError(f"teachers.{i}: ALM teachers are fused into one term and share weight, alm_temperature, "
                                  f"alm_divergence, alm_chunks and alm_bias_threshold; teachers.{alm[0][0]} has {alm[0][1]}, this one "
                                  f"{opts}: set the same values")
+        if self.loss.support_temperature != 1.0 and (self.fusion.top_k is None or
+                                                     not any(t.objective == "kd" for t in self.teachers)):
+            raise ValueError("loss.support_temperature: it reshapes a kd teacher's top-k target, and this recipe has "
+                             "none (fusion.top_k null or no objective: kd teacher); set fusion.top_k (e.g. 10) or "
+                             "leave loss.support_temperature at 1")
         if not Path(self.data.train).exists():
             raise ValueError(f"data.train: {self.data.train} does not exist")
         if self.data.eval is not None and not Path(self.data.eval).exists():
