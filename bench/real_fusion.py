@@ -87,11 +87,11 @@ def split_works(names: list[str], test: list[str] = TEST_WORKS, validation: list
 
 
 SCALE = ("steps", "batch_size", "seq_len", "lr", "ce_weight", "projection", "top_k", "eval_chars", "student_from",
-         "layers", "smollm2", "gemma3", "scratch", "temperature", "support_temperature")
+         "layers", "smollm2", "gemma3", "scratch", "temperature", "support_temperature", "kd_rows")
 CACHE_KEYS = ("seq_len", "top_k", "student_from", "smollm2", "gemma3", "temperature")  # blocks' shape, k, models, τ
 REFERENCE_KEYS = ("eval_chars", "student_from", "layers", "smollm2", "gemma3", "scratch")  # the test text, the models
 #: options added after runs were recorded: a recorded run without one had its default
-LATER = {"scratch": False, "temperature": 1.0, "support_temperature": 1.0}
+LATER = {"scratch": False, "temperature": 1.0, "support_temperature": 1.0, "kd_rows": "all"}
 
 
 def _differ(have: dict, args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
@@ -342,7 +342,7 @@ def arms(args, caches: dict[str, str]) -> dict[str, dict]:
              # the two teachers fused with Gemma projected by FuseLLM's MinED map (the best single-teacher objective)
              "fused-min_ce-mined": arm([sm, gm], projection="onehot")}
     names = args.arms or list(FUSION_ARMS) + (list(TOKEN_ARMS) if args.token_level else [])
-    return {a: table[a] for a in names}
+    return {a: {**table[a], "rows_from": caches["gemma3"]} for a in names}  # --kd-rows: Gemma-3's cuts
 
 
 def arm_cache_bytes(spec: dict) -> float:
@@ -352,6 +352,7 @@ def arm_cache_bytes(spec: dict) -> float:
 
 def run_arm(args, data, out: Path, seed: int, arm: str, spec, texts: list[str]) -> dict:
     """Train one arm, evaluate it on the test works, write ``result.json``; reuse it when it exists."""
+    from bench.kd_rows import kd_rows
     from stillroom.evaluation import load_model
     from stillroom.training.run import train
 
@@ -361,8 +362,9 @@ def run_arm(args, data, out: Path, seed: int, arm: str, spec, texts: list[str]) 
         return json.loads(done.read_text())
     console.rule(f"seed {seed}: {arm}")
     t = time.perf_counter()
-    res = train(recipe(args, data, f"real-fusion-{arm}", folder / "model", seed, spec["teachers"], spec["method"],
-                       spec["level"], spec["projection"], spec.get("fill", True)))
+    with kd_rows(args.kd_rows, spec["rows_from"], args.gemma3, args.student_from):
+        res = train(recipe(args, data, f"real-fusion-{arm}", folder / "model", seed, spec["teachers"],
+                           spec["method"], spec["level"], spec["projection"], spec.get("fill", True)))
     train_s = time.perf_counter() - t
     model, tok = load_model(res.output_dir)
     t = time.perf_counter()
@@ -393,6 +395,9 @@ def main() -> None:
                     help="KD temperature τ: the caches' and loss.temperature (both sides softened, the term × τ²)")
     ap.add_argument("--support-temperature", type=float, default=1.0,
                     help="loss.support_temperature: the teacher target's spread within its top-k (>1 softer)")
+    ap.add_argument("--kd-rows", choices=("all", "starts", "inside"), default="all",
+                    help="KD only on the rows whose next token starts where a Gemma-3 token starts / inside one "
+                    "(bench.kd_rows; CE alone on the others)")
     ap.add_argument("--token-level", action="store_true", help="also fused arms at token level")
     ap.add_argument("--arms", nargs="+", choices=ALL_ARMS, default=None,
                     help="arms to run (default: the fusion arms; the objective arms run only when named)")

@@ -17,7 +17,10 @@ per target (means over rows):
 ``--soften LABEL=T`` reshapes a target within its support as ``loss.support_temperature: T`` does in training
 (``SparseTarget.soften_support``; the row becomes another target, labelled ``LABEL@T``); ``--match-entropy LABEL``
 finds, for every other target, the support temperature that gives it ``LABEL``'s mean entropy (bisection; the entropy
-of p^(1/T) renormalised rises with T).
+of p^(1/T) renormalised rises with T). ``--split-by LABEL`` also reports the rows in two classes by ``LABEL``'s own
+tokenization of the block: the student's next token starts where one of ``LABEL``'s tokens starts (both tokenizers cut
+there: a cross-tokenizer target gets the teacher's whole top-k), or inside one of ``LABEL``'s tokens (the target is the
+teacher's belief conditioned on the bytes of its token the student has already seen, from the same thin top-k).
 
 Trains nothing; minutes on two cores. Writes ``OUT/report.md``, ends with a ``SUMMARY:`` line.
 
@@ -36,7 +39,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
+
 from bench.common import console, machine, summary  # noqa: E402
+from bench.kd_rows import inside_rows  # noqa: E402
 
 STATS = ("mass", "top-1", "top-1 = gold", "q(gold)", "entropy")
 
@@ -67,12 +73,12 @@ def total_variation(a: dict[int, float], b: dict[int, float]) -> float:
 
 
 def target_rows(blocks: list[dict], caches: dict[str, Path], student: str, projection: str,
-                soften: dict[str, float] | None = None) -> tuple[list[tuple[int, int, dict]], int]:
+                soften: dict[str, float] | None = None, split_by: str | None = None
+                ) -> tuple[list[tuple[int, int, dict]], int, list[bool]]:
     """The rows where every target is defined and the next token has bytes: ``(gold, bytes, {label: {id: p}})``,
     each target built as training builds it (then ``soften[label]`` applied, as ``loss.support_temperature``);
-    and the student's vocabulary size."""
-    import numpy as np
-
+    the student's vocabulary size; and per row whether its next token starts inside one of ``split_by``'s
+    tokens (:func:`inside_rows`; all ``False`` without ``split_by``)."""
     from stillroom.models.loading import load_tokenizer
     from stillroom.teachers.cache import CachedTeacher
     from stillroom.tokenization.project import student_targets
@@ -91,8 +97,10 @@ def target_rows(blocks: list[dict], caches: dict[str, Path], student: str, proje
         sources[label] = CachedTeacher(cache).signal(texts, ids)
     # the block's text as a same-tokenizer teacher's cache has it
     student_ids = [np.asarray(ids) for ids in s_tok(texts, add_special_tokens=True)["input_ids"]]
-    labels, rows = list(caches), []
+    labels, rows, inside = list(caches), [], []
     for sid, outs in zip(student_ids, zip(*(sources[k] for k in labels), strict=True), strict=True):
+        split = (inside_rows(maps[split_by][0], outs[labels.index(split_by)].input_ids.numpy(), s_table, sid)
+                 if split_by is not None else np.zeros(len(sid), dtype=bool))
         built = {}
         for k, out in zip(labels, outs, strict=True):
             t_table, vmap = maps[k]
@@ -105,7 +113,8 @@ def target_rows(blocks: list[dict], caches: dict[str, Path], student: str, proje
                 continue
             rows.append((gold, nb, {k: {int(i): float(p) for i, p in zip(built[k][0][r], built[k][1][r], strict=True)
                                         if p > 0} for k in labels}))
-    return rows, len(s_table.token_bytes)
+            inside.append(bool(split[r]))
+    return rows, len(s_table.token_bytes), inside
 
 
 def summarise(rows: list[tuple[int, int, dict]], vocab_size: int) -> dict[str, dict]:
@@ -149,6 +158,13 @@ def match_entropy(rows: list[tuple[int, int, dict]], label: str, entropy: float,
     return math.exp((a + b) / 2)
 
 
+def table(res: dict[str, dict], cols: list[str]) -> list[str]:
+    """A markdown table: one row per target, one column per statistic."""
+    md = ["| target | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    return md + [f"| {k} | " + " | ".join(f"{r[c]:.4f}" if c in r else "—" for c in cols) + " |"
+                 for k, r in res.items() if not k.startswith("_")]
+
+
 def main(argv: list[str] | None = None) -> None:
     from bench.real_fusion import SMOLLM2
 
@@ -163,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="also LABEL's target with loss.support_temperature T (labelled LABEL@T; repeat)")
     ap.add_argument("--match-entropy", metavar="LABEL", default=None,
                     help="the support temperature giving every other target LABEL's mean entropy")
+    ap.add_argument("--split-by", metavar="LABEL", default=None,
+                    help="also per class of rows: next token starting at / inside one of LABEL's tokens")
     ap.add_argument("--out", type=Path, default=Path("runs/target-shapes"))
     args = ap.parse_args(argv)
     from stillroom.errors import ConfigError
@@ -183,18 +201,26 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--soften {spec}: expected LABEL=T with LABEL one of --target's "
                               f"({', '.join(caches)}) and T > 0")
         caches[f"{label}@{t}"], soften[f"{label}@{t}"] = caches[label], temperature
-    if args.match_entropy is not None and args.match_entropy not in caches:
-        raise ConfigError(f"--match-entropy {args.match_entropy}: not a target label ({', '.join(caches)})")
+    for flag, label in (("--match-entropy", args.match_entropy), ("--split-by", args.split_by)):
+        if label is not None and label not in caches:
+            raise ConfigError(f"{flag} {label}: not a target label ({', '.join(caches)})")
     lines = (args.blocks_from / "train_blocks.jsonl").read_text().splitlines()[:args.blocks]
-    rows, vocab_size = target_rows([json.loads(x) for x in lines], caches, args.student, args.projection, soften)
+    rows, vocab_size, inside = target_rows([json.loads(x) for x in lines], caches, args.student, args.projection,
+                                           soften, args.split_by)
     res = summarise(rows, vocab_size)
     n = res.pop("_rows")
     cols = [*STATS, "bits/byte", *(f"TV to {o}" for o in caches)]
     md = [f"# Target shapes\n\nmachine: {machine()}\n\n{len(lines)} blocks of {args.blocks_from}, {n['rows']:,} "
-          f"student rows where every target is defined ({n['bytes']:,} bytes); projection `{args.projection}`\n",
-          "| target | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for k, r in res.items():
-        md.append(f"| {k} | " + " | ".join(f"{r[c]:.4f}" if c in r else "—" for c in cols) + " |")
+          f"student rows where every target is defined ({n['bytes']:,} bytes); projection `{args.projection}`\n"]
+    md += table(res, cols)
+    if args.split_by is not None:
+        for name, want in (("starting where one of its tokens starts", False), ("starting inside one of its tokens", True)):
+            part = [row for row, f in zip(rows, inside, strict=True) if f == want]
+            sub = summarise(part, vocab_size)
+            m = sub.pop("_rows")
+            md += ["", f"rows whose next token is {name} ({args.split_by}): {m['rows']:,} rows "
+                       f"({m['rows'] / max(1, n['rows']):.1%}), {m['bytes']:,} bytes", ""]
+            md += table(sub, cols)
     matched = {}
     if args.match_entropy is not None:
         goal = res[args.match_entropy]["entropy"]
