@@ -28,7 +28,9 @@ log-prob of its own tokens, from a top-1 cache
 another OUT built over the same blocks with the same teachers, k and ``--temperature`` (λ, lr, projection may
 differ; read only: nothing is written there). ``--temperature τ``: KD at τ (Hinton: the caches are written at τ,
 the student is softened alike and the term scaled by τ²); ``--support-temperature T``: the teacher's target alone
-softened within its top-k (``loss.support_temperature``; the caches are those of τ).
+softened within its top-k (``loss.support_temperature``; the caches are those of τ). ``--kd-rows starts|inside``:
+the KD term only on the rows whose next token starts where one of Gemma-3's tokens starts / inside one
+(:mod:`bench.kd_rows`; λ·CE alone on the others), for any arm: where a teacher's signal reaches the student.
 
 λ = ``loss.ce_weight`` = 0.9 (FuseLLM's continual-training value and the project default). Data: the shared
 Shakespeare corpus split by whole works (fixed lists below; the test works are never trained on and never used
