@@ -344,7 +344,7 @@ def arms(args, caches: dict[str, str]) -> dict[str, dict]:
              # the two teachers fused with Gemma projected by FuseLLM's MinED map (the best single-teacher objective)
              "fused-min_ce-mined": arm([sm, gm], projection="onehot")}
     names = args.arms or list(FUSION_ARMS) + (list(TOKEN_ARMS) if args.token_level else [])
-    return {a: {**table[a], "rows_from": caches["gemma3"]} for a in names}  # --kd-rows: Gemma-3's cuts
+    return {a: table[a] for a in names}
 
 
 def arm_cache_bytes(spec: dict) -> float:
@@ -352,8 +352,9 @@ def arm_cache_bytes(spec: dict) -> float:
     return sum(cache_bytes_per_token(t["cache"]) for t in spec["teachers"])
 
 
-def run_arm(args, data, out: Path, seed: int, arm: str, spec, texts: list[str]) -> dict:
-    """Train one arm, evaluate it on the test works, write ``result.json``; reuse it when it exists."""
+def run_arm(args, data, out: Path, seed: int, arm: str, spec, texts: list[str], rows_from: str | None = None) -> dict:
+    """Train one arm, evaluate it on the test works, write ``result.json``; reuse it when it exists.
+    ``rows_from``: Gemma-3's top-k cache, whose tokenization sets the rows ``--kd-rows`` keeps."""
     from bench.kd_rows import kd_rows
     from stillroom.evaluation import load_model
     from stillroom.training.run import train
@@ -364,7 +365,7 @@ def run_arm(args, data, out: Path, seed: int, arm: str, spec, texts: list[str]) 
         return json.loads(done.read_text())
     console.rule(f"seed {seed}: {arm}")
     t = time.perf_counter()
-    with kd_rows(args.kd_rows, spec["rows_from"], args.gemma3, args.student_from):
+    with kd_rows(args.kd_rows, rows_from, args.gemma3, args.student_from):
         res = train(recipe(args, data, f"real-fusion-{arm}", folder / "model", seed, spec["teachers"],
                            spec["method"], spec["level"], spec["projection"], spec.get("fill", True)))
     train_s = time.perf_counter() - t
@@ -442,7 +443,7 @@ def main() -> None:
     table = arms(args, caches)
     for seed in args.seeds:
         for arm, spec in table.items():
-            run_arm(args, data, args.out, seed, arm, spec, texts)
+            run_arm(args, data, args.out, seed, arm, spec, texts, caches["gemma3"])
             results, secs, sizes = collect(args.out)  # report after every arm: a killed run keeps what it finished
             lines = verdicts(results)
             (args.out / "report.md").write_text(report_md(args, results, secs, refs, lines, sizes, TEST_WORKS),
