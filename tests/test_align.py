@@ -498,6 +498,34 @@ def test_projection_next_bytes_hand_checked(shared_tokenizer):
     assert none.valid.tolist() == [True, True, False, False, True, True, False]
 
 
+def test_projection_next_bytes_pruned_hand_checked(shared_tokenizer):
+    """``next_bytes_pruned`` on the example above: inside the group, the tail counts in Z only at the share of the
+    top-k that agrees with the bytes already spelled ("b" 0.5 disagrees with "1" and "18"; "185", "18" agree: 4/9).
+
+    row 2 (pre "1"): Z = 0.4 + 0.1 · 4/9 → "8" 0.9, tail 0.1;
+    row 3 (pre "18"): "18" ends at the seen bytes (0.1, unknown), the tail 0.1 · 4/9; Z = 0.3 + 0.1 + 0.4/9 →
+    "5" 0.675, tail 0.325. The rows at a shared cut are ``next_bytes``'s.
+    """
+    (tl, L), (tq, Q) = tok_and_table(shared_tokenizer, "llama3"), tok_and_table(shared_tokenizer, "qwen2.5")
+    a, b = tl("year 1850.").input_ids, tq("year 1850.").input_ids
+    al = align(a, b, L, Q)
+    t, q = tl.convert_tokens_to_ids, tq.convert_tokens_to_ids
+    rows = [("a", "Ġ", "c"), ("b", "185", "18"), ("c", "0", "d"), ("d", ".", "e"), ("e", "year", "f")]
+    t_ids = torch.tensor([[t(x) for x in r] for r in rows])
+    t_lp = torch.log(torch.tensor([[0.5, 0.3, 0.1]] * 5))
+    tail = torch.full((5,), 0.1)
+    args = (t_ids, t_lp, al, np.zeros(L.vocab_size, np.int64), b)
+    out = project(*args, fallback="next_bytes_pruned", teacher_tail=tail)
+    plain = project(*args, fallback="next_bytes", teacher_tail=tail)
+    p = out.logprobs.exp()
+    assert out.ids[2, 0] == q("8") and abs(float(p[2, 0]) - 0.9) < 1e-6 and abs(float(out.tail[2]) - 0.1) < 1e-6
+    assert out.ids[3, 0] == q("5") and abs(float(p[3, 0]) - 0.675) < 1e-6 and abs(float(out.tail[3]) - 0.325) < 1e-6
+    for j in (0, 1, 4, 5):
+        assert torch.equal(out.ids[j], plain.ids[j]) and torch.equal(out.logprobs[j], plain.logprobs[j])
+        assert torch.equal(out.tail[j], plain.tail[j])
+    assert torch.equal(out.valid, plain.valid)
+
+
 def test_projection_next_bytes_keeps_every_row_a_distribution(shared_tokenizer):
     """On real text across tokenizer families, every valid row's kept mass plus tail is 1."""
     text = "Tokyo 東京, naïve café 1850! The quick brown fox — jumped over 12,345 lazy dogs.\n\tdone"

@@ -17,7 +17,8 @@ from stillroom.targets import SparseTarget, TeacherOutput
 from stillroom.tokenization.align import Alignment, align
 from stillroom.tokenization.vocab import first_token, prefix_map
 
-FALLBACKS = ("onehot", "bytes", "none", "prefix", "next_bytes")
+FALLBACKS = ("onehot", "bytes", "none", "prefix", "next_bytes", "next_bytes_pruned")
+NEXT_BYTES = ("next_bytes", "next_bytes_pruned")
 
 
 def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab_map, student_ids, *,
@@ -58,6 +59,10 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
       multi-token group the row is the teacher's conditional given the bytes the student has seen. Rows it
       cannot fill (inexact groups, no consistent candidate) keep ``prefix``'s target at a group start and fall
       back to one-hot inside a group.
+      ``"next_bytes_pruned"`` — ``next_bytes`` with the tail counted in ``Z`` only for the share of it that could
+      agree with ``pre``, estimated as the share of the top-k's mass that does: ``Z = kept + unknown_k +
+      tail · Σ_{c agrees with pre} p_t(c) / Σ_c p_t(c)`` (``next_bytes`` counts the whole tail, which inside a
+      teacher token leaves about half of the row in the tail). Rows at a shared cut (``pre`` empty) are unchanged.
 
     ``fill=False`` marks the rows that would get the one-hot gold ``valid=False`` instead: they carry no teacher
     knowledge, so a fusion of several teachers should take them from a teacher that has a distribution there
@@ -88,7 +93,7 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
         if h is not None and h != table.hash:
             raise ValueError(f"project: vocab_map was built for other tokenizers ({side} {h} != {table.hash}); "
                              "build it with VocabMap.build(teacher_table, student_table)")
-    if fallback in ("prefix", "next_bytes"):
+    if fallback in ("prefix", *NEXT_BYTES):
         mapping = prefix_map(alignment.src_table, alignment.tgt_table)
         if hasattr(vocab_map, "masked_mapping"):  # special tokens: as the vocabulary map says
             special = np.asarray(alignment.src_table.is_special, bool)
@@ -117,7 +122,7 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
     starts = g[(g[:, 3] > g[:, 2]) & (g[:, 2] >= 1)]  # groups with student tokens, not at position 0
     one = ((starts[:, 1] - starts[:, 0]) == 1) & ((starts[:, 3] - starts[:, 2]) == 1) & (starts[:, 0] >= 1)
     src_row[starts[one, 2] - 1] = starts[one, 0] - 1
-    if fallback in ("bytes", "prefix", "next_bytes"):
+    if fallback in ("bytes", "prefix", *NEXT_BYTES):
         multi = ~one & (starts[:, 1] > starts[:, 0]) & (starts[:, 0] >= 1)
         src_row[starts[multi, 2] - 1] = starts[multi, 0] - 1
         use_bytes[starts[multi, 2] - 1] = fallback == "bytes"
@@ -161,7 +166,7 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
         out_ids[rows[u_row], slot] = uniq % V_s
         out_p[rows[u_row], slot] = mass
         out_tail[rows] = tail_t[src_row[rows]] + lost
-    if fallback == "next_bytes":
+    if fallback in NEXT_BYTES:
         if teacher_gold_logprobs is None:  # the teacher's own next token, where its top-k holds it
             gold_p = np.zeros(T_t)
             nxt = np.append(np.asarray(alignment.src_ids, np.int64)[1:], -1)
@@ -169,7 +174,8 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
             gold_p[hit.any(1)] = probs_t[hit].astype(np.float64)
         else:
             gold_p = np.nan_to_num(np.exp(_numpy(teacher_gold_logprobs, np.float64).reshape(T_t)), nan=0.0)
-        _next_bytes(out_ids, out_p, out_tail, transfer, alignment, t_ids, probs_t, tail_t, gold_p, s_ids)
+        _next_bytes(out_ids, out_p, out_tail, transfer, alignment, t_ids, probs_t, tail_t, gold_p, s_ids,
+                    prune_tail=fallback == "next_bytes_pruned")
     onehot = valid & ~transfer
     if fallback == "none" or not fill:
         valid &= ~onehot
@@ -186,8 +192,10 @@ def project(teacher_topk_ids, teacher_topk_logprobs, alignment: Alignment, vocab
                         tail=torch.from_numpy(out_tail.astype(np.float32)), valid=torch.from_numpy(valid))
 
 
-def _next_bytes(out_ids, out_p, out_tail, transfer, alignment, t_ids, probs_t, tail_t, gold_p, s_ids) -> None:
-    """The ``next_bytes`` projection on every student row it can fill (see :func:`project`), in place."""
+def _next_bytes(out_ids, out_p, out_tail, transfer, alignment, t_ids, probs_t, tail_t, gold_p, s_ids,
+                prune_tail: bool = False) -> None:
+    """The ``next_bytes`` projection on every student row it can fill (see :func:`project`), in place;
+    ``prune_tail``: ``next_bytes_pruned``'s share of the tail in ``Z``."""
     st, tt = alignment.src_table, alignment.tgt_table
     first = first_token(tt)
     s_stream, s_off = tt.pieces(s_ids)
@@ -212,6 +220,12 @@ def _next_bytes(out_ids, out_p, out_tail, transfer, alignment, t_ids, probs_t, t
             gold, span = int(s_ids[j]), end - o
             mass: dict[int, float] = {}
             unknown = float(tail_t[row])
+            if prune_tail and pre:  # the tail agrees with the seen bytes as often as the top-k does
+                spelled = [(st.token_bytes[c], p) for c, p in zip(t_ids[row].tolist(), probs_t[row].tolist(),
+                                                                   strict=True) if st.token_bytes[c]]
+                total = sum(p for _, p in spelled)
+                agree = sum(p for b, p in spelled if b.startswith(pre) or pre.startswith(b))
+                unknown *= agree / total if total > 0 else 1.0
             for c, p in zip(t_ids[row].tolist(), probs_t[row].tolist(), strict=True):
                 b = st.token_bytes[c]
                 if not b:
@@ -288,7 +302,7 @@ def student_targets(out: TeacherOutput, student_ids, student_table=None, teacher
     alignment = align(out.input_ids.numpy(), sid.numpy(), teacher_table, student_table)
     target = project(out.topk_ids, out.topk_logprobs, alignment, vocab_map, sid, fallback=fallback,
                      teacher_tail=out.tail, fill=fill,
-                     teacher_gold_logprobs=-out.gold_ce if fallback == "next_bytes" else None)
+                     teacher_gold_logprobs=-out.gold_ce if fallback in NEXT_BYTES else None)
     return target, _group_ce(out.gold_ce, np.asarray(alignment.groups), len(sid))
 
 

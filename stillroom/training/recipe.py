@@ -144,11 +144,11 @@ class FusionSpec(_Strict):
     weight_temperature: float = Field(1.0, gt=0.0)
     include_student: bool = Field(False, description="FuseLLM: the student's own initial distribution (a frozen "
                                   "copy of its starting weights) is one more fusion candidate")
-    projection: Literal["onehot", "bytes", "prefix", "next_bytes", "none"] = Field(
+    projection: Literal["onehot", "bytes", "prefix", "next_bytes", "next_bytes_pruned", "none"] = Field(
         "onehot", description="how teacher mass reaches the student vocabulary: 'onehot' (FuseLLM), 'bytes', "
         "'prefix' (longest student token each teacher token starts with), 'next_bytes' (prefix, and inside a "
-        "multi-token student group the teacher's next bytes given those already spelled); 'none' = teachers "
-        "share the student tokenizer")
+        "multi-token student group the teacher's next bytes given those already spelled), 'next_bytes_pruned' (the "
+        "same, its tail counted only as far as it agrees with those bytes); 'none' = teachers share the student tokenizer")
     fill_uncovered: bool = Field(True, description="rows no kd teacher's target covers (inside a multi-token "
                                  "group, for onehot / bytes / prefix) get the one-hot gold next token as their target: "
                                  "extra cross-entropy, not teacher knowledge; false leaves them out of the (1 − λ)·D term")
