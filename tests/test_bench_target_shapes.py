@@ -81,3 +81,10 @@ def test_means_over_a_cache_are_the_teachers_own_top_k(tiny_models, shared, tmp_
         ts.main(["--blocks-from", str(run), "--target", "nocache", "--out", str(out)])
     with pytest.raises(ConfigError, match="--soften u=2"):
         ts.main(["--blocks-from", str(run), "--target", f"t={run / 'cache' / 't'}", "--soften", "u=2", "--out", str(out)])
+    with pytest.raises(ConfigError, match="--split-by u"):
+        ts.main(["--blocks-from", str(run), "--target", f"t={run / 'cache' / 't'}", "--split-by", "u", "--out", str(out)])
+    # a same-tokenizer cache: every next token starts where one of its tokens starts
+    ts.main(["--blocks-from", str(run), "--blocks", "3", "--target", f"t={run / 'cache' / 't'}", "--student", str(folder),
+             "--split-by", "t", "--out", str(out)])
+    split = (out / "report.md").read_text()
+    assert f"{n:,.0f} rows (100.0%)" in split and "0 rows (0.0%)" in split
