@@ -61,6 +61,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.common import cache_bytes_per_token, console, machine, real_model, summary  # noqa: E402
+from bench.kd_rows import CLASSES as KD_ROWS  # noqa: E402
+from bench.kd_rows import kd_rows  # noqa: E402
 from bench.real_fusion_report import collect, report_md, verdicts  # noqa: E402
 
 SMOLLM2 = real_model("smollm2-135m-instruct")  # `stillroom models get smollm2-135m-instruct`
@@ -355,7 +357,6 @@ def arm_cache_bytes(spec: dict) -> float:
 def run_arm(args, data, out: Path, seed: int, arm: str, spec, texts: list[str], rows_from: str | None = None) -> dict:
     """Train one arm, evaluate it on the test works, write ``result.json``; reuse it when it exists.
     ``rows_from``: Gemma-3's top-k cache, whose tokenization sets the rows ``--kd-rows`` keeps."""
-    from bench.kd_rows import kd_rows
     from stillroom.evaluation import load_model
     from stillroom.training.run import train
 
@@ -398,7 +399,7 @@ def main() -> None:
                     help="KD temperature τ: the caches' and loss.temperature (both sides softened, the term × τ²)")
     ap.add_argument("--support-temperature", type=float, default=1.0,
                     help="loss.support_temperature: the teacher target's spread within its top-k (>1 softer)")
-    ap.add_argument("--kd-rows", choices=("all", "starts", "inside"), default="all",
+    ap.add_argument("--kd-rows", choices=KD_ROWS, default="all",
                     help="KD only on the rows whose next token starts where a Gemma-3 token starts / inside one "
                     "(bench.kd_rows; CE alone on the others)")
     ap.add_argument("--token-level", action="store_true", help="also fused arms at token level")

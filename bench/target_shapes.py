@@ -162,7 +162,7 @@ def table(res: dict[str, dict], cols: list[str]) -> list[str]:
     """A markdown table: one row per target, one column per statistic."""
     md = ["| target | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     return md + [f"| {k} | " + " | ".join(f"{r[c]:.4f}" if c in r else "—" for c in cols) + " |"
-                 for k, r in res.items() if not k.startswith("_")]
+                 for k, r in res.items()]
 
 
 def main(argv: list[str] | None = None) -> None:

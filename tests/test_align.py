@@ -455,6 +455,21 @@ def test_gemma_space_runs_align_with_byte_level_spaces(shared_tokenizer):
         assert tg.decode(a[s0:s1]) == tl.decode(b[t0:t1])
 
 
+def _year_1850(shared_tokenizer):
+    """The hand-checked example below: llama3 teacher rows over "year 1850.", the qwen2.5 student, its alignment;
+    returns ``(project's positional args, tail, teacher token → id, student token → id, teacher ids)``."""
+    (tl, L), (tq, Q) = tok_and_table(shared_tokenizer, "llama3"), tok_and_table(shared_tokenizer, "qwen2.5")
+    a, b = tl("year 1850.").input_ids, tq("year 1850.").input_ids
+    assert tl.convert_ids_to_tokens(a)[-5:] == ["year", "Ġ", "185", "0", "."]
+    al = align(a, b, L, Q)
+    t, q = tl.convert_tokens_to_ids, tq.convert_tokens_to_ids
+    rows = [("a", "Ġ", "c"), ("b", "185", "18"), ("c", "0", "d"), ("d", ".", "e"), ("e", "year", "f")]
+    t_ids = torch.tensor([[t(x) for x in r] for r in rows])
+    t_lp = torch.log(torch.tensor([[0.5, 0.3, 0.1]] * 5))
+    tail = torch.full((5,), 0.1)
+    return (t_ids, t_lp, al, np.zeros(L.vocab_size, np.int64), b), tail, t, q, t_ids
+
+
 def test_projection_next_bytes_hand_checked(shared_tokenizer):
     """``next_bytes`` on "year 1850." (llama3 teacher, qwen2.5 student): inside the 185 = 1|8|5 group, each row
     gets the teacher's belief about the next bytes given the digits the group already spelled.
@@ -466,16 +481,8 @@ def test_projection_next_bytes_hand_checked(shared_tokenizer):
     row 3 -> "5" (pre "18"): "185" continues with "5" (0.3); "18" ends exactly at "18" (0.1: unknown what
         follows) and the tail (0.1) stay in the tail; Z = 0.5 → "5" 0.6, tail 0.4.
     """
-    (tl, L), (tq, Q) = tok_and_table(shared_tokenizer, "llama3"), tok_and_table(shared_tokenizer, "qwen2.5")
-    a, b = tl("year 1850.").input_ids, tq("year 1850.").input_ids
-    assert tl.convert_ids_to_tokens(a)[-5:] == ["year", "Ġ", "185", "0", "."]
-    al = align(a, b, L, Q)
-    t, q = tl.convert_tokens_to_ids, tq.convert_tokens_to_ids
-    rows = [("a", "Ġ", "c"), ("b", "185", "18"), ("c", "0", "d"), ("d", ".", "e"), ("e", "year", "f")]
-    t_ids = torch.tensor([[t(x) for x in r] for r in rows])
-    t_lp = torch.log(torch.tensor([[0.5, 0.3, 0.1]] * 5))
-    tail = torch.full((5,), 0.1)
-    out = project(t_ids, t_lp, al, np.zeros(L.vocab_size, np.int64), b, fallback="next_bytes", teacher_tail=tail)
+    args, tail, t, q, t_ids = _year_1850(shared_tokenizer)
+    out = project(*args, fallback="next_bytes", teacher_tail=tail)
 
     def row(j):
         return {i: round(p, 6) for i, p in zip(out.ids[j].tolist(), out.logprobs[j].exp().tolist(), strict=True)
@@ -485,7 +492,7 @@ def test_projection_next_bytes_hand_checked(shared_tokenizer):
     assert row(2) == {q("8"): 0.8} and abs(float(out.tail[2]) - 0.2) < 1e-6
     assert row(3) == {q("5"): 0.6} and abs(float(out.tail[3]) - 0.4) < 1e-6
     assert row(0) == {q("a"): 0.5, q("Ġ"): 0.3, q("c"): 0.1}  # 1-to-1 rows: as prefix
-    prefix = project(t_ids, t_lp, al, np.zeros(L.vocab_size, np.int64), b, fallback="prefix", teacher_tail=tail)
+    prefix = project(*args, fallback="prefix", teacher_tail=tail)
     for j in (0, 1, 4, 5):  # the rows where the teacher's tokens are the student's: as prefix
         want = {i: round(p, 6) for i, p in zip(prefix.ids[j].tolist(), prefix.logprobs[j].exp().tolist(),
                                                 strict=True) if p > 0}
@@ -493,8 +500,7 @@ def test_projection_next_bytes_hand_checked(shared_tokenizer):
     assert out.valid.tolist() == [True] * 6 + [False]
     # no teacher candidate continues "1" inside the group: those rows fall back (one-hot, or invalid without fill)
     t_ids[1] = torch.tensor([t("b"), t("c"), t("d")])
-    none = project(t_ids, t_lp, al, np.zeros(L.vocab_size, np.int64), b, fallback="next_bytes", teacher_tail=tail,
-                   fill=False)
+    none = project(*args, fallback="next_bytes", teacher_tail=tail, fill=False)
     assert none.valid.tolist() == [True, True, False, False, True, True, False]
 
 
@@ -506,15 +512,7 @@ def test_projection_next_bytes_pruned_hand_checked(shared_tokenizer):
     row 3 (pre "18"): "18" ends at the seen bytes (0.1, unknown), the tail 0.1 · 4/9; Z = 0.3 + 0.1 + 0.4/9 →
     "5" 0.675, tail 0.325. The rows at a shared cut are ``next_bytes``'s.
     """
-    (tl, L), (tq, Q) = tok_and_table(shared_tokenizer, "llama3"), tok_and_table(shared_tokenizer, "qwen2.5")
-    a, b = tl("year 1850.").input_ids, tq("year 1850.").input_ids
-    al = align(a, b, L, Q)
-    t, q = tl.convert_tokens_to_ids, tq.convert_tokens_to_ids
-    rows = [("a", "Ġ", "c"), ("b", "185", "18"), ("c", "0", "d"), ("d", ".", "e"), ("e", "year", "f")]
-    t_ids = torch.tensor([[t(x) for x in r] for r in rows])
-    t_lp = torch.log(torch.tensor([[0.5, 0.3, 0.1]] * 5))
-    tail = torch.full((5,), 0.1)
-    args = (t_ids, t_lp, al, np.zeros(L.vocab_size, np.int64), b)
+    args, tail, _, q, _ = _year_1850(shared_tokenizer)
     out = project(*args, fallback="next_bytes_pruned", teacher_tail=tail)
     plain = project(*args, fallback="next_bytes", teacher_tail=tail)
     p = out.logprobs.exp()

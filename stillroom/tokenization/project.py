@@ -220,21 +220,19 @@ def _next_bytes(out_ids, out_p, out_tail, transfer, alignment, t_ids, probs_t, t
             gold, span = int(s_ids[j]), end - o
             mass: dict[int, float] = {}
             unknown = float(tail_t[row])
-            if prune_tail and pre:  # the tail agrees with the seen bytes as often as the top-k does
-                spelled = [(st.token_bytes[c], p) for c, p in zip(t_ids[row].tolist(), probs_t[row].tolist(),
-                                                                   strict=True) if st.token_bytes[c]]
-                total = sum(p for _, p in spelled)
-                agree = sum(p for b, p in spelled if b.startswith(pre) or pre.startswith(b))
-                unknown *= agree / total if total > 0 else 1.0
+            spelled = agree = 0.0  # top-k mass with bytes / of it, agreeing with pre (next_bytes_pruned)
             for c, p in zip(t_ids[row].tolist(), probs_t[row].tolist(), strict=True):
                 b = st.token_bytes[c]
                 if not b:
                     continue
+                spelled += p
                 if len(b) <= len(pre):  # ends inside what the student has seen: consistent or not, no belief
+                    agree += p if pre.startswith(b) else 0.0
                     unknown += p if pre.startswith(b) else 0.0
                     continue
                 if not b.startswith(pre):
                     continue  # contradicts the bytes the student has seen: not a possible continuation
+                agree += p
                 rest = b[len(pre):]
                 if ahead.startswith(rest) and len(rest) >= span:
                     mass[gold] = mass.get(gold, 0.0) + p  # agrees with the text over the whole student token
@@ -255,6 +253,8 @@ def _next_bytes(out_ids, out_p, out_tail, transfer, alignment, t_ids, probs_t, t
                         mass[v] = mass.get(v, 0.0) + p
                     else:
                         unknown += p
+            if prune_tail and pre and spelled > 0:  # the tail agrees with pre as often as the top-k does
+                unknown -= float(tail_t[row]) * (1.0 - agree / spelled)
             kept = sum(mass.values())
             if kept <= 0:
                 continue

@@ -26,6 +26,7 @@ from pydantic import (
 from stillroom.errors import ConfigError
 from stillroom.files import PACKAGE_DATA
 from stillroom.teachers.config import ObjectiveConfig
+from stillroom.tokenization.project import FALLBACKS
 
 # report_to values transformers understands, and the module each needs (checked by ``train --check``)
 REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
@@ -144,7 +145,7 @@ class FusionSpec(_Strict):
     weight_temperature: float = Field(1.0, gt=0.0)
     include_student: bool = Field(False, description="FuseLLM: the student's own initial distribution (a frozen "
                                   "copy of its starting weights) is one more fusion candidate")
-    projection: Literal["onehot", "bytes", "prefix", "next_bytes", "next_bytes_pruned", "none"] = Field(
+    projection: Literal[FALLBACKS] = Field(
         "onehot", description="how teacher mass reaches the student vocabulary: 'onehot' (FuseLLM), 'bytes', "
         "'prefix' (longest student token each teacher token starts with), 'next_bytes' (prefix, and inside a "
         "multi-token student group the teacher's next bytes given those already spelled), 'next_bytes_pruned' (the "
